@@ -1,0 +1,56 @@
+"""bitdistill: turn Hugging Face causal LMs into BitNet b1.58 models (ternary weights, int8 activations).
+
+Public API::
+
+    from bitdistill import BitLinear, replace_linear_with_bitlinear
+    report = replace_linear_with_bitlinear(model)   # in place; model is now a BitNet student
+
+Importing this package imports no CUDA-only code and no Triton.
+"""
+
+from bitdistill.nn import (
+    BitConv1D,
+    BitLinear,
+    BitLinearFunction,
+    BitRMSNorm,
+    ConversionReport,
+    bitlinear,
+    load_student,
+    matches_module_pattern,
+    replace_linear_with_bitlinear,
+    student_marker,
+)
+from bitdistill.quant import (
+    activation_quant,
+    bitlinear_reference,
+    fake_quant_activation,
+    fake_quant_weight,
+    pack_ternary,
+    packed_linear_reference,
+    unpack_ternary,
+    weight_quant,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitConv1D",
+    "BitLinear",
+    "BitLinearFunction",
+    "BitRMSNorm",
+    "ConversionReport",
+    "__version__",
+    "activation_quant",
+    "bitlinear",
+    "bitlinear_reference",
+    "fake_quant_activation",
+    "fake_quant_weight",
+    "load_student",
+    "matches_module_pattern",
+    "pack_ternary",
+    "packed_linear_reference",
+    "replace_linear_with_bitlinear",
+    "student_marker",
+    "unpack_ternary",
+    "weight_quant",
+]

@@ -1,0 +1,1 @@
+"""The ``bitdistill`` console script: one thin subcommand module per library entry point."""

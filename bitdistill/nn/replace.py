@@ -1,0 +1,248 @@
+"""Convert a causal LM's linear layers to :class:`BitLinear`, in place, keeping their trained weights.
+
+``replace_linear_with_bitlinear(model)`` swaps every ``nn.Linear`` (and GPT-2 style ``Conv1D``) for a
+BitLinear that *shares* its parameters, so device, dtype, ``requires_grad``, tied weights and
+state-dict keys are unchanged. The embedding and the output head stay full precision by default.
+The model's config records that it is a BitNet student (``config.bitdistill``), which
+:func:`load_student` and ``bitdistill pack`` read back.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitdistill.nn.bitlinear import BitConv1D, BitLinear
+
+__all__ = [
+    "MARKER_KEY",
+    "ConversionReport",
+    "load_student",
+    "matches_module_pattern",
+    "replace_linear_with_bitlinear",
+    "student_marker",
+]
+
+MARKER_KEY = "bitdistill"
+MARKER_FORMAT = "bitnet-b1.58-student"
+MARKER_VERSION = 1
+
+
+def matches_module_pattern(name: str, pattern: str) -> bool:
+    """Whether module ``name`` matches a skip ``pattern`` the way transformers' ``modules_to_not_convert`` does.
+
+    A pattern matches (1) from the start of the name up to a module boundary (``"model.layers.1"``
+    matches ``"model.layers.1.mlp"`` but not ``"model.layers.11.mlp"``), (2) as a regex with the
+    same boundary (``"model.layers.*.mlp"``), or (3) as a plain suffix (``"lm_head"``, ``"q_proj"``).
+    """
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    try:
+        if re.match(rf"(?:{pattern}){boundary}", name):
+            return True
+    except re.error:
+        pass
+    return name.endswith(pattern)
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`replace_linear_with_bitlinear` did.
+
+    Attributes:
+        converted: names of the modules converted by this call.
+        already_converted: names of modules that were BitLinear before the call.
+        skipped: ``{name: reason}`` for every linear module left in full precision.
+        unmatched_patterns: skip patterns that matched no module (probably a typo).
+    """
+
+    converted: list[str] = field(default_factory=list)
+    already_converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    unmatched_patterns: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {len(self.converted)} linear layers to BitLinear"
+                 f" ({len(self.already_converted)} already BitLinear, {len(self.skipped)} kept full precision)"]
+        lines += [f"  kept {name}: {reason}" for name, reason in self.skipped.items()]
+        if self.unmatched_patterns:
+            lines.append(f"  patterns that matched nothing: {self.unmatched_patterns}")
+        return "\n".join(lines)
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+
+
+def _check_finite(name: str, module: nn.Module) -> None:
+    for pname, p in module.named_parameters(recurse=False):
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ValueError(
+                f"cannot convert {name!r}: its {pname} contains NaN or Inf, and the absmean scale of a ternary "
+                "weight would be NaN; fix or re-initialize the weights before converting"
+            )
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    return {name for name, m in model.named_modules() if head is not None and m is head}
+
+
+def replace_linear_with_bitlinear(
+    model: nn.Module,
+    *,
+    modules_to_not_convert: Iterable[str] = ("lm_head",),
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    use_rms_norm: bool = False,
+    rms_norm_eps: float = 1e-6,
+    convert_output_head: bool = False,
+) -> ConversionReport:
+    """Convert ``model``'s ``nn.Linear`` and ``Conv1D`` layers to BitLinear, in place.
+
+    Args:
+        model: any ``nn.Module``; usually a transformers causal LM. Mutated in place.
+        modules_to_not_convert: skip patterns, matched as transformers does (module-boundary prefix,
+            regex, suffix; see :func:`matches_module_pattern`). A pattern that matches nothing warns.
+        filter_fn: ``filter_fn(module, name) -> bool``; only modules for which it returns True are converted.
+        use_rms_norm: give every converted layer an in-layer RMSNorm before activation quantization.
+        rms_norm_eps: epsilon of that RMSNorm.
+        convert_output_head: also convert the output head (``model.get_output_embeddings()``),
+            which is otherwise kept full precision whatever its name (``lm_head``, ``embed_out``, ...).
+
+    Returns:
+        A :class:`ConversionReport`. Converting twice is a no-op (already-converted layers are reported).
+
+    Raises:
+        ValueError: a weight to convert contains NaN/Inf.
+    """
+    patterns = list(modules_to_not_convert or ())
+    used_patterns: set[str] = set()
+    heads = set() if convert_output_head else _output_head_names(model)
+    report = ConversionReport()
+    targets: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, BitLinear):
+            report.already_converted.append(name)
+            continue
+        is_linear = isinstance(module, nn.Linear)
+        if not (is_linear or _is_conv1d(module)):
+            continue
+        hit = [p for p in patterns if matches_module_pattern(name, p)]
+        used_patterns.update(hit)
+        if hit:
+            report.skipped[name] = f"matches modules_to_not_convert pattern {hit[0]!r}"
+        elif name in heads:
+            report.skipped[name] = "output head (pass convert_output_head=True to convert it)"
+        elif isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            report.skipped[name] = "output projection of nn.MultiheadAttention, which reads its weight directly"
+        elif filter_fn is not None and not filter_fn(module, name):
+            report.skipped[name] = "filter_fn returned False"
+        else:
+            _check_finite(name, module)
+            targets.append((name, module))
+
+    for name, module in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if _is_conv1d(module):
+            new = BitConv1D.from_conv1d(module, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps)
+        else:
+            new = BitLinear.from_linear(module, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps)
+        setattr(parent, child, new)
+        report.converted.append(name)
+
+    report.unmatched_patterns = [p for p in patterns if p not in used_patterns]
+    for p in report.unmatched_patterns:
+        if not (p == "lm_head" and "lm_head" not in dict(model.named_modules())):
+            warnings.warn(f"modules_to_not_convert pattern {p!r} matched no linear module; check its spelling",
+                          stacklevel=2)
+    if not report.converted and not report.already_converted:
+        warnings.warn(f"replace_linear_with_bitlinear converted nothing: {type(model).__name__} has no nn.Linear or "
+                      f"Conv1D layer outside the skip list ({len(report.skipped)} skipped)", stacklevel=2)
+    if report.converted or report.already_converted:
+        _mark_config(model, use_rms_norm, rms_norm_eps)
+    return report
+
+
+def _mark_config(model: nn.Module, use_rms_norm: bool, rms_norm_eps: float) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    kept = sorted(name for name, m in model.named_modules()
+                  if (isinstance(m, nn.Linear) or _is_conv1d(m)) and not isinstance(m, BitLinear))
+    previous = getattr(config, MARKER_KEY, None) or {}
+    setattr(config, MARKER_KEY, {
+        "format": MARKER_FORMAT,
+        "version": MARKER_VERSION,
+        "use_rms_norm": bool(use_rms_norm or previous.get("use_rms_norm", False)),
+        "rms_norm_eps": float(previous.get("rms_norm_eps", rms_norm_eps)),
+        "modules_to_not_convert": kept,
+    })
+
+
+def student_marker(config_or_model) -> dict | None:
+    """The BitNet-student marker of a config or model (``config.bitdistill``), or ``None`` if it is not one."""
+    config = getattr(config_or_model, "config", config_or_model)
+    marker = getattr(config, MARKER_KEY, None)
+    if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT:
+        return marker
+    return None
+
+
+def load_student(path: str | Path, **from_pretrained_kwargs):
+    """Load a BitNet student saved with ``save_pretrained`` and convert it back to BitLinear.
+
+    Args:
+        path: a folder written by ``model.save_pretrained`` after :func:`replace_linear_with_bitlinear`.
+        **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
+
+    Returns:
+        The model with the same layers converted, and in-layer RMSNorm weights restored when used.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json); pass the folder save_pretrained wrote")
+    config = AutoConfig.from_pretrained(path)
+    marker = student_marker(config)
+    if marker is None:
+        raise ValueError(f"{path} is not a bitdistill BitNet student (config.json has no '{MARKER_KEY}' marker); "
+                         "convert a plain model with replace_linear_with_bitlinear instead")
+    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    names = [re.escape(n) + "$" for n in marker["modules_to_not_convert"]]
+    replace_linear_with_bitlinear(model, modules_to_not_convert=names, use_rms_norm=marker["use_rms_norm"],
+                                  rms_norm_eps=marker["rms_norm_eps"], convert_output_head=True)
+    if marker["use_rms_norm"]:
+        _load_extra_tensors(model, path, suffix=".rms_norm.weight")
+    return model
+
+
+def _load_extra_tensors(model: nn.Module, path: Path, suffix: str) -> None:
+    """Load tensors whose key ends with ``suffix`` from the folder's safetensors (they are absent from the base model)."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    state = model.state_dict()
+    missing = {k for k in state if k.endswith(suffix)}
+    for fname in files:
+        with safe_open(str(path / fname), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                if key in missing:
+                    with torch.no_grad():
+                        state[key].copy_(f.get_tensor(key))
+                    missing.discard(key)
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} in-layer RMSNorm weights, e.g. {sorted(missing)[0]!r}; "
+                         "the folder is incomplete")

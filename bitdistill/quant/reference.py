@@ -1,0 +1,132 @@
+"""BitNet b1.58 quantization in pure torch: the CPU path, the kernels' test oracle, the benchmark baseline.
+
+The math (Ma et al., "The Era of 1-bit LLMs", 2024; as Hugging Face transformers and onebitllms implement it):
+
+Weights, one scale per tensor (absmean)::
+
+    gamma = max(mean(|W|), 1e-5)
+    T     = clamp(round(W / gamma), -1, 1)          # int8 codes in {-1, 0, +1}
+    W_q   = T * gamma                                # dequantized ("fake-quant") weight
+
+Activations, one scale per token (absmax over the last dimension)::
+
+    s_x = 127 / max(max(|x|), 1e-5)
+    X_q = clamp(round(x * s_x), -128, 127)           # int8 codes
+    x_q = X_q / s_x                                  # dequantized activation
+
+Linear layer::
+
+    y = (X_q @ T^T) * gamma / s_x + bias
+
+All scale math is done in float32 whatever the input dtype; ``round`` is round-half-to-even
+(``torch.round``). The integer product ``X_q @ T^T`` is exact: every partial sum is an integer of
+magnitude at most ``128 * K``, so a float32 matmul of the integer-valued codes is exact for
+``K < 2**17`` (checked), which is how the CPU path computes it (MKL/oneDNN float32 GEMM is far
+faster on CPU than an int32 GEMM).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "ACT_QMAX",
+    "ACT_QMIN",
+    "EPS",
+    "MAX_EXACT_K",
+    "activation_quant",
+    "bitlinear_reference",
+    "fake_quant_activation",
+    "fake_quant_weight",
+    "int_matmul",
+    "weight_quant",
+]
+
+EPS = 1e-5
+ACT_QMAX = 127
+ACT_QMIN = -128
+# float32 represents every integer below 2**24 exactly; |partial sum| <= 128 * K.
+MAX_EXACT_K = 2**24 // 128
+
+
+def weight_quant(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternarize a weight tensor with one absmean scale.
+
+    Args:
+        weight: any shape, any float dtype (typically ``[out_features, in_features]``).
+
+    Returns:
+        ``(codes, gamma)``: ``codes`` int8 of ``weight``'s shape with values in {-1, 0, 1};
+        ``gamma`` a float32 0-dim tensor, ``max(mean(|W|), 1e-5)``.
+    """
+    w = weight.detach().float()
+    gamma = w.abs().mean().clamp_(min=EPS)
+    codes = torch.round(w / gamma).clamp_(-1, 1).to(torch.int8)
+    return codes, gamma
+
+
+def activation_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize activations to int8 with one absmax scale per token (last dimension).
+
+    Args:
+        x: ``[..., K]``, any float dtype.
+
+    Returns:
+        ``(codes, scale)``: ``codes`` int8 ``[..., K]``; ``scale`` float32 ``[..., 1]``, the
+        multiplier ``s_x = 127 / max(max|x|, 1e-5)`` (so ``x ~= codes / scale``).
+    """
+    xf = x.detach().float()
+    scale = ACT_QMAX / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
+    codes = torch.round(xf * scale).clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8)
+    return codes, scale
+
+
+def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``T * gamma`` in ``weight``'s dtype (the dequantized ternary weight), same shape."""
+    codes, gamma = weight_quant(weight)
+    return (codes.float() * gamma).to(weight.dtype)
+
+
+def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
+    """``X_q / s_x`` in ``x``'s dtype (the dequantized int8 activation), same shape."""
+    codes, scale = activation_quant(x)
+    return (codes.float() / scale).to(x.dtype)
+
+
+def int_matmul(x_codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
+    """Exact integer product ``X_q @ T^T`` returned as float32.
+
+    Args:
+        x_codes: int8 ``[M, K]``.
+        w_codes: int8 ``[N, K]``.
+
+    Returns:
+        float32 ``[M, N]`` holding exact integers.
+    """
+    k = x_codes.shape[-1]
+    if k >= MAX_EXACT_K:
+        # Beyond float32's exact-integer range: accumulate in float64 (exact up to 2**53).
+        return (x_codes.double() @ w_codes.double().t()).float()
+    return x_codes.float() @ w_codes.float().t()
+
+
+def bitlinear_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Forward of a BitNet b1.58 linear layer: ``(X_q @ T^T) * gamma / s_x + bias``.
+
+    Args:
+        x: ``[..., K]`` activations (float32/bfloat16/float16).
+        weight: ``[N, K]`` latent full-precision weight.
+        bias: ``[N]`` or ``None``.
+
+    Returns:
+        ``[..., N]`` in ``x``'s dtype.
+    """
+    x_codes, x_scale = activation_quant(x)
+    w_codes, gamma = weight_quant(weight)
+    acc = int_matmul(x_codes.reshape(-1, x.shape[-1]), w_codes)
+    y = acc * (gamma / x_scale.reshape(-1, 1))
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
