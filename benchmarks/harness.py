@@ -78,6 +78,38 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20, min
                   len(samples))
 
 
+def time_interleaved(fns: dict[str, Callable[[], object]], *, warmup: int = 2, repeats: int = 10) -> dict[str, Timing]:
+    """Time several CPU callables round-robin (one call of each per round), so that load from other
+    processes hits every candidate alike and their ratios stay fair. Returns ``{name: Timing}``."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: Timing(statistics.median(s), min(s), _quantile(s, 0.2), _quantile(s, 0.8), len(s))
+            for name, s in samples.items()}
+
+
+def peak_memory_growth(fn: Callable[[], object]) -> int:
+    """Bytes by which this process's resident high-water mark grows while ``fn()`` runs (Linux).
+
+    Resets the high-water mark through ``/proc/self/clear_refs`` first, so earlier peaks don't hide it.
+    """
+    def status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    fn()
+    return status("VmHWM:") - before
+
+
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,

@@ -1,0 +1,45 @@
+"""Packaging: bitdistill.kernels maps to this repo's kernels/ in editable and regular installs; import is light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(code: str, **kwargs) -> str:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          **kwargs).stdout.strip()
+
+
+def test_import_bitdistill_imports_no_triton_or_cuda_only_code():
+    out = _run("import sys, bitdistill; "
+               "print(sorted(m for m in sys.modules if m.split('.')[0] in ('triton', 'bitdistill') and "
+               "(m.startswith('triton') or m.startswith('bitdistill.kernels') or m == 'bitdistill._C')))")
+    assert out == "[]"
+
+
+def test_kernels_resolve_to_this_repo_in_the_editable_install():
+    out = _run("import bitdistill.kernels as k; print(k.__file__)", cwd="/")
+    assert Path(out).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+
+
+def test_every_package_is_listed_in_pyproject():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "bitdistill").rglob("__init__.py")}
+    found.add("bitdistill.kernels")
+    assert found == listed
+
+
+def test_regular_install_ships_kernels_as_bitdistill_kernels(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(ROOT)], check=True, capture_output=True)
+    out = _run("import bitdistill.kernels as k; print(k.__file__)", cwd=str(tmp_path),
+               env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert Path(out).resolve() == (target / "bitdistill" / "kernels" / "__init__.py").resolve()
+    assert (ROOT / "kernels" / "__init__.py").read_bytes() == Path(out).read_bytes()
