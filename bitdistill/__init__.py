@@ -30,6 +30,13 @@ from bitdistill.quant import (
     unpack_ternary,
     weight_quant,
 )
+from bitdistill.selfdistill import (
+    MultiExitLM,
+    SelfDistillConfig,
+    SelfDistillModel,
+    early_exit_generate,
+    self_distillation_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -39,10 +46,14 @@ __all__ = [
     "BitLinearFunction",
     "BitRMSNorm",
     "ConversionReport",
+    "MultiExitLM",
+    "SelfDistillConfig",
+    "SelfDistillModel",
     "__version__",
     "activation_quant",
     "bitlinear",
     "bitlinear_reference",
+    "early_exit_generate",
     "fake_quant_activation",
     "fake_quant_weight",
     "load_student",
@@ -50,6 +61,7 @@ __all__ = [
     "pack_ternary",
     "packed_linear_reference",
     "replace_linear_with_bitlinear",
+    "self_distillation_loss",
     "student_marker",
     "unpack_ternary",
     "weight_quant",

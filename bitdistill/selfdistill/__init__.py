@@ -1,0 +1,23 @@
+"""Self-distillation for causal LMs ("Be Your Own Teacher"): multi-exit wrapper, loss, early-exit decoding."""
+
+from bitdistill.selfdistill.early_exit import EarlyExitResult, early_exit_generate
+from bitdistill.selfdistill.exits import EXIT_VARIANTS, MultiExitLM, MultiExitOutput, find_blocks
+from bitdistill.selfdistill.loss import (
+    Bottleneck,
+    SelfDistillConfig,
+    SelfDistillModel,
+    self_distillation_loss,
+)
+
+__all__ = [
+    "EXIT_VARIANTS",
+    "Bottleneck",
+    "EarlyExitResult",
+    "MultiExitLM",
+    "MultiExitOutput",
+    "SelfDistillConfig",
+    "SelfDistillModel",
+    "early_exit_generate",
+    "find_blocks",
+    "self_distillation_loss",
+]
