@@ -18,8 +18,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from bitdistill.kernels._common import check_device, check_float, check_out, configs, contiguous, round_half_even
+from bitdistill.kernels._common import (
+    check_device,
+    check_float,
+    check_out,
+    configs,
+    contiguous,
+    round_half_even,
+)
 from bitdistill.kernels.linear import packed_matmul
 from bitdistill.kernels.quant import activation_quant
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
 from bitdistill.kernels._common import check_device, check_float, check_out, contiguous, round_half_even
 
 __all__ = ["activation_quant", "ternarize", "weight_quant"]
