@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from bitdistill.kernels import packed as packed_kernels
 from kernel_utils import DEVICE, DTYPES, assert_close, nan_like, rows_with_ties
 
-from bitdistill.kernels import packed as packed_kernels
 from bitdistill.quant import packing, reference
 
 
@@ -18,8 +18,8 @@ def _weights(n, k, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 3, 16, 17, 40])  # decode kernel up to 16 tokens, GEMM above
-@pytest.mark.parametrize("k,n", [(130, 36), (72, 68)])
+# decode kernel up to 16 tokens, GEMM above
+@pytest.mark.parametrize("m,k,n", [(1, 130, 36), (3, 72, 68), (16, 130, 36), (17, 72, 68), (40, 130, 36)])
 def test_packed_linear_matches_reference(dtype, m, k, n):
     packed, ws, bias = _weights(n, k, dtype)
     x = torch.randn(m, k).to(dtype)
