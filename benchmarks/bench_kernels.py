@@ -198,7 +198,8 @@ def main(argv=None) -> int:
             inference_rows(bench, peaks, model, proj, k, n, ms, compiled_ref)
         if "training" not in args.skip:
             training_rows(bench, peaks, model, proj, k, n, 4096, compiled_fq)
-        for row in bench.rows[-12:]:
+        write_markdown(bench, peaks)
+        for row in bench.rows[-20:]:
             print({c: (round(v, 4) if isinstance(v, float) else v) for c, v in row.items()
                    if c in ("section", "model", "proj", "M", "impl", "median_ms", "speedup_vs_bf16", "pct_copy_bw")},
                   flush=True)
@@ -207,10 +208,17 @@ def main(argv=None) -> int:
 
 
 def write(bench: Bench, peaks: dict) -> None:
+    """Append this run's rows to ``bench_kernels.jsonl`` and write ``bench_kernels.md``."""
     bench.results_dir.mkdir(parents=True, exist_ok=True)
     with (bench.results_dir / "bench_kernels.jsonl").open("a") as f:
         for row in bench.rows:
             f.write(json.dumps(row) + "\n")
+    write_markdown(bench, peaks)
+
+
+def write_markdown(bench: Bench, peaks: dict) -> None:
+    """``bench_kernels.md``: the inference and training tables of this run (rewritten after every shape)."""
+    bench.results_dir.mkdir(parents=True, exist_ok=True)
     all_rows = bench.rows
     inf = [r for r in all_rows if r.get("section") == "inference"]
     train = [r for r in all_rows if r.get("section") == "training"]
