@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -124,6 +125,9 @@ def inference_rows(bench: Bench, peaks: dict, model: str, proj: str, k: int, n: 
             [lambda p=p, s=s, x=x: packing.packed_linear_reference(x, p, s) for p, s in few])
         outs["torch.compile(reference packed)"] = eager_time([lambda p=p, s=s, x=x: compiled_ref(x, p, s)
                                                              for p, s in few])
+        got = ops.packed_linear(x, packs[0], scales[0], None).float()
+        want = packing.packed_linear_reference(x, packs[0], scales[0]).float()
+        rel_err = ((got - want).norm() / want.norm()).item()
         base = outs["bf16 F.linear"]
         needed = {"bf16 F.linear": n * k * 2 + m * k * 2 + m * n * 2}
         packed_bytes = n * k // 4 + m * k * 2 + m * n * 2
@@ -134,7 +138,8 @@ def inference_rows(bench: Bench, peaks: dict, model: str, proj: str, k: int, n: 
                       speedup_vs_bf16=base / t, GBps=gbs, pct_copy_bw=100 * gbs / peaks["copy_GBps"],
                       TFLOPs=2 * m * n * k / t / 1e9,
                       pct_bf16_peak=100 * 2 * m * n * k / t / 1e9 / peaks["bf16_TFLOPs"],
-                      timing="cuda-graph" if impl in ("bf16 F.linear", "triton packed") else "eager")
+                      timing="cuda-graph" if impl in ("bf16 F.linear", "triton packed") else "eager",
+                      **({"rel_err_vs_reference": rel_err} if impl == "triton packed" else {}))
         del packs, weights
 
 
@@ -160,19 +165,53 @@ def training_rows(bench: Bench, peaks: dict, model: str, proj: str, k: int, n: i
             fn(x).backward(gy)
         return run
 
+    def backward_with(gemm):
+        run = step(bit, bit)
+
+        def wrapped():
+            os.environ["BITDISTILL_BACKWARD_GEMM"] = gemm
+            try:
+                run()
+            finally:
+                os.environ.pop("BITDISTILL_BACKWARD_GEMM")
+        return wrapped
+
     impls = {
         "bf16 nn.Linear": step(linear, linear),
-        "triton BitLinear": step(bit, bit),
+        "triton BitLinear": backward_with("cublas"),
+        "triton BitLinear (triton backward GEMMs)": backward_with("triton"),
         "reference fake-quant + bf16 matmul": step(lambda t: _fake_quant_linear(t, bit.weight, None), bit),
         "torch.compile(reference fake-quant)": step(lambda t: compiled_fq(t, bit.weight, None), bit),
     }
     times = {name: time_fn(fn, warmup=3, repeats=15, device=DEV).median_ms for name, fn in impls.items()}
     flops = 6 * m * n * k
+    parts = training_parts(bit, x.detach(), gy)
     for impl, t in times.items():
         bench.add(section="training", model=model, proj=proj, M=m, K=k, N=n, impl=impl, median_ms=t,
                   speedup_vs_bf16=times["bf16 nn.Linear"] / t, time_vs_bf16=t / times["bf16 nn.Linear"],
                   speedup_vs_fakequant=times["reference fake-quant + bf16 matmul"] / t,
-                  TFLOPs=flops / t / 1e9, pct_bf16_peak=100 * flops / t / 1e9 / peaks["bf16_TFLOPs"])
+                  TFLOPs=flops / t / 1e9, pct_bf16_peak=100 * flops / t / 1e9 / peaks["bf16_TFLOPs"],
+                  **(parts if impl == "triton BitLinear" else {}))
+
+
+def training_parts(bit: BitLinear, x: torch.Tensor, gy: torch.Tensor) -> dict:
+    """Milliseconds of each piece of the Triton training step (to see where the time goes)."""
+    from bitdistill.kernels import linear, quant
+
+    w = bit.weight.detach()
+    xc, xs = quant.activation_quant(x)
+    wc, g = quant.weight_quant(w)
+    t = lambda fn: time_fn(fn, warmup=3, repeats=15, device=DEV).median_ms  # noqa: E731
+    return {
+        "ms_act_quant": t(lambda: quant.activation_quant(x)),
+        "ms_weight_quant": t(lambda: quant.weight_quant(w)),
+        "ms_fwd_int8_gemm": t(lambda: linear.int8_ternary_linear(xc, xs, wc, g, None, x.dtype)),
+        "ms_fwd_bf16_matmul": t(lambda: x @ w.t()),
+        "ms_grad_x_cublas": t(lambda: linear.ternary_grad_input(gy, w, g, gemm="cublas")),
+        "ms_grad_x_triton": t(lambda: linear.ternary_grad_input(gy, w, g, gemm="triton")),
+        "ms_grad_w_cublas": t(lambda: linear.int8_grad_weight(gy, xc, xs, gemm="cublas")),
+        "ms_grad_w_triton": t(lambda: linear.int8_grad_weight(gy, xc, xs, gemm="triton")),
+    }
 
 
 def main(argv=None) -> int:
@@ -185,6 +224,9 @@ def main(argv=None) -> int:
         print("bench_kernels.py needs a CUDA GPU (the Triton kernels run only there)", file=sys.stderr)
         return 2
     torch.backends.cuda.matmul.allow_tf32 = False
+    for limit in ("cache_size_limit", "recompile_limit"):  # one compiled baseline per shape
+        if hasattr(torch._dynamo.config, limit):
+            setattr(torch._dynamo.config, limit, 64)
     bench = Bench("bench_kernels", results_dir=args.out)
     peaks = device_peaks()
     print(json.dumps({"device": bench.env["device"], **peaks}), flush=True)
@@ -229,11 +271,13 @@ def write_markdown(bench: Bench, peaks: dict) -> None:
             "activations and outputs).")
     bench.rows = inf
     md = bench.markdown(["model", "proj", "M", "K", "N", "impl", "median_ms", "speedup_vs_bf16", "GBps",
-                         "pct_copy_bw", "TFLOPs", "pct_bf16_peak", "timing"],
+                         "pct_copy_bw", "TFLOPs", "pct_bf16_peak", "timing", "rel_err_vs_reference"],
                         title="bench_kernels: packed inference (decode M=1, 8; prefill M=512, 4096)", note=note)
     bench.rows = train
     md += "\n" + bench.markdown(["model", "proj", "M", "K", "N", "impl", "median_ms", "time_vs_bf16",
-                                 "speedup_vs_fakequant", "TFLOPs", "pct_bf16_peak"],
+                                 "speedup_vs_fakequant", "TFLOPs", "pct_bf16_peak", "ms_act_quant",
+                                 "ms_weight_quant", "ms_fwd_int8_gemm", "ms_fwd_bf16_matmul", "ms_grad_x_cublas",
+                                 "ms_grad_x_triton", "ms_grad_w_cublas", "ms_grad_w_triton"],
                                 title="bench_kernels: BitLinear training step (forward + backward), 4096 tokens")
     bench.rows = all_rows
     (bench.results_dir / "bench_kernels.md").write_text(md)

@@ -62,5 +62,10 @@ def contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def configs(gpu: list[triton.Config], interpret: triton.Config) -> list[triton.Config]:
-    """Autotuning candidates on a GPU; a single small config under the interpreter."""
-    return [interpret] if interpreting() else gpu
+    """Autotuning candidates on a GPU; a single small config under the interpreter.
+
+    ``BITDISTILL_TRITON_AUTOTUNE=0`` keeps only the first GPU config (fast start, e.g. for tests).
+    """
+    if interpreting():
+        return [interpret]
+    return gpu[:1] if os.environ.get("BITDISTILL_TRITON_AUTOTUNE", "1") == "0" else gpu

@@ -14,6 +14,8 @@ IEEE float32 products (no TF32), like ``torch.matmul`` by default.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -25,9 +27,26 @@ from bitdistill.kernels._common import (
     contiguous,
     interpreting,
 )
-from bitdistill.kernels.quant import ternarize
+from bitdistill.kernels.quant import dequant_activation, dequant_ternary, ternarize
 
-__all__ = ["int8_grad_weight", "int8_ternary_linear", "packed_matmul", "ternary_grad_input"]
+__all__ = ["backward_gemm", "int8_grad_weight", "int8_ternary_linear", "packed_matmul", "ternary_grad_input"]
+
+BACKWARD_GEMMS = ("cublas", "triton")
+
+
+def backward_gemm() -> str:
+    """How the two backward GEMMs run (``BITDISTILL_BACKWARD_GEMM``, read per call).
+
+    * ``cublas`` (default): one Triton pass dequantizes the int8 operand (``T * gamma`` from the latent
+      weight, or ``X_q / s_x`` from the saved codes) to the gradient dtype, then ``torch.matmul``. The
+      result is the reference's math exactly, at cuBLAS speed.
+    * ``triton``: a single Triton GEMM per gradient that reads the int8 operand and converts it in registers
+      (no dequantized copy in memory).
+    """
+    name = os.environ.get("BITDISTILL_BACKWARD_GEMM", "cublas").strip().lower() or "cublas"
+    if name not in BACKWARD_GEMMS:
+        raise ValueError(f"BITDISTILL_BACKWARD_GEMM={name!r} is not one of {', '.join(BACKWARD_GEMMS)}")
+    return name
 
 
 def _cfg(bm, bn, bk, warps, stages, group=8):
@@ -68,19 +87,23 @@ def _int8_linear_kernel(
     HAS_BIAS: tl.constexpr, PACKED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # Row offsets (not the contiguous dim) are clamped and widened to int64; the contiguous dims keep plain
+    # `pid * BLOCK + arange` offsets with masks, so Triton can vectorize the loads and stores.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    rn = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    a_ptrs = a_ptr + rm[:, None] * K + offs_k[None, :]
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    rm = tl.where(m_mask, offs_m, 0).to(tl.int64)
+    rn = tl.where(n_mask, offs_n, 0).to(tl.int64)
+    a_ptrs = a_ptr + (rm * K)[:, None] + offs_k[None, :]
     if PACKED:
         # column n of the output is code block n // P of packed row n % P
-        b_ptrs = b_ptr + (rn % P)[None, :] * K + offs_k[:, None]
+        b_ptrs = b_ptr + ((rn % P) * K)[None, :] + offs_k[:, None]
         shift = ((rn // P) * 2).to(tl.uint8)[None, :]
     else:
-        b_ptrs = b_ptr + rn[None, :] * K + offs_k[:, None]
+        b_ptrs = b_ptr + (rn * K)[None, :] + offs_k[:, None]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_mask = offs_k < K - k * BLOCK_K
@@ -100,9 +123,9 @@ def _int8_linear_kernel(
     else:
         y = acc.to(tl.float32) * (w_scale / s)[:, None]
     if HAS_BIAS:
-        y += tl.load(bias_ptr + rn).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + rm[:, None] * N + rn[None, :]
-    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_n < N)[None, :])
+        y += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + (rm * N)[:, None] + offs_n[None, :]
+    tl.store(c_ptrs, y.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _m_bucket(m: int) -> int:
@@ -205,29 +228,32 @@ def _grad_input_kernel(g_ptr, t_ptr, gamma_ptr, o_ptr, M, N, K, M_BUCKET, stride
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_K)
-    rm = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    rk = tl.where(offs_k < K, offs_k, 0).to(tl.int64)
-    g_ptrs = g_ptr + rm[:, None] * stride_gm + offs_r[None, :]
-    t_ptrs = t_ptr + offs_r[:, None].to(tl.int64) * K + rk[None, :]
+    m_mask = offs_m < M
+    k_mask = offs_k < K
+    rm = tl.where(m_mask, offs_m, 0).to(tl.int64)
+    g_ptrs = g_ptr + (rm * stride_gm)[:, None] + offs_r[None, :]
+    t_ptrs = t_ptr + (offs_r.to(tl.int64) * K)[:, None] + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r in range(0, tl.cdiv(N, BLOCK_K)):
         r_mask = offs_r < N - r * BLOCK_K
         g = tl.load(g_ptrs, mask=r_mask[None, :], other=0.0)
-        t = tl.load(t_ptrs, mask=r_mask[:, None], other=0)
+        t = tl.load(t_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0)
         acc = _float_dot(g, t, acc, IEEE, INTERPRET)
         g_ptrs += BLOCK_K
         t_ptrs += BLOCK_K * K
     y = acc * tl.load(gamma_ptr)
-    o_ptrs = o_ptr + rm[:, None] * K + rk[None, :]
-    tl.store(o_ptrs, y.to(o_ptr.dtype.element_ty), mask=(offs_m < M)[:, None] & (offs_k < K)[None, :])
+    o_ptrs = o_ptr + (rm * K)[:, None] + offs_k[None, :]
+    tl.store(o_ptrs, y.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & k_mask[None, :])
 
 
 def ternary_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor, *,
-                       w_codes: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                       w_codes: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                       gemm: str | None = None) -> torch.Tensor:
     """STE input gradient ``grad_y [M, N] @ (T * gamma) [N, K] -> [M, K]`` in ``grad_y``'s dtype.
 
     ``T`` is re-ternarized from the latent ``weight [N, K]`` with the forward's ``gamma`` (one cheap pass,
-    identical codes) unless the int8 codes are passed as ``w_codes``.
+    identical codes) unless the int8 codes are passed as ``w_codes``. ``gemm``: ``"cublas"`` or
+    ``"triton"`` (default: :func:`backward_gemm`).
     """
     where = "bitdistill.kernels.ternary_grad_input"
     check_device(grad_y, weight, gamma, where=where)
@@ -243,8 +269,10 @@ def ternary_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, gamma: torch.
         return o
     if n == 0:
         return o.zero_()
-    codes = ternarize(weight, gamma) if w_codes is None else contiguous(w_codes)
     g = contiguous(grad_y)
+    if (gemm or backward_gemm()) == "cublas" and w_codes is None:
+        return torch.matmul(g, dequant_ternary(weight, gamma, g.dtype), out=o)
+    codes = ternarize(weight, gamma) if w_codes is None else contiguous(w_codes)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
     _grad_input_kernel[grid](g, codes, contiguous(gamma).reshape(()), o, m, n, k, _m_bucket(m), g.stride(0),
                              IEEE=g.dtype == torch.float32,
@@ -263,27 +291,30 @@ def _grad_weight_kernel(g_ptr, q_ptr, s_ptr, o_ptr, M, N, K, N_BUCKET,
     offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_K)
-    rn = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
-    rk = tl.where(offs_k < K, offs_k, 0).to(tl.int64)
-    g_ptrs = g_ptr + offs_r[None, :].to(tl.int64) * N + rn[:, None]
-    q_ptrs = q_ptr + offs_r[:, None].to(tl.int64) * K + rk[None, :]
+    n_mask = offs_n < N
+    k_mask = offs_k < K
+    g_ptrs = g_ptr + (offs_r.to(tl.int64) * N)[None, :] + offs_n[:, None]
+    q_ptrs = q_ptr + (offs_r.to(tl.int64) * K)[:, None] + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r in range(0, tl.cdiv(M, BLOCK_K)):
         r_mask = offs_r < M - r * BLOCK_K
-        g = tl.load(g_ptrs, mask=r_mask[None, :], other=0.0)
+        g = tl.load(g_ptrs, mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         inv_s = 1.0 / tl.load(s_ptr + r * BLOCK_K + offs_r, mask=r_mask, other=1.0)
-        q = tl.load(q_ptrs, mask=r_mask[:, None], other=0).to(tl.float32)
+        q = tl.load(q_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0).to(tl.float32)
         x = (q * inv_s[:, None]).to(g.dtype)
         acc = _float_dot(g, x, acc, IEEE, INTERPRET)
         g_ptrs += BLOCK_K * N
         q_ptrs += BLOCK_K * K
-    o_ptrs = o_ptr + rn[:, None] * K + rk[None, :]
-    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
+    o_ptrs = o_ptr + (offs_n.to(tl.int64) * K)[:, None] + offs_k[None, :]
+    tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
 
 
 def int8_grad_weight(grad_y: torch.Tensor, x_codes: torch.Tensor, x_scale: torch.Tensor, *,
-                     out: torch.Tensor | None = None) -> torch.Tensor:
-    """STE weight gradient ``grad_y^T [N, M] @ (X_q / s_x) [M, K] -> [N, K]`` in ``grad_y``'s dtype."""
+                     out: torch.Tensor | None = None, gemm: str | None = None) -> torch.Tensor:
+    """STE weight gradient ``grad_y^T [N, M] @ (X_q / s_x) [M, K] -> [N, K]`` in ``grad_y``'s dtype.
+
+    ``gemm``: ``"cublas"`` or ``"triton"`` (default: :func:`backward_gemm`).
+    """
     where = "bitdistill.kernels.int8_grad_weight"
     check_device(grad_y, x_codes, x_scale, where=where)
     check_float(grad_y, "grad_y", where)
@@ -299,6 +330,8 @@ def int8_grad_weight(grad_y: torch.Tensor, x_codes: torch.Tensor, x_scale: torch
     if m == 0:
         return o.zero_()
     g = contiguous(grad_y)
+    if (gemm or backward_gemm()) == "cublas":
+        return torch.matmul(g.t(), dequant_activation(x_codes, x_scale, g.dtype), out=o)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_N"]),)  # noqa: E731
     _grad_weight_kernel[grid](g, contiguous(x_codes), contiguous(x_scale), o, m, n, k, _m_bucket(n),
                               IEEE=g.dtype == torch.float32,

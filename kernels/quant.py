@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from bitdistill.kernels._common import check_device, check_float, check_out, contiguous, round_half_even
 
-__all__ = ["activation_quant", "ternarize", "weight_quant"]
+__all__ = ["activation_quant", "dequant_activation", "dequant_ternary", "ternarize", "weight_quant"]
 
 EPS = 1e-5
 #: Rows up to this width are quantized from registers in a single read; wider rows are read twice
@@ -115,6 +115,54 @@ def _ternarize_kernel(w_ptr, gamma_ptr, t_ptr, numel, BLOCK: tl.constexpr):
     w = tl.load(w_ptr + o, mask=mask, other=0.0).to(tl.float32)
     t = round_half_even(tl.minimum(tl.maximum(tl.math.div_rn(w, gamma), -1.0), 1.0))
     tl.store(t_ptr + o, t.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _dequant_ternary_kernel(w_ptr, gamma_ptr, o_ptr, numel, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    o = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = o < numel
+    gamma = tl.load(gamma_ptr)
+    w = tl.load(w_ptr + o, mask=mask, other=0.0).to(tl.float32)
+    t = round_half_even(tl.minimum(tl.maximum(tl.math.div_rn(w, gamma), -1.0), 1.0))
+    tl.store(o_ptr + o, (t * gamma).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dequant_activation_kernel(q_ptr, s_ptr, o_ptr, K, BLOCK_K: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = offs < K
+    s = tl.load(s_ptr + row)
+    q = tl.load(q_ptr + row * K + offs, mask=mask, other=0).to(tl.float32)
+    tl.store(o_ptr + row * K + offs, tl.math.div_rn(q, s + tl.zeros_like(q)).to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def dequant_ternary(weight: torch.Tensor, gamma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W_q = clamp(round(W / gamma), -1, 1) * gamma`` in ``dtype``, one pass (the STE backward's weight)."""
+    where = "bitdistill.kernels.dequant_ternary"
+    check_device(weight, gamma, where=where)
+    check_float(weight, "weight", where)
+    w = contiguous(weight)
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    if w.numel():
+        _dequant_ternary_kernel[(triton.cdiv(w.numel(), _TERN_BLOCK),)](
+            w, contiguous(gamma).reshape(()), out, w.numel(), BLOCK=_TERN_BLOCK, num_warps=8)
+    return out
+
+
+def dequant_activation(x_codes: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x_q = X_q / s_x`` in ``dtype`` from int8 codes ``[M, K]`` and scales ``[M, 1]``, one pass."""
+    where = "bitdistill.kernels.dequant_activation"
+    check_device(x_codes, x_scale, where=where)
+    q = contiguous(x_codes)
+    m, k = q.shape
+    out = torch.empty((m, k), dtype=dtype, device=q.device)
+    if m and k:
+        block = min(triton.next_power_of_2(k), 4096)
+        _dequant_activation_kernel[(m, triton.cdiv(k, block))](q, contiguous(x_scale), out, k, BLOCK_K=block,
+                                                               num_warps=4)
+    return out
 
 
 _SUM_BLOCK = 4096

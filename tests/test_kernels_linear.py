@@ -35,28 +35,32 @@ def test_forward_gemm_matches_reference(dtype, m, k, n, with_bias):
     assert_close(y, ref, dtype)
 
 
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_grad_input_matches_ste_formula(dtype, m, k, n):
+def test_grad_input_matches_ste_formula(dtype, m, k, n, gemm):
     _, w, _ = _inputs(m, k, n, dtype)
     gy = torch.randn(m, n).to(dtype)
     wc, g = reference.weight_quant(w)
     ref = gy.double() @ (wc.double() * g.double())  # grad_x = grad_y @ (T * gamma), in float64
     out = nan_like((m, k), dtype)
-    gx = linear.ternary_grad_input(gy.to(DEVICE), w.to(DEVICE), g.to(DEVICE), out=out)
+    gx = linear.ternary_grad_input(gy.to(DEVICE), w.to(DEVICE), g.to(DEVICE), out=out, gemm=gemm)
+    assert gx.data_ptr() == out.data_ptr()
     assert_close(gx, ref.to(dtype), dtype)
     assert_close(gx, ops._ternary_grad_input_reference(gy, w, g), dtype)
 
 
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_grad_weight_matches_ste_formula(dtype, m, k, n):
+def test_grad_weight_matches_ste_formula(dtype, m, k, n, gemm):
     x = torch.randn(m, k).to(dtype)
     gy = torch.randn(m, n).to(dtype)
     xc, xs = reference.activation_quant(x)
     ref = gy.double().t() @ (xc.double() / xs.double())  # grad_W = grad_y^T @ x_q, in float64
     out = nan_like((n, k), dtype)
-    gw = linear.int8_grad_weight(gy.to(DEVICE), xc.to(DEVICE), xs.to(DEVICE), out=out)
+    gw = linear.int8_grad_weight(gy.to(DEVICE), xc.to(DEVICE), xs.to(DEVICE), out=out, gemm=gemm)
+    assert gw.data_ptr() == out.data_ptr()
     assert_close(gw, ref.to(dtype), dtype)
     assert_close(gw, ops._int8_grad_weight_reference(gy, xc, xs), dtype)
 
@@ -78,6 +82,16 @@ def test_empty_batch_and_non_contiguous_inputs():
     assert_close(gx, ops._ternary_grad_input_reference(gy_t.contiguous(), w, g), torch.float32)
 
 
+def test_backward_gemm_choice(monkeypatch):
+    monkeypatch.delenv("BITDISTILL_BACKWARD_GEMM", raising=False)
+    assert linear.backward_gemm() == "cublas"
+    monkeypatch.setenv("BITDISTILL_BACKWARD_GEMM", "Triton")
+    assert linear.backward_gemm() == "triton"
+    monkeypatch.setenv("BITDISTILL_BACKWARD_GEMM", "magic")
+    with pytest.raises(ValueError, match="BITDISTILL_BACKWARD_GEMM='magic'"):
+        linear.backward_gemm()
+
+
 def test_bad_inputs_raise_clear_errors():
     xc = torch.zeros(2, 8, dtype=torch.int8, device=DEVICE)
     xs = torch.ones(2, 1, device=DEVICE)
@@ -92,8 +106,9 @@ def test_bad_inputs_raise_clear_errors():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemm", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_bitlinear_train_step_on_gpu_matches_reference_backend(dtype, monkeypatch):
+def test_bitlinear_train_step_on_gpu_matches_reference_backend(dtype, gemm, monkeypatch):
     from bitdistill import BitLinear
 
     torch.manual_seed(0)
@@ -107,6 +122,7 @@ def test_bitlinear_train_step_on_gpu_matches_reference_backend(dtype, monkeypatc
         y.float().square().mean().backward()
         return y.detach(), x.grad.clone(), layer.weight.grad.clone(), layer.bias.grad.clone()
 
+    monkeypatch.setenv("BITDISTILL_BACKWARD_GEMM", gemm)
     got = step()
     monkeypatch.setenv("BITDISTILL_BACKEND", "reference")
     want = step()
@@ -125,5 +141,8 @@ def test_large_gemms_on_gpu():
     y = linear.int8_ternary_linear(xc, xs, wc, g, None, torch.bfloat16)
     assert_close(y, ops._int8_ternary_linear_reference(xc, xs, wc, g, None, torch.bfloat16), torch.bfloat16)
     gy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    assert_close(linear.ternary_grad_input(gy, w, g), ops._ternary_grad_input_reference(gy, w, g), torch.bfloat16)
-    assert_close(linear.int8_grad_weight(gy, xc, xs), ops._int8_grad_weight_reference(gy, xc, xs), torch.bfloat16)
+    for gemm in ("triton", "cublas"):
+        assert_close(linear.ternary_grad_input(gy, w, g, gemm=gemm), ops._ternary_grad_input_reference(gy, w, g),
+                     torch.bfloat16)
+        assert_close(linear.int8_grad_weight(gy, xc, xs, gemm=gemm), ops._int8_grad_weight_reference(gy, xc, xs),
+                     torch.bfloat16)
