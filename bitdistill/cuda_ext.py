@@ -1,0 +1,90 @@
+"""Optional CUDA C++ extension ``bitdistill._C`` (sources in ``csrc/``): the W2A8 packed decode kernel.
+
+The extension is compiled by ``pip install`` from a source checkout when torch is a CUDA build and a
+CUDA toolkit is found (see ``setup.py``); otherwise bitdistill installs without it and this module
+still imports. Nothing here loads the extension until it is used.
+
+    from bitdistill import cuda_ext
+    if cuda_ext.is_available():
+        y = cuda_ext.packed_linear_cuda(x2d, packed, weight_scale, bias)   # [M, N]
+"""
+
+from __future__ import annotations
+
+import functools
+from types import ModuleType
+
+import torch
+
+__all__ = ["BUILD_HINT", "is_available", "load", "packed_linear_cuda"]
+
+BUILD_HINT = (
+    "the CUDA extension bitdistill._C is not built. Build it from a source checkout on a machine with a CUDA "
+    "build of torch and the CUDA toolkit (nvcc; set CUDA_HOME if it is not found): "
+    "`pip install --no-build-isolation -e .` (or `python setup.py build_ext --inplace`); "
+    "or use BITDISTILL_BACKEND=triton / reference"
+)
+
+
+@functools.cache
+def _import() -> ModuleType | None:
+    try:
+        from bitdistill import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def is_available() -> bool:
+    """True when ``bitdistill._C`` is built and importable and a CUDA device is visible."""
+    return _import() is not None and torch.cuda.is_available()
+
+
+def load() -> ModuleType:
+    """The extension module; raises ``RuntimeError`` naming how to build it when it is missing."""
+    module = _import()
+    if module is None:
+        raise RuntimeError(BUILD_HINT)
+    return module
+
+
+def packed_linear_cuda(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    out: torch.Tensor | None = None,
+    config: int = -1,
+    splits: int = -1,
+) -> torch.Tensor:
+    """W2A8 packed linear on CUDA: ``(X_q @ T^T) / (s_x * weight_scale) + bias``.
+
+    Same function as :func:`bitdistill.quant.packed_linear_reference` for 2-D input, bit for bit
+    (per-token int8 activation quantization with round-half-to-even inside the kernel, exact int32
+    accumulation, float32 epilogue with IEEE division, rounded once to ``x``'s dtype).
+
+    Args:
+        x2d: ``[M, K]`` float32/bfloat16/float16 on a CUDA device; ``K % 4 == 0``. Fastest for
+            ``M <= 16`` (decode); any ``M`` is computed in tiles of 16 tokens.
+        packed: ``uint8 [N // 4, K]`` in the Hugging Face bitnet layout (``bitdistill.pack_ternary``).
+        weight_scale: one value, the inverse weight scale ``1 / gamma`` (any float dtype).
+        bias: ``[N]`` or ``None``; float32 or ``x2d``'s dtype (others are cast to float32).
+        out: optional contiguous ``[M, N]`` tensor of ``x2d``'s dtype to write into (e.g. a static
+            buffer for CUDA graphs); a new tensor when ``None``.
+        config: launch configuration index (warps, loads in flight) for benchmarking; -1 picks.
+        splits: number of K splits for benchmarking; -1 picks from the shape and the GPU.
+
+    Returns:
+        ``[M, N]`` in ``x2d``'s dtype.
+
+    Raises:
+        RuntimeError: the extension is not built, or the arguments are not supported (message says which).
+    """
+    if x2d.dim() != 2:
+        raise ValueError(f"packed_linear_cuda expects 2-D activations [M, K], got shape {tuple(x2d.shape)}; "
+                         "reshape to (-1, in_features) first")
+    if x2d.shape[-1] % 4 != 0:
+        raise ValueError(f"packed_linear_cuda needs in_features % 4 == 0, got K={x2d.shape[-1]}; "
+                         "use BITDISTILL_BACKEND=reference for this layer")
+    return load().packed_linear(x2d, packed, weight_scale, bias, out, config, splits)
