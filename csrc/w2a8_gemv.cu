@@ -140,7 +140,8 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const T* __restrict__ x, c
     if (lane == 0) atomicMax(&s_amax[m], __float_as_uint(mx));  // non-negative floats order as uints
   }
   __syncthreads();
-  if (tid < rows) s_scale[tid] = 127.f / fmaxf(__uint_as_float(s_amax[tid]), 1e-5f);
+  // torch evaluates `127 / t` as `t.reciprocal() * 127`: two roundings, reproduced here.
+  if (tid < rows) s_scale[tid] = __fmul_rn(__frcp_rn(fmaxf(__uint_as_float(s_amax[tid]), 1e-5f)), 127.f);
 
   int acc[5][4];
 #pragma unroll

@@ -7,7 +7,8 @@
 //   bias    [N] or null float32 or x's dtype
 //   y       [M, N]      x's dtype
 //
-//   s_x[m] = 127 / max(max_k |x[m,k]|, 1e-5)           (float32, per token)
+//   s_x[m] = 127 / max(max_k |x[m,k]|, 1e-5)           (float32, per token, as torch computes
+//                                                        it: reciprocal, then times 127)
 //   X_q    = clamp(rint(x * s_x), -128, 127)             (round half to even, int8)
 //   y      = (X_q @ T^T) / (s_x * wscale) + bias         (exact int32 accumulation, float32 epilogue)
 //
