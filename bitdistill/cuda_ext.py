@@ -16,7 +16,7 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["BUILD_HINT", "is_available", "load", "packed_linear_cuda"]
+__all__ = ["BUILD_HINT", "activation_quant_cuda", "is_available", "load", "packed_linear_cuda"]
 
 BUILD_HINT = (
     "the CUDA extension bitdistill._C is not built. Build it from a source checkout on a machine with a CUDA "
@@ -57,6 +57,7 @@ def packed_linear_cuda(
     out: torch.Tensor | None = None,
     config: int = -1,
     splits: int = -1,
+    pdl: bool = True,
 ) -> torch.Tensor:
     """W2A8 packed linear on CUDA: ``(X_q @ T^T) / (s_x * weight_scale) + bias``.
 
@@ -74,6 +75,8 @@ def packed_linear_cuda(
             buffer for CUDA graphs); a new tensor when ``None``.
         config: launch configuration index (warps, loads in flight) for benchmarking; -1 picks.
         splits: number of K splits for benchmarking; -1 picks from the shape and the GPU.
+        pdl: overlap the GEMV's weight loads with the quantization kernel (programmatic dependent
+            launch; ignored below compute capability 9.0).
 
     Returns:
         ``[M, N]`` in ``x2d``'s dtype.
@@ -87,4 +90,18 @@ def packed_linear_cuda(
     if x2d.shape[-1] % 4 != 0:
         raise ValueError(f"packed_linear_cuda needs in_features % 4 == 0, got K={x2d.shape[-1]}; "
                          "use BITDISTILL_BACKEND=reference for this layer")
-    return load().packed_linear(x2d, packed, weight_scale, bias, out, config, splits)
+    return load().packed_linear(x2d, packed, weight_scale, bias, out, config, splits, pdl)
+
+
+def activation_quant_cuda(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 activation quantization on CUDA, bit-identical to :func:`bitdistill.activation_quant`.
+
+    Args:
+        x2d: ``[M, K]`` float32/bfloat16/float16 on a CUDA device; ``K % 4 == 0``.
+
+    Returns:
+        ``(codes, scale)``: int8 ``[M, K]`` (a view of a row-padded buffer) and float32 ``[M, 1]``.
+    """
+    if x2d.dim() != 2 or x2d.shape[-1] % 4 != 0:
+        raise ValueError(f"activation_quant_cuda expects [M, K] with K % 4 == 0, got shape {tuple(x2d.shape)}")
+    return load().activation_quant(x2d)

@@ -5,9 +5,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
-#include <map>
-#include <mutex>
-#include <utility>
 
 #include "w2a8_gemv.h"
 
@@ -24,25 +21,6 @@ DType to_dtype(at::ScalarType t) {
   }
 }
 
-// Split-K scratch, one per (device, stream): the kernel leaves it zero after each launch, so it is
-// zeroed only when (re)allocated. Keyed by stream so that launches on different streams never share it.
-struct Scratch {
-  at::Tensor workspace;
-  at::Tensor counters;
-};
-std::mutex g_scratch_mutex;
-std::map<std::pair<int, cudaStream_t>, Scratch> g_scratch;
-
-std::pair<int*, int*> scratch(int device, cudaStream_t stream, long long ws_ints, long long cnt_ints) {
-  if (ws_ints == 0) return {nullptr, nullptr};
-  std::lock_guard<std::mutex> lock(g_scratch_mutex);
-  Scratch& s = g_scratch[{device, stream}];
-  const auto opts = at::TensorOptions().dtype(at::kInt).device(at::kCUDA, device);
-  if (!s.workspace.defined() || s.workspace.numel() < ws_ints) s.workspace = at::zeros({ws_ints}, opts);
-  if (!s.counters.defined() || s.counters.numel() < cnt_ints) s.counters = at::zeros({cnt_ints}, opts);
-  return {s.workspace.data_ptr<int>(), s.counters.data_ptr<int>()};
-}
-
 int sm_count(int device) {
   int n = 0;
   const cudaError_t err = cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device);
@@ -50,11 +28,20 @@ int sm_count(int device) {
   return n;
 }
 
+bool has_pdl(int device) {
+  int major = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  TORCH_CHECK(err == cudaSuccess, "packed_linear_cuda: cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
+  return major >= 9;
+}
+
+long long round16(long long n) { return (n + 15) / 16 * 16; }
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& weight_scale,
                          const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& out, int64_t config,
-                         int64_t splits) {
+                         int64_t splits, bool pdl) {
   TORCH_CHECK(x_in.is_cuda() && packed_in.is_cuda() && weight_scale.is_cuda(),
               "packed_linear_cuda: x, packed and weight_scale must be CUDA tensors");
   TORCH_CHECK(x_in.dim() == 2, "packed_linear_cuda: x must be 2-D [M, K], got ", x_in.sizes());
@@ -115,14 +102,38 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, co
   const int device = x.get_device();
   const int sms = sm_count(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
-  long long ws_ints = 0, cnt_ints = 0;
-  bitdistill::w2a8_workspace_size(args, sms, &ws_ints, &cnt_ints);
-  const auto [ws, cnt] = scratch(device, stream, ws_ints, cnt_ints);
-  args.workspace = ws;
-  args.counters = cnt;
-  const cudaError_t err = bitdistill::w2a8_launch(args, sms, stream);
+  // One scratch allocation per call from torch's caching allocator (graph-capture safe): x codes,
+  // s_x, split-K workspace (zeroed by the quantization kernel).
+  const bitdistill::W2A8Scratch need = bitdistill::w2a8_scratch_sizes(args, sms);
+  const long long scale_off = round16(need.codes_bytes);
+  const long long ws_off = scale_off + round16(need.scale_floats * 4);
+  at::Tensor scratch = at::empty({ws_off + need.workspace_ints * 4}, x.options().dtype(at::kByte));
+  uint8_t* base = scratch.data_ptr<uint8_t>();
+  args.x_codes = reinterpret_cast<int8_t*>(base);
+  args.x_scale = reinterpret_cast<float*>(base + scale_off);
+  args.workspace = need.workspace_ints > 0 ? reinterpret_cast<int*>(base + ws_off) : nullptr;
+  const cudaError_t err = bitdistill::w2a8_launch(args, sms, pdl && has_pdl(device), stream);
   TORCH_CHECK(err == cudaSuccess, "packed_linear_cuda: kernel launch failed: ", cudaGetErrorString(err));
   return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> activation_quant(const at::Tensor& x_in) {
+  TORCH_CHECK(x_in.is_cuda() && x_in.dim() == 2, "activation_quant_cuda: x must be a 2-D CUDA tensor, got ",
+              x_in.sizes());
+  const int64_t M = x_in.size(0), K = x_in.size(1);
+  TORCH_CHECK(K % 4 == 0 && K >= 4, "activation_quant_cuda: in_features must be a positive multiple of 4, got ", K);
+  TORCH_CHECK(M >= 1 && M < (1LL << 31) && K < (1LL << 30), "activation_quant_cuda: unsupported shape ", x_in.sizes());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  at::Tensor x = x_in.contiguous();
+  if (!aligned16(x)) x = x.clone();
+  const int kp = bitdistill::w2a8_padded_k(static_cast<int>(K));
+  at::Tensor codes = at::empty({M, kp}, x.options().dtype(at::kChar));
+  at::Tensor scale = at::empty({M, 1}, x.options().dtype(at::kFloat));
+  const cudaError_t err = bitdistill::act_quant_launch(
+      x.data_ptr(), to_dtype(x.scalar_type()), static_cast<int>(M), static_cast<int>(K), codes.data_ptr<int8_t>(),
+      scale.data_ptr<float>(), c10::cuda::getCurrentCUDAStream(x.get_device()).stream());
+  TORCH_CHECK(err == cudaSuccess, "activation_quant_cuda: kernel launch failed: ", cudaGetErrorString(err));
+  return {codes.narrow(1, 0, K), scale};
 }
 
 }  // namespace
@@ -131,6 +142,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bitdistill CUDA kernels (W2A8 packed ternary GEMV/GEMM)";
   m.def("packed_linear", &packed_linear, "y[M, N] = W2A8 packed linear (see csrc/w2a8_gemv.h)", py::arg("x"),
         py::arg("packed"), py::arg("weight_scale"), py::arg("bias") = py::none(), py::arg("out") = py::none(), py::arg("config") = -1,
-        py::arg("splits") = -1);
+        py::arg("splits") = -1, py::arg("pdl") = true);
+  m.def("activation_quant", &activation_quant, "(int8 codes [M, K], float32 scale [M, 1]) per-token absmax", py::arg("x"));
   m.attr("num_configs") = bitdistill::kNumConfigs;
 }

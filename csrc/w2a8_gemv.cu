@@ -1,16 +1,19 @@
 // W2A8 decode GEMV / small-M GEMM (see w2a8_gemv.h for the function computed).
 //
-// One block computes a 16-token x 32-output tile: 8 packed rows r (each byte holds the outputs r,
-// P+r, 2P+r, 3P+r) for up to 16 tokens, over one K split. Per block:
-//   1. every thread starts loading its first weights (16 bytes per thread and step, kept in registers);
-//   2. absmax of each token over the whole K (x is read from L2), s_x = 127 / max(absmax, 1e-5);
-//   3. per K chunk: quantize x[tokens, chunk] to int8 in shared memory (round half to even), then
-//      each warp takes every W-th 64-column step of the chunk: 2 x 4 mma.m16n8k32 s8 x u8 on the raw
-//      2-bit codes c in {0,1,2} (B = (byte >> 2j) & 3 per output block j), plus one mma against
-//      all-ones giving sum_k X_q, so that X_q . T = X_q . c - sum_k X_q exactly;
-//   4. warps reduce through shared memory; with split K, blocks add their int32 tile into a
-//      workspace and the last one to arrive applies the epilogue and zeroes the workspace again;
-//   5. epilogue y = float(acc) / (s_x * wscale) + bias, rounded to the output dtype.
+// act_quant_kernel: one block per token computes s_x and the int8 codes X_q (round half to even) into
+// a zero-padded [M, Kp] scratch, and zeroes the split-K workspace.
+//
+// w2a8_kernel: one block computes a 16-token x 32-output tile: 8 packed rows r (each byte holds the
+// outputs r, P+r, 2P+r, 3P+r) for up to 16 tokens, over one K split.
+//   1. every thread loads its first weights (16 bytes = 64 columns of one packed row per step) before
+//      waiting on act_quant (programmatic dependent launch), then its x codes (16 bytes per token row);
+//   2. warps take every W-th 64-column step; per step 2 x 4 mma.m16n8k32 s8 x u8 on the raw 2-bit
+//      codes c in {0,1,2} (B = (word >> 2j) & 0x03030303 for output block j) plus one mma against
+//      all-ones giving sum_k X_q, so that X_q . T = X_q . c - sum_k X_q exactly; the next U steps'
+//      weights and codes are in flight while the current U are multiplied;
+//   3. warps reduce through shared memory; with split K, blocks add their int32 tile into the
+//      workspace and the last one to arrive (counter per tile) applies the epilogue;
+//   4. epilogue y = float(acc) / (s_x * wscale) + bias in float32, rounded to the output dtype.
 // The 64 columns a thread reads as one 16-byte vector are fed to the mma in a permuted k order that
 // A (x codes, also one 16-byte vector per token row) follows too; the dot product is unchanged.
 #include "w2a8_gemv.h"
@@ -27,20 +30,19 @@ constexpr int kTileM = 16;          // tokens per block tile (mma M)
 constexpr int kRowsPerBlock = 8;    // packed rows per block (mma N), 32 outputs
 constexpr int kStep = 64;           // K columns per warp step (one 16-byte vector per thread)
 constexpr int kRedCols = 33;        // 32 outputs + the row sum of X_q
-constexpr int kXSmemBudget = 40 * 1024;
+constexpr int kQuantThreads = 512;
 
 struct Config {
   int warps;
   int unroll;
 };
-constexpr Config kConfigs[kNumConfigs] = {{8, 4}, {4, 4}, {4, 8}, {8, 2}};
+constexpr Config kConfigs[kNumConfigs] = {{8, 4}, {4, 4}, {8, 2}, {16, 2}};
 
 struct Plan {
   int config, warps, unroll;
   int m_tiles, row_blocks, splits;
-  int steps_per_split, chunk_steps;
-  int xs_stride;  // bytes per token row of the shared x chunk
-  size_t smem_bytes;
+  int steps_per_split;
+  long long workspace_ints;
 };
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -87,15 +89,75 @@ __device__ __forceinline__ uint4 load_weights(const uint8_t* row, int col, int K
   return w;
 }
 
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// One block per token row: absmax, s_x, codes (zero-padded to kp columns); also zeroes `zero_ints`
+// ints of `zero` (the GEMV's split-K workspace), grid-strided.
+template <typename T>
+__global__ void __launch_bounds__(kQuantThreads) act_quant_kernel(const T* __restrict__ x, int K, int kp,
+                                                                  int8_t* __restrict__ codes,
+                                                                  float* __restrict__ scale, int* __restrict__ zero,
+                                                                  long long zero_ints) {
+  allow_dependents();
+  __shared__ float s_red[kQuantThreads / 32];
+  const int tid = threadIdx.x;
+  const int m = blockIdx.x;
+  for (long long i = static_cast<long long>(m) * kQuantThreads + tid; i < zero_ints;
+       i += static_cast<long long>(gridDim.x) * kQuantThreads) {
+    zero[i] = 0;
+  }
+  const Vec4<T>* xr = reinterpret_cast<const Vec4<T>*>(x + static_cast<size_t>(m) * K);
+  const int k4 = K / 4;
+  float mx = 0.f;
+  for (int i = tid; i < k4; i += kQuantThreads) {
+    const Vec4<T> v = xr[i];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fabsf(to_float(v.v[e])));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((tid & 31) == 0) s_red[tid >> 5] = mx;
+  __syncthreads();
+  mx = 0.f;
+#pragma unroll
+  for (int w = 0; w < kQuantThreads / 32; ++w) mx = fmaxf(mx, s_red[w]);
+  // torch evaluates `127 / t` as `t.reciprocal() * 127`: two roundings, reproduced here.
+  const float sc = __fmul_rn(__frcp_rn(fmaxf(mx, 1e-5f)), 127.f);
+  if (tid == 0) scale[m] = sc;
+  uint32_t* out = reinterpret_cast<uint32_t*>(codes + static_cast<size_t>(m) * kp);
+  for (int i = tid; i < kp / 4; i += kQuantThreads) {
+    uint32_t word = 0u;
+    if (i < k4) {
+      const Vec4<T> v = xr[i];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int code = min(127, max(-128, __float2int_rn(__fmul_rn(to_float(v.v[e]), sc))));
+        word |= static_cast<uint32_t>(code & 0xff) << (8 * e);
+      }
+    }
+    out[i] = word;
+  }
+}
+
+// One block: 16 tokens x 32 outputs (8 packed rows) over one K split; warps take every W-th 64-column
+// step. Weights and x codes for the next U steps are loaded while the current U are multiplied.
 template <typename T, typename TB, int W, int U, bool kAligned16>
-__global__ void __launch_bounds__(W * 32) w2a8_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
+__global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__ xq, const float* __restrict__ xs,
+                                                      const uint8_t* __restrict__ packed,
                                                       const float* __restrict__ wscale, const TB* __restrict__ bias,
-                                                      T* __restrict__ y, int M, int K, int P, int steps_per_split,
-                                                      int chunk_steps, int xs_stride, int* __restrict__ workspace,
-                                                      int* __restrict__ counters) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float s_scale[kTileM];
-  __shared__ unsigned int s_amax[kTileM];
+                                                      T* __restrict__ y, int M, int K, int kp, int P,
+                                                      int steps_per_split, int* __restrict__ workspace) {
+  __shared__ int red[W * kTileM * kRedCols];
   __shared__ bool s_last;
 
   const int tid = threadIdx.x;
@@ -110,38 +172,30 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const T* __restrict__ x, c
   const int prow = row_base + g;
   const bool row_valid = prow < P;
   const uint8_t* wrow = packed + static_cast<size_t>(row_valid ? prow : 0) * K;
-  const int steps_total = (K + kStep - 1) / kStep;
+  const bool has_a = g < rows;
+  const bool has_b = g + 8 < rows;
+  const int8_t* xa_row = xq + static_cast<size_t>(m0 + (has_a ? g : 0)) * kp + tig * 16;
+  const int8_t* xb_row = xq + static_cast<size_t>(m0 + (has_b ? g + 8 : 0)) * kp + tig * 16;
+  const int steps_total = kp / kStep;
   const int split_begin = blockIdx.z * steps_per_split;
   const int split_end = min(steps_total, split_begin + steps_per_split);
   const int iters = steps_per_split / W;  // per warp, a multiple of U
 
-  // 1. First weights in flight before anything else.
-  uint4 wbuf[U];
+  // Weights do not depend on the quantization kernel: start loading them before waiting for it.
+  uint4 wbuf[U], abuf[U], bbuf[U];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int s = split_begin + warp + W * u;
     wbuf[u] = load_weights<kAligned16>(wrow, s * kStep + tig * 16, K, row_valid && s < split_end);
   }
-
-  // 2. Per-token absmax over the whole K.
-  if (tid < kTileM) s_amax[tid] = 0u;
-  __syncthreads();
-  const int k4 = K / 4;
-  for (int m = 0; m < rows; ++m) {
-    const Vec4<T>* xr = reinterpret_cast<const Vec4<T>*>(x + static_cast<size_t>(m0 + m) * K);
-    float mx = 0.f;
-    for (int i = tid; i < k4; i += W * 32) {
-      const Vec4<T> v = xr[i];
+  grid_dependency_wait();
+  const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fabsf(to_float(v.v[e])));
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    if (lane == 0) atomicMax(&s_amax[m], __float_as_uint(mx));  // non-negative floats order as uints
+  for (int u = 0; u < U; ++u) {
+    const int s = split_begin + warp + W * u;
+    abuf[u] = has_a && s < split_end ? *reinterpret_cast<const uint4*>(xa_row + s * kStep) : zero4;
+    bbuf[u] = has_b && s < split_end ? *reinterpret_cast<const uint4*>(xb_row + s * kStep) : zero4;
   }
-  __syncthreads();
-  // torch evaluates `127 / t` as `t.reciprocal() * 127`: two roundings, reproduced here.
-  if (tid < rows) s_scale[tid] = __fmul_rn(__frcp_rn(fmaxf(__uint_as_float(s_amax[tid]), 1e-5f)), 127.f);
 
   int acc[5][4];
 #pragma unroll
@@ -150,71 +204,42 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const T* __restrict__ x, c
     for (int e = 0; e < 4; ++e) acc[j][e] = 0;
   }
 
-  int8_t* xs = reinterpret_cast<int8_t*>(smem);
-  const int chunk_cols = chunk_steps * kStep;
-  int it = 0;
-  for (int chunk_begin = split_begin; chunk_begin < split_begin + steps_per_split; chunk_begin += chunk_steps) {
-    // 3a. Quantize x[:, chunk] into shared memory (zeros past K).
-    __syncthreads();
-    const int col0 = chunk_begin * kStep;
-    const int groups = rows * (chunk_cols / 4);
-    for (int q = tid; q < groups; q += W * 32) {
-      const int m = q / (chunk_cols / 4);
-      const int c = (q - m * (chunk_cols / 4)) * 4;
-      uint32_t word = 0u;
-      if (col0 + c < K) {
-        const Vec4<T> v = *reinterpret_cast<const Vec4<T>*>(x + static_cast<size_t>(m0 + m) * K + col0 + c);
-        const float sc = s_scale[m];
+  for (int it = 0; it < iters; it += U) {
+    uint4 wc[U], ac[U], bc[U];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int code = min(127, max(-128, __float2int_rn(__fmul_rn(to_float(v.v[e]), sc))));
-          word |= static_cast<uint32_t>(code & 0xff) << (8 * e);
-        }
-      }
-      *reinterpret_cast<uint32_t*>(xs + m * xs_stride + c) = word;
+    for (int u = 0; u < U; ++u) {
+      wc[u] = wbuf[u];
+      ac[u] = abuf[u];
+      bc[u] = bbuf[u];
     }
-    __syncthreads();
-
-    // 3b. Tensor-core steps over the chunk, next weights loaded while the current ones are used.
-    const int it_end = it + chunk_steps / W;
-    for (; it < it_end; it += U) {
-      uint4 cur[U];
-#pragma unroll
-      for (int u = 0; u < U; ++u) cur[u] = wbuf[u];
-      if (it + U < iters) {
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-          const int s = split_begin + warp + W * (it + U + u);
-          wbuf[u] = load_weights<kAligned16>(wrow, s * kStep + tig * 16, K, row_valid && s < split_end);
-        }
-      }
+    if (it + U < iters) {
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int s = split_begin + warp + W * (it + u);
-        if (s >= split_end) continue;
-        const int lc = (s - chunk_begin) * kStep + tig * 16;
-        const uint4 xa = g < rows ? *reinterpret_cast<const uint4*>(xs + g * xs_stride + lc) : make_uint4(0, 0, 0, 0);
-        const uint4 xb =
-            g + 8 < rows ? *reinterpret_cast<const uint4*>(xs + (g + 8) * xs_stride + lc) : make_uint4(0, 0, 0, 0);
-        const uint32_t wv[4] = {cur[u].x, cur[u].y, cur[u].z, cur[u].w};
-        const uint32_t av[4] = {xa.x, xa.y, xa.z, xa.w};
-        const uint32_t bv[4] = {xb.x, xb.y, xb.z, xb.w};
+        const int s = split_begin + warp + W * (it + U + u);
+        const bool ok = s < split_end;
+        wbuf[u] = load_weights<kAligned16>(wrow, s * kStep + tig * 16, K, row_valid && ok);
+        abuf[u] = has_a && ok ? *reinterpret_cast<const uint4*>(xa_row + s * kStep) : zero4;
+        bbuf[u] = has_b && ok ? *reinterpret_cast<const uint4*>(xb_row + s * kStep) : zero4;
+      }
+    }
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const uint32_t a[4] = {av[2 * h], bv[2 * h], av[2 * h + 1], bv[2 * h + 1]};
+    for (int u = 0; u < U; ++u) {
+      const uint32_t wv[4] = {wc[u].x, wc[u].y, wc[u].z, wc[u].w};
+      const uint32_t av[4] = {ac[u].x, ac[u].y, ac[u].z, ac[u].w};
+      const uint32_t bv[4] = {bc[u].x, bc[u].y, bc[u].z, bc[u].w};
 #pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            mma_s8u8(acc[j], a, (wv[2 * h] >> (2 * j)) & 0x03030303u, (wv[2 * h + 1] >> (2 * j)) & 0x03030303u);
-          }
-          mma_s8u8(acc[4], a, 0x01010101u, 0x01010101u);
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {av[2 * h], bv[2 * h], av[2 * h + 1], bv[2 * h + 1]};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          mma_s8u8(acc[j], a, (wv[2 * h] >> (2 * j)) & 0x03030303u, (wv[2 * h + 1] >> (2 * j)) & 0x03030303u);
         }
+        mma_s8u8(acc[4], a, 0x01010101u, 0x01010101u);
       }
     }
   }
 
-  // 4. Reduce the warps' partial tiles: red[warp][token][0..31 outputs, 32 = row sum].
-  __syncthreads();
-  int* red = reinterpret_cast<int*>(smem);
+  // Reduce the warps' partial tiles: red[warp][token][0..31 outputs, 32 = row sum of X_q].
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
 #pragma unroll
@@ -232,25 +257,26 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const T* __restrict__ x, c
     int v = 0;
 #pragma unroll
     for (int w = 0; w < W; ++w) v += red[w * kTileM * kRedCols + i];
-    red[i] = v;  // warp 0's slot: each i is read and written by one thread only
+    red[i] = v;  // warp 0's slot: each i is read and written by this thread only
   }
 
   if (gridDim.z > 1) {
+    const int tiles = gridDim.x * gridDim.y;
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
     int* ws = workspace + static_cast<size_t>(tile) * kTileM * kRedCols;
+    int* counter = workspace + static_cast<size_t>(tiles) * kTileM * kRedCols + tile;
     for (int i = tid; i < rows * kRedCols; i += W * 32) atomicAdd(&ws[i], red[i]);
     __threadfence();
     __syncthreads();
-    if (tid == 0) s_last = atomicAdd(&counters[tile], 1) == static_cast<int>(gridDim.z) - 1;
+    if (tid == 0) s_last = atomicAdd(counter, 1) == static_cast<int>(gridDim.z) - 1;
     __syncthreads();
     if (!s_last) return;
     __threadfence();
-    for (int i = tid; i < rows * kRedCols; i += W * 32) red[i] = atomicExch(&ws[i], 0);
-    if (tid == 0) counters[tile] = 0;
+    for (int i = tid; i < rows * kRedCols; i += W * 32) red[i] = atomicAdd(&ws[i], 0);
   }
   __syncthreads();
 
-  // 5. Epilogue.
+  // Epilogue, in the reference's float32 order.
   const float ws_val = *wscale;
   for (int i = tid; i < rows * 32; i += W * 32) {
     const int m = i >> 5;
@@ -259,7 +285,7 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const T* __restrict__ x, c
     if (r >= P) continue;
     const int n = (o >> 3) * P + r;
     const int a = red[m * kRedCols + o] - red[m * kRedCols + 32];
-    float v = __fdiv_rn(static_cast<float>(a), __fmul_rn(s_scale[m], ws_val));
+    float v = __fdiv_rn(static_cast<float>(a), __fmul_rn(xs[m0 + m], ws_val));
     if (bias != nullptr) v = __fadd_rn(v, to_float(bias[n]));
     y[static_cast<size_t>(m0 + m) * N + n] = from_float<T>(v);
   }
@@ -273,71 +299,78 @@ Plan make_plan(const W2A8Args& args, int sm_count) {
   p.warps = kConfigs[p.config].warps;
   p.unroll = kConfigs[p.config].unroll;
   const int group = p.warps * p.unroll;
-  const int steps = cdiv(args.K, kStep);
+  const int steps = w2a8_padded_k(args.K) / kStep;
   p.m_tiles = cdiv(args.M, kTileM);
   p.row_blocks = cdiv(args.N / 4, kRowsPerBlock);
   const int base_blocks = p.m_tiles * p.row_blocks;
-  const int max_splits = cdiv(steps, group);
   int splits = args.splits;
-  if (splits <= 0) splits = cdiv(2LL * sm_count, base_blocks);
-  splits = std::max(1, std::min(splits, max_splits));
+  if (splits <= 0) splits = base_blocks >= sm_count ? 1 : cdiv(sm_count, base_blocks);
+  splits = std::max(1, std::min(splits, cdiv(steps, group)));
   p.steps_per_split = cdiv(cdiv(steps, splits), group) * group;
   p.splits = cdiv(steps, p.steps_per_split);
-  const int rows_tile = std::min(args.M, kTileM);
-  const int pad = rows_tile > 1 ? kStep : 0;  // staggers token rows across shared-memory banks
-  const int max_chunk = std::max(group, (kXSmemBudget / rows_tile - pad) / kStep / group * group);
-  p.chunk_steps = std::min(p.steps_per_split, max_chunk);
-  p.xs_stride = p.chunk_steps * kStep + pad;
-  const size_t xs_bytes = static_cast<size_t>(rows_tile) * p.xs_stride;
-  const size_t red_bytes = static_cast<size_t>(p.warps) * kTileM * kRedCols * sizeof(int);
-  p.smem_bytes = std::max(xs_bytes, red_bytes);
+  const long long tiles = static_cast<long long>(base_blocks);
+  p.workspace_ints = p.splits > 1 ? tiles * kTileM * kRedCols + tiles : 0;
   return p;
 }
 
-template <typename T, typename TB, int W, int U, bool kAligned16>
-cudaError_t launch_typed(const W2A8Args& a, const Plan& p, cudaStream_t stream) {
-  auto kernel = w2a8_kernel<T, TB, W, U, kAligned16>;
-  if (p.smem_bytes > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(p.smem_bytes));
-    if (e != cudaSuccess) return e;
-  }
-  const dim3 grid(p.row_blocks, p.m_tiles, p.splits);
-  kernel<<<grid, W * 32, p.smem_bytes, stream>>>(
-      static_cast<const T*>(a.x), a.packed, a.weight_scale, static_cast<const TB*>(a.bias), static_cast<T*>(a.y), a.M,
-      a.K, a.N / 4, p.steps_per_split, p.chunk_steps, p.xs_stride, a.workspace, a.counters);
+template <typename T>
+cudaError_t launch_quant(const W2A8Args& a, int* zero, long long zero_ints, cudaStream_t stream) {
+  act_quant_kernel<T><<<a.M, kQuantThreads, 0, stream>>>(static_cast<const T*>(a.x), a.K, w2a8_padded_k(a.K),
+                                                         a.x_codes, a.x_scale, zero, zero_ints);
   return cudaGetLastError();
 }
 
+template <typename T, typename TB, int W, int U, bool kAligned16>
+cudaError_t launch_gemv(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(p.row_blocks, p.m_tiles, p.splits);
+  cfg.blockDim = dim3(W * 32, 1, 1);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, w2a8_kernel<T, TB, W, U, kAligned16>, const_cast<const int8_t*>(a.x_codes),
+                            const_cast<const float*>(a.x_scale), a.packed, a.weight_scale,
+                            static_cast<const TB*>(a.bias), static_cast<T*>(a.y), a.M, a.K, w2a8_padded_k(a.K),
+                            a.N / 4, p.steps_per_split, a.workspace);
+}
+
 template <typename T, typename TB, int W, int U>
-cudaError_t launch_aligned(const W2A8Args& a, const Plan& p, cudaStream_t stream) {
+cudaError_t launch_aligned(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
   const bool aligned = a.K % 16 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
-  return aligned ? launch_typed<T, TB, W, U, true>(a, p, stream) : launch_typed<T, TB, W, U, false>(a, p, stream);
+  return aligned ? launch_gemv<T, TB, W, U, true>(a, p, pdl, stream)
+                 : launch_gemv<T, TB, W, U, false>(a, p, pdl, stream);
 }
 
 template <typename T, typename TB>
-cudaError_t launch_config(const W2A8Args& a, const Plan& p, cudaStream_t stream) {
+cudaError_t launch_config(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
   switch (p.config) {
-    case 0: return launch_aligned<T, TB, kConfigs[0].warps, kConfigs[0].unroll>(a, p, stream);
-    case 1: return launch_aligned<T, TB, kConfigs[1].warps, kConfigs[1].unroll>(a, p, stream);
-    case 2: return launch_aligned<T, TB, kConfigs[2].warps, kConfigs[2].unroll>(a, p, stream);
-    default: return launch_aligned<T, TB, kConfigs[3].warps, kConfigs[3].unroll>(a, p, stream);
+    case 0: return launch_aligned<T, TB, kConfigs[0].warps, kConfigs[0].unroll>(a, p, pdl, stream);
+    case 1: return launch_aligned<T, TB, kConfigs[1].warps, kConfigs[1].unroll>(a, p, pdl, stream);
+    case 2: return launch_aligned<T, TB, kConfigs[2].warps, kConfigs[2].unroll>(a, p, pdl, stream);
+    default: return launch_aligned<T, TB, kConfigs[3].warps, kConfigs[3].unroll>(a, p, pdl, stream);
   }
 }
 
 template <typename T>
-cudaError_t launch_bias(const W2A8Args& a, const Plan& p, cudaStream_t stream) {
-  if (a.bias == nullptr || a.bias_dtype == DType::kFloat32) return launch_config<T, float>(a, p, stream);
-  return launch_config<T, T>(a, p, stream);
+cudaError_t launch_all(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
+  const cudaError_t e = launch_quant<T>(a, a.workspace, p.workspace_ints, stream);
+  if (e != cudaSuccess) return e;
+  if (a.bias == nullptr || a.bias_dtype == DType::kFloat32) return launch_config<T, float>(a, p, pdl, stream);
+  return launch_config<T, T>(a, p, pdl, stream);
 }
 
 }  // namespace
 
 const char* w2a8_check(const W2A8Args& a) {
-  if (a.M < 1 || a.N < 4 || a.K < 4) return "w2a8: M, K must be >= 1 and >= 4, N >= 4";
+  if (a.M < 1 || a.N < 4 || a.K < 4) return "w2a8: need M >= 1, N >= 4 and K >= 4";
   if (a.N % 4 != 0) return "w2a8: out_features must be a multiple of 4 (packed layout [out/4, in])";
   if (a.K % 4 != 0) return "w2a8: in_features must be a multiple of 4; use the reference backend for this layer";
   if (a.K >= (1 << 23)) return "w2a8: in_features must be < 8388608 (int32 accumulation of 8-bit x 2-bit codes)";
+  if (cdiv(a.M, kTileM) > 65535) return "w2a8: too many tokens for one launch (M must be <= 1048560)";
   if (a.x == nullptr || a.packed == nullptr || a.weight_scale == nullptr || a.y == nullptr) return "w2a8: null pointer";
   if (a.bias != nullptr && a.bias_dtype != DType::kFloat32 && a.bias_dtype != a.dtype)
     return "w2a8: bias must be float32 or x's dtype";
@@ -345,21 +378,35 @@ const char* w2a8_check(const W2A8Args& a) {
   return nullptr;
 }
 
-void w2a8_workspace_size(const W2A8Args& args, int sm_count, long long* workspace_ints, long long* counter_ints) {
+W2A8Scratch w2a8_scratch_sizes(const W2A8Args& args, int sm_count) {
   const Plan p = make_plan(args, sm_count);
-  const long long tiles = p.splits > 1 ? static_cast<long long>(p.m_tiles) * p.row_blocks : 0;
-  *workspace_ints = tiles * kTileM * kRedCols;
-  *counter_ints = tiles;
+  return {static_cast<long long>(args.M) * w2a8_padded_k(args.K), args.M, p.workspace_ints};
 }
 
-cudaError_t w2a8_launch(const W2A8Args& a, int sm_count, cudaStream_t stream) {
-  if (w2a8_check(a) != nullptr) return cudaErrorInvalidValue;
+cudaError_t act_quant_launch(const void* x, DType dtype, int M, int K, int8_t* codes, float* scale,
+                             cudaStream_t stream) {
+  if (M < 1 || K < 4 || K % 4 != 0 || x == nullptr || codes == nullptr || scale == nullptr) return cudaErrorInvalidValue;
+  W2A8Args a;
+  a.x = x;
+  a.M = M;
+  a.K = K;
+  a.x_codes = codes;
+  a.x_scale = scale;
+  switch (dtype) {
+    case DType::kFloat32: return launch_quant<float>(a, nullptr, 0, stream);
+    case DType::kBFloat16: return launch_quant<__nv_bfloat16>(a, nullptr, 0, stream);
+    default: return launch_quant<__half>(a, nullptr, 0, stream);
+  }
+}
+
+cudaError_t w2a8_launch(const W2A8Args& a, int sm_count, bool pdl, cudaStream_t stream) {
+  if (w2a8_check(a) != nullptr || a.x_codes == nullptr || a.x_scale == nullptr) return cudaErrorInvalidValue;
   const Plan p = make_plan(a, sm_count);
-  if (p.splits > 1 && (a.workspace == nullptr || a.counters == nullptr)) return cudaErrorInvalidValue;
+  if (p.workspace_ints > 0 && a.workspace == nullptr) return cudaErrorInvalidValue;
   switch (a.dtype) {
-    case DType::kFloat32: return launch_bias<float>(a, p, stream);
-    case DType::kBFloat16: return launch_bias<__nv_bfloat16>(a, p, stream);
-    default: return launch_bias<__half>(a, p, stream);
+    case DType::kFloat32: return launch_all<float>(a, p, pdl, stream);
+    case DType::kBFloat16: return launch_all<__nv_bfloat16>(a, p, pdl, stream);
+    default: return launch_all<__half>(a, p, pdl, stream);
   }
 }
 

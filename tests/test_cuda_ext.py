@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from bitdistill import cuda_ext
-from bitdistill.quant import pack_ternary, packed_linear_reference
+from bitdistill.quant import activation_quant, pack_ternary, packed_linear_reference
 
 needs_ext = pytest.mark.skipif(not cuda_ext.is_available(), reason="bitdistill._C is not built or no CUDA device")
 
@@ -86,9 +86,9 @@ def test_every_config_and_split_gives_the_same_exact_result(m, n, k):
     want = packed_linear_reference(x, packed, ws, b)
     for config in range(cuda_ext.load().num_configs):
         for splits in (1, 2, 3, 7, 64):
-            for _ in range(2):  # the second launch checks that split K left its workspace zeroed
-                got = _run(x, packed, ws, b, config=config, splits=splits)
-                assert torch.equal(got, want), f"config={config} splits={splits}"
+            for pdl in (True, False):
+                got = _run(x, packed, ws, b, config=config, splits=splits, pdl=pdl)
+                assert torch.equal(got, want), f"config={config} splits={splits} pdl={pdl}"
 
 
 @pytest.mark.gpu
@@ -110,11 +110,25 @@ def test_activation_codes_round_half_to_even():
 
 @pytest.mark.gpu
 @needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_activation_codes_equal_the_reference(dtype):
+    x = (torch.randn(7, 1000) * torch.logspace(-3, 3, 7).unsqueeze(1)).to(dtype)
+    x[3] = 0.0  # all-zero token: the 1e-5 clamp
+    x[5] = 0.0
+    x[5, :64] = torch.tensor([127.0] + [v + 0.5 for v in range(-31, 31)] + [-127.0]).to(dtype)  # s_x = 1: .5 ties
+    codes, scale = cuda_ext.activation_quant_cuda(x.cuda())
+    want_codes, want_scale = activation_quant(x)
+    assert torch.equal(codes.cpu(), want_codes)
+    assert torch.equal(scale.cpu(), want_scale)
+
+
+@pytest.mark.gpu
+@needs_ext
 def test_cuda_graph_replay_matches_eager():
     x, packed, ws, _ = _problem(1, 4096, 4096, torch.bfloat16, "none")
     xc, pc, wc = x.cuda(), packed.cuda(), ws.cuda()
     out = torch.empty(1, 4096, dtype=torch.bfloat16, device="cuda")
-    cuda_ext.packed_linear_cuda(xc, pc, wc, out=out)  # warm-up allocates the split-K scratch
+    cuda_ext.packed_linear_cuda(xc, pc, wc, out=out)  # warm-up outside the graph
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         cuda_ext.packed_linear_cuda(xc, pc, wc, out=out)
