@@ -57,10 +57,10 @@ CALLS_PER_GRAPH = 20
 def triton_packed_linear() -> Callable | None:
     """The Triton packed GEMV of ``bitdistill.kernels`` if this checkout has one, else None."""
     try:
-        from bitdistill.kernels import packed_linear_triton
+        from bitdistill.kernels.packed import packed_linear
     except ImportError:
         return None
-    return packed_linear_triton
+    return packed_linear
 
 
 def graph_time_us(make_call: Callable[[int], Callable[[], object]], copies: int, repeats: int) -> float:
@@ -91,7 +91,7 @@ def d2d_bandwidth(bench: Bench) -> float:
 
 
 def bench_shape(bench: Bench, tuning: Bench, model: str, proj: str, n: int, k: int, ms: list[int],
-                triton_fn: Callable | None, peak_gbps: float, repeats: int) -> None:
+                triton_fn: Callable | None, peak_gbps: float, repeats: int, tune: bool) -> None:
     """Rows for one projection shape at every M (and the launch-configuration sweep at M = 1, 16)."""
     packed_bytes = n // 4 * k
     p_copies = max(2, min(64, math.ceil(ROTATE_BYTES / packed_bytes)))
@@ -129,8 +129,8 @@ def bench_shape(bench: Bench, tuning: Bench, model: str, proj: str, n: int, k: i
                                p_copies, 10)
             tuning.add(model=model, proj=proj, N=n, K=k, M=m, config=-1, splits=-1, pdl=False, cuda_us=us,
                        vs_default=cuda_us / us)
-            for config in range(num_configs):
-                for splits in (-1, 1, 2, 4, 8):
+            for config in range(num_configs) if tune else ():
+                for splits in (1, 2):
                     us = graph_time_us(lambda i, c=config, s=splits: cuda_call(i, c, s), p_copies, 10)
                     tuning.add(model=model, proj=proj, N=n, K=k, M=m, config=config, splits=splits, pdl=True,
                                cuda_us=us, vs_default=cuda_us / us)
@@ -141,6 +141,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="two shapes, M in {1, 16}")
     parser.add_argument("--out", type=Path, help="also copy the result files into this folder")
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--no-tuning", action="store_true", help="skip the launch-configuration sweep")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_cuda_gemv: needs a CUDA device", file=sys.stderr)
@@ -160,7 +161,7 @@ def main() -> int:
     bench = Bench("cuda_gemv")
     tuning = Bench("cuda_gemv_tuning")
     for model, proj, n, k in shapes:
-        bench_shape(bench, tuning, model, proj, n, k, ms, triton_fn, peak, args.repeats)
+        bench_shape(bench, tuning, model, proj, n, k, ms, triton_fn, peak, args.repeats, not args.no_tuning)
         torch.cuda.empty_cache()
 
     note = ("Per-call times in microseconds, median of CUDA-graph replays of 20 calls over rotating weight copies "

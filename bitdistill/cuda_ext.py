@@ -48,6 +48,45 @@ def load() -> ModuleType:
     return module
 
 
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _checked_module(x2d, packed, weight_scale, bias, out) -> ModuleType:
+    """The extension, once every argument problem has been raised as a ValueError (shapes and dtypes
+    first, so they are reported even without the extension; devices after loading it)."""
+    if x2d.dim() != 2:
+        raise ValueError(f"packed_linear_cuda expects 2-D activations [M, K], got shape {tuple(x2d.shape)}; "
+                         "reshape to (-1, in_features) first")
+    m, k = x2d.shape
+    if k % 4 != 0 or k == 0:
+        raise ValueError(f"packed_linear_cuda needs in_features % 4 == 0, got K={k}; "
+                         "use BITDISTILL_BACKEND=reference for this layer")
+    if x2d.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"packed_linear_cuda: x must be float32, bfloat16 or float16, got {x2d.dtype}")
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != k:
+        raise ValueError(f"packed_linear_cuda: packed must be uint8 [out_features / 4, {k}], got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    if weight_scale.numel() != 1:
+        raise ValueError(f"packed_linear_cuda: weight_scale must hold one value, got shape {tuple(weight_scale.shape)}")
+    n = packed.shape[0] * 4
+    tensors = {"x": x2d, "packed": packed, "weight_scale": weight_scale}
+    if bias is not None:
+        if bias.numel() != n:
+            raise ValueError(f"packed_linear_cuda: bias has {bias.numel()} elements, expected out_features={n}")
+        tensors["bias"] = bias
+    if out is not None:
+        if out.shape != (m, n) or out.dtype != x2d.dtype or not out.is_contiguous():
+            raise ValueError(f"packed_linear_cuda: out must be a contiguous [{m}, {n}] {x2d.dtype} tensor, got "
+                             f"{out.dtype} {tuple(out.shape)}")
+        tensors["out"] = out
+    module = load()
+    bad = [name for name, t in tensors.items() if t.device != x2d.device or t.device.type != "cuda"]
+    if bad:
+        raise ValueError(f"packed_linear_cuda: {', '.join(bad)} must be on the same CUDA device as x "
+                         f"(x is on {x2d.device})")
+    return module
+
+
 def packed_linear_cuda(
     x2d: torch.Tensor,
     packed: torch.Tensor,
@@ -82,15 +121,11 @@ def packed_linear_cuda(
         ``[M, N]`` in ``x2d``'s dtype.
 
     Raises:
-        RuntimeError: the extension is not built, or the arguments are not supported (message says which).
+        ValueError: unsupported arguments (the message names the problem).
+        RuntimeError: the extension is not built (the message names the build command).
     """
-    if x2d.dim() != 2:
-        raise ValueError(f"packed_linear_cuda expects 2-D activations [M, K], got shape {tuple(x2d.shape)}; "
-                         "reshape to (-1, in_features) first")
-    if x2d.shape[-1] % 4 != 0:
-        raise ValueError(f"packed_linear_cuda needs in_features % 4 == 0, got K={x2d.shape[-1]}; "
-                         "use BITDISTILL_BACKEND=reference for this layer")
-    return load().packed_linear(x2d, packed, weight_scale, bias, out, config, splits, pdl)
+    module = _checked_module(x2d, packed, weight_scale, bias, out)
+    return module.packed_linear(x2d, packed, weight_scale, bias, out, config, splits, pdl)
 
 
 def activation_quant_cuda(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,6 +137,9 @@ def activation_quant_cuda(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     Returns:
         ``(codes, scale)``: int8 ``[M, K]`` (a view of a row-padded buffer) and float32 ``[M, 1]``.
     """
-    if x2d.dim() != 2 or x2d.shape[-1] % 4 != 0:
-        raise ValueError(f"activation_quant_cuda expects [M, K] with K % 4 == 0, got shape {tuple(x2d.shape)}")
+    if x2d.dim() != 2 or x2d.shape[-1] % 4 != 0 or x2d.shape[-1] == 0 or x2d.shape[0] == 0:
+        raise ValueError(f"activation_quant_cuda expects [M, K] with M >= 1, K % 4 == 0, got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in _FLOAT_DTYPES or x2d.device.type != "cuda":
+        raise ValueError(f"activation_quant_cuda: x must be a float32/bfloat16/float16 CUDA tensor, got "
+                         f"{x2d.dtype} on {x2d.device}")
     return load().activation_quant(x2d)

@@ -36,7 +36,7 @@ struct Config {
   int warps;
   int unroll;
 };
-constexpr Config kConfigs[kNumConfigs] = {{8, 4}, {4, 4}, {8, 2}, {16, 2}};
+constexpr Config kConfigs[kNumConfigs] = {{8, 4}, {4, 4}, {8, 2}, {16, 2}, {4, 8}};
 
 struct Plan {
   int config, warps, unroll;
@@ -151,12 +151,12 @@ __global__ void __launch_bounds__(kQuantThreads) act_quant_kernel(const T* __res
 
 // One block: 16 tokens x 32 outputs (8 packed rows) over one K split; warps take every W-th 64-column
 // step. Weights and x codes for the next U steps are loaded while the current U are multiplied.
-template <typename T, typename TB, int W, int U, bool kAligned16>
+template <typename T, int W, int U, bool kAligned16, bool kTwoGroups>
 __global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__ xq, const float* __restrict__ xs,
                                                       const uint8_t* __restrict__ packed,
-                                                      const float* __restrict__ wscale, const TB* __restrict__ bias,
-                                                      T* __restrict__ y, int M, int K, int kp, int P,
-                                                      int steps_per_split, int* __restrict__ workspace) {
+                                                      const float* __restrict__ wscale, const void* __restrict__ bias,
+                                                      int bias_is_float, T* __restrict__ y, int M, int K, int kp,
+                                                      int P, int steps_per_split, int* __restrict__ workspace) {
   __shared__ int red[W * kTileM * kRedCols];
   __shared__ bool s_last;
 
@@ -173,7 +173,7 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__
   const bool row_valid = prow < P;
   const uint8_t* wrow = packed + static_cast<size_t>(row_valid ? prow : 0) * K;
   const bool has_a = g < rows;
-  const bool has_b = g + 8 < rows;
+  const bool has_b = kTwoGroups && g + 8 < rows;  // kTwoGroups: M > 8, token rows 8..15 exist
   const int8_t* xa_row = xq + static_cast<size_t>(m0 + (has_a ? g : 0)) * kp + tig * 16;
   const int8_t* xb_row = xq + static_cast<size_t>(m0 + (has_b ? g + 8 : 0)) * kp + tig * 16;
   const int steps_total = kp / kStep;
@@ -182,7 +182,7 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__
   const int iters = steps_per_split / W;  // per warp, a multiple of U
 
   // Weights do not depend on the quantization kernel: start loading them before waiting for it.
-  uint4 wbuf[U], abuf[U], bbuf[U];
+  uint4 wbuf[U], abuf[U], bbuf[kTwoGroups ? U : 1];
 #pragma unroll
   for (int u = 0; u < U; ++u) {
     const int s = split_begin + warp + W * u;
@@ -194,7 +194,7 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__
   for (int u = 0; u < U; ++u) {
     const int s = split_begin + warp + W * u;
     abuf[u] = has_a && s < split_end ? *reinterpret_cast<const uint4*>(xa_row + s * kStep) : zero4;
-    bbuf[u] = has_b && s < split_end ? *reinterpret_cast<const uint4*>(xb_row + s * kStep) : zero4;
+    if (kTwoGroups) bbuf[u] = has_b && s < split_end ? *reinterpret_cast<const uint4*>(xb_row + s * kStep) : zero4;
   }
 
   int acc[5][4];
@@ -205,12 +205,12 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__
   }
 
   for (int it = 0; it < iters; it += U) {
-    uint4 wc[U], ac[U], bc[U];
+    uint4 wc[U], ac[U], bc[kTwoGroups ? U : 1];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       wc[u] = wbuf[u];
       ac[u] = abuf[u];
-      bc[u] = bbuf[u];
+      if (kTwoGroups) bc[u] = bbuf[u];
     }
     if (it + U < iters) {
 #pragma unroll
@@ -219,14 +219,15 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__
         const bool ok = s < split_end;
         wbuf[u] = load_weights<kAligned16>(wrow, s * kStep + tig * 16, K, row_valid && ok);
         abuf[u] = has_a && ok ? *reinterpret_cast<const uint4*>(xa_row + s * kStep) : zero4;
-        bbuf[u] = has_b && ok ? *reinterpret_cast<const uint4*>(xb_row + s * kStep) : zero4;
+        if (kTwoGroups) bbuf[u] = has_b && ok ? *reinterpret_cast<const uint4*>(xb_row + s * kStep) : zero4;
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const uint32_t wv[4] = {wc[u].x, wc[u].y, wc[u].z, wc[u].w};
       const uint32_t av[4] = {ac[u].x, ac[u].y, ac[u].z, ac[u].w};
-      const uint32_t bv[4] = {bc[u].x, bc[u].y, bc[u].z, bc[u].w};
+      const uint4 b4 = kTwoGroups ? bc[kTwoGroups ? u : 0] : zero4;
+      const uint32_t bv[4] = {b4.x, b4.y, b4.z, b4.w};
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const uint32_t a[4] = {av[2 * h], bv[2 * h], av[2 * h + 1], bv[2 * h + 1]};
@@ -261,10 +262,12 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__
   }
 
   if (gridDim.z > 1) {
+    // Workspace: per tile min(M, 16) x 33 ints, then one arrival counter per tile.
+    const int tile_ints = min(M, kTileM) * kRedCols;
     const int tiles = gridDim.x * gridDim.y;
     const int tile = blockIdx.y * gridDim.x + blockIdx.x;
-    int* ws = workspace + static_cast<size_t>(tile) * kTileM * kRedCols;
-    int* counter = workspace + static_cast<size_t>(tiles) * kTileM * kRedCols + tile;
+    int* ws = workspace + static_cast<size_t>(tile) * tile_ints;
+    int* counter = workspace + static_cast<size_t>(tiles) * tile_ints + tile;
     for (int i = tid; i < rows * kRedCols; i += W * 32) atomicAdd(&ws[i], red[i]);
     __threadfence();
     __syncthreads();
@@ -286,7 +289,10 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__
     const int n = (o >> 3) * P + r;
     const int a = red[m * kRedCols + o] - red[m * kRedCols + 32];
     float v = __fdiv_rn(static_cast<float>(a), __fmul_rn(xs[m0 + m], ws_val));
-    if (bias != nullptr) v = __fadd_rn(v, to_float(bias[n]));
+    if (bias != nullptr) {
+      const float b = bias_is_float ? static_cast<const float*>(bias)[n] : to_float(static_cast<const T*>(bias)[n]);
+      v = __fadd_rn(v, b);
+    }
     y[static_cast<size_t>(m0 + m) * N + n] = from_float<T>(v);
   }
 }
@@ -295,21 +301,25 @@ int cdiv(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
 
 Plan make_plan(const W2A8Args& args, int sm_count) {
   Plan p{};
-  p.config = args.config >= 0 ? args.config : 0;
+  p.m_tiles = cdiv(args.M, kTileM);
+  p.row_blocks = cdiv(args.N / 4, kRowsPerBlock);
+  const int base_blocks = p.m_tiles * p.row_blocks;
+  // Measured on an H100 (benchmarks/results/cuda_gemv_tuning.md): many tiles -> small blocks;
+  // few tiles and long K -> 16 warps splitting K; otherwise 8 warps.
+  int config = args.config;
+  if (config < 0) config = base_blocks >= 2 * sm_count ? 1 : (args.K >= 8192 ? 3 : 0);
+  p.config = config;
   p.warps = kConfigs[p.config].warps;
   p.unroll = kConfigs[p.config].unroll;
   const int group = p.warps * p.unroll;
   const int steps = w2a8_padded_k(args.K) / kStep;
-  p.m_tiles = cdiv(args.M, kTileM);
-  p.row_blocks = cdiv(args.N / 4, kRowsPerBlock);
-  const int base_blocks = p.m_tiles * p.row_blocks;
-  int splits = args.splits;
-  if (splits <= 0) splits = base_blocks >= sm_count ? 1 : cdiv(sm_count, base_blocks);
+  // Split K only on request: measured slower than one split on every benchmarked shape.
+  int splits = args.splits > 0 ? args.splits : 1;
   splits = std::max(1, std::min(splits, cdiv(steps, group)));
   p.steps_per_split = cdiv(cdiv(steps, splits), group) * group;
   p.splits = cdiv(steps, p.steps_per_split);
   const long long tiles = static_cast<long long>(base_blocks);
-  p.workspace_ints = p.splits > 1 ? tiles * kTileM * kRedCols + tiles : 0;
+  p.workspace_ints = p.splits > 1 ? tiles * std::min(args.M, kTileM) * kRedCols + tiles : 0;
   return p;
 }
 
@@ -320,7 +330,7 @@ cudaError_t launch_quant(const W2A8Args& a, int* zero, long long zero_ints, cuda
   return cudaGetLastError();
 }
 
-template <typename T, typename TB, int W, int U, bool kAligned16>
+template <typename T, int W, int U, bool kAligned16, bool kTwoGroups>
 cudaError_t launch_gemv(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(p.row_blocks, p.m_tiles, p.splits);
@@ -332,35 +342,34 @@ cudaError_t launch_gemv(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, w2a8_kernel<T, TB, W, U, kAligned16>, const_cast<const int8_t*>(a.x_codes),
-                            const_cast<const float*>(a.x_scale), a.packed, a.weight_scale,
-                            static_cast<const TB*>(a.bias), static_cast<T*>(a.y), a.M, a.K, w2a8_padded_k(a.K),
-                            a.N / 4, p.steps_per_split, a.workspace);
+  const int bias_is_float = a.bias_dtype == DType::kFloat32 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, w2a8_kernel<T, W, U, kAligned16, kTwoGroups>,
+                            const_cast<const int8_t*>(a.x_codes), const_cast<const float*>(a.x_scale), a.packed,
+                            a.weight_scale, a.bias, bias_is_float, static_cast<T*>(a.y), a.M, a.K,
+                            w2a8_padded_k(a.K), a.N / 4, p.steps_per_split, a.workspace);
 }
 
-template <typename T, typename TB, int W, int U>
-cudaError_t launch_aligned(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
+template <typename T, int W, int U>
+cudaError_t launch_variant(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
   const bool aligned = a.K % 16 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
-  return aligned ? launch_gemv<T, TB, W, U, true>(a, p, pdl, stream)
-                 : launch_gemv<T, TB, W, U, false>(a, p, pdl, stream);
-}
-
-template <typename T, typename TB>
-cudaError_t launch_config(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
-  switch (p.config) {
-    case 0: return launch_aligned<T, TB, kConfigs[0].warps, kConfigs[0].unroll>(a, p, pdl, stream);
-    case 1: return launch_aligned<T, TB, kConfigs[1].warps, kConfigs[1].unroll>(a, p, pdl, stream);
-    case 2: return launch_aligned<T, TB, kConfigs[2].warps, kConfigs[2].unroll>(a, p, pdl, stream);
-    default: return launch_aligned<T, TB, kConfigs[3].warps, kConfigs[3].unroll>(a, p, pdl, stream);
+  const bool two = a.M > 8;
+  if (aligned) {
+    return two ? launch_gemv<T, W, U, true, true>(a, p, pdl, stream) : launch_gemv<T, W, U, true, false>(a, p, pdl, stream);
   }
+  return two ? launch_gemv<T, W, U, false, true>(a, p, pdl, stream) : launch_gemv<T, W, U, false, false>(a, p, pdl, stream);
 }
 
 template <typename T>
 cudaError_t launch_all(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
   const cudaError_t e = launch_quant<T>(a, a.workspace, p.workspace_ints, stream);
   if (e != cudaSuccess) return e;
-  if (a.bias == nullptr || a.bias_dtype == DType::kFloat32) return launch_config<T, float>(a, p, pdl, stream);
-  return launch_config<T, T>(a, p, pdl, stream);
+  switch (p.config) {
+    case 0: return launch_variant<T, kConfigs[0].warps, kConfigs[0].unroll>(a, p, pdl, stream);
+    case 1: return launch_variant<T, kConfigs[1].warps, kConfigs[1].unroll>(a, p, pdl, stream);
+    case 2: return launch_variant<T, kConfigs[2].warps, kConfigs[2].unroll>(a, p, pdl, stream);
+    case 3: return launch_variant<T, kConfigs[3].warps, kConfigs[3].unroll>(a, p, pdl, stream);
+    default: return launch_variant<T, kConfigs[4].warps, kConfigs[4].unroll>(a, p, pdl, stream);
+  }
 }
 
 }  // namespace

@@ -49,7 +49,7 @@ struct W2A8Args {
 };
 
 // Number of (warps per block, 16-byte loads in flight per thread) configurations compiled in.
-constexpr int kNumConfigs = 4;
+constexpr int kNumConfigs = 5;
 
 // K rounded up to a multiple of 64: the row stride of the x-codes scratch.
 inline int w2a8_padded_k(int K) { return (K + 63) / 64 * 64; }

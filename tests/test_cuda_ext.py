@@ -139,9 +139,17 @@ def test_cuda_graph_replay_matches_eager():
     assert torch.equal(out.cpu(), packed_linear_reference(xc.cpu(), packed, ws))
 
 
+def test_rejects_mismatched_arguments_before_the_compiled_code():
+    x = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match=r"uint8 \[out_features / 4, 8\]"):
+        cuda_ext.packed_linear_cuda(x, torch.zeros(2, 12, dtype=torch.uint8), torch.ones(1))
+    with pytest.raises(ValueError, match="out_features=8"):
+        cuda_ext.packed_linear_cuda(x, torch.zeros(2, 8, dtype=torch.uint8), torch.ones(1), torch.zeros(5))
+
+
 @pytest.mark.gpu
 @needs_ext
-def test_rejects_mismatched_in_features():
-    with pytest.raises(RuntimeError, match="in_features"):
-        cuda_ext.packed_linear_cuda(torch.zeros(1, 8, device="cuda"), torch.zeros(2, 12, dtype=torch.uint8, device="cuda"),
+def test_rejects_tensors_on_other_devices():
+    with pytest.raises(ValueError, match="same CUDA device"):
+        cuda_ext.packed_linear_cuda(torch.zeros(1, 8, device="cuda"), torch.zeros(2, 8, dtype=torch.uint8),
                                     torch.ones(1, device="cuda"))
