@@ -7,6 +7,16 @@ of an op from :mod:`bitdistill.kernels`; nothing CUDA-only is imported here.
 
 All ops take 2-D activations ``[M, K]``; :class:`bitdistill.nn.BitLinear` flattens leading dims.
 
+Backends. On CUDA each op runs the Triton kernel of :mod:`bitdistill.kernels` (imported lazily, on the
+first CUDA call). The environment variable ``BITDISTILL_BACKEND`` picks the backend at call time:
+
+* unset or ``auto``: Triton when it is installed, else the reference;
+* ``triton``: Triton (an error if it is not installed);
+* ``reference``: the pure-torch reference on every device.
+
+Inputs the kernels do not take (dtypes other than float32/bfloat16/float16) run the reference on CUDA too.
+:func:`_packed_linear_backend` is the single place where the packed inference backend is chosen.
+
 =========================  =========================================================================
 op                         computes
 =========================  =========================================================================
@@ -21,12 +31,19 @@ op                         computes
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+
 import torch
 
 from bitdistill.quant import packing, reference
 
 __all__ = [
+    "BACKENDS",
     "activation_quant",
+    "backend",
     "int8_grad_weight",
     "int8_ternary_linear",
     "packed_linear",
@@ -64,6 +81,10 @@ def int8_ternary_linear(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
+    return _int8_ternary_linear_reference(x_codes, x_scale, w_codes, gamma, bias, out_dtype)
+
+
+def _int8_ternary_linear_reference(x_codes, x_scale, w_codes, gamma, bias, out_dtype):
     y = reference.int_matmul(x_codes, w_codes).mul_(gamma / x_scale)
     if bias is not None:
         y = y.add_(bias.float())
@@ -82,6 +103,10 @@ def _dequant_ternary(weight: torch.Tensor, gamma: torch.Tensor, dtype: torch.dty
 
 @torch.library.custom_op("bitdistill::ternary_grad_input", mutates_args=())
 def ternary_grad_input(grad_y: torch.Tensor, weight: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    return _ternary_grad_input_reference(grad_y, weight, gamma)
+
+
+def _ternary_grad_input_reference(grad_y, weight, gamma):
     return grad_y @ _dequant_ternary(weight, gamma, grad_y.dtype)
 
 
@@ -92,6 +117,10 @@ def _(grad_y, weight, gamma):
 
 @torch.library.custom_op("bitdistill::int8_grad_weight", mutates_args=())
 def int8_grad_weight(grad_y: torch.Tensor, x_codes: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    return _int8_grad_weight_reference(grad_y, x_codes, x_scale)
+
+
+def _int8_grad_weight_reference(grad_y, x_codes, x_scale):
     x_q = (x_codes.float() / x_scale).to(grad_y.dtype)
     return grad_y.t() @ x_q
 
@@ -111,3 +140,82 @@ def packed_linear(
 @packed_linear.register_fake
 def _(x, packed, weight_scale, bias):
     return x.new_empty((x.shape[0], packed.shape[0] * 4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CUDA dispatch
+
+BACKENDS = ("auto", "triton", "reference")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def backend() -> str:
+    """The backend CUDA calls use now: ``"triton"`` or ``"reference"`` (from ``BITDISTILL_BACKEND``)."""
+    name = os.environ.get("BITDISTILL_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"BITDISTILL_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)}")
+    if name == "auto":
+        return "triton" if importlib.util.find_spec("triton") is not None else "reference"
+    if name == "triton" and importlib.util.find_spec("triton") is None:
+        raise RuntimeError("BITDISTILL_BACKEND=triton but Triton is not installed; "
+                           "pip install 'bitdistill[triton]' or set BITDISTILL_BACKEND=reference")
+    return name
+
+
+def _kernel(module: str, name: str) -> Callable:
+    """``bitdistill.kernels.<module>.<name>``, imported on first use (Triton loads only then)."""
+    return getattr(importlib.import_module(f"bitdistill.kernels.{module}"), name)
+
+
+def _use_triton(*float_tensors: torch.Tensor | None) -> bool:
+    return backend() == "triton" and all(t is None or t.dtype in _KERNEL_DTYPES for t in float_tensors)
+
+
+@activation_quant.register_kernel("cuda")
+def _(x):
+    if _use_triton(x):
+        return _kernel("quant", "activation_quant")(x)
+    return reference.activation_quant(x)
+
+
+@weight_quant.register_kernel("cuda")
+def _(weight):
+    if _use_triton(weight):
+        return _kernel("quant", "weight_quant")(weight)
+    return reference.weight_quant(weight)
+
+
+@int8_ternary_linear.register_kernel("cuda")
+def _(x_codes, x_scale, w_codes, gamma, bias, out_dtype):
+    if out_dtype in _KERNEL_DTYPES and _use_triton(bias):
+        return _kernel("linear", "int8_ternary_linear")(x_codes, x_scale, w_codes, gamma, bias, out_dtype)
+    return _int8_ternary_linear_reference(x_codes, x_scale, w_codes, gamma, bias, out_dtype)
+
+
+@ternary_grad_input.register_kernel("cuda")
+def _(grad_y, weight, gamma):
+    if _use_triton(grad_y, weight):
+        return _kernel("linear", "ternary_grad_input")(grad_y, weight, gamma)
+    return _ternary_grad_input_reference(grad_y, weight, gamma)
+
+
+@int8_grad_weight.register_kernel("cuda")
+def _(grad_y, x_codes, x_scale):
+    if _use_triton(grad_y):
+        return _kernel("linear", "int8_grad_weight")(grad_y, x_codes, x_scale)
+    return _int8_grad_weight_reference(grad_y, x_codes, x_scale)
+
+
+def _packed_linear_backend(x: torch.Tensor, packed: torch.Tensor) -> Callable:
+    """The implementation ``impl(x2d, packed, weight_scale, bias)`` that runs ``packed_linear`` on CUDA.
+
+    The one place where the packed inference backend is chosen (Triton GEMV/GEMM, or the reference).
+    """
+    if _use_triton(x):
+        return _kernel("packed", "packed_linear")
+    return packing.packed_linear_reference
+
+
+@packed_linear.register_kernel("cuda")
+def _(x, packed, weight_scale, bias):
+    return _packed_linear_backend(x, packed)(x, packed, weight_scale, bias)

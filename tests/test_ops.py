@@ -1,0 +1,96 @@
+"""Dispatch of the custom ops: reference on CPU, backend choice, no Triton at import, opcheck."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bitdistill import ops
+from bitdistill.quant import packing, reference
+
+
+def test_import_bitdistill_does_not_import_triton():
+    code = "import sys, bitdistill, bitdistill.ops; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("value,expected", [("reference", "reference"), ("REFERENCE", "reference"),
+                                            ("triton", "triton"), ("auto", "triton"), ("", "triton")])
+def test_backend_from_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("BITDISTILL_BACKEND", value)
+    assert ops.backend() == expected
+
+
+def test_unknown_backend_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("BITDISTILL_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="BITDISTILL_BACKEND='cuda-magic' is not a backend"):
+        ops.backend()
+
+
+def test_packed_linear_backend_choice(monkeypatch):
+    x = torch.randn(2, 8)
+    packed = torch.zeros(1, 8, dtype=torch.uint8)
+    monkeypatch.delenv("BITDISTILL_BACKEND", raising=False)
+    impl = ops._packed_linear_backend(x, packed)
+    assert impl.__module__ == "bitdistill.kernels.packed"
+    assert ops._packed_linear_backend(x.double(), packed) is packing.packed_linear_reference
+    monkeypatch.setenv("BITDISTILL_BACKEND", "reference")
+    assert ops._packed_linear_backend(x, packed) is packing.packed_linear_reference
+
+
+def test_cpu_ops_are_the_reference():
+    x = torch.randn(3, 72)
+    w = torch.randn(36, 72)
+    xc, xs = ops.activation_quant(x)
+    rc, rs = reference.activation_quant(x)
+    assert torch.equal(xc, rc) and torch.equal(xs, rs)
+    wc, g = ops.weight_quant(w)
+    rwc, rg = reference.weight_quant(w)
+    assert torch.equal(wc, rwc) and torch.equal(g, rg)
+    packed = packing.pack_ternary(wc)
+    torch.testing.assert_close(ops.packed_linear(x, packed, (1 / g).reshape(1), None),
+                               packing.packed_linear_reference(x, packed, (1 / g).reshape(1)))
+
+
+def test_opcheck_all_ops():
+    x = torch.randn(3, 40)
+    w = torch.randn(8, 40)
+    xc, xs = ops.activation_quant(x)
+    wc, g = ops.weight_quant(w)
+    gy = torch.randn(3, 8)
+    b = torch.randn(8)
+    cases = [
+        (ops.activation_quant, (x,)),
+        (ops.weight_quant, (w,)),
+        (ops.int8_ternary_linear, (xc, xs, wc, g, b, torch.float32)),
+        (ops.ternary_grad_input, (gy, w, g)),
+        (ops.int8_grad_weight, (gy, xc, xs)),
+        (ops.packed_linear, (x, packing.pack_ternary(wc), (1 / g).reshape(1), b)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_ops_run_triton_and_match_reference_backend(dtype, monkeypatch):
+    from kernel_utils import assert_close
+
+    x = torch.randn(33, 520, device="cuda", dtype=dtype)
+    w = torch.randn(256, 520, device="cuda", dtype=dtype)
+    wc, g = reference.weight_quant(w)
+    packed = packing.pack_ternary(wc)
+    ws = (1 / g).reshape(1)
+    monkeypatch.setenv("BITDISTILL_BACKEND", "triton")
+    assert ops._packed_linear_backend(x, packed).__module__ == "bitdistill.kernels.packed"
+    got = [ops.packed_linear(x, packed, ws, None), ops.packed_linear(x[:2], packed, ws, None)]
+    xc, xs = ops.activation_quant(x)
+    rc, rs = reference.activation_quant(x)
+    assert torch.equal(xc, rc) and torch.equal(xs, rs)
+    monkeypatch.setenv("BITDISTILL_BACKEND", "reference")
+    want = [ops.packed_linear(x, packed, ws, None), ops.packed_linear(x[:2], packed, ws, None)]
+    for a, b in zip(got, want, strict=True):
+        assert_close(a, b, dtype)
