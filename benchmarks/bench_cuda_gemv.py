@@ -125,15 +125,16 @@ def bench_shape(bench: Bench, tuning: Bench, model: str, proj: str, n: int, k: i
         print(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}" for k_, v in row.items()
                        if k_ not in bench.env), flush=True)
         if m in (1, 16):
-            us = graph_time_us(lambda i, x=x: lambda: cuda_ext.packed_linear_cuda(x, packed[i], wscale, pdl=False),
-                               p_copies, 10)
-            tuning.add(model=model, proj=proj, N=n, K=k, M=m, config=-1, splits=-1, pdl=False, cuda_us=us,
-                       vs_default=cuda_us / us)
+            for pdl, fuse in ((True, False), (False, False)):
+                us = graph_time_us(lambda i, x=x, p=pdl, f=fuse: lambda: cuda_ext.packed_linear_cuda(
+                    x, packed[i], wscale, pdl=p, fuse=f), p_copies, 10)
+                tuning.add(model=model, proj=proj, N=n, K=k, M=m, config=-1, splits=-1, pdl=pdl, fuse=fuse,
+                           cuda_us=us, vs_default=cuda_us / us)
             for config in range(num_configs) if tune else ():
                 for splits in (1, 2):
                     us = graph_time_us(lambda i, c=config, s=splits: cuda_call(i, c, s), p_copies, 10)
                     tuning.add(model=model, proj=proj, N=n, K=k, M=m, config=config, splits=splits, pdl=True,
-                               cuda_us=us, vs_default=cuda_us / us)
+                               fuse=True, cuda_us=us, vs_default=cuda_us / us)
 
 
 def main() -> int:
@@ -171,8 +172,9 @@ def main() -> int:
     cols = ["model", "proj", "N", "K", "M", "bf16_us", "cuda_us", "triton_us", "cuda_vs_bf16", "triton_vs_bf16",
             "cuda_vs_triton", "cuda_eager_us", "cuda_GBps", "cuda_pct_of_d2d", "rel_err_vs_ref"]
     written = [bench.write(cols, title="W2A8 decode GEMV: CUDA vs Triton vs bf16 F.linear", note=note),
-               tuning.write(["model", "proj", "N", "K", "M", "config", "splits", "pdl", "cuda_us", "vs_default"],
-                            title="CUDA W2A8 launch configurations (config index, K splits; -1 = heuristic)"),
+               tuning.write(["model", "proj", "N", "K", "M", "config", "splits", "pdl", "fuse", "cuda_us", "vs_default"],
+                            title="CUDA W2A8 launch configurations (config index, K splits; -1 = heuristic; fuse: single "
+                                  "kernel allowed for M <= 8)"),
                d2d.write(["what", "bytes_moved", "median_ms", "GBps"], title="Device-to-device copy bandwidth")]
     print(bench.markdown(cols, title="W2A8 decode GEMV", note=note))
     if args.out is not None:

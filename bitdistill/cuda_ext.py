@@ -97,6 +97,7 @@ def packed_linear_cuda(
     config: int = -1,
     splits: int = -1,
     pdl: bool = True,
+    fuse: bool = True,
 ) -> torch.Tensor:
     """W2A8 packed linear on CUDA: ``(X_q @ T^T) / (s_x * weight_scale) + bias``.
 
@@ -116,6 +117,8 @@ def packed_linear_cuda(
         splits: number of K splits for benchmarking; -1 picks from the shape and the GPU.
         pdl: overlap the GEMV's weight loads with the quantization kernel (programmatic dependent
             launch; ignored below compute capability 9.0).
+        fuse: allow the single-kernel path for ``M <= 8`` bfloat16/float16 tokens (quantization in
+            registers); ``False`` always runs the quantization kernel + GEMV pair.
 
     Returns:
         ``[M, N]`` in ``x2d``'s dtype.
@@ -125,7 +128,7 @@ def packed_linear_cuda(
         RuntimeError: the extension is not built (the message names the build command).
     """
     module = _checked_module(x2d, packed, weight_scale, bias, out)
-    return module.packed_linear(x2d, packed, weight_scale, bias, out, config, splits, pdl)
+    return module.packed_linear(x2d, packed, weight_scale, bias, out, config, splits, pdl, fuse)
 
 
 def activation_quant_cuda(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -41,7 +41,7 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 
 at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, const at::Tensor& weight_scale,
                          const c10::optional<at::Tensor>& bias_in, const c10::optional<at::Tensor>& out, int64_t config,
-                         int64_t splits, bool pdl) {
+                         int64_t splits, bool pdl, bool fuse) {
   TORCH_CHECK(x_in.is_cuda() && packed_in.is_cuda() && weight_scale.is_cuda(),
               "packed_linear_cuda: x, packed and weight_scale must be CUDA tensors");
   TORCH_CHECK(x_in.dim() == 2, "packed_linear_cuda: x must be 2-D [M, K], got ", x_in.sizes());
@@ -96,6 +96,7 @@ at::Tensor packed_linear(const at::Tensor& x_in, const at::Tensor& packed_in, co
   args.bias_dtype = bias.defined() ? to_dtype(bias.scalar_type()) : DType::kFloat32;
   args.config = static_cast<int>(config);
   args.splits = static_cast<int>(splits);
+  args.fuse = fuse;
   const char* problem = bitdistill::w2a8_check(args);
   TORCH_CHECK(problem == nullptr, "packed_linear_cuda: ", problem ? problem : "");
 
@@ -142,7 +143,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bitdistill CUDA kernels (W2A8 packed ternary GEMV/GEMM)";
   m.def("packed_linear", &packed_linear, "y[M, N] = W2A8 packed linear (see csrc/w2a8_gemv.h)", py::arg("x"),
         py::arg("packed"), py::arg("weight_scale"), py::arg("bias") = py::none(), py::arg("out") = py::none(), py::arg("config") = -1,
-        py::arg("splits") = -1, py::arg("pdl") = true);
+        py::arg("splits") = -1, py::arg("pdl") = true, py::arg("fuse") = true);
   m.def("activation_quant", &activation_quant, "(int8 codes [M, K], float32 scale [M, 1]) per-token absmax", py::arg("x"));
   m.attr("num_configs") = bitdistill::kNumConfigs;
 }

@@ -43,6 +43,7 @@ struct Plan {
   int m_tiles, row_blocks, splits;
   int steps_per_split;
   long long workspace_ints;
+  bool fused;  // single kernel (M <= 8, 16-bit activations, no K split)
 };
 
 __device__ __forceinline__ float to_float(float v) { return v; }
@@ -297,6 +298,163 @@ __global__ void __launch_bounds__(W * 32) w2a8_kernel(const int8_t* __restrict__
   }
 }
 
+// Quantize 16 consecutive activations (4 x Vec4) with scale sc into 4 words of int8 codes.
+template <typename T>
+__device__ __forceinline__ uint4 quantize16(const Vec4<T> (&v)[4], float sc) {
+  uint32_t w[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    w[q] = 0u;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int code = min(127, max(-128, __float2int_rn(__fmul_rn(to_float(v[q].v[e]), sc))));
+      w[q] |= static_cast<uint32_t>(code & 0xff) << (8 * e);
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+template <typename T>
+__device__ __forceinline__ void load_x16(const T* row, int col, int K, bool valid, Vec4<T> (&v)[4]) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    if (valid && col + 4 * q < K) {
+      v[q] = *reinterpret_cast<const Vec4<T>*>(row + col + 4 * q);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) v[q].v[e] = from_float<T>(0.f);
+    }
+  }
+}
+
+// Single-kernel variant for M <= 8 (decode), no K split: each block computes the absmax of its
+// tokens itself, and lanes quantize their own 16 activations per step right before the mma.
+template <typename T, int W, int U, bool kAligned16>
+__global__ void __launch_bounds__(W * 32) w2a8_fused_kernel(const T* __restrict__ x,
+                                                            const uint8_t* __restrict__ packed,
+                                                            const float* __restrict__ wscale,
+                                                            const void* __restrict__ bias, int bias_is_float,
+                                                            T* __restrict__ y, int M, int K, int P) {
+  __shared__ int red[W * kTileM * kRedCols];
+  __shared__ float s_scale[8];
+  __shared__ unsigned int s_amax[8];
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int N = 4 * P;
+  const int rows = M;  // <= 8
+  const int row_base = blockIdx.x * kRowsPerBlock;
+  const int prow = row_base + g;
+  const bool row_valid = prow < P;
+  const uint8_t* wrow = packed + static_cast<size_t>(row_valid ? prow : 0) * K;
+  const bool has_a = g < rows;
+  const T* xrow = x + static_cast<size_t>(has_a ? g : 0) * K;
+  const int steps = (K + kStep - 1) / kStep;
+  const int iters = (steps + W * U - 1) / (W * U) * U;
+
+  uint4 wbuf[U];
+  Vec4<T> xbuf[U][4];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int s = warp + W * u;
+    wbuf[u] = load_weights<kAligned16>(wrow, s * kStep + tig * 16, K, row_valid && s < steps);
+    load_x16(xrow, s * kStep + tig * 16, K, has_a && s < steps, xbuf[u]);
+  }
+
+  if (tid < 8) s_amax[tid] = 0u;
+  __syncthreads();
+  const int k4 = K / 4;
+  for (int m = 0; m < rows; ++m) {
+    const Vec4<T>* xr = reinterpret_cast<const Vec4<T>*>(x + static_cast<size_t>(m) * K);
+    float mx = 0.f;
+    for (int i = tid; i < k4; i += W * 32) {
+      const Vec4<T> v = xr[i];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) mx = fmaxf(mx, fabsf(to_float(v.v[e])));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if (lane == 0) atomicMax(&s_amax[m], __float_as_uint(mx));  // non-negative floats order as uints
+  }
+  __syncthreads();
+  // torch evaluates `127 / t` as `t.reciprocal() * 127`: two roundings, reproduced here.
+  if (tid < rows) s_scale[tid] = __fmul_rn(__frcp_rn(fmaxf(__uint_as_float(s_amax[tid]), 1e-5f)), 127.f);
+  __syncthreads();
+  const float sc = has_a ? s_scale[g] : 0.f;
+
+  int acc[5][4];
+#pragma unroll
+  for (int j = 0; j < 5; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0;
+  }
+  const uint4 zero4 = make_uint4(0u, 0u, 0u, 0u);
+  for (int it = 0; it < iters; it += U) {
+    uint4 wc[U], ac[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      wc[u] = wbuf[u];
+      ac[u] = has_a ? quantize16(xbuf[u], sc) : zero4;
+    }
+    if (it + U < iters) {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int s = warp + W * (it + U + u);
+        wbuf[u] = load_weights<kAligned16>(wrow, s * kStep + tig * 16, K, row_valid && s < steps);
+        load_x16(xrow, s * kStep + tig * 16, K, has_a && s < steps, xbuf[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const uint32_t wv[4] = {wc[u].x, wc[u].y, wc[u].z, wc[u].w};
+      const uint32_t av[4] = {ac[u].x, ac[u].y, ac[u].z, ac[u].w};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint32_t a[4] = {av[2 * h], 0u, av[2 * h + 1], 0u};
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          mma_s8u8(acc[j], a, (wv[2 * h] >> (2 * j)) & 0x03030303u, (wv[2 * h + 1] >> (2 * j)) & 0x03030303u);
+        }
+        mma_s8u8(acc[4], a, 0x01010101u, 0x01010101u);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) red[(warp * kTileM + g) * kRedCols + j * 8 + tig * 2 + e] = acc[j][e];
+  }
+  if (tig == 0) red[(warp * kTileM + g) * kRedCols + 32] = acc[4][0];
+  __syncthreads();
+  for (int i = tid; i < rows * kRedCols; i += W * 32) {
+    int v = 0;
+#pragma unroll
+    for (int w = 0; w < W; ++w) v += red[w * kTileM * kRedCols + i];
+    red[i] = v;
+  }
+  __syncthreads();
+
+  const float ws_val = *wscale;
+  for (int i = tid; i < rows * 32; i += W * 32) {
+    const int m = i >> 5;
+    const int o = i & 31;
+    const int r = row_base + (o & 7);
+    if (r >= P) continue;
+    const int n = (o >> 3) * P + r;
+    const int a = red[m * kRedCols + o] - red[m * kRedCols + 32];
+    float v = __fdiv_rn(static_cast<float>(a), __fmul_rn(s_scale[m], ws_val));
+    if (bias != nullptr) {
+      const float b = bias_is_float ? static_cast<const float*>(bias)[n] : to_float(static_cast<const T*>(bias)[n]);
+      v = __fadd_rn(v, b);
+    }
+    y[static_cast<size_t>(m) * N + n] = from_float<T>(v);
+  }
+}
+
 int cdiv(long long a, long long b) { return static_cast<int>((a + b - 1) / b); }
 
 Plan make_plan(const W2A8Args& args, int sm_count) {
@@ -320,6 +478,7 @@ Plan make_plan(const W2A8Args& args, int sm_count) {
   p.splits = cdiv(steps, p.steps_per_split);
   const long long tiles = static_cast<long long>(base_blocks);
   p.workspace_ints = p.splits > 1 ? tiles * std::min(args.M, kTileM) * kRedCols + tiles : 0;
+  p.fused = args.fuse && args.M <= 8 && p.splits == 1 && args.dtype != DType::kFloat32;
   return p;
 }
 
@@ -359,8 +518,34 @@ cudaError_t launch_variant(const W2A8Args& a, const Plan& p, bool pdl, cudaStrea
   return two ? launch_gemv<T, W, U, false, true>(a, p, pdl, stream) : launch_gemv<T, W, U, false, false>(a, p, pdl, stream);
 }
 
+template <typename T, int W, int U>
+cudaError_t launch_fused(const W2A8Args& a, const Plan& p, cudaStream_t stream) {
+  const bool aligned = a.K % 16 == 0 && reinterpret_cast<uintptr_t>(a.packed) % 16 == 0;
+  const int bias_is_float = a.bias_dtype == DType::kFloat32 ? 1 : 0;
+  const dim3 grid(p.row_blocks, 1, 1);
+  if (aligned) {
+    w2a8_fused_kernel<T, W, U, true><<<grid, W * 32, 0, stream>>>(static_cast<const T*>(a.x), a.packed, a.weight_scale,
+                                                                  a.bias, bias_is_float, static_cast<T*>(a.y), a.M,
+                                                                  a.K, a.N / 4);
+  } else {
+    w2a8_fused_kernel<T, W, U, false><<<grid, W * 32, 0, stream>>>(static_cast<const T*>(a.x), a.packed,
+                                                                   a.weight_scale, a.bias, bias_is_float,
+                                                                   static_cast<T*>(a.y), a.M, a.K, a.N / 4);
+  }
+  return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t launch_all(const W2A8Args& a, const Plan& p, bool pdl, cudaStream_t stream) {
+  if (p.fused) {
+    switch (p.config) {
+      case 0: return launch_fused<T, kConfigs[0].warps, kConfigs[0].unroll>(a, p, stream);
+      case 1: return launch_fused<T, kConfigs[1].warps, kConfigs[1].unroll>(a, p, stream);
+      case 2: return launch_fused<T, kConfigs[2].warps, kConfigs[2].unroll>(a, p, stream);
+      case 3: return launch_fused<T, kConfigs[3].warps, kConfigs[3].unroll>(a, p, stream);
+      default: return launch_fused<T, kConfigs[4].warps, kConfigs[4].unroll>(a, p, stream);
+    }
+  }
   const cudaError_t e = launch_quant<T>(a, a.workspace, p.workspace_ints, stream);
   if (e != cudaSuccess) return e;
   switch (p.config) {
@@ -389,6 +574,7 @@ const char* w2a8_check(const W2A8Args& a) {
 
 W2A8Scratch w2a8_scratch_sizes(const W2A8Args& args, int sm_count) {
   const Plan p = make_plan(args, sm_count);
+  if (p.fused) return {0, 0, 0};
   return {static_cast<long long>(args.M) * w2a8_padded_k(args.K), args.M, p.workspace_ints};
 }
 
@@ -409,8 +595,9 @@ cudaError_t act_quant_launch(const void* x, DType dtype, int M, int K, int8_t* c
 }
 
 cudaError_t w2a8_launch(const W2A8Args& a, int sm_count, bool pdl, cudaStream_t stream) {
-  if (w2a8_check(a) != nullptr || a.x_codes == nullptr || a.x_scale == nullptr) return cudaErrorInvalidValue;
+  if (w2a8_check(a) != nullptr) return cudaErrorInvalidValue;
   const Plan p = make_plan(a, sm_count);
+  if (!p.fused && (a.x_codes == nullptr || a.x_scale == nullptr)) return cudaErrorInvalidValue;
   if (p.workspace_ints > 0 && a.workspace == nullptr) return cudaErrorInvalidValue;
   switch (a.dtype) {
     case DType::kFloat32: return launch_all<float>(a, p, pdl, stream);

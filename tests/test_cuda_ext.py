@@ -73,22 +73,25 @@ def test_matches_reference_bit_for_bit_on_random_shapes(seed):
     torch.manual_seed(seed)
     x, packed, ws, b = _problem(m, n, k, dtype, bias, scale=rng.choice([1e-3, 1.0, 30.0]))
     want = packed_linear_reference(x, packed, ws, b)
-    got = _run(x, packed, ws, b)
-    assert not torch.isnan(got).any(), "some outputs were never written"
-    assert torch.equal(got, want), f"M={m} N={n} K={k} {dtype} bias={bias}: max |diff| {(got.float() - want.float()).abs().max()}"
+    for fuse in (True, False):
+        got = _run(x, packed, ws, b, fuse=fuse)
+        assert not torch.isnan(got).any(), "some outputs were never written"
+        assert torch.equal(got, want), (f"M={m} N={n} K={k} {dtype} bias={bias} fuse={fuse}: "
+                                        f"max |diff| {(got.float() - want.float()).abs().max()}")
 
 
 @pytest.mark.gpu
 @needs_ext
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (16, 1024, 14336), (4, 256, 18944), (33, 512, 3072)])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 4096, 4096), (16, 1024, 14336), (4, 256, 18944), (33, 512, 3072),
+                                           (8, 1028, 1100)])
 def test_every_config_and_split_gives_the_same_exact_result(m, n, k):
     x, packed, ws, b = _problem(m, n, k, torch.bfloat16, "float32")
     want = packed_linear_reference(x, packed, ws, b)
     for config in range(cuda_ext.load().num_configs):
-        for splits in (1, 2, 3, 7, 64):
-            for pdl in (True, False):
-                got = _run(x, packed, ws, b, config=config, splits=splits, pdl=pdl)
-                assert torch.equal(got, want), f"config={config} splits={splits} pdl={pdl}"
+        for splits in (1, 2, 3, 64):
+            for pdl, fuse in ((True, True), (False, False)):
+                got = _run(x, packed, ws, b, config=config, splits=splits, pdl=pdl, fuse=fuse)
+                assert torch.equal(got, want), f"config={config} splits={splits} pdl={pdl} fuse={fuse}"
 
 
 @pytest.mark.gpu
