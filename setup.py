@@ -24,6 +24,9 @@ def _cuda_extensions():
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        # No GPU to detect: build for Ampere and Hopper (the kernel needs compute capability >= 8.0).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     ext = CUDAExtension(
         "bitdistill._C",
         sources,

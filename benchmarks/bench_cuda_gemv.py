@@ -125,7 +125,7 @@ def bench_shape(bench: Bench, tuning: Bench, model: str, proj: str, n: int, k: i
         print(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}" for k_, v in row.items()
                        if k_ not in bench.env), flush=True)
         if m in (1, 16):
-            for pdl, fuse in ((True, False), (False, False)):
+            for pdl, fuse in ((True, True), (False, False)):
                 us = graph_time_us(lambda i, x=x, p=pdl, f=fuse: lambda: cuda_ext.packed_linear_cuda(
                     x, packed[i], wscale, pdl=p, fuse=f), p_copies, 10)
                 tuning.add(model=model, proj=proj, N=n, K=k, M=m, config=-1, splits=-1, pdl=pdl, fuse=fuse,
@@ -134,7 +134,7 @@ def bench_shape(bench: Bench, tuning: Bench, model: str, proj: str, n: int, k: i
                 for splits in (1, 2):
                     us = graph_time_us(lambda i, c=config, s=splits: cuda_call(i, c, s), p_copies, 10)
                     tuning.add(model=model, proj=proj, N=n, K=k, M=m, config=config, splits=splits, pdl=True,
-                               fuse=True, cuda_us=us, vs_default=cuda_us / us)
+                               fuse=False, cuda_us=us, vs_default=cuda_us / us)
 
 
 def main() -> int:

@@ -51,6 +51,11 @@ def load() -> ModuleType:
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 def _checked_module(x2d, packed, weight_scale, bias, out) -> ModuleType:
     """The extension, once every argument problem has been raised as a ValueError (shapes and dtypes
     first, so they are reported even without the extension; devices after loading it)."""
@@ -80,6 +85,9 @@ def _checked_module(x2d, packed, weight_scale, bias, out) -> ModuleType:
                              f"{out.dtype} {tuple(out.shape)}")
         tensors["out"] = out
     module = load()
+    if x2d.device.type == "cuda" and _capability(x2d.device.index) < (8, 0):
+        raise ValueError(f"packed_linear_cuda needs a GPU of compute capability >= 8.0, {x2d.device} has "
+                         f"{_capability(x2d.device.index)}; use BITDISTILL_BACKEND=triton or reference")
     bad = [name for name, t in tensors.items() if t.device != x2d.device or t.device.type != "cuda"]
     if bad:
         raise ValueError(f"packed_linear_cuda: {', '.join(bad)} must be on the same CUDA device as x "
@@ -97,7 +105,7 @@ def packed_linear_cuda(
     config: int = -1,
     splits: int = -1,
     pdl: bool = True,
-    fuse: bool = True,
+    fuse: bool = False,
 ) -> torch.Tensor:
     """W2A8 packed linear on CUDA: ``(X_q @ T^T) / (s_x * weight_scale) + bias``.
 
@@ -118,7 +126,8 @@ def packed_linear_cuda(
         pdl: overlap the GEMV's weight loads with the quantization kernel (programmatic dependent
             launch; ignored below compute capability 9.0).
         fuse: allow the single-kernel path for ``M <= 8`` bfloat16/float16 tokens (quantization in
-            registers); ``False`` always runs the quantization kernel + GEMV pair.
+            registers, no scratch). Measured slower than the default quantization kernel + GEMV pair
+            on all but the smallest shapes (docs/cuda.md).
 
     Returns:
         ``[M, N]`` in ``x2d``'s dtype.

@@ -143,7 +143,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bitdistill CUDA kernels (W2A8 packed ternary GEMV/GEMM)";
   m.def("packed_linear", &packed_linear, "y[M, N] = W2A8 packed linear (see csrc/w2a8_gemv.h)", py::arg("x"),
         py::arg("packed"), py::arg("weight_scale"), py::arg("bias") = py::none(), py::arg("out") = py::none(), py::arg("config") = -1,
-        py::arg("splits") = -1, py::arg("pdl") = true, py::arg("fuse") = true);
+        py::arg("splits") = -1, py::arg("pdl") = true, py::arg("fuse") = false);
   m.def("activation_quant", &activation_quant, "(int8 codes [M, K], float32 scale [M, 1]) per-token absmax", py::arg("x"));
   m.attr("num_configs") = bitdistill::kNumConfigs;
 }

@@ -16,12 +16,19 @@
 //   4. epilogue y = float(acc) / (s_x * wscale) + bias in float32, rounded to the output dtype.
 // The 64 columns a thread reads as one 16-byte vector are fed to the mma in a permuted k order that
 // A (x codes, also one 16-byte vector per token row) follows too; the dot product is unchanged.
+//
+// w2a8_fused_kernel (opt-in, W2A8Args::fuse): the same GEMV for M <= 8 16-bit tokens without
+// act_quant; each block computes its tokens' absmax and lanes quantize 16 activations per step.
 #include "w2a8_gemv.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#error "the bitdistill W2A8 kernel needs compute capability >= 8.0 (integer mma.m16n8k32); set TORCH_CUDA_ARCH_LIST"
+#endif
 
 namespace bitdistill {
 namespace {

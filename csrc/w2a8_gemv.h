@@ -15,11 +15,10 @@
 // bitdistill.quant.packing.packed_linear_reference computes the same function; the kernels match it
 // bit for bit (same float32 operations in the same order, IEEE division).
 //
-// For M <= 8 bfloat16/float16 tokens (decode) one kernel does everything: each block computes the
-// absmax of its tokens and quantizes activations in registers right before the mma. Otherwise two
-// kernels: act_quant (one block per token: X_q into a zero-padded [M, Kp] scratch, Kp = K rounded up
+// Two kernels: act_quant (one block per token: X_q into a zero-padded [M, Kp] scratch, Kp = K rounded up
 // to 64, and s_x) and the packed GEMV, launched with programmatic dependent launch on sm_90 so its
-// weight loads start while act_quant still runs.
+// weight loads start while act_quant still runs. Opt-in (fuse): for M <= 8 bfloat16/float16 tokens one
+// kernel where each block computes the absmax of its tokens and quantizes in registers.
 #pragma once
 
 #include <cstdint>
@@ -48,8 +47,9 @@ struct W2A8Args {
   // Launch configuration; -1 picks it from the shape. config selects (warps, unroll) from the table.
   int config = -1;
   int splits = -1;
-  // Allow the single-kernel path (M <= 8, bfloat16/float16, no K split; needs no scratch).
-  bool fuse = true;
+  // Allow the single-kernel path (M <= 8, bfloat16/float16, no K split; needs no scratch). Off by
+  // default: measured slower than the two-kernel path on all but the smallest shapes.
+  bool fuse = false;
 };
 
 // Number of (warps per block, 16-byte loads in flight per thread) configurations compiled in.
