@@ -24,10 +24,14 @@ def _cuda_extensions():
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        # No GPU to detect: build for Ampere and Hopper (the kernel needs compute capability >= 8.0).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     ext = CUDAExtension(
         "bitdistill._C",
         sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
+        # No --use_fast_math: the epilogue must use IEEE division to match the reference bit for bit.
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
     )
     return [ext], {"build_ext": BuildExtension}
 
