@@ -41,11 +41,11 @@ HF_ONLY = textwrap.dedent("""
         assert type(model.model.layers[0].mlp.down_proj).__name__ == "BitLinear"
         with torch.no_grad():
             out[name + ".logits"] = model(ids).logits.contiguous()
-            out[name + ".generate"] = model.generate(ids[:1], max_new_tokens=%d, do_sample=False,
-                                                     min_new_tokens=%d).contiguous()
+            out[name + ".generate"] = model.generate(ids[:1], max_new_tokens=NEW_TOKENS, do_sample=False,
+                                                     min_new_tokens=NEW_TOKENS).contiguous()
     assert not any(m == "bitdistill" or m.startswith("bitdistill.") for m in sys.modules), "bitdistill was imported"
     save_file(out, out_path)
-""" % (NEW_TOKENS, NEW_TOKENS))
+""").replace("NEW_TOKENS", str(NEW_TOKENS))
 
 
 def _student(arch: str, **kwargs):
