@@ -38,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     from bitdistill.export.folder import PTQ_WARNING, pack_pretrained
 
     with warnings.catch_warnings(record=True) as caught:

@@ -15,6 +15,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     from bitdistill.export.folder import unpack_pretrained
 
     layers = unpack_pretrained(args.src, args.out, overwrite=args.overwrite)

@@ -32,17 +32,14 @@ PTQ_WARNING = ("post-training ternarization of a model that was not trained as a
 
 @dataclass
 class PackResult:
-    """:class:`PackReport` plus what kind of source it came from and the layers skipped before packing."""
+    """:class:`PackReport` plus what kind of source it came from and why layers were not converted."""
 
     report: PackReport
     source_kind: str
     skipped: dict[str, str]
 
     def __str__(self) -> str:
-        lines = [f"source: {self.source_kind}"]
-        lines += [f"  not converted {name}: {reason}" for name, reason in self.skipped.items()
-                  if name not in self.report.kept]
-        return "\n".join([*lines, str(self.report)])
+        return f"source: {self.source_kind}\n{self.report}"
 
 
 def check_safetensors(folder: Path) -> None:
@@ -163,7 +160,7 @@ def pack_pretrained(
                                  "by bitdistill convert")
             model = load_student(src_path, dtype=torch.float32)
             skipped = {}
-            kind = "BitNet student"
+            kind = "BitNet student (kept layers as converted by bitdistill convert)"
             source_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
             if torch_dtype is None and source_dtype in ("bfloat16", "float16", "float32"):
                 torch_dtype = _parse_dtype(source_dtype)
@@ -177,6 +174,7 @@ def pack_pretrained(
     report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
                          copy_files_from=src_path if src_path.is_dir() else None, overwrite=overwrite,
                          source=src_path.name, tokenizer=tokenizer)
+    report.kept.update({n: r for n, r in skipped.items() if n in report.kept})
     return PackResult(report=report, source_kind=kind, skipped=skipped)
 
 

@@ -238,7 +238,7 @@ def _load_extra_tensors(model: nn.Module, path: Path, suffix: str) -> None:
     missing = {k for k in state if k.endswith(suffix)}
     for fname in files:
         with safe_open(str(path / fname), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            for key in f.keys():
                 if key in missing:
                     with torch.no_grad():
                         state[key].copy_(f.get_tensor(key))
