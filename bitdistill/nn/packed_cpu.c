@@ -49,24 +49,36 @@ static void row4(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
     acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
 }
 
+/* Below this many packed bytes times tokens a call runs on one thread: a GEMV of a small layer is
+ * faster alone than with the fork/join of a parallel region (and far faster when cores are shared). */
+#define PARALLEL_MIN_WORK (1 << 20)
+
 int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_t *packed, int64_t P,
                              int32_t *out, int nthreads) {
     const int64_t N = 4 * P;
+    int32_t *sx = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M > 0 ? M : 1));
+    if (sx == NULL) return 1;
     for (int64_t m = 0; m < M; m++) {
-        const int8_t *xm = x + m * K;
-        int32_t *om = out + m * N;
-        int32_t sx = 0;
-        for (int64_t k = 0; k < K; k++) sx += xm[k];
+        int32_t s = 0;
+        for (int64_t k = 0; k < K; k++) s += x[m * K + k];
+        sx[m] = s;
+    }
+    if (P * K * M < PARALLEL_MIN_WORK) nthreads = 1;
+    /* Each packed row (4 weight rows, K bytes) is read from memory once and reused from L1 for every token. */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-        for (int64_t r = 0; r < P; r++) {
+    for (int64_t r = 0; r < P; r++) {
+        const uint8_t *pr = packed + r * K;
+        for (int64_t m = 0; m < M; m++) {
             int32_t acc[4];
-            row4(xm, packed + r * K, K, acc);
-            om[r] = acc[0] - sx;
-            om[P + r] = acc[1] - sx;
-            om[2 * P + r] = acc[2] - sx;
-            om[3 * P + r] = acc[3] - sx;
+            row4(x + m * K, pr, K, acc);
+            int32_t *om = out + m * N;
+            om[r] = acc[0] - sx[m];
+            om[P + r] = acc[1] - sx[m];
+            om[2 * P + r] = acc[2] - sx[m];
+            om[3 * P + r] = acc[3] - sx[m];
         }
     }
+    free(sx);
     return 0;
 }
 
@@ -77,9 +89,10 @@ int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_
 int bitdistill_packed_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t P,
                                  float weight_scale, const float *bias, float *out, int nthreads) {
     const int64_t N = 4 * P;
-    int8_t *xq = (int8_t *)malloc((size_t)K);
-    int32_t *acc = (int32_t *)malloc(sizeof(int32_t) * (size_t)N);
-    if (xq == NULL || acc == NULL) { free(xq); free(acc); return 1; }
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K > 0 ? M * K : 1));
+    float *scale = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+    int32_t *acc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * N > 0 ? M * N : 1));
+    if (xq == NULL || scale == NULL || acc == NULL) { free(xq); free(scale); free(acc); return 1; }
     for (int64_t m = 0; m < M; m++) {
         const float *xm = x + m * K;
         float amax = 0.0f;
@@ -88,17 +101,20 @@ int bitdistill_packed_linear_f32(const float *x, int64_t M, int64_t K, const uin
         for (int64_t k = 0; k < K; k++) {
             float q = nearbyintf(xm[k] * s);
             q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
-            xq[k] = (int8_t)q;
+            xq[m * K + k] = (int8_t)q;
         }
-        bitdistill_packed_int_mm(xq, 1, K, packed, P, acc, nthreads);
-        float denom = s * weight_scale;
-        float *om = out + m * N;
+        scale[m] = s;
+    }
+    int status = bitdistill_packed_int_mm(xq, M, K, packed, P, acc, nthreads);
+    for (int64_t m = 0; m < M && status == 0; m++) {
+        float denom = scale[m] * weight_scale;
         for (int64_t n = 0; n < N; n++) {
-            float y = (float)acc[n] / denom;
-            om[n] = bias ? y + bias[n] : y;
+            float y = (float)acc[m * N + n] / denom;
+            out[m * N + n] = bias ? y + bias[n] : y;
         }
     }
     free(xq);
+    free(scale);
     free(acc);
-    return 0;
+    return status;
 }

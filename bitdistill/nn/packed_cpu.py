@@ -2,13 +2,15 @@
 
 Two integer paths, both exact (the accumulator ``X_q @ T^T`` is an exact integer):
 
-* **native** (``M <= NATIVE_MAX_TOKENS``, the decode case): a small C kernel (``packed_cpu.c``) reads
-  the packed ``uint8 [N/4, K]`` bytes directly, unpacks them in AVX2 registers and multiplies them with
-  the int8 activation codes (``vpmaddubsw``), int32 accumulation, OpenMP over rows. It allocates no
-  weight-sized memory. It is compiled with the system C compiler on first use into
+* **native** (up to ``NATIVE_MAX_TOKENS`` tokens): a small C kernel (``packed_cpu.c``) reads the packed
+  ``uint8 [N/4, K]`` bytes directly, unpacks them in AVX2 registers and multiplies them with the int8
+  activation codes (``vpmaddubsw``), int32 accumulation; each packed row is read once and reused for
+  every token; OpenMP over rows for large layers, one thread for small GEMVs. Activation quantization
+  and the epilogue run in the same call (same float32 operations as the reference, so results are
+  bit-identical). It allocates no weight-sized memory. It is compiled with the system C compiler on first use into
   ``$BITDISTILL_CACHE`` (default ``~/.cache/bitdistill``) and loaded with ``ctypes``; set
   ``BITDISTILL_NATIVE_CPU=0`` to disable it. Without a compiler the tiled path is used.
-* **tiled** (prefill, or no compiler): unpacks at most ``TILE_BYTES`` of float32 weight codes at a
+* **tiled** (no compiler, or more tokens): unpacks at most ``TILE_BYTES`` of float32 weight codes at a
   time and multiplies them with the float32 activation codes (MKL/oneDNN GEMM). Integer-valued
   float32 products are exact for ``K < 2**17`` (:data:`bitdistill.quant.reference.MAX_EXACT_K`).
 
@@ -33,7 +35,7 @@ from bitdistill.quant.reference import MAX_EXACT_K, activation_quant
 
 __all__ = ["NATIVE_MAX_TOKENS", "TILE_BYTES", "native_available", "packed_int_mm", "packed_linear_cpu"]
 
-NATIVE_MAX_TOKENS = 16
+NATIVE_MAX_TOKENS = 4096
 TILE_BYTES = 1 << 21
 _SOURCE = Path(__file__).with_name("packed_cpu.c")
 _lock = threading.Lock()
