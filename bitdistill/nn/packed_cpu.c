@@ -51,7 +51,7 @@ static void row4(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
 
 /* Below this many packed bytes times tokens a call runs on one thread: a GEMV of a small layer is
  * faster alone than with the fork/join of a parallel region (and far faster when cores are shared). */
-#define PARALLEL_MIN_WORK (1 << 20)
+#define PARALLEL_MIN_WORK (1 << 22)
 
 int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_t *packed, int64_t P,
                              int32_t *out, int nthreads) {

@@ -5,7 +5,7 @@ Two integer paths, both exact (the accumulator ``X_q @ T^T`` is an exact integer
 * **native** (up to ``NATIVE_MAX_TOKENS`` tokens): a small C kernel (``packed_cpu.c``) reads the packed
   ``uint8 [N/4, K]`` bytes directly, unpacks them in AVX2 registers and multiplies them with the int8
   activation codes (``vpmaddubsw``), int32 accumulation; each packed row is read once and reused for
-  every token; OpenMP over rows for large layers, one thread for small GEMVs. Activation quantization
+  every token; OpenMP over rows for large layers, one thread below 4M packed-bytes×tokens. Activation quantization
   and the epilogue run in the same call (same float32 operations as the reference, so results are
   bit-identical). It allocates no weight-sized memory. It is compiled with the system C compiler on first use into
   ``$BITDISTILL_CACHE`` (default ``~/.cache/bitdistill``) and loaded with ``ctypes``; set
