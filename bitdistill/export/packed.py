@@ -229,6 +229,7 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_byte
         if shards[-1] and size + n > max_shard_bytes:
             shards.append({})
             size = 0
+        t = t.detach().to("cpu")
         shards[-1][key] = t.contiguous().clone() if t.untyped_storage().nbytes() != n else t.contiguous()
         size += n
     if len(shards) == 1:
