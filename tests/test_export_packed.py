@@ -241,3 +241,7 @@ def test_report_numbers(tmp_path):
     assert report.bytes_after == on_disk
     assert report.bytes_before == sum(p.numel() * 4 for p in student.parameters())
     assert Path(tmp_path / "p" / "generation_config.json").is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "p").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert (tmp_path / "p" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -332,7 +333,17 @@ def save_packed(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_model_card(model, report, qc, source))
+        _public_permissions(tmp)
     return report
+
+
+def _public_permissions(folder: Path) -> None:
+    """Give the temporary folder (created 0700) and its files the usual umask-based permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for f in folder.iterdir():
+        f.chmod(0o666 & ~umask)
 
 
 def _read_config(path: Path) -> dict:
