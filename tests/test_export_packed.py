@@ -245,3 +245,14 @@ def test_report_numbers(tmp_path):
     os.umask(umask)
     assert (tmp_path / "p").stat().st_mode & 0o777 == 0o777 & ~umask
     assert (tmp_path / "p" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_load_packed_keeps_only_packed_bytes(packed_folders):
+    _, folders = packed_folders
+    model = load_packed(folders["llama"])
+    layers = [m for m in model.modules() if isinstance(m, PackedBitLinear)]
+    resident = sum(m.weight.numel() * m.weight.element_size() + m.weight_scale.numel() * 4 for m in layers)
+    bf16 = sum(m.in_features * m.out_features * 2 for m in layers)
+    assert resident <= bf16 / 7
+    assert not any(isinstance(t, torch.Tensor) and t.dtype != torch.uint8 and t.shape == (m.out_features, m.in_features)
+                   for m in layers for t in vars(m).values())
