@@ -8,12 +8,14 @@ Public API::
 Importing this package imports no CUDA-only code and no Triton.
 """
 
+from bitdistill.export import PackReport, load_packed, pack_model, save_packed, unpack_to_student
 from bitdistill.nn import (
     BitConv1D,
     BitLinear,
     BitLinearFunction,
     BitRMSNorm,
     ConversionReport,
+    PackedBitLinear,
     bitlinear,
     load_student,
     matches_module_pattern,
@@ -49,6 +51,8 @@ __all__ = [
     "MultiExitLM",
     "SelfDistillConfig",
     "SelfDistillModel",
+    "PackReport",
+    "PackedBitLinear",
     "__version__",
     "activation_quant",
     "bitlinear",
@@ -56,13 +60,17 @@ __all__ = [
     "early_exit_generate",
     "fake_quant_activation",
     "fake_quant_weight",
+    "load_packed",
     "load_student",
     "matches_module_pattern",
+    "pack_model",
     "pack_ternary",
     "packed_linear_reference",
     "replace_linear_with_bitlinear",
     "self_distillation_loss",
+    "save_packed",
     "student_marker",
     "unpack_ternary",
+    "unpack_to_student",
     "weight_quant",
 ]

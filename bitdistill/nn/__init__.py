@@ -1,6 +1,7 @@
-"""Modules: BitLinear (quantization-aware training) and the converter for whole models."""
+"""Modules: BitLinear (quantization-aware training), PackedBitLinear (packed inference), the model converter."""
 
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear, BitLinearFunction, BitRMSNorm, bitlinear
+from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.nn.replace import (
     ConversionReport,
     load_student,
@@ -15,6 +16,7 @@ __all__ = [
     "BitLinearFunction",
     "BitRMSNorm",
     "ConversionReport",
+    "PackedBitLinear",
     "bitlinear",
     "load_student",
     "matches_module_pattern",

@@ -1,0 +1,56 @@
+"""``bitdistill pack SRC OUT``: a BitNet student -> 1.58-bit packed safetensors (HF ``bitnet`` format)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+NAME = "pack"
+HELP = ("Pack a BitNet student folder (or, with --from-plain / --gguf-file, any causal LM) into 1.58-bit "
+        "packed safetensors that transformers loads.")
+
+
+def _size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for unit, mult in sorted(units.items(), key=lambda u: -len(u[0])):
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(t)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="student folder written by bitdistill convert/distill (or any model folder with "
+                               "--from-plain)")
+    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("--from-plain", action="store_true",
+                   help="SRC is a plain model: ternarize it post-training (quality needs distillation)")
+    p.add_argument("--gguf-file", default=None, help="GGUF file inside SRC to read the model from (implies "
+                                                     "--from-plain)")
+    p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
+                   help="module pattern kept in floating point, plain sources only (repeatable; default lm_head)")
+    p.add_argument("--dtype", default="auto", help="dtype of unconverted tensors: auto (as stored), float32, "
+                                                   "bfloat16, float16")
+    p.add_argument("--max-shard-size", default="5GB", type=_size,
+                   help="start a new safetensors shard past this size (e.g. 500MB, 2GB; default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def run(args: argparse.Namespace) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    from bitdistill.export.folder import PTQ_WARNING, pack_pretrained
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = pack_pretrained(args.src, args.out, from_plain=args.from_plain, gguf_file=args.gguf_file,
+                                 skip=args.skip, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                                 overwrite=args.overwrite)
+    if any(str(w.message) == PTQ_WARNING for w in caught):
+        print(f"WARNING: {PTQ_WARNING}", file=sys.stderr)
+    print(result)
+    print(f"wrote packed model to {args.out} ({', '.join(result.report.files)})")
+    return 0

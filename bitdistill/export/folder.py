@@ -1,0 +1,203 @@
+"""Folder-level pack/unpack, the library behind ``bitdistill pack`` and ``bitdistill unpack``."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bitdistill.export.packed import (
+    _COPY_FILES,
+    DEFAULT_MAX_SHARD_BYTES,
+    PackReport,
+    is_packed_config,
+    load_packed,
+    save_packed,
+    unpack_to_student,
+)
+from bitdistill.io import atomic_output_dir
+from bitdistill.nn.replace import MARKER_KEY, load_student, replace_linear_with_bitlinear
+
+__all__ = ["PTQ_WARNING", "PackResult", "check_safetensors", "pack_pretrained", "unpack_pretrained"]
+
+PTQ_WARNING = ("post-training ternarization of a model that was not trained as a BitNet student: expect a large "
+               "quality loss; distill it first (bitdistill convert + bitdistill distill), then pack the student")
+
+
+@dataclass
+class PackResult:
+    """:class:`PackReport` plus what kind of source it came from and why layers were not converted."""
+
+    report: PackReport
+    source_kind: str
+    skipped: dict[str, str]
+
+    def __str__(self) -> str:
+        return f"source: {self.source_kind}\n{self.report}"
+
+
+def check_safetensors(folder: Path) -> None:
+    """Open every safetensors file of ``folder`` (headers and sizes); ``ValueError`` naming a bad one."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise ValueError(f"{index} is corrupt ({exc}); re-save the model") from exc
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no *.safetensors weights; save the model with safe_serialization")
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is listed in the index but missing; the folder is incomplete")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/sizes
+            raise ValueError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-save or "
+                             "re-download it") from exc
+
+
+def _source_config(src: Path) -> dict:
+    if not src.exists():
+        raise FileNotFoundError(f"{src} does not exist; pass a model folder")
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is not a model folder (no config.json); pass a folder written by "
+                                "save_pretrained or bitdistill convert")
+    try:
+        return json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{src / 'config.json'} is not valid JSON ({exc})") from exc
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+    if src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
+        raise ValueError(f"OUT {out} is SRC or inside it; choose another folder (SRC is never modified)")
+
+
+def _load_plain(src: str, gguf_file: str | None, skip: Iterable[str]) -> tuple[torch.nn.Module, dict[str, str]]:
+    from bitdistill.convert import load_causal_lm
+
+    model = load_causal_lm(src, gguf_file=gguf_file, dtype="float32")
+    odd = {name: f"out_features={m.out_features} is not a multiple of 4 (not expressible in the packed format)"
+           for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.out_features % 4}
+    patterns = [*skip, *(re.escape(n) + "$" for n in odd)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = replace_linear_with_bitlinear(model, modules_to_not_convert=patterns)
+    if not report.converted:
+        raise ValueError(f"{src} has no linear layer to convert outside the skip list")
+    skipped = {n: odd.get(n, r) for n, r in report.skipped.items()}
+    return model, skipped
+
+
+def pack_pretrained(
+    src: str | Path,
+    out: str | Path,
+    *,
+    from_plain: bool = False,
+    gguf_file: str | None = None,
+    skip: Iterable[str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> PackResult:
+    """Pack a BitNet student folder (or, with ``from_plain``, any causal LM) into ``out``.
+
+    Args:
+        src: a student folder (``config.json`` with the ``bitdistill`` marker); with ``from_plain`` or
+            ``gguf_file`` any model folder (post-training ternarization: warns, quality needs distillation).
+        out: output folder, written atomically; never SRC.
+        from_plain: allow a source that is not a student.
+        gguf_file: a GGUF file name inside ``src`` (implies ``from_plain``).
+        skip: module patterns kept in floating point (plain sources only; default ``lm_head``).
+            Linear layers with ``out_features % 4 != 0`` are kept and reported (plain sources); a student
+            that converted one is refused (packing would change its function).
+        dtype: dtype of the unconverted tensors (``None``: as the source stores them).
+        max_shard_bytes: shard size limit.
+        overwrite: replace an existing ``out``.
+
+    Returns:
+        A :class:`PackResult` (print it for the summary).
+    """
+    from transformers import AutoTokenizer
+
+    out = Path(out)
+    src_path = Path(str(src))
+    _check_out(src_path, out, overwrite)
+    torch_dtype = None if dtype in (None, "auto") else _parse_dtype(dtype)
+    tokenizer = None
+    if gguf_file is not None:
+        if not (src_path / gguf_file).is_file():
+            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf-file names a file inside SRC")
+        warnings.warn(PTQ_WARNING, stacklevel=2)
+        model, skipped = _load_plain(str(src), gguf_file, skip or ("lm_head",))
+        tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)
+        kind = f"GGUF {gguf_file} (post-training ternarization)"
+    else:
+        cfg = _source_config(src_path)
+        if is_packed_config(cfg):
+            raise ValueError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
+                             "use it as it is, or bitdistill unpack it first")
+        check_safetensors(src_path)
+        is_student = isinstance(cfg.get(MARKER_KEY), dict)
+        if is_student:
+            if skip:
+                raise ValueError("--skip applies to --from-plain sources; a student's converted layers were fixed "
+                                 "by bitdistill convert")
+            model = load_student(src_path, dtype=torch.float32)
+            skipped = {}
+            kind = "BitNet student (kept layers as converted by bitdistill convert)"
+            source_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+            if torch_dtype is None and source_dtype in ("bfloat16", "float16", "float32"):
+                torch_dtype = _parse_dtype(source_dtype)
+        elif from_plain:
+            warnings.warn(PTQ_WARNING, stacklevel=2)
+            model, skipped = _load_plain(str(src), None, skip or ("lm_head",))
+            kind = "plain model (post-training ternarization)"
+        else:
+            raise ValueError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
+                             "--from-plain to ternarize it post-training (quality needs distillation)")
+    report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
+                         copy_files_from=src_path if src_path.is_dir() else None, overwrite=overwrite,
+                         source=src_path.name, tokenizer=tokenizer)
+    report.kept.update({n: r for n, r in skipped.items() if n in report.kept})
+    return PackResult(report=report, source_kind=kind, skipped=skipped)
+
+
+def _parse_dtype(name) -> torch.dtype:
+    from bitdistill.convert import parse_dtype
+
+    return parse_dtype(name)
+
+
+def unpack_pretrained(src: str | Path, out: str | Path, *, overwrite: bool = False) -> list[str]:
+    """Packed folder -> float32 BitNet student folder (for further training); returns the unpacked layer names."""
+    src, out = Path(src), Path(out)
+    _check_out(src, out, overwrite)
+    cfg = _source_config(src)
+    if not is_packed_config(cfg):
+        raise ValueError(f"{src} is not a packed bitnet model (no bitnet quantization_config in config.json)")
+    check_safetensors(src)
+    student = unpack_to_student(load_packed(src))
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        student.save_pretrained(tmp)
+        for name in _COPY_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+    from bitdistill.nn.bitlinear import BitLinear
+
+    return [n for n, m in student.named_modules() if isinstance(m, BitLinear)]
