@@ -10,8 +10,12 @@ All ops take 2-D activations ``[M, K]``; :class:`bitdistill.nn.BitLinear` flatte
 Backends. On CUDA each op runs the Triton kernel of :mod:`bitdistill.kernels` (imported lazily, on the
 first CUDA call). The environment variable ``BITDISTILL_BACKEND`` picks the backend at call time:
 
-* unset or ``auto``: Triton when it is installed, else the reference;
+* unset or ``auto``: Triton when it is installed, else the reference; for ``packed_linear`` with at
+  most :data:`CUDA_EXT_MAX_TOKENS` tokens, the CUDA C++ extension ``bitdistill._C`` when it is built
+  (it measured faster than the Triton GEMV at every decode shape on an H100, see docs/cuda.md);
 * ``triton``: Triton (an error if it is not installed);
+* ``cuda``: the CUDA C++ extension for ``packed_linear`` at every token count (an error naming how
+  to build it if it is missing), Triton for the other ops;
 * ``reference``: the pure-torch reference on every device.
 
 Inputs the kernels do not take (dtypes other than float32/bfloat16/float16) run the reference on CUDA too.
@@ -42,6 +46,7 @@ from bitdistill.quant import packing, reference
 
 __all__ = [
     "BACKENDS",
+    "CUDA_EXT_MAX_TOKENS",
     "activation_quant",
     "backend",
     "int8_grad_weight",
@@ -85,7 +90,7 @@ def int8_ternary_linear(
 
 
 def _int8_ternary_linear_reference(x_codes, x_scale, w_codes, gamma, bias, out_dtype):
-    y = reference.int_matmul(x_codes, w_codes).mul_(gamma / x_scale)
+    y = reference.int_matmul(x_codes, w_codes).div_(x_scale * (1.0 / gamma))  # the packed format's order
     if bias is not None:
         y = y.add_(bias.float())
     return y.to(out_dtype)
@@ -149,15 +154,27 @@ def _(x, packed, weight_scale, bias):
 # ---------------------------------------------------------------------------------------------------------
 # CUDA dispatch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cuda", "reference")
+# packed_linear on CUDA goes to the CUDA C++ extension up to this many tokens under BITDISTILL_BACKEND=auto.
+CUDA_EXT_MAX_TOKENS = 16
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def backend() -> str:
-    """The backend CUDA calls use now: ``"triton"`` or ``"reference"`` (from ``BITDISTILL_BACKEND``)."""
+def _requested() -> str:
     name = os.environ.get("BITDISTILL_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:
         raise ValueError(f"BITDISTILL_BACKEND={name!r} is not a backend; use one of {', '.join(BACKENDS)}")
+    return name
+
+
+def backend() -> str:
+    """The backend CUDA calls of the Triton-backed ops use now: ``"triton"`` or ``"reference"``.
+
+    From ``BITDISTILL_BACKEND``; ``cuda`` means Triton here (the extension only implements ``packed_linear``).
+    """
+    name = _requested()
+    if name == "cuda":
+        name = "triton"
     if name == "auto":
         return "triton" if importlib.util.find_spec("triton") is not None else "reference"
     if name == "triton" and importlib.util.find_spec("triton") is None:
@@ -213,8 +230,18 @@ def _(grad_y, x_codes, x_scale):
 def _packed_linear_backend(x: torch.Tensor, packed: torch.Tensor) -> Callable:
     """The implementation ``impl(x2d, packed, weight_scale, bias)`` that runs ``packed_linear`` on CUDA.
 
-    The one place where the packed inference backend is chosen (Triton GEMV/GEMM, or the reference).
+    The one place where the packed inference backend is chosen: the CUDA C++ extension, the Triton
+    GEMV/GEMM, or the reference (see the module docstring for the rule).
     """
+    from bitdistill import cuda_ext
+
+    name = _requested()
+    if name == "cuda":
+        cuda_ext.load()
+        return cuda_ext.packed_linear_cuda
+    if (name == "auto" and x.dtype in _KERNEL_DTYPES and x.shape[0] <= CUDA_EXT_MAX_TOKENS
+            and x.shape[1] % 4 == 0 and cuda_ext.is_available()):
+        return cuda_ext.packed_linear_cuda
     if _use_triton(x):
         return _kernel("packed", "packed_linear")
     return packing.packed_linear_reference

@@ -122,7 +122,8 @@ def test_load_packed_matches_student_and_repacks_identically(arch, packed_folder
     with torch.no_grad():
         logits = model(ids).logits
         ref = students[arch](ids).logits
-    assert (logits - ref).abs().max().item() <= 1e-4
+    # the student's epilogue uses the packed format's float order, so on CPU they agree bit for bit
+    assert torch.equal(logits, ref)
     assert torch.equal(_greedy(model, ids), out[f"{arch}.generate"])
     save_packed(model, tmp_path / "again")
     for f in ("model.safetensors", "config.json"):

@@ -30,6 +30,29 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
         ops.backend()
 
 
+def test_packed_linear_picks_the_cuda_extension_for_decode_when_built(monkeypatch):
+    from bitdistill import cuda_ext
+
+    packed = torch.zeros(1, 8, dtype=torch.uint8)
+    monkeypatch.delenv("BITDISTILL_BACKEND", raising=False)
+    monkeypatch.setattr(cuda_ext, "is_available", lambda: True)
+    assert ops._packed_linear_backend(torch.randn(16, 8), packed) is cuda_ext.packed_linear_cuda
+    assert ops._packed_linear_backend(torch.randn(17, 8), packed).__module__ == "bitdistill.kernels.packed"
+    assert ops._packed_linear_backend(torch.randn(1, 6), packed).__module__ == "bitdistill.kernels.packed"
+    monkeypatch.setattr(cuda_ext, "is_available", lambda: False)
+    assert ops._packed_linear_backend(torch.randn(1, 8), packed).__module__ == "bitdistill.kernels.packed"
+
+
+def test_forcing_the_cuda_backend_without_the_extension_names_the_build(monkeypatch):
+    from bitdistill import cuda_ext
+
+    monkeypatch.setenv("BITDISTILL_BACKEND", "cuda")
+    monkeypatch.setattr(cuda_ext, "_import", lambda: None)
+    with pytest.raises(RuntimeError, match="not built"):
+        ops._packed_linear_backend(torch.randn(1, 8), torch.zeros(1, 8, dtype=torch.uint8))
+    assert ops.backend() == "triton"
+
+
 def test_packed_linear_backend_choice(monkeypatch):
     x = torch.randn(2, 8)
     packed = torch.zeros(1, 8, dtype=torch.uint8)

@@ -18,6 +18,10 @@ Linear layer::
 
     y = (X_q @ T^T) * gamma / s_x + bias
 
+computed in float32 as ``acc / (s_x * (1 / gamma))``: the same operations, in the same order, as the
+packed format (whose ``weight_scale`` is ``1 / gamma``) and transformers' BitLinear, so that a packed
+export computes bit for bit what the student computed on CPU.
+
 All scale math is done in float32 whatever the input dtype; ``round`` is round-half-to-even
 (``torch.round``). The integer product ``X_q @ T^T`` is exact: every partial sum is an integer of
 magnitude at most ``128 * K``, so a float32 matmul of the integer-valued codes is exact for
@@ -126,7 +130,7 @@ def bitlinear_reference(
     x_codes, x_scale = activation_quant(x)
     w_codes, gamma = weight_quant(weight)
     acc = int_matmul(x_codes.reshape(-1, x.shape[-1]), w_codes)
-    y = acc * (gamma / x_scale.reshape(-1, 1))
+    y = acc / (x_scale.reshape(-1, 1) * (1.0 / gamma))
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
