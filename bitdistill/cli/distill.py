@@ -24,10 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bitdistill.cli.hfargs import parse_dataclasses
-    from bitdistill.distill.run import command_line, run_distillation
+    from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
+    from bitdistill.distill.run import run_distillation
 
     model_args, data_args, loss_args, training_args = parse_dataclasses(args, _types())
-    out = run_distillation(model_args, data_args, loss_args, training_args, command=command_line())
+    out = run_distillation(model_args, data_args, loss_args, training_args, command=command_from_args(args))
     print(f"wrote the distilled student to {out}")
     return 0

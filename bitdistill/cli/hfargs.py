@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 from pathlib import Path
 
-__all__ = ["add_dataclass_arguments", "parse_dataclasses"]
+__all__ = ["add_dataclass_arguments", "command_from_args", "parse_dataclasses"]
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, dataclass_types: tuple) -> None:
@@ -46,3 +47,14 @@ def parse_dataclasses(args: argparse.Namespace, dataclass_types: tuple) -> tuple
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_run")}
     values.update(flags)
     return HfArgumentParser(dataclass_types).parse_dict(values)
+
+
+def command_from_args(args: argparse.Namespace) -> str:
+    """The options the user gave (``--config`` included), as an equivalent shell command."""
+    parts = ["bitdistill", args.command]
+    for key, value in vars(args).items():
+        if key in ("command", "_run"):
+            continue
+        parts.append(f"--{key}")
+        parts.extend(str(v) for v in value) if isinstance(value, list) else parts.append(str(value))
+    return " ".join(shlex.quote(p) for p in parts)

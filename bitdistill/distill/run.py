@@ -6,8 +6,6 @@ import copy
 import dataclasses
 import json
 import os
-import shlex
-import sys
 import time
 from pathlib import Path
 
@@ -154,7 +152,7 @@ def _check_resume(checkpoint: Path, config: dict) -> None:
     diff = sorted(k for k in set(saved) | set(config)
                   if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
     if diff:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff[:5])
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
         raise ValueError(f"cannot resume from {checkpoint}: it was written with a different configuration ({details}); "
                          "resume with the same options or start a new --output_dir")
 
@@ -176,23 +174,25 @@ def _resolve_checkpoint(training_args, output_dir: Path) -> Path | None:
 
 
 def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
-                     training_args, *, command: str | None = None) -> Path:
+                     training_args, *, command: str | None = None,
+                     callbacks: list[TrainerCallback] | None = None) -> Path:
     """Distill and save the student to ``<output_dir>/student``; returns that folder.
 
-    ``training_args`` is a ``transformers.TrainingArguments``; its ``eval_steps`` drive perplexity
-    evaluations, and ``resume_from_checkpoint`` may be a checkpoint folder or ``latest``.
+    ``training_args`` is a ``transformers.TrainingArguments`` (its ``eval_strategy``/``eval_steps`` drive
+    the perplexity evaluations; ``resume_from_checkpoint`` may be a checkpoint folder or ``latest``).
+    ``callbacks`` are extra ``TrainerCallback`` objects.
     """
     output_dir = Path(training_args.output_dir)
     final_dir = output_dir / "student"
-    if final_dir.exists():
-        raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
     checkpoint = _resolve_checkpoint(training_args, output_dir)
-    if checkpoint is None and output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
-        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
-                              "continue, or choose another --output_dir")
     config = _config_dict(model_args, data_args, loss_args, training_args)
     if checkpoint is not None:
         _check_resume(checkpoint, config)
+    elif output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
+                              "continue, or choose another --output_dir")
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
     if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
         raise ValueError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
                          "need the live teacher (set their weights to 0 or drop --teacher_cache)")
@@ -232,7 +232,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     training_args.eval_strategy = "no"
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True
-    callbacks: list[TrainerCallback] = []
+    callbacks = list(callbacks or [])
     if eval_steps:
         callbacks.append(EvalEveryCallback(int(eval_steps)))
     if model_args.quant_warmup_steps > 0:
@@ -359,8 +359,3 @@ def run_cache_teacher(model_args: ModelArguments, data_args: DataArguments, cach
                                 temperature=cache_args.cache_temperature, batch_size=cache_args.cache_batch_size,
                                 dtype=cache_args.cache_dtype, overwrite=cache_args.overwrite,
                                 teacher_name=str(model_args.teacher_model_name_or_path))
-
-
-def command_line() -> str:
-    """The current process's command line, shell-quoted (for the model card)."""
-    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
