@@ -202,6 +202,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup):
            "--ddp_backend", "gloo", "--output_dir", str(two)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 2 processes" in (two / "student" / "README.md").read_text()
     a, b = _losses(one, 3), _losses(two, 3)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
