@@ -136,6 +136,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--gguf-dir", default=None)
     p.add_argument("--work-dir", default="/tmp/bitdistill_bench_smollm2")
+    p.add_argument("--write-only", action="store_true",
+                   help="only (re)write the table from <work-dir>/results.json of an earlier run (e.g. an interrupted one)")
     p.add_argument("--child-eval", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-train", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out-dir", default=None, help=argparse.SUPPRESS)
@@ -150,15 +152,20 @@ def main() -> None:
     from harness import Bench
 
     work = Path(a.work_dir)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    results = _run_child(["--child-eval"], a)
-    for i, row in enumerate(ROWS):
-        results.update(_run_child(["--child-train", row, "--out-dir", str(work / f"row{i}")], a))
+    saved = work / "results.json"
+    if not a.write_only:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        results = _run_child(["--child-eval"], a)
+        saved.write_text(json.dumps(results))
+        for i, row in enumerate(ROWS):
+            results.update(_run_child(["--child-train", row, "--out-dir", str(work / f"row{i}")], a))
+            saved.write_text(json.dumps(results))
+    results = json.loads(saved.read_text())
     bench = Bench("distill_smollm2")
     for name, r in results.items():
         bench.add(row=name, seq=a.seq, batch=a.batch, steps=a.steps if "command" in r else 0,
-                  train_tokens=r.get("train_tokens", 0), threads=os.cpu_count(), **r)
+                  cpu_count=os.cpu_count(), **{"train_tokens": 0, **r})
     note = (f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32) -> BitNet b1.58 student; train text "
             f"wiki.train.prefix.raw + wiki.valid.raw, {a.steps} steps x {a.batch} x {a.seq} tokens per training "
             f"row, lr {a.lr} linear; perplexity on the first {a.eval_windows} non-overlapping {a.seq}-token "
