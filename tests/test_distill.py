@@ -170,3 +170,13 @@ def test_collapse_to_topk_full_vocab_has_empty_tail():
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(2, 4))
     assert torch.isinf(tail).all()
     torch.testing.assert_close(lp, F.log_softmax(teacher, -1).gather(-1, ids))
+
+
+def test_distillation_names_are_public_and_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, bitdistill; assert 'transformers.trainer' not in sys.modules; "
+            "from bitdistill import DistillationTrainer, strided_perplexity; print(DistillationTrainer.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "DistillationTrainer"
