@@ -5,8 +5,12 @@ Public API::
     from bitdistill import BitLinear, replace_linear_with_bitlinear
     report = replace_linear_with_bitlinear(model)   # in place; model is now a BitNet student
 
-Importing this package imports no CUDA-only code and no Triton.
+Importing this package imports no CUDA-only code and no Triton. The distillation names
+(``DistillationTrainer``, ``run_distillation``, ...) are imported on first use, because they pull in
+``transformers.Trainer``.
 """
+
+import importlib
 
 from bitdistill.export import PackReport, load_packed, pack_model, save_packed, unpack_to_student
 from bitdistill.nn import (
@@ -42,17 +46,33 @@ from bitdistill.selfdistill import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "DistillationTrainer": "bitdistill.distill",
+    "run_distillation": "bitdistill.distill",
+    "run_cache_teacher": "bitdistill.distill",
+    "insert_subln": "bitdistill.distill",
+    "strided_perplexity": "bitdistill.eval",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bitdistill' has no attribute {name!r}")
+
+
 __all__ = [
     "BitConv1D",
     "BitLinear",
     "BitLinearFunction",
     "BitRMSNorm",
     "ConversionReport",
+    "DistillationTrainer",
     "MultiExitLM",
-    "SelfDistillConfig",
-    "SelfDistillModel",
     "PackReport",
     "PackedBitLinear",
+    "SelfDistillConfig",
+    "SelfDistillModel",
     "__version__",
     "activation_quant",
     "bitlinear",
@@ -60,6 +80,7 @@ __all__ = [
     "early_exit_generate",
     "fake_quant_activation",
     "fake_quant_weight",
+    "insert_subln",
     "load_packed",
     "load_student",
     "matches_module_pattern",
@@ -67,8 +88,11 @@ __all__ = [
     "pack_ternary",
     "packed_linear_reference",
     "replace_linear_with_bitlinear",
-    "self_distillation_loss",
+    "run_cache_teacher",
+    "run_distillation",
     "save_packed",
+    "self_distillation_loss",
+    "strided_perplexity",
     "student_marker",
     "unpack_ternary",
     "unpack_to_student",

@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ("convert", "pack", "unpack")
+SUBCOMMANDS = ("convert", "pack", "unpack", "distill", "cache-teacher")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, KeyError)
 

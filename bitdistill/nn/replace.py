@@ -204,7 +204,8 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
         **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
 
     Returns:
-        The model with the same layers converted, and in-layer RMSNorm weights restored when used.
+        The model with the same layers converted, and in-layer RMSNorm weights restored when used
+        (in every layer with ``use_rms_norm``; in the ``subln_modules`` the marker lists for SubLN).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -220,7 +221,11 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
     names = [re.escape(n) + "$" for n in marker["modules_to_not_convert"]]
     replace_linear_with_bitlinear(model, modules_to_not_convert=names, use_rms_norm=marker["use_rms_norm"],
                                   rms_norm_eps=marker["rms_norm_eps"], convert_output_head=True)
-    if marker["use_rms_norm"]:
+    if marker.get("subln_modules"):
+        from bitdistill.distill.subln import attach_subln_norms
+
+        attach_subln_norms(model, marker["subln_modules"], marker["subln_eps"])
+    if marker["use_rms_norm"] or marker.get("subln_modules"):
         _load_extra_tensors(model, path, suffix=".rms_norm.weight")
     return model
 

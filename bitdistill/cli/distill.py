@@ -1,0 +1,33 @@
+"""``bitdistill distill``: distill a full-precision teacher into a BitNet b1.58 student (transformers.Trainer)."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "distill"
+HELP = ("Distill a teacher (folder, hub id, GGUF) into a BitNet b1.58 student; every option is also a key of "
+        "--config FILE (YAML/JSON). Training options are transformers.TrainingArguments.")
+
+
+def _types() -> tuple:
+    from transformers import TrainingArguments
+
+    from bitdistill.distill.args import DataArguments, LossArguments, ModelArguments
+
+    return (ModelArguments, DataArguments, LossArguments, TrainingArguments)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bitdistill.cli.hfargs import add_dataclass_arguments
+
+    add_dataclass_arguments(p, _types())
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
+    from bitdistill.distill.run import run_distillation
+
+    model_args, data_args, loss_args, training_args = parse_dataclasses(args, _types())
+    out = run_distillation(model_args, data_args, loss_args, training_args, command=command_from_args(args))
+    print(f"wrote the distilled student to {out}")
+    return 0

@@ -1,0 +1,60 @@
+"""Dataclass arguments (``HfArgumentParser``) inside a ``bitdistill`` subcommand, plus ``--config FILE``.
+
+Every dataclass field becomes a flag of the subcommand; ``--config`` reads a YAML or JSON file of the
+same keys, and flags given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+__all__ = ["add_dataclass_arguments", "command_from_args", "parse_dataclasses"]
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, dataclass_types: tuple) -> None:
+    """Add every field of ``dataclass_types`` as a flag of ``parser`` (absent flags stay absent), and ``--config``."""
+    from transformers import HfArgumentParser
+
+    hf = HfArgumentParser(dataclass_types)
+    parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
+                        help="YAML or JSON file of options (the flags' names without '--'); flags override it")
+    for action in hf._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        action.default = argparse.SUPPRESS
+        action.required = False
+        parser._add_action(action)
+
+
+def parse_dataclasses(args: argparse.Namespace, dataclass_types: tuple) -> tuple:
+    """Build the dataclasses from the parsed flags merged over ``--config``'s keys."""
+    import yaml
+    from transformers import HfArgumentParser
+
+    values: dict = {}
+    config = getattr(args, "config", None)
+    if config:
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        text = path.read_text()
+        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of option names to values")
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_run")}
+    values.update(flags)
+    return HfArgumentParser(dataclass_types).parse_dict(values)
+
+
+def command_from_args(args: argparse.Namespace) -> str:
+    """The options the user gave (``--config`` included), as an equivalent shell command."""
+    parts = ["bitdistill", args.command]
+    for key, value in vars(args).items():
+        if key in ("command", "_run"):
+            continue
+        parts.append(f"--{key}")
+        parts.extend(str(v) for v in value) if isinstance(value, list) else parts.append(str(value))
+    return " ".join(shlex.quote(p) for p in parts)

@@ -1,0 +1,98 @@
+"""Argument dataclasses of ``bitdistill distill`` / ``cache-teacher``, parsed with ``HfArgumentParser``.
+
+Every field is a CLI flag (``--name value``) and a key of a YAML/JSON config file (``--config FILE``);
+flags given on the command line override the file. Training options (``--output_dir``,
+``--max_steps``, ``--learning_rate``, ``--per_device_train_batch_size``, ``--gradient_accumulation_steps``,
+``--save_steps``, ``--eval_steps``, ``--logging_steps``, ``--report_to``, ``--resume_from_checkpoint``,
+``--bf16``, ...) are those of ``transformers.TrainingArguments``.
+"""
+
+from dataclasses import dataclass, field
+
+from bitdistill.distill.layer_map import LAYER_MAP_STRATEGIES
+from bitdistill.distill.losses import LOGIT_LOSSES
+from bitdistill.distill.subln import SUBLN_INITS
+
+__all__ = ["CacheArguments", "DataArguments", "LossArguments", "ModelArguments"]
+
+
+@dataclass
+class ModelArguments:
+    """Teacher and student models."""
+
+    teacher_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Teacher: a model folder, a hub id, a folder holding --teacher_gguf_file, or tiny:<arch>."})
+    teacher_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name inside the teacher folder."})
+    teacher_load_in_8bit: bool = field(default=False, metadata={"help": "Load the teacher in 8 bit (CUDA, bitsandbytes)."})
+    teacher_load_in_4bit: bool = field(default=False, metadata={"help": "Load the teacher in 4 bit (CUDA, bitsandbytes)."})
+    student_model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Student initialization (folder, hub id, bitdistill student, tiny:<arch>); default: a copy of the teacher."})
+    student_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name inside the student folder."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer folder or hub id; default: the teacher's (or the GGUF's)."})
+    model_dtype: str = field(default="float32", metadata={"help": "dtype to load both models in (float32, bfloat16, float16)."})
+    modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"], metadata={
+        "help": "Module patterns of the student kept full precision."})
+    subln: bool = field(default=False, metadata={"help": "Insert SubLN (RMSNorm before o_proj and down_proj)."})
+    subln_init: str = field(default="calibrated", metadata={"help": f"SubLN weight init: {', '.join(SUBLN_INITS)}."})
+    subln_eps: float = field(default=1e-6, metadata={"help": "SubLN RMSNorm epsilon."})
+    quant_warmup_steps: int = field(default=0, metadata={
+        "help": "Blend each BitLinear from full precision to ternary over this many optimizer steps (0: off)."})
+
+
+@dataclass
+class DataArguments:
+    """Training text and evaluation text."""
+
+    train_files: list[str] = field(default_factory=list, metadata={"help": "Local training text files (concatenated)."})
+    dataset_name: str | None = field(default=None, metadata={"help": "A `datasets` dataset name (instead of files)."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The `datasets` config name."})
+    dataset_split: str = field(default="train", metadata={"help": "The `datasets` split for training."})
+    text_column: str = field(default="text", metadata={"help": "The `datasets` text column."})
+    max_seq_length: int = field(default=512, metadata={"help": "Block length in tokens."})
+    max_train_blocks: int | None = field(default=None, metadata={"help": "Use only the first N training blocks."})
+    validation_blocks: int = field(default=0, metadata={
+        "help": "Hold out the last N training blocks for the trainer's eval loss (0: none)."})
+    eval_files: list[str] = field(default_factory=list, metadata={
+        "help": "Text files for strided perplexity (e.g. wiki.test.raw), at start, eval steps and end."})
+    eval_stride: int | None = field(default=None, metadata={"help": "Perplexity stride (default: max_seq_length)."})
+    eval_max_windows: int | None = field(default=None, metadata={"help": "Evaluate only the first N perplexity windows."})
+    data_cache_dir: str | None = field(default=None, metadata={
+        "help": "Cache of tokenized blocks (default: ~/.cache/bitdistill/data; 'none' disables)."})
+
+
+@dataclass
+class LossArguments:
+    """Loss terms and their weights; the total is the weighted sum."""
+
+    ce_weight: float = field(default=0.0, metadata={"help": "Weight of cross-entropy on the labels."})
+    logits_weight: float = field(default=1.0, metadata={"help": "Weight of the logit distillation loss."})
+    logits_loss: str = field(default="forward_kl", metadata={"help": f"Logit loss: {', '.join(LOGIT_LOSSES)}."})
+    temperature: float = field(default=1.0, metadata={"help": "Distillation temperature (divergences scaled by tau^2)."})
+    jsd_beta: float = field(default=0.5, metadata={"help": "beta of the generalized JSD."})
+    skew_alpha: float = field(default=0.1, metadata={"help": "alpha of the skew KL."})
+    hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state loss."})
+    hidden_loss: str = field(default="mse", metadata={"help": "Hidden-state loss: mse or cosine."})
+    hidden_layer_map: str = field(default="uniform+last", metadata={
+        "help": f"Layer map: {', '.join(LAYER_MAP_STRATEGIES)}, or explicit 's:t,s:t1+t2'."})
+    hidden_projector: bool = field(default=False, metadata={
+        "help": "Learn a linear projector per mapped layer (automatic when widths differ)."})
+    attention_weight: float = field(default=0.0, metadata={"help": "Weight of the MiniLMv2 Q/K/V relation loss."})
+    attention_layers: list[int] = field(default_factory=lambda: [-1], metadata={
+        "help": "Student blocks (0-based, negative from the end) for the relation loss; the teacher block at the "
+                "same relative depth is used."})
+    attention_relation_heads: int = field(default=8, metadata={"help": "Number of relation heads."})
+    teacher_cache: str | None = field(default=None, metadata={
+        "help": "Folder written by `bitdistill cache-teacher`: train from cached top-k teacher logits, no teacher."})
+
+
+@dataclass
+class CacheArguments:
+    """Options of ``bitdistill cache-teacher``."""
+
+    cache_dir: str | None = field(default=None, metadata={"help": "Output folder of the teacher cache."})
+    top_k: int = field(default=64, metadata={"help": "Teacher logits kept per position."})
+    cache_temperature: float = field(default=1.0, metadata={"help": "Temperature (must match distill's --temperature)."})
+    cache_batch_size: int = field(default=4, metadata={"help": "Blocks per teacher forward."})
+    cache_dtype: str = field(default="float32", metadata={"help": "dtype of the stored log-probs."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache folder."})

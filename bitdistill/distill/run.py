@@ -1,0 +1,361 @@
+"""Build models, data and the trainer from the argument dataclasses; train; save the student and its card."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from bitdistill.convert import load_causal_lm, parse_dtype
+from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
+from bitdistill.distill.args import CacheArguments, DataArguments, LossArguments, ModelArguments
+from bitdistill.distill.attention import resolve_layer_indices
+from bitdistill.distill.layer_map import build_layer_map
+from bitdistill.distill.subln import insert_subln
+from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits
+from bitdistill.distill.trainer import PROJECTOR_ATTR, DistillationTrainer, EvalEveryCallback
+from bitdistill.distill.warmup import QuantWarmup
+from bitdistill.eval.perplexity import strided_perplexity
+from bitdistill.io import atomic_output_dir
+from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear, student_marker
+
+__all__ = ["CONFIG_FILE", "build_blocks", "load_teacher", "load_tokenizer", "prepare_student", "run_cache_teacher",
+           "run_distillation"]
+
+CONFIG_FILE = "distill_config.json"
+# Options that may change between a run and its resumption (everything else must match).
+_RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_steps",
+                      "save_steps", "eval_steps", "eval_files", "eval_stride", "eval_max_windows", "report_to",
+                      "logging_dir", "data_cache_dir", "save_total_limit", "disable_tqdm"}
+
+
+def load_tokenizer(model_args: ModelArguments):
+    """The tokenizer: ``--tokenizer_name_or_path``, else the teacher's (folder, hub id or GGUF)."""
+    from transformers import AutoTokenizer
+
+    src = model_args.tokenizer_name_or_path
+    gguf = None
+    if src is None:
+        src = model_args.teacher_model_name_or_path or model_args.student_model_name_or_path
+        gguf = model_args.teacher_gguf_file if model_args.teacher_model_name_or_path else model_args.student_gguf_file
+    if src is None or str(src).startswith("tiny:"):
+        raise ValueError("no tokenizer to load; pass --tokenizer_name_or_path (a tiny:<arch> model has none)")
+    return AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+
+
+def load_teacher(model_args: ModelArguments) -> nn.Module:
+    """The frozen teacher in eval mode (optionally 8/4-bit on CUDA)."""
+    src = model_args.teacher_model_name_or_path
+    if src is None:
+        raise ValueError("pass --teacher_model_name_or_path (or --teacher_cache to train without a teacher)")
+    if model_args.teacher_load_in_8bit or model_args.teacher_load_in_4bit:
+        if not torch.cuda.is_available():
+            raise ValueError("--teacher_load_in_8bit/4bit need a CUDA device (bitsandbytes); load it in "
+                             "--model_dtype bfloat16 on CPU instead")
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_8bit=model_args.teacher_load_in_8bit,
+                               load_in_4bit=model_args.teacher_load_in_4bit)
+        teacher = AutoModelForCausalLM.from_pretrained(src, gguf_file=model_args.teacher_gguf_file,
+                                                       quantization_config=q, device_map={"": 0})
+    else:
+        teacher = load_causal_lm(src, gguf_file=model_args.teacher_gguf_file, dtype=model_args.model_dtype)
+    teacher.requires_grad_(False)
+    return teacher.eval()
+
+
+def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
+                    calibration_input_ids: torch.Tensor | None = None) -> nn.Module:
+    """The BitNet student: a copy of the teacher (default) or the given model, converted, with optional SubLN."""
+    src = model_args.student_model_name_or_path
+    if src is None and teacher is not None and not getattr(teacher, "is_quantized", False):
+        student = copy.deepcopy(teacher)
+    else:
+        src = src or model_args.teacher_model_name_or_path
+        if src is None:
+            raise ValueError("pass --student_model_name_or_path (or a teacher to copy)")
+        gguf = model_args.student_gguf_file if model_args.student_model_name_or_path else model_args.teacher_gguf_file
+        cfg_file = Path(str(src)) / "config.json"
+        if gguf is None and cfg_file.is_file() and "bitdistill" in json.loads(cfg_file.read_text()):
+            student = load_student(src, dtype=parse_dtype(model_args.model_dtype))
+        else:
+            student = load_causal_lm(src, gguf_file=gguf, dtype=model_args.model_dtype)
+    if student_marker(student) is None:
+        report = replace_linear_with_bitlinear(student, modules_to_not_convert=model_args.modules_to_not_convert)
+        if not report.converted:
+            raise ValueError(f"the student {type(student).__name__} has no linear layer to convert")
+    if model_args.subln and not (student_marker(student) or {}).get("subln_modules"):
+        insert_subln(student, eps=model_args.subln_eps, init=model_args.subln_init,
+                     calibration_input_ids=calibration_input_ids)
+    student.requires_grad_(True)
+    return student.train()
+
+
+def _vocab(model: nn.Module) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def _check_pair(teacher: nn.Module | None, student: nn.Module, tokenizer, max_seq_length: int) -> None:
+    if teacher is not None and _vocab(teacher) != _vocab(student):
+        raise ValueError(f"teacher and student have different vocabularies ({_vocab(teacher)} vs {_vocab(student)} "
+                         "output logits); distillation needs the same tokenizer and vocabulary")
+    if len(tokenizer) > _vocab(student):
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {_vocab(student)}; "
+                         "they are incompatible (pass the model's own tokenizer)")
+    for who, m in (("teacher", teacher), ("student", student)):
+        limit = getattr(getattr(m, "config", None), "max_position_embeddings", None)
+        if limit is not None and max_seq_length > limit:
+            raise ValueError(f"--max_seq_length {max_seq_length} exceeds the {who}'s context of {limit} tokens")
+
+
+def _cache_dir(data_args: DataArguments) -> str | None:
+    if data_args.data_cache_dir == "none":
+        return None
+    return data_args.data_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bitdistill", "data")
+
+
+def build_blocks(data_args: DataArguments, tokenizer) -> torch.Tensor:
+    """Training token blocks ``[N, max_seq_length]`` (including the held-out validation rows)."""
+    text = load_text(data_args.train_files or None, dataset_name=data_args.dataset_name,
+                     dataset_config_name=data_args.dataset_config_name, split=data_args.dataset_split,
+                     text_column=data_args.text_column)
+    blocks = token_blocks(text, tokenizer, data_args.max_seq_length, cache_dir=_cache_dir(data_args))
+    if data_args.max_train_blocks is not None:
+        blocks = blocks[: data_args.max_train_blocks]
+    if blocks.shape[0] <= data_args.validation_blocks:
+        raise ValueError(f"{blocks.shape[0]} blocks of {data_args.max_seq_length} tokens leave none for training "
+                         f"after holding out {data_args.validation_blocks}; give more text")
+    return blocks
+
+
+def _config_dict(model_args, data_args, loss_args, training_args) -> dict:
+    keep = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+            "lr_scheduler_type", "warmup_steps", "seed", "data_seed", "optim", "bf16", "fp16",
+            "max_grad_norm", "adam_beta1", "adam_beta2")
+    out = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(loss_args)}
+    out.update({k: getattr(training_args, k, None) for k in keep})
+    return json.loads(json.dumps(out, default=str))
+
+
+def _check_resume(checkpoint: Path, config: dict) -> None:
+    saved_file = checkpoint / CONFIG_FILE
+    if not saved_file.is_file():
+        raise ValueError(f"{checkpoint} has no {CONFIG_FILE}; it was not written by `bitdistill distill`")
+    saved = json.loads(saved_file.read_text())
+    diff = sorted(k for k in set(saved) | set(config)
+                  if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
+        raise ValueError(f"cannot resume from {checkpoint}: it was written with a different configuration ({details}); "
+                         "resume with the same options or start a new --output_dir")
+
+
+def _resolve_checkpoint(training_args, output_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    r = training_args.resume_from_checkpoint
+    if r in (None, "", "false", "False"):
+        return None
+    if r in ("true", "True", "latest"):
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise FileNotFoundError(f"no checkpoint-* folder in {output_dir} to resume from")
+        return Path(last)
+    if not (Path(r) / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{r} is not a Trainer checkpoint (no trainer_state.json)")
+    return Path(r)
+
+
+def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
+                     training_args, *, command: str | None = None,
+                     callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Distill and save the student to ``<output_dir>/student``; returns that folder.
+
+    ``training_args`` is a ``transformers.TrainingArguments`` (its ``eval_strategy``/``eval_steps`` drive
+    the perplexity evaluations; ``resume_from_checkpoint`` may be a checkpoint folder or ``latest``).
+    ``callbacks`` are extra ``TrainerCallback`` objects.
+    """
+    output_dir = Path(training_args.output_dir)
+    final_dir = output_dir / "student"
+    checkpoint = _resolve_checkpoint(training_args, output_dir)
+    config = _config_dict(model_args, data_args, loss_args, training_args)
+    if checkpoint is not None:
+        _check_resume(checkpoint, config)
+    elif output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
+                              "continue, or choose another --output_dir")
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
+    if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
+        raise ValueError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
+                         "need the live teacher (set their weights to 0 or drop --teacher_cache)")
+
+    tokenizer = load_tokenizer(model_args)
+    blocks = build_blocks(data_args, tokenizer)
+    cache = TeacherCache(loss_args.teacher_cache) if loss_args.teacher_cache else None
+    teacher = None if cache is not None else load_teacher(model_args)
+    torch.manual_seed(training_args.seed)
+    student = prepare_student(model_args, teacher, calibration_input_ids=blocks[:1])
+    _check_pair(teacher, student, tokenizer, data_args.max_seq_length)
+    if cache is not None:
+        cache.check_compatible(blocks, _vocab(student), loss_args.temperature)
+
+    layer_map = None
+    if loss_args.hidden_weight > 0:
+        layer_map = build_layer_map(loss_args.hidden_layer_map, student.config.num_hidden_layers,
+                                    teacher.config.num_hidden_layers)
+        hs, ht = student.config.hidden_size, teacher.config.hidden_size
+        if loss_args.hidden_projector or hs != ht:
+            setattr(student, PROJECTOR_ATTR, nn.ModuleList(nn.Linear(hs, ht, bias=False) for _ in layer_map))
+    attention_layers = None
+    if loss_args.attention_weight > 0:
+        ls, lt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
+        s_layers = resolve_layer_indices(loss_args.attention_layers, ls, "student")
+        t_layers = [round(i * (lt - 1) / max(ls - 1, 1)) for i in s_layers]
+        attention_layers = (s_layers, t_layers)
+
+    v = data_args.validation_blocks
+    train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
+    val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
+    ppl_ids = None
+    if data_args.eval_files:
+        ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer)
+
+    eval_steps = training_args.eval_steps if training_args.eval_strategy != "no" else None
+    training_args.eval_strategy = "no"
+    training_args.remove_unused_columns = False
+    training_args.prediction_loss_only = True
+    callbacks = list(callbacks or [])
+    if eval_steps:
+        callbacks.append(EvalEveryCallback(int(eval_steps)))
+    if model_args.quant_warmup_steps > 0:
+        warmup = QuantWarmup(student, model_args.quant_warmup_steps)
+        callbacks.append(_WarmupCallback(warmup))
+
+    config_json = json.dumps(config, indent=2)
+    callbacks.append(_ConfigWriter(config_json))
+    trainer = DistillationTrainer(
+        model=student, args=training_args, train_dataset=train_ds, teacher=teacher, teacher_cache=cache,
+        loss_args=loss_args, hidden_layer_map=layer_map, attention_layers=attention_layers,
+        perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
+        perplexity_max_windows=data_args.eval_max_windows, validation_dataset=val_ds, callbacks=callbacks)
+
+    metrics: dict[str, dict] = {}
+    if ppl_ids is not None and teacher is not None and trainer.is_world_process_zero():
+        r = strided_perplexity(teacher, ppl_ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
+                               max_windows=data_args.eval_max_windows)
+        metrics["teacher"] = {"perplexity": r.perplexity, "tokens": r.num_tokens}
+    if checkpoint is None and ppl_ids is not None:
+        metrics["student_start"] = trainer.evaluate(metric_key_prefix="start")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - started
+    metrics["train"] = dict(result.metrics)
+    if ppl_ids is not None:
+        metrics["student_end"] = trainer.evaluate(metric_key_prefix="final")
+    if trainer.is_world_process_zero():
+        _save_student(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final_dir, model_args, data_args,
+                      training_args, metrics, config_json, command, train_seconds, trainer.state.global_step)
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
+class _WarmupCallback(TrainerCallback):
+    """Sets the quantization warm-up blend at the start of each optimizer step."""
+
+    def __init__(self, warmup: QuantWarmup) -> None:
+        self.warmup = warmup
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.warmup.set_step(state.global_step)
+
+
+class _ConfigWriter(TrainerCallback):
+    """Writes the run configuration into every checkpoint (read back to validate a resume)."""
+
+    def __init__(self, config_json: str) -> None:
+        self.config_json = config_json
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / CONFIG_FILE).write_text(self.config_json)
+
+
+def _save_student(student: nn.Module, tokenizer, out: Path, model_args, data_args, training_args, metrics: dict,
+                  config_json: str, command: str | None, train_seconds: float, steps: int) -> None:
+    projectors = getattr(student, PROJECTOR_ATTR, None)
+    if projectors is not None:
+        delattr(student, PROJECTOR_ATTR)
+    with atomic_output_dir(out) as tmp:
+        student.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CONFIG_FILE).write_text(config_json)
+        (tmp / "distill_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        (tmp / "README.md").write_text(_model_card(model_args, data_args, training_args, metrics, command,
+                                                   train_seconds, steps))
+    if projectors is not None:
+        setattr(student, PROJECTOR_ATTR, projectors)
+
+
+def _fmt(x) -> str:
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _model_card(model_args, data_args, training_args, metrics: dict, command: str | None, train_seconds: float,
+                steps: int) -> str:
+    teacher = model_args.teacher_model_name_or_path or "(teacher cache)"
+    if model_args.teacher_gguf_file:
+        teacher += f" ({model_args.teacher_gguf_file})"
+    rows = []
+    if "teacher" in metrics:
+        rows.append(f"| teacher | {_fmt(metrics['teacher']['perplexity'])} |")
+    if "student_start" in metrics:
+        rows.append(f"| student before training | {_fmt(metrics['student_start'].get('start_perplexity'))} |")
+    if "student_end" in metrics:
+        rows.append(f"| student after training | {_fmt(metrics['student_end'].get('final_perplexity'))} |")
+    table = "\n".join(["| model | perplexity |", "|---|---|", *rows]) if rows else "(no evaluation text given)"
+    data = ", ".join(data_args.train_files) or f"{data_args.dataset_name} ({data_args.dataset_config_name})"
+    return f"""---
+tags: [bitnet, bitnet-b1.58, ternary, distillation, bitdistill]
+---
+# BitNet b1.58 student distilled from {teacher}
+
+Latent-weight student written by `bitdistill distill`: linear layers are BitLinear (ternary weights,
+int8 activations); load it with `bitdistill.load_student(path)`, pack it with `bitdistill pack`.
+
+- Command: `{command or '(library call)'}`
+- Training data: {data}; blocks of {data_args.max_seq_length} tokens
+- Steps: {steps}, batch {training_args.per_device_train_batch_size} x accumulation {training_args.gradient_accumulation_steps} x {training_args.world_size} processes; {train_seconds:.0f} s
+- SubLN: {model_args.subln}; quantization warm-up steps: {model_args.quant_warmup_steps}
+
+## Perplexity ({', '.join(data_args.eval_files) or '-'}; window {data_args.max_seq_length}, stride {data_args.eval_stride or data_args.max_seq_length}, max windows {data_args.eval_max_windows})
+
+{table}
+
+Full configuration: `{CONFIG_FILE}`; all metrics: `distill_metrics.json`.
+"""
+
+
+def run_cache_teacher(model_args: ModelArguments, data_args: DataArguments, cache_args: CacheArguments) -> Path:
+    """Write the top-k teacher cache for the training blocks ``data_args`` describes."""
+    if not cache_args.cache_dir:
+        raise ValueError("pass --cache_dir (the output folder of the teacher cache)")
+    tokenizer = load_tokenizer(model_args)
+    blocks = build_blocks(data_args, tokenizer)
+    teacher = load_teacher(model_args)
+    _check_pair(None, teacher, tokenizer, data_args.max_seq_length)
+    if torch.cuda.is_available() and not getattr(teacher, "is_quantized", False):
+        teacher.cuda()
+    return cache_teacher_logits(teacher, blocks, cache_args.cache_dir, top_k=cache_args.top_k,
+                                temperature=cache_args.cache_temperature, batch_size=cache_args.cache_batch_size,
+                                dtype=cache_args.cache_dtype, overwrite=cache_args.overwrite,
+                                teacher_name=str(model_args.teacher_model_name_or_path))

@@ -1,0 +1,187 @@
+"""``DistillationTrainer``: a ``transformers.Trainer`` whose loss is the weighted sum of distillation terms.
+
+Everything else (DDP/FSDP/DeepSpeed through accelerate, mixed precision, gradient accumulation,
+checkpoints and resuming, logging, the progress bar) is the Trainer's.
+
+Normalization. ``num_items_in_batch`` is the number of predicting positions (labels shifted by one, not
+``-100``, not padding) in the whole accumulation window, summed over all ranks. Every term is
+``sum over the micro-batch's valid tokens / num_items_in_batch``; since DDP averages gradients over ranks,
+the loss is multiplied by the number of processes. The gradient is then that of the per-token mean over
+the window, exactly as with one process and the equivalent batch.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from bitdistill.distill.args import LossArguments
+from bitdistill.distill.attention import QKVCapture
+from bitdistill.distill.losses import (
+    attention_relation_loss,
+    cross_entropy_loss,
+    hidden_state_loss,
+    logits_distillation_loss,
+    prediction_mask,
+)
+from bitdistill.distill.teacher_cache import TeacherCache, cached_logits_loss
+from bitdistill.eval.perplexity import strided_perplexity
+
+__all__ = ["DistillationTrainer", "EvalEveryCallback"]
+
+PROJECTOR_ATTR = "bitdistill_projectors"
+
+
+class EvalEveryCallback(TrainerCallback):
+    """Ask the trainer to evaluate every ``steps`` optimizer steps (used for perplexity evaluations)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.steps > 0 and state.global_step % self.steps == 0:
+            control.should_evaluate = True
+        return control
+
+
+class DistillationTrainer(Trainer):
+    """Trainer for a BitNet student distilled from a frozen teacher (or a teacher cache).
+
+    Args:
+        teacher: the frozen teacher (``None`` with ``teacher_cache``).
+        teacher_cache: a :class:`TeacherCache` replacing the teacher's logits.
+        loss_args: loss weights and options.
+        hidden_layer_map: ``(student, teacher_indices)`` pairs for the hidden-state loss.
+        attention_layers: ``(student_blocks, teacher_blocks)`` for the relation loss.
+        perplexity_ids: 1-D token ids for strided perplexity at each evaluation.
+        perplexity_window, perplexity_stride, perplexity_max_windows: its settings.
+        validation_dataset: held-out blocks for a distillation eval loss.
+        **kwargs: ``transformers.Trainer`` arguments (``model`` is the student).
+    """
+
+    def __init__(self, *, teacher: nn.Module | None = None, teacher_cache: TeacherCache | None = None,
+                 loss_args: LossArguments, hidden_layer_map: list | None = None,
+                 attention_layers: tuple[list[int], list[int]] | None = None,
+                 perplexity_ids: torch.Tensor | None = None, perplexity_window: int = 512,
+                 perplexity_stride: int | None = None, perplexity_max_windows: int | None = None,
+                 validation_dataset=None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        if teacher is None and teacher_cache is None:
+            raise ValueError("DistillationTrainer needs a teacher or a teacher cache")
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+            if not getattr(teacher, "is_quantized", False):
+                teacher.to(self.args.device)
+        self.teacher_cache = teacher_cache
+        self.loss_args = loss_args
+        self.hidden_layer_map = hidden_layer_map
+        self._captures = None
+        if attention_layers is not None and loss_args.attention_weight > 0:
+            self._captures = (QKVCapture(self.model, attention_layers[0]), QKVCapture(teacher, attention_layers[1]))
+        self.perplexity_ids = perplexity_ids
+        self.perplexity_window = perplexity_window
+        self.perplexity_stride = perplexity_stride
+        self.perplexity_max_windows = perplexity_max_windows
+        self.validation_dataset = validation_dataset
+        self.loss_is_scaled_for_ga = True
+        self._part_sums: dict[str, float] = {}
+        self._part_micro_batches = 0
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+        if not batch_samples or "labels" not in batch_samples[0]:
+            return None
+        n = sum(prediction_mask(b["labels"], b.get("attention_mask")).sum() for b in batch_samples)
+        n = torch.as_tensor(n, device=device)
+        if self.args.world_size > 1:
+            n = self.accelerator.gather(n).sum()
+        return n
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        la = self.loss_args
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        block_index = inputs.pop("block_index", None)
+        mask = prediction_mask(labels, inputs.get("attention_mask"))
+        scale = 1.0
+        if num_items_in_batch is None:
+            num_items_in_batch = mask.sum().clamp(min=1)
+        elif self.accelerator.num_processes > 1:
+            scale = float(self.accelerator.num_processes)
+        need_hidden = la.hidden_weight > 0
+        s_cap, t_cap = self._captures if self._captures is not None else (None, None)
+        if s_cap is not None:
+            with s_cap:
+                out = model(**inputs, output_hidden_states=need_hidden)
+        else:
+            out = model(**inputs, output_hidden_states=need_hidden)
+        parts: dict[str, torch.Tensor] = {}
+        if la.ce_weight > 0:
+            parts["ce"] = cross_entropy_loss(out.logits, labels, num_items_in_batch)
+        s_logits = out.logits[:, :-1]
+        if self.teacher_cache is not None:
+            ids, logp, tail = self.teacher_cache.lookup(block_index.cpu())
+            dev = s_logits.device
+            if la.logits_weight > 0:
+                parts["logits"] = cached_logits_loss(s_logits, ids.to(dev), logp.to(dev), tail.to(dev), mask,
+                                                     num_items_in_batch, kind=la.logits_loss,
+                                                     temperature=la.temperature, beta=la.jsd_beta, alpha=la.skew_alpha)
+        elif la.logits_weight > 0 or need_hidden or s_cap is not None:
+            with torch.no_grad():
+                if t_cap is not None:
+                    with t_cap:
+                        t_out = self.teacher(**inputs, output_hidden_states=need_hidden)
+                else:
+                    t_out = self.teacher(**inputs, output_hidden_states=need_hidden)
+            if la.logits_weight > 0:
+                parts["logits"] = logits_distillation_loss(
+                    s_logits, t_out.logits[:, :-1], mask, num_items_in_batch, kind=la.logits_loss,
+                    temperature=la.temperature, beta=la.jsd_beta, alpha=la.skew_alpha)
+            if need_hidden:
+                projectors = getattr(self.accelerator.unwrap_model(model), PROJECTOR_ATTR, None)
+                parts["hidden"] = hidden_state_loss(
+                    [h[:, :-1] for h in out.hidden_states], [h[:, :-1] for h in t_out.hidden_states],
+                    self.hidden_layer_map, mask, num_items_in_batch, kind=la.hidden_loss, projectors=projectors)
+            if s_cap is not None:
+                key_mask = inputs.get("attention_mask")
+                parts["attention"] = attention_relation_loss(
+                    [x[:, :-1] for x in s_cap.states], [x[:, :-1] for x in t_cap.states], mask, num_items_in_batch,
+                    num_relation_heads=la.attention_relation_heads,
+                    key_mask=None if key_mask is None else key_mask[:, :-1])
+        weights = {"ce": la.ce_weight, "logits": la.logits_weight, "hidden": la.hidden_weight,
+                   "attention": la.attention_weight}
+        if not parts:
+            raise ValueError("all loss weights are 0; set --ce_weight, --logits_weight, --hidden_weight or "
+                             "--attention_weight")
+        loss = sum(weights[k] * v for k, v in parts.items()) * scale
+        if model.training:
+            self._part_micro_batches += 1
+            for k, v in parts.items():
+                self._part_sums[k] = self._part_sums.get(k, 0.0) + v.detach().item() * scale
+        return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._part_sums:
+            steps = max(self._part_micro_batches / self.args.gradient_accumulation_steps, 1.0)
+            for k, v in self._part_sums.items():
+                logs[f"loss_{k}"] = round(v / steps, 6)
+            self._part_sums = {}
+            self._part_micro_batches = 0
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Distillation loss on the validation blocks (if any) and strided perplexity of the student (if set)."""
+        metrics: dict[str, float] = {}
+        if self.validation_dataset is not None or eval_dataset is not None:
+            metrics.update(super().evaluate(eval_dataset or self.validation_dataset, ignore_keys, metric_key_prefix))
+        if self.perplexity_ids is not None:
+            student = self.accelerator.unwrap_model(self.model)
+            r = strided_perplexity(student, self.perplexity_ids, max_length=self.perplexity_window,
+                                   stride=self.perplexity_stride, max_windows=self.perplexity_max_windows)
+            ppl = {f"{metric_key_prefix}_perplexity": r.perplexity, f"{metric_key_prefix}_nll": r.nll,
+                   f"{metric_key_prefix}_tokens": r.num_tokens}
+            self.log(ppl)
+            metrics.update(ppl)
+        return metrics
