@@ -103,7 +103,7 @@ def _(x_codes, x_scale, w_codes, gamma, bias, out_dtype):
 
 def _dequant_ternary(weight: torch.Tensor, gamma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``T * gamma`` recomputed from the latent weight and its saved ``gamma``: ``[N, K]`` in ``dtype``."""
-    return (torch.round(weight.float() / gamma).clamp_(-1, 1).mul_(gamma)).to(dtype)
+    return (weight.float() / gamma).round_().clamp_(-1, 1).mul_(gamma).to(dtype)
 
 
 @torch.library.custom_op("bitdistill::ternary_grad_input", mutates_args=())

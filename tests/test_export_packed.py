@@ -257,3 +257,13 @@ def test_load_packed_keeps_only_packed_bytes(packed_folders):
     assert resident <= bf16 / 7
     assert not any(isinstance(t, torch.Tensor) and t.dtype != torch.uint8 and t.shape == (m.out_features, m.in_features)
                    for m in layers for t in vars(m).values())
+
+
+def test_subln_student_refused(tmp_path):
+    from bitdistill.distill.subln import insert_subln
+
+    student = _student("llama")
+    insert_subln(student, init="ones")
+    with pytest.raises(ValueError, match="SubLN"):
+        save_packed(student, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

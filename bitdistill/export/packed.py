@@ -193,8 +193,9 @@ def packed_quantization_config(model: nn.Module) -> dict:
     norms = {(m.rms_norm is not None, m.rms_norm.variance_epsilon if m.rms_norm is not None else None)
              for m in converted.values()}
     if len(norms) != 1:
-        raise ValueError("converted layers disagree on the in-layer RMSNorm (use_rms_norm / eps); the bitnet "
-                         "format has one setting for all layers")
+        raise ValueError("converted layers disagree on the in-layer RMSNorm (use_rms_norm / eps), e.g. a SubLN "
+                         "student (norms before o_proj/down_proj only); the bitnet format has one setting for "
+                         "all layers, so transformers could not load it faithfully")
     (use_rms_norm, eps), = norms
     qc = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
           "modules_to_not_convert": kept}

@@ -65,7 +65,7 @@ def weight_quant(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     w = weight.detach().float()
     gamma = w.abs().mean().clamp_(min=EPS)
-    codes = torch.round(w / gamma).clamp_(-1, 1).to(torch.int8)
+    codes = (w / gamma).round_().clamp_(-1, 1).to(torch.int8)  # in place on the quotient only
     return codes, gamma
 
 
@@ -80,8 +80,9 @@ def activation_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         multiplier ``s_x = 127 / max(max|x|, 1e-5)`` (so ``x ~= codes / scale``).
     """
     xf = x.detach().float()
-    scale = ACT_QMAX / xf.abs().amax(dim=-1, keepdim=True).clamp_(min=EPS)
-    codes = torch.round(xf * scale).clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8)
+    absmax = torch.linalg.vector_norm(xf, ord=float("inf"), dim=-1, keepdim=True)  # max|x|, no |x| temporary
+    scale = ACT_QMAX / absmax.clamp_(min=EPS)
+    codes = (xf * scale).round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8)
     return codes, scale
 
 
