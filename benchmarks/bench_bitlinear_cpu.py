@@ -10,7 +10,8 @@ For each transformer shape (tokens x in -> out, float32) it measures, in the sam
 - saved-activation memory: bytes autograd keeps between forward and backward, parameters excluded
   (counted with ``torch.autograd.graph.saved_tensors_hooks``), as a ratio to ``nn.Linear``;
 - peak memory: growth of the process's resident high-water mark over one forward+backward, each
-  measured in a fresh process, as a ratio to ``nn.Linear``.
+  measured in a fresh process (glibc told to serve large blocks with mmap, so freed memory is
+  returned and the mark counts live bytes), as a ratio to ``nn.Linear``.
 
 Candidates are timed round-robin (one step of each per round) so that load on the machine hits
 all of them alike.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -87,7 +89,9 @@ def peak_rss_growth(impl: str, m: int, k: int, n: int) -> int:
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
             f"import bench_bitlinear_cpu as b, harness, json; layer, x = b.make({impl!r}, {m}, {k}, {n}); "
             "b.step(layer, x); print(json.dumps(harness.peak_memory_growth(lambda: b.step(layer, x))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    # Large blocks through mmap, so freed memory leaves the process and the high-water mark counts live bytes.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     return int(json.loads(out.strip().splitlines()[-1]))
 
 
