@@ -37,8 +37,11 @@ def load_text(files: Sequence[str | os.PathLike] | None = None, *, dataset_name:
             parts.append(p.read_text(encoding="utf-8"))
         text = "".join(parts)
     else:
-        import datasets
-
+        try:
+            import datasets
+        except ImportError as exc:
+            raise ValueError(f"--dataset_name {dataset_name!r} needs the `datasets` package: "
+                             "pip install 'bitdistill[datasets]' (or pass local --train_files)") from exc
         ds = datasets.load_dataset(dataset_name, dataset_config_name, split=split)
         if text_column not in ds.column_names:
             raise ValueError(f"dataset {dataset_name} has no column {text_column!r}; columns: {ds.column_names}")
