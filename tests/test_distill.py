@@ -180,3 +180,18 @@ def test_distillation_names_are_public_and_lazy():
             "from bitdistill import DistillationTrainer, strided_perplexity; print(DistillationTrainer.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "DistillationTrainer"
+
+
+def test_subln_marker_survives_save_and_load(tmp_path):
+    from bitdistill import load_student, replace_linear_with_bitlinear, student_marker
+    from bitdistill.distill.subln import insert_subln
+    from bitdistill.models import tiny_model
+
+    model = tiny_model("llama")
+    replace_linear_with_bitlinear(model)
+    names = insert_subln(model, init="ones")
+    model.save_pretrained(tmp_path)
+    loaded = load_student(tmp_path)
+    assert student_marker(loaded)["subln_modules"] == student_marker(model)["subln_modules"] == names
+    replace_linear_with_bitlinear(loaded)  # converting again (a no-op) keeps what SubLN recorded
+    assert student_marker(loaded)["subln_modules"] == names

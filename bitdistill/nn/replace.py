@@ -179,6 +179,7 @@ def _mark_config(model: nn.Module, use_rms_norm: bool, rms_norm_eps: float) -> N
                   if (isinstance(m, nn.Linear) or _is_conv1d(m)) and not isinstance(m, BitLinear))
     previous = getattr(config, MARKER_KEY, None) or {}
     setattr(config, MARKER_KEY, {
+        **previous,  # keys other steps added (e.g. SubLN's) survive a re-conversion
         "format": MARKER_FORMAT,
         "version": MARKER_VERSION,
         "use_rms_norm": bool(use_rms_norm or previous.get("use_rms_norm", False)),
