@@ -107,24 +107,26 @@ def _gamma_kernel(part_ptr, gamma_ptr, n_parts, numel, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _ternarize_kernel(w_ptr, gamma_ptr, t_ptr, numel, BLOCK: tl.constexpr):
+def _ternary_block(w_ptr, gamma_ptr, numel, BLOCK: tl.constexpr):
+    """This program's block of ``clamp(round(W / gamma), -1, 1)``: (offsets, mask, codes as fp32, gamma)."""
     pid = tl.program_id(0).to(tl.int64)
     o = pid * BLOCK + tl.arange(0, BLOCK)
     mask = o < numel
     gamma = tl.load(gamma_ptr)
     w = tl.load(w_ptr + o, mask=mask, other=0.0).to(tl.float32)
     t = round_half_even(tl.minimum(tl.maximum(tl.math.div_rn(w, gamma), -1.0), 1.0))
+    return o, mask, t, gamma
+
+
+@triton.jit
+def _ternarize_kernel(w_ptr, gamma_ptr, t_ptr, numel, BLOCK: tl.constexpr):
+    o, mask, t, _ = _ternary_block(w_ptr, gamma_ptr, numel, BLOCK)
     tl.store(t_ptr + o, t.to(tl.int8), mask=mask)
 
 
 @triton.jit
 def _dequant_ternary_kernel(w_ptr, gamma_ptr, o_ptr, numel, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    o = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = o < numel
-    gamma = tl.load(gamma_ptr)
-    w = tl.load(w_ptr + o, mask=mask, other=0.0).to(tl.float32)
-    t = round_half_even(tl.minimum(tl.maximum(tl.math.div_rn(w, gamma), -1.0), 1.0))
+    o, mask, t, gamma = _ternary_block(w_ptr, gamma_ptr, numel, BLOCK)
     tl.store(o_ptr + o, (t * gamma).to(o_ptr.dtype.element_ty), mask=mask)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from bitdistill.kernels import quant
-from kernel_utils import DEVICE, DTYPES, nan_like, rows_with_ties
+from kernel_utils import DEVICE, DTYPES, assert_close, nan_like, rows_with_ties
 
 from bitdistill.quant import reference
 
@@ -114,3 +114,14 @@ def test_weight_quant_large_on_gpu_is_deterministic():
     _, ref_gamma = reference.weight_quant(w)
     torch.testing.assert_close(g1, ref_gamma, rtol=1e-5, atol=0)
     assert torch.equal(c1, torch.round(w.float() / g1).clamp(-1, 1).to(torch.int8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ternarize_and_dequant_ternary_match_reference(dtype):
+    from bitdistill.kernels.quant import dequant_ternary, ternarize
+
+    w = torch.randn(37, 29, device=DEVICE).to(dtype)
+    codes, gamma = reference.weight_quant(w)
+    out = nan_like(codes.shape, torch.int8)
+    assert torch.equal(ternarize(w, gamma, out=out), codes) and torch.equal(out, codes)
+    assert_close(dequant_ternary(w, gamma, dtype), (codes.float() * gamma).to(dtype), dtype)
