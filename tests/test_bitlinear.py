@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from fake_quant import ste_fake_quant_linear
 from torch import nn
 
 from bitdistill import BitLinear, bitlinear
@@ -13,16 +13,6 @@ from bitdistill.quant import activation_quant, weight_quant
 # Tolerances per activation dtype for outputs/gradients vs an independent float64 computation.
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
        torch.float16: dict(rtol=2e-3, atol=2e-3)}
-
-
-def fake_quant_reference(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None):
-    """Independent float64 forward + STE backward via the detach trick."""
-    xd, wd = x.double(), w.double()
-    s = 127.0 / xd.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)
-    xq = (xd.detach() * s).round().clamp(-128, 127) / s
-    g = wd.detach().abs().mean().clamp(min=1e-5)
-    wq = (wd.detach() / g).round().clamp(-1, 1) * g
-    return F.linear(xd + (xq - xd).detach(), wd + (wq - wd).detach(), None if b is None else b.double())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -39,7 +29,7 @@ def test_forward_and_ste_backward_match_reference(dtype, bias, shape):
     x_ref = x.detach().clone().requires_grad_(True)
     w_ref = layer.weight.detach().clone().requires_grad_(True)
     b_ref = layer.bias.detach().clone().requires_grad_(True) if bias else None
-    y_ref = fake_quant_reference(x_ref, w_ref, b_ref)
+    y_ref = ste_fake_quant_linear(x_ref.double(), w_ref.double(), None if b_ref is None else b_ref.double())
     y_ref.backward(grad_y.double())
     tol = TOL[dtype]
     torch.testing.assert_close(y.double(), y_ref, **tol)

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
+from fake_quant import ste_fake_quant_linear
 from torch import nn
 
 from bitdistill import (
@@ -26,11 +26,7 @@ def _fq_forward(self, x):
     """Independent fake-quant forward (detach trick, STE) for an nn.Linear or Conv1D module."""
     conv1d_layout = isinstance(self, BitConv1D) or type(self).__name__ == "Conv1D"  # weight [in, out]
     w = self.weight.t() if conv1d_layout else self.weight
-    s = 127.0 / x.detach().abs().amax(-1, keepdim=True).clamp(min=1e-5)
-    xq = (x.detach() * s).round().clamp(-128, 127) / s
-    g = w.detach().abs().mean().clamp(min=1e-5)
-    wq = (w.detach() / g).round().clamp(-1, 1) * g
-    return F.linear(x + (xq - x).detach(), w + (wq - w).detach(), self.bias)
+    return ste_fake_quant_linear(x, w, self.bias)
 
 
 def fake_quant_copy(model, converted_names):
