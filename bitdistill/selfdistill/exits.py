@@ -95,7 +95,10 @@ class MultiExitLM(nn.Module):
         self.model = model
         self.variant = variant
         self.exit_layers = sorted(set(layers))
-        self._blocks, self._norm, self._head = blocks, norm, head
+        # Plain references into ``model`` (not registered again: each parameter appears once in state_dict).
+        object.__setattr__(self, "_blocks", blocks)
+        object.__setattr__(self, "_norm", norm)
+        object.__setattr__(self, "_head", head)
         hidden = head.in_features
         if variant == "separate":
             self.exit_norms = nn.ModuleList(copy.deepcopy(norm) for _ in self.exit_layers)
@@ -110,6 +113,13 @@ class MultiExitLM(nn.Module):
     @property
     def num_blocks(self) -> int:
         return len(self._blocks)
+
+    @property
+    def output_layers(self) -> list[int]:
+        """``MultiExitOutput.exit_layers`` of this model's forward: the exits' blocks (``-1``: concat), deepest last."""
+        if self.variant == "concat":
+            return [-1, self.num_blocks - 1]
+        return [*self.exit_layers, self.num_blocks - 1]
 
     def exit_logits(self, i: int, h: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, V]`` of per-block exit number ``i`` (index into ``exit_layers``) on features ``h``."""
@@ -137,6 +147,6 @@ class MultiExitLM(nn.Module):
         if self.variant == "concat":
             fused = self.concat_proj(torch.cat(hidden[:-1], dim=-1))
             return MultiExitOutput([self._head(self._norm(fused)), out.logits], [fused, hidden[-1]],
-                                   [-1, self.num_blocks - 1])
+                                   self.output_layers)
         logits = [self.exit_logits(j, h) for j, h in enumerate(hidden[:-1])]
-        return MultiExitOutput([*logits, out.logits], hidden, wanted)
+        return MultiExitOutput([*logits, out.logits], hidden, self.output_layers)

@@ -1,0 +1,35 @@
+"""``bitdistill self-distill``: train a causal LM with an exit after every block ("Be Your Own Teacher")."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "self-distill"
+HELP = ("Train a causal LM (pretrained or from a config, full precision or --bitnet) with exits after its blocks "
+        "and the self-distillation loss; every option is also a key of --config FILE (YAML/JSON). Data options "
+        "are those of `bitdistill distill`, training options transformers.TrainingArguments.")
+
+
+def _types() -> tuple:
+    from transformers import TrainingArguments
+
+    from bitdistill.distill.args import DataArguments
+    from bitdistill.selfdistill.args import SelfDistillArguments, SelfDistillModelArguments
+
+    return (SelfDistillModelArguments, SelfDistillArguments, DataArguments, TrainingArguments)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bitdistill.cli.hfargs import add_dataclass_arguments
+
+    add_dataclass_arguments(p, _types())
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
+    from bitdistill.selfdistill.run import run_self_distillation
+
+    model_args, sd_args, data_args, training_args = parse_dataclasses(args, _types())
+    out = run_self_distillation(model_args, sd_args, data_args, training_args, command=command_from_args(args))
+    print(f"wrote the multi-exit model to {out}")
+    return 0

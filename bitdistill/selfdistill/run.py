@@ -1,0 +1,255 @@
+"""``bitdistill self-distill``: build the model and its exits, train with ``SelfDistillTrainer``, save, reload.
+
+Shares the distillation machinery: token blocks and their cache (``DataArguments``), strided perplexity,
+checkpoint/resume validation (a resumed run must have the same configuration) and atomic output folders.
+
+The output folder ``<output_dir>/model`` holds the causal LM as ``save_pretrained`` writes it (a
+bitdistill student when trained with ``--bitnet``: ``load_student`` and ``bitdistill pack`` read it), the
+exit modules that are not part of it (``exits.safetensors``: separate heads, the concat classifier,
+hint bottlenecks), ``self_distill.json`` (the exit layout) and the metrics. :func:`load_multi_exit` rebuilds
+the :class:`MultiExitLM` for early-exit decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from bitdistill.convert import load_causal_lm, parse_dtype
+from bitdistill.data.blocks import BlockDataset, load_text, tokenize_text
+from bitdistill.distill.args import DataArguments
+from bitdistill.distill.run import (
+    CONFIG_FILE,
+    _check_resume,
+    _config_dict,
+    _ConfigWriter,
+    _resolve_checkpoint,
+    build_blocks,
+)
+from bitdistill.distill.trainer import EvalEveryCallback
+from bitdistill.io import atomic_output_dir
+from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear, student_marker
+from bitdistill.selfdistill.args import EXIT_MODES, SelfDistillArguments, SelfDistillModelArguments
+from bitdistill.selfdistill.exits import MultiExitLM
+from bitdistill.selfdistill.loss import SelfDistillConfig, SelfDistillModel
+from bitdistill.selfdistill.trainer import SelfDistillTrainer, unique_tensors
+
+__all__ = ["EXITS_FILE", "LAYOUT_FILE", "build_self_distill_model", "load_multi_exit", "run_self_distillation"]
+
+LAYOUT_FILE = "self_distill.json"
+EXITS_FILE = "exits.safetensors"
+METRICS_FILE = "self_distill_metrics.json"
+
+
+def _is_student_folder(src: str) -> bool:
+    cfg = Path(src) / "config.json"
+    return cfg.is_file() and "bitdistill" in json.loads(cfg.read_text())
+
+
+def load_base_model(model_args: SelfDistillModelArguments) -> nn.Module:
+    """The causal LM to train: pretrained (``model_name_or_path``) or fresh from ``model_config``, BitNet if asked."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (model_args.model_name_or_path is None) == (model_args.model_config is None):
+        raise ValueError("pass exactly one of --model_name_or_path (pretrained weights) and --model_config "
+                         "(a config.json to train from scratch)")
+    dtype = parse_dtype(model_args.model_dtype)
+    if model_args.model_config is not None:
+        path = Path(model_args.model_config)
+        if not path.exists():
+            raise FileNotFoundError(f"--model_config {path} does not exist; pass a config.json or a folder holding one")
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    elif model_args.gguf_file is None and _is_student_folder(model_args.model_name_or_path):
+        model = load_student(model_args.model_name_or_path, dtype=dtype)
+    else:
+        model = load_causal_lm(model_args.model_name_or_path, gguf_file=model_args.gguf_file, dtype=dtype)
+    if model_args.bitnet and student_marker(model) is None:
+        report = replace_linear_with_bitlinear(model, modules_to_not_convert=model_args.modules_to_not_convert)
+        if not report.converted:
+            raise ValueError(f"{type(model).__name__} has no linear layer to convert to BitLinear")
+    return model.train()
+
+
+def build_self_distill_model(model: nn.Module, sd_args: SelfDistillArguments) -> nn.Module:
+    """The module the trainer optimizes: ``model`` itself for ``exit_variant="none"``, else a :class:`SelfDistillModel`."""
+    if sd_args.exit_variant not in EXIT_MODES:
+        raise ValueError(f"unknown --exit_variant {sd_args.exit_variant!r}; choose one of {', '.join(EXIT_MODES)}")
+    if sd_args.exit_variant == "none":
+        return model
+    config = SelfDistillConfig(alpha=sd_args.alpha, temperature=sd_args.temperature, hint_weight=sd_args.hint_weight,
+                               exit_weights=sd_args.exit_weights)
+    return SelfDistillModel(MultiExitLM(model, sd_args.exit_layers, sd_args.exit_variant), config)
+
+
+def _load_tokenizer(model_args: SelfDistillModelArguments):
+    from transformers import AutoTokenizer
+
+    src, gguf = model_args.tokenizer_name_or_path, None
+    if src is None:
+        if model_args.model_name_or_path is None or model_args.model_name_or_path.startswith("tiny:"):
+            raise ValueError("pass --tokenizer_name_or_path (a model built from --model_config or tiny:<arch> has none)")
+        src, gguf = model_args.model_name_or_path, model_args.gguf_file
+    return AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+
+
+def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDistillArguments,
+                          data_args: DataArguments, training_args, *, command: str | None = None,
+                          callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Train with exits and the self-distillation loss; save to ``<output_dir>/model`` and return that folder.
+
+    ``training_args`` is a ``transformers.TrainingArguments``; its ``eval_steps`` (with ``eval_strategy``
+    other than ``"no"``) schedule the per-exit evaluations, ``resume_from_checkpoint`` may be ``latest``.
+    """
+    output_dir = Path(training_args.output_dir)
+    final_dir = output_dir / "model"
+    checkpoint = _resolve_checkpoint(training_args, output_dir)
+    config = _config_dict(model_args, data_args, sd_args, training_args)
+    if checkpoint is not None:
+        _check_resume(checkpoint, config)
+    elif output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
+                              "continue, or choose another --output_dir")
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
+    if sd_args.exit_variant == "concat" and sd_args.hint_weight > 0:
+        raise ValueError("feature hints need per-block exits, but --exit_variant concat has one fused classifier; "
+                         "pass --hint_weight 0 or use --exit_variant shared/separate")
+
+    tokenizer = _load_tokenizer(model_args)
+    blocks = build_blocks(data_args, tokenizer)
+    torch.manual_seed(training_args.seed)
+    model = load_base_model(model_args)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}; "
+                         "pass the model's own tokenizer (or a config with a larger vocab_size)")
+    module = build_self_distill_model(model, sd_args)
+    eval_layers = sd_args.exit_layers if sd_args.exit_variant == "none" else None
+
+    v = data_args.validation_blocks
+    train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
+    val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
+    ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
+
+    eval_steps = training_args.eval_steps if training_args.eval_strategy != "no" else None
+    training_args.eval_strategy = "no"
+    training_args.remove_unused_columns = False
+    training_args.prediction_loss_only = True
+    callbacks = list(callbacks or [])
+    if eval_steps:
+        callbacks.append(EvalEveryCallback(int(eval_steps)))
+    config_json = json.dumps(config, indent=2)
+    callbacks.append(_ConfigWriter(config_json))
+    trainer = SelfDistillTrainer(
+        model=module, args=training_args, train_dataset=train_ds, validation_dataset=val_ds,
+        perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
+        perplexity_max_windows=data_args.eval_max_windows, eval_exit_layers=eval_layers, callbacks=callbacks)
+
+    metrics: dict[str, dict] = {}
+    evaluate = ppl_ids is not None or val_ds is not None
+    if checkpoint is None and evaluate:
+        metrics["start"] = trainer.evaluate(metric_key_prefix="start")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - started
+    metrics["train"] = dict(result.metrics)
+    metrics["log_history"] = [dict(h) for h in trainer.state.log_history]
+    if evaluate:
+        metrics["final"] = trainer.evaluate(metric_key_prefix="final")
+    if trainer.is_world_process_zero():
+        trained = trainer.accelerator.unwrap_model(trainer.model)
+        with atomic_output_dir(final_dir) as tmp:
+            save_multi_exit(trained, tmp, sd_args)
+            tokenizer.save_pretrained(tmp)
+            (tmp / CONFIG_FILE).write_text(config_json)
+            (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str))
+            (tmp / "README.md").write_text(_model_card(model_args, sd_args, data_args, metrics, command,
+                                                       train_seconds, trainer.state.global_step))
+    trainer.accelerator.wait_for_everyone()
+    return final_dir
+
+
+def save_multi_exit(module: nn.Module, folder: Path, sd_args: SelfDistillArguments) -> None:
+    """Write the causal LM (``save_pretrained``), the extra exit modules and the exit layout into ``folder``."""
+    from safetensors.torch import save_file
+
+    if isinstance(module, SelfDistillModel):
+        mx = module.multi_exit
+        mx.model.save_pretrained(folder)
+        extra = {k: v.contiguous() for k, v in unique_tensors(module.state_dict()).items()
+                 if not k.startswith("multi_exit.model.")}
+        if extra:
+            save_file(extra, str(folder / EXITS_FILE), metadata={"format": "pt"})
+        layout = {"exit_variant": mx.variant, "exit_layers": mx.exit_layers,
+                  "hint_bottlenecks": module.bottlenecks is not None}
+    else:
+        module.save_pretrained(folder)
+        layout = {"exit_variant": "none", "exit_layers": sd_args.exit_layers, "hint_bottlenecks": False}
+    (folder / LAYOUT_FILE).write_text(json.dumps(layout, indent=2))
+
+
+def load_multi_exit(path: str | Path, *, dtype: str = "float32") -> MultiExitLM:
+    """Rebuild the trained :class:`MultiExitLM` from a ``bitdistill self-distill`` output folder.
+
+    A model trained with ``exit_variant="none"`` comes back with ``"shared"`` exits (its own head after each block).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    layout_file = path / LAYOUT_FILE
+    if not layout_file.is_file():
+        raise FileNotFoundError(f"{path} has no {LAYOUT_FILE}; pass the model folder `bitdistill self-distill` wrote")
+    layout = json.loads(layout_file.read_text())
+    model = (load_student(path, dtype=parse_dtype(dtype)) if _is_student_folder(str(path))
+             else load_causal_lm(path, dtype=dtype))
+    variant = "shared" if layout["exit_variant"] == "none" else layout["exit_variant"]
+    mx = MultiExitLM(model, layout["exit_layers"], variant)
+    exits_file = path / EXITS_FILE
+    if exits_file.is_file():
+        state = {k.removeprefix("multi_exit."): v for k, v in load_file(str(exits_file)).items()
+                 if k.startswith("multi_exit.")}
+        missing, unexpected = mx.load_state_dict(state, strict=False)
+        wanted = {k for k in mx.state_dict() if not k.startswith("model.")}
+        if unexpected or wanted & set(missing):
+            raise ValueError(f"{exits_file} does not match the exit layout in {LAYOUT_FILE} "
+                             f"(missing {sorted(wanted & set(missing))}, unexpected {sorted(unexpected)})")
+    return mx.eval()
+
+
+def _model_card(model_args, sd_args, data_args, metrics: dict, command: str | None, train_seconds: float,
+                steps: int) -> str:
+    source = model_args.model_name_or_path or f"random init from {model_args.model_config}"
+    final = metrics.get("final", {})
+    start = metrics.get("start", {})
+    exits = [k.removeprefix("final_perplexity_") for k in final if k.startswith("final_perplexity_")]
+
+    def fmt(d: dict, key: str) -> str:
+        return f"{d[key]:.3f}" if key in d else "-"
+
+    rows = [f"| {e} | {fmt(start, f'start_nll_{e}')} | {fmt(final, f'final_nll_{e}')} | "
+            f"{fmt(final, f'final_perplexity_{e}')} | {fmt(final, f'final_loss_{e}')} |" for e in exits]
+    table = "\n".join(["| exit | eval NLL before | eval NLL after | perplexity after | held-out loss after |",
+                       "|---|---|---|---|---|", *rows]) if rows else "(no evaluation text given)"
+    tags = "[self-distillation, early-exit, bitdistill" + (", bitnet, bitnet-b1.58]" if model_args.bitnet else "]")
+    return f"""---
+tags: {tags}
+---
+# Multi-exit model trained with `bitdistill self-distill`
+
+Source: {source}; exits: `{sd_args.exit_variant}` after blocks {sd_args.exit_layers or 'all but the last'};
+loss: "Be Your Own Teacher" (alpha {sd_args.alpha}, tau {sd_args.temperature}, hint weight {sd_args.hint_weight}).
+Load it with `bitdistill.load_multi_exit(path)`; the folder is also a plain causal LM (the deepest exit).
+
+- Command: `{command or '(library call)'}`
+- Training data: {', '.join(data_args.train_files) or data_args.dataset_name}; blocks of {data_args.max_seq_length} tokens
+- Steps: {steps}; {train_seconds:.0f} s
+
+## Per-exit evaluation ({', '.join(data_args.eval_files) or '-'})
+
+{table}
+"""
