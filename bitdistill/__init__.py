@@ -41,6 +41,8 @@ from bitdistill.selfdistill import (
     SelfDistillConfig,
     SelfDistillModel,
     early_exit_generate,
+    early_exit_logits,
+    early_exit_perplexity,
     self_distillation_loss,
 )
 
@@ -52,6 +54,9 @@ _LAZY = {
     "run_cache_teacher": "bitdistill.distill",
     "insert_subln": "bitdistill.distill",
     "strided_perplexity": "bitdistill.eval",
+    "SelfDistillTrainer": "bitdistill.selfdistill.trainer",
+    "load_multi_exit": "bitdistill.selfdistill.run",
+    "run_self_distillation": "bitdistill.selfdistill.run",
 }
 
 
@@ -73,14 +78,18 @@ __all__ = [
     "PackedBitLinear",
     "SelfDistillConfig",
     "SelfDistillModel",
+    "SelfDistillTrainer",
     "__version__",
     "activation_quant",
     "bitlinear",
     "bitlinear_reference",
     "early_exit_generate",
+    "early_exit_logits",
+    "early_exit_perplexity",
     "fake_quant_activation",
     "fake_quant_weight",
     "insert_subln",
+    "load_multi_exit",
     "load_packed",
     "load_student",
     "matches_module_pattern",
@@ -90,6 +99,7 @@ __all__ = [
     "replace_linear_with_bitlinear",
     "run_cache_teacher",
     "run_distillation",
+    "run_self_distillation",
     "save_packed",
     "self_distillation_loss",
     "strided_perplexity",

@@ -7,12 +7,15 @@ import torch
 from torch import nn
 
 from bitdistill import replace_linear_with_bitlinear
+from bitdistill.eval.perplexity import strided_perplexities, strided_perplexity
 from bitdistill.models import tiny_model
 from bitdistill.selfdistill import (
     MultiExitLM,
     SelfDistillConfig,
     SelfDistillModel,
     early_exit_generate,
+    early_exit_logits,
+    early_exit_perplexity,
     self_distillation_loss,
 )
 
@@ -118,6 +121,40 @@ def test_early_exit_generate():
     assert eager.exit_blocks == [0] * 4 and eager.mean_depth_fraction == 0.5
     first_exit = mx(prompt).logits[0][:, -1].argmax(-1)
     assert eager.sequences[0, 5] == first_exit
+
+
+def test_early_exit_logits_takes_the_first_confident_exit():
+    sure = torch.tensor([[[9.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])  # position 0 confident, position 1 uniform
+    unsure = torch.zeros(1, 2, 3)
+    deep = torch.tensor([[[0.0, 5.0, 0.0], [0.0, 0.0, 5.0]]])
+    chosen, index = early_exit_logits([unsure, sure, deep], threshold=0.9)
+    assert index.tolist() == [[1, 2]]
+    assert torch.equal(chosen[0, 0], sure[0, 0]) and torch.equal(chosen[0, 1], deep[0, 1])
+    assert early_exit_logits([unsure, sure, deep], threshold=1.5)[1].tolist() == [[2, 2]]
+    assert early_exit_logits([unsure, sure, deep], threshold=0.0)[1].tolist() == [[0, 0]]
+
+
+def test_early_exit_perplexity_matches_decoding_and_its_limits():
+    torch.manual_seed(0)
+    model = tiny_model("gpt_neox", seed=3)
+    mx = SelfDistillModel(MultiExitLM(model, variant="separate"), SelfDistillConfig(hint_weight=0)).multi_exit
+    with torch.no_grad():
+        for p in mx.exit_heads.parameters():
+            p.mul_(8.0)  # sharper first exit: some tokens exit early at 0.2, some do not
+    ids = torch.randint(0, 256, (40,))
+    full, depth = early_exit_perplexity(mx, ids, threshold=2.0, max_length=20)
+    assert depth == 1.0 and full.perplexity == pytest.approx(strided_perplexity(model, ids, max_length=20).perplexity)
+    first, depth0 = early_exit_perplexity(mx, ids, threshold=0.0, max_length=20)
+    assert depth0 == 0.5
+    expected = strided_perplexities(lambda x: [mx(x).logits[0]], mx, ids, max_length=20)[0]
+    assert first.perplexity == pytest.approx(expected.perplexity)
+    _, mid = early_exit_perplexity(mx, ids, threshold=0.2, max_length=20)
+    assert 0.5 < mid < 1.0
+    # teacher-forced on the generated sequence, the chosen exits' argmax reproduce early-exit decoding
+    gen = early_exit_generate(mx, ids[None, :6], max_new_tokens=8, threshold=0.2)
+    chosen, index = early_exit_logits(mx(gen.sequences).logits, 0.2)
+    assert torch.equal(chosen[0, 5:-1].argmax(-1), gen.sequences[0, 6:])
+    assert [mx.output_layers[i] for i in index[0, 5:-1].tolist()] == gen.exit_blocks
 
 
 def test_bad_input():

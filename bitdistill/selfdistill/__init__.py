@@ -1,6 +1,11 @@
 """Self-distillation for causal LMs ("Be Your Own Teacher"): multi-exit wrapper, loss, early-exit decoding."""
 
-from bitdistill.selfdistill.early_exit import EarlyExitResult, early_exit_generate
+from bitdistill.selfdistill.early_exit import (
+    EarlyExitResult,
+    early_exit_generate,
+    early_exit_logits,
+    early_exit_perplexity,
+)
 from bitdistill.selfdistill.exits import EXIT_VARIANTS, MultiExitLM, MultiExitOutput, find_blocks
 from bitdistill.selfdistill.loss import (
     Bottleneck,
@@ -18,6 +23,8 @@ __all__ = [
     "SelfDistillConfig",
     "SelfDistillModel",
     "early_exit_generate",
+    "early_exit_logits",
+    "early_exit_perplexity",
     "find_blocks",
     "self_distillation_loss",
 ]

@@ -9,13 +9,15 @@ states are exactly what the model computes (no copied or stale states of skipped
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from bitdistill.eval.perplexity import PerplexityResult, strided_perplexities
 from bitdistill.selfdistill.exits import MultiExitLM
 
-__all__ = ["EarlyExitResult", "early_exit_generate"]
+__all__ = ["EarlyExitResult", "early_exit_generate", "early_exit_logits", "early_exit_perplexity"]
 
 
 @dataclass
@@ -81,3 +83,47 @@ def early_exit_generate(multi_exit: MultiExitLM, input_ids: torch.Tensor, *, max
         if eos_token_id is not None and token.item() == eos_token_id:
             break
     return EarlyExitResult(ids, exits, n)
+
+
+def early_exit_logits(logits: Sequence[torch.Tensor], threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the logits of the first exit whose top probability reaches ``threshold``.
+
+    Args:
+        logits: per exit ``[B, T, V]``, shallowest first, the deepest last (taken when no exit is confident).
+        threshold: top-probability needed to stop (``> 1``: always the deepest exit).
+
+    Returns:
+        ``(chosen [B, T, V], exit_index [B, T])`` with ``exit_index`` the position in ``logits`` taken.
+    """
+    chosen = logits[-1].clone()
+    index = torch.full(chosen.shape[:-1], len(logits) - 1, dtype=torch.long, device=chosen.device)
+    undecided = torch.ones_like(index, dtype=torch.bool)
+    for i, z in enumerate(logits[:-1]):
+        take = undecided & (torch.softmax(z.float(), -1).amax(-1) >= threshold)
+        chosen[take] = z[take].to(chosen.dtype)
+        index[take] = i
+        undecided &= ~take
+    return chosen, index
+
+
+@torch.no_grad()
+def early_exit_perplexity(multi_exit: MultiExitLM, input_ids: torch.Tensor, *, threshold: float, max_length: int,
+                          max_windows: int | None = None) -> tuple[PerplexityResult, float]:
+    """Teacher-forced quality of early-exit decoding: strided perplexity when every token is predicted by the
+    exit :func:`early_exit_generate` would take at ``threshold``, and the mean fraction of blocks run.
+
+    Each position's exit depends only on its prefix, so this is exactly the distribution early-exit decoding
+    uses at that position given the true prefix. ``input_ids [N]`` is 1-D; windows do not overlap.
+    """
+    if multi_exit.variant == "concat":
+        raise ValueError("early exit needs per-block exits; the 'concat' classifier reads every block")
+    depth = torch.tensor([b + 1 for b in multi_exit.output_layers], dtype=torch.float64)
+    used: list[torch.Tensor] = []
+
+    def fn(ids: torch.Tensor) -> list[torch.Tensor]:
+        chosen, index = early_exit_logits(multi_exit(ids).logits, threshold)
+        used.append(depth[index[0, :-1].cpu()])
+        return [chosen]
+
+    (result,) = strided_perplexities(fn, multi_exit, input_ids, max_length=max_length, max_windows=max_windows)
+    return result, (torch.cat(used).mean() / multi_exit.num_blocks).item()

@@ -127,6 +127,18 @@ class SelfDistillTrainer(Trainer):
             state_dict = unique_tensors(self.accelerator.unwrap_model(self.model).state_dict())
         super()._save(output_dir, state_dict)
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """A resumed checkpoint lacks only the aliases :meth:`_save` left out; anything else is an error."""
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PreTrainedModel):
+            return super()._issue_warnings_after_load(load_result)
+        full = model.state_dict()
+        aliases = set(full) - set(unique_tensors(full))
+        missing = set(load_result.missing_keys) - aliases
+        if missing or load_result.unexpected_keys:
+            raise ValueError(f"the checkpoint does not match the model: missing {sorted(missing)}, "
+                             f"unexpected {sorted(load_result.unexpected_keys)}")
+
 
 def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state_dict`` keeping the first name of every tensor that several names share (safetensors refuses aliases)."""
