@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -159,3 +162,26 @@ def test_refuses_an_existing_model_folder(setup, tmp_path, capsys):
     rc = main(["self-distill", "--model_config", str(setup["llama"]), *setup["common"], "--output_dir",
                str(tmp_path), "--max_steps", "1"])
     assert rc == 2 and "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(setup):
+    root = setup["root"]
+    base = [a for a in setup["common"] if a not in ("--per_device_train_batch_size", "2")]
+    opts = ["--model_config", str(setup["llama"]), *base, "--max_steps", "3", "--exit_variant", "separate",
+            "--save_strategy", "no", "--gradient_accumulation_steps", "2", "--use_cpu", "true"]
+    one = root / "ddp_one"
+    assert main(["self-distill", *opts, "--per_device_train_batch_size", "2", "--output_dir", str(one)]) == 0
+    two = root / "ddp_two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "bitdistill.cli.main", "self-distill", *opts, "--per_device_train_batch_size", "1",
+           "--ddp_backend", "gloo", "--output_dir", str(two)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    la = [h["loss"] for h in _metrics(one / "model")["log_history"] if "loss" in h]
+    lb = [h["loss"] for h in _metrics(two / "model")["log_history"] if "loss" in h]
+    assert len(la) == 3 and lb == pytest.approx(la, rel=1e-4)
+    a, b = load_multi_exit(one / "model").state_dict(), load_multi_exit(two / "model").state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
