@@ -145,6 +145,7 @@ def test_resume_with_tied_embeddings_equals_an_uninterrupted_run(setup):
     (["--model_config", "MODEL", "--exit_variant", "concat"], "hints need per-block exits"),
     (["--model_config", "MODEL", "--exit_variant", "sideways"], "unknown --exit_variant"),
     (["--model_config", "MODEL", "--exit_layers", "7"], "out of range"),
+    (["--model_config", "MODEL", "--exit_weights", "1", "2"], "one weight per exit"),
     (["--model_config", "/nonexistent/config"], "does not exist"),
     (["--model_name_or_path", "tiny:llama"], "vocabulary is 256"),
 ])

@@ -127,6 +127,9 @@ class SelfDistillModel(nn.Module):
         self.multi_exit = multi_exit
         head = multi_exit.model.get_output_embeddings()
         n = len(multi_exit.exit_layers) if multi_exit.variant != "concat" else 1
+        if self.config.exit_weights is not None and len(self.config.exit_weights) != n:
+            raise ValueError(f"exit_weights has {len(self.config.exit_weights)} entries but the model has {n} "
+                             "non-deepest exits; give one weight per exit")
         self.bottlenecks = nn.ModuleList(
             Bottleneck(head.in_features, device=head.weight.device, dtype=head.weight.dtype) for _ in range(n)
         ) if self.config.hint_weight > 0 else None
