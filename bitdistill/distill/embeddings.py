@@ -40,7 +40,10 @@ def student_from_config(spec: str, dtype: str | torch.dtype = "float32") -> nn.M
         if "model_type" not in data:
             raise ValueError(f"{path} has no model_type; it is not a transformers model config")
         data.pop("bitdistill", None)
-        config = AutoConfig.for_model(**data)
+        try:
+            config = AutoConfig.for_model(**data)
+        except Exception as exc:  # transformers' and huggingface_hub's config validation errors
+            raise ValueError(f"invalid student config {path}: {str(exc).strip().splitlines()[-1]}") from exc
     try:
         return AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
     except ValueError as exc:
