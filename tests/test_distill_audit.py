@@ -241,3 +241,16 @@ def test_bad_inputs_one_line_and_nothing_written(setup, capsys, monkeypatch, tmp
     monkeypatch.undo()
     monkeypatch.setattr(LlamaForCausalLM, "supports_gradient_checkpointing", False)
     fails("--gradient_checkpointing", "true", match="does not support gradient checkpointing")
+
+
+def test_checkpointing_mode_from_a_config_file(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("gradient_checkpointing: true\ngradient_checkpointing_kwargs: {use_reentrant: true}\n"
+                   "output_dir: /tmp/x\n")
+    from bitdistill.cli.distill import _types
+    from bitdistill.cli.hfargs import parse_dataclasses
+    from bitdistill.cli.main import build_parser
+
+    training_args = parse_dataclasses(build_parser().parse_args(["distill", "--config", str(cfg)]), _types())[3]
+    assert training_args.gradient_checkpointing is True
+    assert training_args.activation_checkpointing_kwargs == {"use_reentrant": True}
