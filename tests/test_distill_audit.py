@@ -62,7 +62,8 @@ def _records(out: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+# GPT-NeoX is `slow` here only to keep the default suite short; tests/test_checkpointing.py checks its gradients.
+@pytest.mark.parametrize("arch", ["llama", pytest.param("gpt_neox", marks=pytest.mark.slow)])
 def test_gradient_checkpointing_cli_gives_the_same_losses(setup, arch, monkeypatch, capsys):
     import transformers.modeling_utils as mu
 
