@@ -113,3 +113,33 @@ def test_data_cache_is_reused_and_disk_use_does_not_grow(tmp_path, shared_data, 
     after_build = _tree(cache)
     b = build_blocks(data_args, tok)
     assert torch.equal(a, b) and _tree(cache) == after_build and len(after_build) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox", "qwen2"])
+def test_pack_in_memory_computes_the_student_function(arch):
+    from bitdistill import PackedBitLinear, pack_in_memory, replace_linear_with_bitlinear
+
+    student = tiny_model(arch)
+    replace_linear_with_bitlinear(student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    packed = pack_in_memory(student)
+    assert any(isinstance(m, PackedBitLinear) for m in packed.modules())
+    assert not any(p.requires_grad for n, p in packed.named_parameters() if "proj" in n or "dense" in n)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids).logits, student(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+
+
+def test_pack_in_memory_says_why_not():
+    from bitdistill import insert_subln, pack_in_memory, replace_linear_with_bitlinear
+
+    subln = tiny_model("llama")
+    replace_linear_with_bitlinear(subln)
+    insert_subln(subln, init="ones")
+    with pytest.raises(ValueError, match="SubLN"):
+        pack_in_memory(subln)
+    gpt2 = tiny_model("gpt2")
+    replace_linear_with_bitlinear(gpt2)
+    with pytest.raises(ValueError, match="Conv1D"):
+        pack_in_memory(gpt2)

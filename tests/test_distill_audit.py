@@ -255,3 +255,21 @@ def test_checkpointing_mode_from_a_config_file(tmp_path):
     training_args = parse_dataclasses(build_parser().parse_args(["distill", "--config", str(cfg)]), _types())[3]
     assert training_args.gradient_checkpointing is True
     assert training_args.activation_checkpointing_kwargs == {"use_reentrant": True}
+
+
+def test_card_names_a_hub_base_model_only_when_the_weights_come_from_it():
+    from huggingface_hub import ModelCard
+
+    from bitdistill.distill.run import _card
+
+    def card(*argv):
+        model_args, data_args, loss_args, training_args = _parse(["--train_files", "t.txt", "--output_dir", "o", *argv])
+        return ModelCard(_card(model_args, data_args, loss_args, training_args, {}, None, 1.0, 1)).data
+
+    copied = card("--teacher_model_name_or_path", "HuggingFaceTB/SmolLM2-135M")
+    assert copied.base_model == "HuggingFaceTB/SmolLM2-135M" and copied.base_model_relation == "quantized"
+    fresh = card("--teacher_model_name_or_path", "HuggingFaceTB/SmolLM2-135M", "--student_config", "tiny:llama")
+    assert fresh.base_model is None and getattr(fresh, "base_model_relation", None) is None
+    other = card("--teacher_model_name_or_path", "org/teacher", "--student_model_name_or_path", "org/small",
+                 "--dataset_name", "wikitext")
+    assert other.base_model == "org/small" and other.datasets == ["wikitext"]
