@@ -260,11 +260,11 @@ def test_checkpointing_mode_from_a_config_file(tmp_path):
 def test_card_names_a_hub_base_model_only_when_the_weights_come_from_it():
     from huggingface_hub import ModelCard
 
-    from bitdistill.distill.run import _card
+    from bitdistill.distill.card import distill_card
 
     def card(*argv):
         model_args, data_args, loss_args, training_args = _parse(["--train_files", "t.txt", "--output_dir", "o", *argv])
-        return ModelCard(_card(model_args, data_args, loss_args, training_args, {}, None, 1.0, 1)).data
+        return ModelCard(distill_card(model_args, data_args, loss_args, training_args, {}, None, 1.0, 1)).data
 
     copied = card("--teacher_model_name_or_path", "HuggingFaceTB/SmolLM2-135M")
     assert copied.base_model == "HuggingFaceTB/SmolLM2-135M" and copied.base_model_relation == "quantized"

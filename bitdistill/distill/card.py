@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import yaml
 
-__all__ = ["CARD_COLUMNS", "CARD_TAGS", "metric_rows", "model_card"]
+__all__ = ["CARD_COLUMNS", "CARD_TAGS", "distill_card", "metric_rows", "model_card"]
 
 CARD_TAGS = ["bitnet", "bitnet-b1.58", "1.58-bit", "ternary", "distillation", "bitdistill"]
 CARD_COLUMNS = {"teacher": "teacher", "student_start": "student before training", "student": "ternary student",
@@ -121,5 +123,88 @@ def model_card(metrics: dict, *, name: str, teacher: str, method: str, details: 
         parts += ["## Provenance", "", *[f"- {k}: `{v}`" for k, v in prov.items() if k != "command"], "",
                   "<details><summary>Every argument</summary>", "", "```json",
                   json.dumps(provenance.get("args", {}), indent=2), "```", "", "</details>", ""]
-    parts += ["Full configuration: `distill_config.json`; all metrics: `distill_metrics.json`.", ""]
+    parts += ["Full configuration: `distill_config.json`; all metrics: `distill_metrics.json`; run log: "
+              "`audit_log.jsonl` and `provenance.json` in the output folder.", ""]
     return "\n".join(parts)
+
+
+def _hub_id(src: str | None) -> str | None:
+    """``src`` when it looks like a Hub repository id (``owner/name``, not a local path), else ``None``."""
+    if not src or src.startswith("tiny:") or Path(src).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", src):
+        return None
+    return src
+
+
+def _method(model_args, loss_args) -> str:
+    if model_args.student_config:
+        init = f"a fresh model built from the config `{model_args.student_config}`"
+        if model_args.transfer_embeddings:
+            init += " with the teacher's input embedding and output head copied in"
+    elif model_args.student_model_name_or_path:
+        init = f"`{model_args.student_model_name_or_path}`"
+    else:
+        init = "a copy of the teacher"
+    terms = []
+    if loss_args.logits_weight > 0:
+        terms.append(f"{loss_args.logits_weight:g} x {loss_args.logits_loss} between the teacher's and the student's "
+                     f"next-token distributions (temperature {loss_args.temperature:g}"
+                     f"{', from a top-k teacher cache' if loss_args.teacher_cache else ''})")
+    if loss_args.hidden_weight > 0:
+        terms.append(f"{loss_args.hidden_weight:g} x {loss_args.hidden_loss} between hidden states "
+                     f"(layer map {loss_args.hidden_layer_map})")
+    if loss_args.attention_weight > 0:
+        terms.append(f"{loss_args.attention_weight:g} x MiniLMv2 Q/K/V attention-relation KL (student blocks "
+                     f"{loss_args.attention_layers})")
+    if loss_args.ce_weight > 0:
+        terms.append(f"{loss_args.ce_weight:g} x cross-entropy on the next token")
+    extra = []
+    if model_args.subln:
+        extra.append("SubLN (an RMSNorm before every attention output and MLP down projection) was inserted")
+    if model_args.quant_warmup_steps:
+        extra.append(f"quantization was blended in over the first {model_args.quant_warmup_steps} steps")
+    frozen = [n for n, f in (("input embedding", model_args.freeze_embeddings),
+                             ("output head", model_args.freeze_lm_head)) if f]
+    if frozen:
+        extra.append(f"the {' and '.join(frozen)} stayed frozen")
+    text = (f"The student started as {init}; every linear layer except `{'`, `'.join(model_args.modules_to_not_convert)}`"
+            " was replaced by BitLinear (absmean ternary weights, per-token absmax int8 activations, straight-through "
+            "gradients on latent full-precision weights). It was then trained to imitate the teacher by minimizing "
+            + " + ".join(terms) + ", averaged over predicted tokens.")
+    if extra:
+        extra_text = "; ".join(extra)
+        text += f" {extra_text[0].upper()}{extra_text[1:]}."
+    return text
+
+
+def distill_card(model_args, data_args, loss_args, training_args, metrics: dict, prov: dict | None,
+                 train_seconds: float, steps: int) -> str:
+    """The card of a ``bitdistill distill`` run from its argument dataclasses, metrics and provenance."""
+    teacher = model_args.teacher_model_name_or_path or "(teacher cache)"
+    if model_args.teacher_gguf_file:
+        teacher += f" ({model_args.teacher_gguf_file})"
+    if model_args.student_config:
+        base, relation = None, None
+    else:
+        base = _hub_id(model_args.student_model_name_or_path or model_args.teacher_model_name_or_path)
+        relation = "quantized" if base else None
+    data = ", ".join(data_args.train_files) or f"{data_args.dataset_name} ({data_args.dataset_config_name})"
+    gc_kwargs = getattr(training_args, "gradient_checkpointing_kwargs", None)
+    details = [
+        f"Training data: {data}; blocks of {data_args.max_seq_length} tokens",
+        f"Steps: {steps}, batch {training_args.per_device_train_batch_size} x accumulation "
+        f"{training_args.gradient_accumulation_steps} x {training_args.world_size} processes; {train_seconds:.0f} s",
+        f"Learning rate {training_args.learning_rate:g} "
+        f"({getattr(training_args.lr_scheduler_type, 'value', training_args.lr_scheduler_type)}), "
+        f"seed {training_args.seed}",
+        f"Gradient checkpointing: {bool(training_args.gradient_checkpointing)}"
+        + (f" ({gc_kwargs})" if training_args.gradient_checkpointing and gc_kwargs else ""),
+        f"Perplexity: window {data_args.max_seq_length}, stride {data_args.eval_stride or data_args.max_seq_length}, "
+        f"max windows {data_args.eval_max_windows}",
+    ]
+    eval_name = ", ".join(Path(f).name for f in data_args.eval_files) or "-"
+    student_name = Path(str(model_args.teacher_model_name_or_path or "student")).name
+    return model_card(metrics, name=f"{student_name}-bitnet-b1.58-distilled", teacher=teacher,
+                      method=_method(model_args, loss_args), details=details,
+                      eval_dataset=eval_name, command=prov.get("command") if prov else None, provenance=prov,
+                      base_model=base, base_model_relation=relation,
+                      datasets=[data_args.dataset_name] if data_args.dataset_name else None)
