@@ -273,3 +273,26 @@ def test_card_names_a_hub_base_model_only_when_the_weights_come_from_it():
     other = card("--teacher_model_name_or_path", "org/teacher", "--student_model_name_or_path", "org/small",
                  "--dataset_name", "wikitext")
     assert other.base_model == "org/small" and other.datasets == ["wikitext"]
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointing_with_frozen_embeddings_gives_the_same_gradients(use_reentrant):
+    from bitdistill import replace_linear_with_bitlinear
+    from bitdistill.distill.embeddings import freeze_embeddings
+    from bitdistill.models import tiny_model
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tiny_model("llama").train()
+        replace_linear_with_bitlinear(model)
+        freeze_embeddings(model, embeddings=True, lm_head=False)
+        if checkpointing:  # as the Trainer does it (which also makes the embedding output require grad)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(1))
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert "model.embed_tokens.weight" not in plain and len(plain) > 10
+    for name, g in plain.items():
+        assert ckpt[name] is not None, name
+        torch.testing.assert_close(ckpt[name], g, rtol=0, atol=0, msg=name)
