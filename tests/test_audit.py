@@ -104,14 +104,15 @@ def test_data_cache_is_reused_and_disk_use_does_not_grow(tmp_path, shared_data, 
     first = token_blocks(text, tok, 64, cache_dir=cache)
     after_first = _tree(cache)
     monkeypatch.setattr(blocks_module, "tokenize_text", lambda *a: pytest.fail("tokenized again"))
-    second = token_blocks(text, tok, 64, cache_dir=cache)
+    reloaded = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")  # as a re-run would
+    second = token_blocks(text, reloaded, 64, cache_dir=cache)
     monkeypatch.undo()
     assert torch.equal(first, second) and _tree(cache) == after_first and len(after_first) == 1
 
     data_args = DataArguments(train_files=[str(text_file)], max_seq_length=128, data_cache_dir=str(cache))
     a = build_blocks(data_args, tok)
     after_build = _tree(cache)
-    b = build_blocks(data_args, tok)
+    b = build_blocks(data_args, reloaded)
     assert torch.equal(a, b) and _tree(cache) == after_build and len(after_build) == 2
 
 
