@@ -6,13 +6,20 @@ Public API::
     report = replace_linear_with_bitlinear(model)   # in place; model is now a BitNet student
 
 Importing this package imports no CUDA-only code and no Triton. The distillation names
-(``DistillationTrainer``, ``run_distillation``, ...) are imported on first use, because they pull in
-``transformers.Trainer``.
+(``DistillationTrainer``, ``run_distillation``, ...) and the run-audit names (``AuditCallback``,
+``write_provenance``) are imported on first use, because they pull in ``transformers.Trainer``.
 """
 
 import importlib
 
-from bitdistill.export import PackReport, load_packed, pack_model, save_packed, unpack_to_student
+from bitdistill.export import (
+    PackReport,
+    load_packed,
+    pack_in_memory,
+    pack_model,
+    save_packed,
+    unpack_to_student,
+)
 from bitdistill.nn import (
     BitConv1D,
     BitLinear,
@@ -49,6 +56,8 @@ from bitdistill.selfdistill import (
 __version__ = "0.1.0"
 
 _LAZY = {
+    "AuditCallback": "bitdistill.audit",
+    "write_provenance": "bitdistill.audit",
     "DistillationTrainer": "bitdistill.distill",
     "run_distillation": "bitdistill.distill",
     "run_cache_teacher": "bitdistill.distill",
@@ -67,6 +76,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AuditCallback",
     "BitConv1D",
     "BitLinear",
     "BitLinearFunction",
@@ -93,6 +103,7 @@ __all__ = [
     "load_packed",
     "load_student",
     "matches_module_pattern",
+    "pack_in_memory",
     "pack_model",
     "pack_ternary",
     "packed_linear_reference",
@@ -107,4 +118,5 @@ __all__ = [
     "unpack_ternary",
     "unpack_to_student",
     "weight_quant",
+    "write_provenance",
 ]

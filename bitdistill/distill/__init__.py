@@ -2,6 +2,8 @@
 
 from bitdistill.distill.args import CacheArguments, DataArguments, LossArguments, ModelArguments
 from bitdistill.distill.attention import QKVCapture
+from bitdistill.distill.card import model_card
+from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
 from bitdistill.distill.layer_map import LAYER_MAP_STRATEGIES, build_layer_map
 from bitdistill.distill.losses import (
     LOGIT_LOSSES,
@@ -35,10 +37,14 @@ __all__ = [
     "cached_logits_loss",
     "cross_entropy_loss",
     "divergence",
+    "freeze_embeddings",
     "hidden_state_loss",
     "insert_subln",
     "logits_distillation_loss",
+    "model_card",
     "prediction_mask",
     "run_cache_teacher",
     "run_distillation",
+    "student_from_config",
+    "transfer_embeddings",
 ]

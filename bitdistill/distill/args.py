@@ -4,7 +4,8 @@ Every field is a CLI flag (``--name value``) and a key of a YAML/JSON config fil
 flags given on the command line override the file. Training options (``--output_dir``,
 ``--max_steps``, ``--learning_rate``, ``--per_device_train_batch_size``, ``--gradient_accumulation_steps``,
 ``--save_steps``, ``--eval_steps``, ``--logging_steps``, ``--report_to``, ``--resume_from_checkpoint``,
-``--bf16``, ...) are those of ``transformers.TrainingArguments``.
+``--bf16``, ``--gradient_checkpointing``, ``--gradient_checkpointing_kwargs '{"use_reentrant": false}'``, ...)
+are those of ``transformers.TrainingArguments``.
 """
 
 from dataclasses import dataclass, field
@@ -28,6 +29,16 @@ class ModelArguments:
     student_model_name_or_path: str | None = field(default=None, metadata={
         "help": "Student initialization (folder, hub id, bitdistill student, tiny:<arch>); default: a copy of the teacher."})
     student_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file name inside the student folder."})
+    student_config: str | None = field(default=None, metadata={
+        "help": "Build a fresh (randomly initialized) student from this config: a config.json file, a folder "
+                "holding one, or tiny:<arch>. Excludes --student_model_name_or_path."})
+    transfer_embeddings: bool = field(default=False, metadata={
+        "help": "With --student_config: copy the teacher's input embedding and output head into the student "
+                "(same vocabulary and hidden size required)."})
+    freeze_embeddings: bool = field(default=False, metadata={
+        "help": "Do not train the student's input embedding (with tied embeddings this freezes the head too)."})
+    freeze_lm_head: bool = field(default=False, metadata={
+        "help": "Do not train the student's output head (with tied embeddings this freezes the embedding too)."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
         "help": "Tokenizer folder or hub id; default: the teacher's (or the GGUF's)."})
     model_dtype: str = field(default="float32", metadata={"help": "dtype to load both models in (float32, bfloat16, float16)."})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -13,16 +14,20 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from bitdistill.audit import PROVENANCE_FILE, AuditCallback, release_memory, write_provenance
 from bitdistill.convert import load_causal_lm, parse_dtype
 from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
 from bitdistill.distill.args import CacheArguments, DataArguments, LossArguments, ModelArguments
 from bitdistill.distill.attention import resolve_layer_indices
+from bitdistill.distill.card import distill_card
+from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
 from bitdistill.distill.layer_map import build_layer_map
 from bitdistill.distill.subln import insert_subln
 from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits
 from bitdistill.distill.trainer import PROJECTOR_ATTR, DistillationTrainer, EvalEveryCallback
 from bitdistill.distill.warmup import QuantWarmup
 from bitdistill.eval.perplexity import strided_perplexity
+from bitdistill.export.memory import pack_in_memory
 from bitdistill.io import atomic_output_dir
 from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear, student_marker
 
@@ -30,6 +35,7 @@ __all__ = ["CONFIG_FILE", "build_blocks", "load_teacher", "load_tokenizer", "pre
            "run_distillation"]
 
 CONFIG_FILE = "distill_config.json"
+logger = logging.getLogger(__name__)
 # Options that may change between a run and its resumption (everything else must match).
 _RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_steps",
                       "save_steps", "eval_steps", "eval_files", "eval_stride", "eval_max_windows", "report_to",
@@ -73,9 +79,22 @@ def load_teacher(model_args: ModelArguments) -> nn.Module:
 
 def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
                     calibration_input_ids: torch.Tensor | None = None) -> nn.Module:
-    """The BitNet student: a copy of the teacher (default) or the given model, converted, with optional SubLN."""
+    """The BitNet student: a copy of the teacher (default), the given model or a fresh model from
+    ``--student_config`` (optionally with the teacher's embeddings), converted, with optional SubLN and
+    frozen embeddings/head."""
     src = model_args.student_model_name_or_path
-    if src is None and teacher is not None and not getattr(teacher, "is_quantized", False):
+    if model_args.student_config and src is not None:
+        raise ValueError("--student_config builds a fresh student; do not also pass --student_model_name_or_path")
+    if model_args.transfer_embeddings and not model_args.student_config:
+        raise ValueError("--transfer_embeddings applies to a fresh student; pass --student_config too")
+    if model_args.transfer_embeddings and teacher is None:
+        raise ValueError("--transfer_embeddings needs the teacher's weights; drop --teacher_cache")
+    if model_args.student_config:
+        student = student_from_config(model_args.student_config, dtype=model_args.model_dtype)
+        if model_args.transfer_embeddings:
+            copied = transfer_embeddings(teacher, student)
+            logger.info("copied the teacher's %s into the student", ", ".join(copied))
+    elif src is None and teacher is not None and not getattr(teacher, "is_quantized", False):
         student = copy.deepcopy(teacher)
     else:
         src = src or model_args.teacher_model_name_or_path
@@ -95,6 +114,9 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
         insert_subln(student, eps=model_args.subln_eps, init=model_args.subln_init,
                      calibration_input_ids=calibration_input_ids)
     student.requires_grad_(True)
+    if model_args.freeze_embeddings or model_args.freeze_lm_head:
+        frozen = freeze_embeddings(student, embeddings=model_args.freeze_embeddings, lm_head=model_args.freeze_lm_head)
+        logger.warning("frozen (not trained): %s", ", ".join(frozen))
     return student.train()
 
 
@@ -183,6 +205,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     ``callbacks`` are extra ``TrainerCallback`` objects.
     """
     output_dir = Path(training_args.output_dir)
+    given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
     checkpoint = _resolve_checkpoint(training_args, output_dir)
     config = _config_dict(model_args, data_args, loss_args, training_args)
@@ -193,6 +216,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
                               "continue, or choose another --output_dir")
     if final_dir.exists():
         raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
+    if checkpoint is None and (output_dir / PROVENANCE_FILE).exists():
+        raise FileExistsError(f"{output_dir / PROVENANCE_FILE} already exists (an earlier run); choose another "
+                              "--output_dir")
     if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
         raise ValueError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
                          "need the live teacher (set their weights to 0 or drop --teacher_cache)")
@@ -204,6 +230,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=blocks[:1])
     _check_pair(teacher, student, tokenizer, data_args.max_seq_length)
+    if training_args.gradient_checkpointing and not getattr(student, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient_checkpointing: {type(student).__name__} does not support gradient "
+                         "checkpointing; drop the flag (or lower --per_device_train_batch_size to save memory)")
     if cache is not None:
         cache.check_compatible(blocks, _vocab(student), loss_args.temperature)
 
@@ -241,30 +270,57 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
 
     config_json = json.dumps(config, indent=2)
     callbacks.append(_ConfigWriter(config_json))
+    audit = AuditCallback(tokens_per_step=training_args.per_device_train_batch_size * data_args.max_seq_length
+                          * training_args.gradient_accumulation_steps * training_args.world_size)
+    callbacks.append(audit)
     trainer = DistillationTrainer(
         model=student, args=training_args, train_dataset=train_ds, teacher=teacher, teacher_cache=cache,
         loss_args=loss_args, hidden_layer_map=layer_map, attention_layers=attention_layers,
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, validation_dataset=val_ds, callbacks=callbacks)
 
+    prov = None
+    if trainer.is_world_process_zero():
+        all_args = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+                    "loss": dataclasses.asdict(loss_args), "training": given_training_args}
+        name = PROVENANCE_FILE if checkpoint is None else f"provenance-resume-{time.strftime('%Y%m%dT%H%M%S')}.json"
+        prov = json.loads(write_provenance(output_dir, all_args, command, name=name).read_text())
     metrics: dict[str, dict] = {}
     if ppl_ids is not None and teacher is not None and trainer.is_world_process_zero():
         r = strided_perplexity(teacher, ppl_ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
                                max_windows=data_args.eval_max_windows)
         metrics["teacher"] = {"perplexity": r.perplexity, "tokens": r.num_tokens}
     if checkpoint is None and ppl_ids is not None:
+        audit.evaluation_begins()
         metrics["student_start"] = trainer.evaluate(metric_key_prefix="start")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
     metrics["train"] = dict(result.metrics)
     if ppl_ids is not None:
+        audit.evaluation_begins()
         metrics["student_end"] = trainer.evaluate(metric_key_prefix="final")
     if trainer.is_world_process_zero():
-        _save_student(trainer.accelerator.unwrap_model(trainer.model), tokenizer, final_dir, model_args, data_args,
-                      training_args, metrics, config_json, command, train_seconds, trainer.state.global_step)
+        student = trainer.accelerator.unwrap_model(trainer.model)
+        if ppl_ids is not None:
+            metrics["packed"] = _packed_perplexity(student, ppl_ids, data_args)
+        _save_student(student, tokenizer, final_dir, model_args, data_args, loss_args, training_args, metrics,
+                      config_json, prov, train_seconds, trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
     return final_dir
+
+
+def _packed_perplexity(student: nn.Module, ids: torch.Tensor, data_args: DataArguments) -> dict:
+    """Perplexity of the student packed in memory, or ``{"skipped": reason}`` when it cannot be packed."""
+    try:
+        packed = pack_in_memory(student)
+    except ValueError as exc:
+        return {"skipped": str(exc)}
+    r = strided_perplexity(packed, ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
+                           max_windows=data_args.eval_max_windows)
+    del packed
+    release_memory()
+    return {"perplexity": r.perplexity, "tokens": r.num_tokens}
 
 
 class _WarmupCallback(TrainerCallback):
@@ -290,59 +346,20 @@ class _ConfigWriter(TrainerCallback):
                 (folder / CONFIG_FILE).write_text(self.config_json)
 
 
-def _save_student(student: nn.Module, tokenizer, out: Path, model_args, data_args, training_args, metrics: dict,
-                  config_json: str, command: str | None, train_seconds: float, steps: int) -> None:
+def _save_student(student: nn.Module, tokenizer, out: Path, model_args, data_args, loss_args, training_args,
+                  metrics: dict, config_json: str, prov: dict | None, train_seconds: float, steps: int) -> None:
     projectors = getattr(student, PROJECTOR_ATTR, None)
     if projectors is not None:
         delattr(student, PROJECTOR_ATTR)
+    card = distill_card(model_args, data_args, loss_args, training_args, metrics, prov, train_seconds, steps)
     with atomic_output_dir(out) as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(config_json)
         (tmp / "distill_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-        (tmp / "README.md").write_text(_model_card(model_args, data_args, training_args, metrics, command,
-                                                   train_seconds, steps))
+        (tmp / "README.md").write_text(card)
     if projectors is not None:
         setattr(student, PROJECTOR_ATTR, projectors)
-
-
-def _fmt(x) -> str:
-    return f"{x:.3f}" if isinstance(x, float) else str(x)
-
-
-def _model_card(model_args, data_args, training_args, metrics: dict, command: str | None, train_seconds: float,
-                steps: int) -> str:
-    teacher = model_args.teacher_model_name_or_path or "(teacher cache)"
-    if model_args.teacher_gguf_file:
-        teacher += f" ({model_args.teacher_gguf_file})"
-    rows = []
-    if "teacher" in metrics:
-        rows.append(f"| teacher | {_fmt(metrics['teacher']['perplexity'])} |")
-    if "student_start" in metrics:
-        rows.append(f"| student before training | {_fmt(metrics['student_start'].get('start_perplexity'))} |")
-    if "student_end" in metrics:
-        rows.append(f"| student after training | {_fmt(metrics['student_end'].get('final_perplexity'))} |")
-    table = "\n".join(["| model | perplexity |", "|---|---|", *rows]) if rows else "(no evaluation text given)"
-    data = ", ".join(data_args.train_files) or f"{data_args.dataset_name} ({data_args.dataset_config_name})"
-    return f"""---
-tags: [bitnet, bitnet-b1.58, ternary, distillation, bitdistill]
----
-# BitNet b1.58 student distilled from {teacher}
-
-Latent-weight student written by `bitdistill distill`: linear layers are BitLinear (ternary weights,
-int8 activations); load it with `bitdistill.load_student(path)`, pack it with `bitdistill pack`.
-
-- Command: `{command or '(library call)'}`
-- Training data: {data}; blocks of {data_args.max_seq_length} tokens
-- Steps: {steps}, batch {training_args.per_device_train_batch_size} x accumulation {training_args.gradient_accumulation_steps} x {training_args.world_size} processes; {train_seconds:.0f} s
-- SubLN: {model_args.subln}; quantization warm-up steps: {model_args.quant_warmup_steps}
-
-## Perplexity ({', '.join(data_args.eval_files) or '-'}; window {data_args.max_seq_length}, stride {data_args.eval_stride or data_args.max_seq_length}, max windows {data_args.eval_max_windows})
-
-{table}
-
-Full configuration: `{CONFIG_FILE}`; all metrics: `distill_metrics.json`.
-"""
 
 
 def run_cache_teacher(model_args: ModelArguments, data_args: DataArguments, cache_args: CacheArguments) -> Path:

@@ -174,14 +174,16 @@ class DistillationTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Distillation loss on the validation blocks (if any) and strided perplexity of the student (if set)."""
         metrics: dict[str, float] = {}
-        if self.validation_dataset is not None or eval_dataset is not None:
-            metrics.update(super().evaluate(eval_dataset or self.validation_dataset, ignore_keys, metric_key_prefix))
         if self.perplexity_ids is not None:
             student = self.accelerator.unwrap_model(self.model)
             r = strided_perplexity(student, self.perplexity_ids, max_length=self.perplexity_window,
                                    stride=self.perplexity_stride, max_windows=self.perplexity_max_windows)
-            ppl = {f"{metric_key_prefix}_perplexity": r.perplexity, f"{metric_key_prefix}_nll": r.nll,
-                   f"{metric_key_prefix}_tokens": r.num_tokens}
-            self.log(ppl)
-            metrics.update(ppl)
+            metrics = {f"{metric_key_prefix}_perplexity": r.perplexity, f"{metric_key_prefix}_nll": r.nll,
+                       f"{metric_key_prefix}_tokens": r.num_tokens}
+            self.log(metrics)
+        if self.validation_dataset is not None or eval_dataset is not None:
+            # last, so that its on_evaluate callback event comes after the whole evaluation
+            metrics.update(super().evaluate(eval_dataset or self.validation_dataset, ignore_keys, metric_key_prefix))
+        elif metrics:
+            self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

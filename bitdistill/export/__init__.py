@@ -1,5 +1,6 @@
 """Export: the Hugging Face ``bitnet`` packed safetensors writer/reader."""
 
+from bitdistill.export.memory import pack_in_memory
 from bitdistill.export.packed import (
     DEFAULT_MAX_SHARD_BYTES,
     PackReport,
@@ -16,6 +17,7 @@ __all__ = [
     "PackReport",
     "is_packed_config",
     "load_packed",
+    "pack_in_memory",
     "pack_model",
     "packed_quantization_config",
     "save_packed",

@@ -1,0 +1,43 @@
+"""Pack a trained BitNet student in memory, to evaluate exactly what ``bitdistill pack`` would ship."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from bitdistill.export.packed import pack_model, packed_quantization_config
+from bitdistill.nn.bitlinear import BitLinear
+from bitdistill.nn.packed import PackedBitLinear
+
+__all__ = ["pack_in_memory"]
+
+
+def pack_in_memory(student: nn.Module) -> nn.Module:
+    """A copy of ``student`` whose BitLinear layers are :class:`PackedBitLinear` holding :func:`pack_model`'s tensors.
+
+    Args:
+        student: a BitNet student (BitLinear layers). Not modified.
+
+    Returns:
+        The packed model in eval mode, on the student's device.
+
+    Raises:
+        ValueError: the student cannot be written in the ``bitnet`` packed format (SubLN or mixed in-layer
+            norms, a converted output head, ``out_features % 4 != 0``, Conv1D layers, NaN/Inf); the message
+            says why.
+    """
+    packed_quantization_config(student)
+    state = pack_model(student)
+    model = copy.deepcopy(student)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BitLinear):
+            rms = m.rms_norm
+            model.set_submodule(name, PackedBitLinear(
+                m.in_features, m.out_features, bias=m.bias is not None, use_rms_norm=rms is not None,
+                rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6, device=m.weight.device,
+                dtype=m.weight.dtype))
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"packed tensors without a module in the model: {unexpected[:3]}")
+    return model.eval()
