@@ -78,6 +78,12 @@ def test_trains_logs_every_exit_and_reloads(setup, arch, variant):
         torch.testing.assert_close(mx.exit_heads[0].weight, saved["multi_exit.exit_heads.0.weight"])
         assert not torch.equal(mx.exit_heads[0].weight, plain.get_output_embeddings().weight)
         assert "bottlenecks.0.down.weight" in saved  # the hint adapters are kept too
+    audit = [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()]
+    events = [r["event"] for r in audit]
+    assert events.count("train") == 8 and events.count("evaluate") == 2
+    assert all(r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in audit if r["event"] == "train")
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["args"]["self_distill"]["exit_variant"] == variant
     card = (model_dir / "README.md").read_text()
     assert "| block0 |" in card and "bitdistill self-distill" in card
 

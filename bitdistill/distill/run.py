@@ -31,8 +31,8 @@ from bitdistill.export.memory import pack_in_memory
 from bitdistill.io import atomic_output_dir
 from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear, student_marker
 
-__all__ = ["CONFIG_FILE", "build_blocks", "load_teacher", "load_tokenizer", "prepare_student", "run_cache_teacher",
-           "run_distillation"]
+__all__ = ["CONFIG_FILE", "build_blocks", "check_run_folder", "load_teacher", "load_tokenizer", "prepare_student",
+           "record_provenance", "run_cache_teacher", "run_distillation", "tokens_per_step"]
 
 CONFIG_FILE = "distill_config.json"
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def _config_dict(model_args, data_args, loss_args, training_args) -> dict:
 def _check_resume(checkpoint: Path, config: dict) -> None:
     saved_file = checkpoint / CONFIG_FILE
     if not saved_file.is_file():
-        raise ValueError(f"{checkpoint} has no {CONFIG_FILE}; it was not written by `bitdistill distill`")
+        raise ValueError(f"{checkpoint} has no {CONFIG_FILE}; it was not written by `bitdistill distill` or `self-distill`")
     saved = json.loads(saved_file.read_text())
     diff = sorted(k for k in set(saved) | set(config)
                   if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
@@ -195,6 +195,39 @@ def _resolve_checkpoint(training_args, output_dir: Path) -> Path | None:
     return Path(r)
 
 
+def check_run_folder(training_args, config: dict, final_dir: Path) -> Path | None:
+    """Validate ``--output_dir`` before a run and return the checkpoint to resume from (``None``: a new run).
+
+    A new run refuses a folder holding checkpoints, a final model or an earlier run's provenance; a resumed
+    run must have the configuration its checkpoint was written with (see ``_RESUMABLE_CHANGES``).
+    """
+    output_dir = Path(training_args.output_dir)
+    checkpoint = _resolve_checkpoint(training_args, output_dir)
+    if checkpoint is not None:
+        _check_resume(checkpoint, config)
+    elif output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
+                              "continue, or choose another --output_dir")
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
+    if checkpoint is None and (output_dir / PROVENANCE_FILE).exists():
+        raise FileExistsError(f"{output_dir / PROVENANCE_FILE} already exists (an earlier run); choose another "
+                              "--output_dir")
+    return checkpoint
+
+
+def tokens_per_step(training_args, data_args: DataArguments) -> int:
+    """Tokens one optimizer step consumes over all processes."""
+    return (training_args.per_device_train_batch_size * data_args.max_seq_length
+            * training_args.gradient_accumulation_steps * training_args.world_size)
+
+
+def record_provenance(output_dir: Path, all_args: dict, command: str | None, *, resumed: bool) -> dict:
+    """Write ``provenance.json`` (a resumed run: ``provenance-resume-<time>.json``) and return its content."""
+    name = PROVENANCE_FILE if not resumed else f"provenance-resume-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    return json.loads(write_provenance(output_dir, all_args, command, name=name).read_text())
+
+
 def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
                      training_args, *, command: str | None = None,
                      callbacks: list[TrainerCallback] | None = None) -> Path:
@@ -207,18 +240,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
-    checkpoint = _resolve_checkpoint(training_args, output_dir)
     config = _config_dict(model_args, data_args, loss_args, training_args)
-    if checkpoint is not None:
-        _check_resume(checkpoint, config)
-    elif output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
-        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
-                              "continue, or choose another --output_dir")
-    if final_dir.exists():
-        raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
-    if checkpoint is None and (output_dir / PROVENANCE_FILE).exists():
-        raise FileExistsError(f"{output_dir / PROVENANCE_FILE} already exists (an earlier run); choose another "
-                              "--output_dir")
+    checkpoint = check_run_folder(training_args, config, final_dir)
     if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
         raise ValueError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
                          "need the live teacher (set their weights to 0 or drop --teacher_cache)")
@@ -270,8 +293,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
 
     config_json = json.dumps(config, indent=2)
     callbacks.append(_ConfigWriter(config_json))
-    audit = AuditCallback(tokens_per_step=training_args.per_device_train_batch_size * data_args.max_seq_length
-                          * training_args.gradient_accumulation_steps * training_args.world_size)
+    audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
     callbacks.append(audit)
     trainer = DistillationTrainer(
         model=student, args=training_args, train_dataset=train_ds, teacher=teacher, teacher_cache=cache,
@@ -283,8 +305,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     if trainer.is_world_process_zero():
         all_args = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
                     "loss": dataclasses.asdict(loss_args), "training": given_training_args}
-        name = PROVENANCE_FILE if checkpoint is None else f"provenance-resume-{time.strftime('%Y%m%dT%H%M%S')}.json"
-        prov = json.loads(write_provenance(output_dir, all_args, command, name=name).read_text())
+        prov = record_provenance(output_dir, all_args, command, resumed=checkpoint is not None)
     metrics: dict[str, dict] = {}
     if ppl_ids is not None and teacher is not None and trainer.is_world_process_zero():
         r = strided_perplexity(teacher, ppl_ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,

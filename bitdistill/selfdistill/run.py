@@ -12,6 +12,7 @@ the :class:`MultiExitLM` for early-exit decoding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,16 +21,18 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from bitdistill.audit import AuditCallback
 from bitdistill.convert import load_causal_lm, parse_dtype
 from bitdistill.data.blocks import BlockDataset, load_text, tokenize_text
 from bitdistill.distill.args import DataArguments
 from bitdistill.distill.run import (
     CONFIG_FILE,
-    _check_resume,
     _config_dict,
     _ConfigWriter,
-    _resolve_checkpoint,
     build_blocks,
+    check_run_folder,
+    record_provenance,
+    tokens_per_step,
 )
 from bitdistill.distill.trainer import EvalEveryCallback
 from bitdistill.io import atomic_output_dir
@@ -106,16 +109,10 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
     other than ``"no"``) schedule the per-exit evaluations, ``resume_from_checkpoint`` may be ``latest``.
     """
     output_dir = Path(training_args.output_dir)
+    given_training_args = training_args.to_dict()
     final_dir = output_dir / "model"
-    checkpoint = _resolve_checkpoint(training_args, output_dir)
     config = _config_dict(model_args, data_args, sd_args, training_args)
-    if checkpoint is not None:
-        _check_resume(checkpoint, config)
-    elif output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
-        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
-                              "continue, or choose another --output_dir")
-    if final_dir.exists():
-        raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
+    checkpoint = check_run_folder(training_args, config, final_dir)
     if sd_args.exit_variant == "concat" and sd_args.hint_weight > 0:
         raise ValueError("feature hints need per-block exits, but --exit_variant concat has one fused classifier; "
                          "pass --hint_weight 0 or use --exit_variant shared/separate")
@@ -145,14 +142,21 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
         callbacks.append(EvalEveryCallback(int(eval_steps)))
     config_json = json.dumps(config, indent=2)
     callbacks.append(_ConfigWriter(config_json))
+    audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
+    callbacks.append(audit)
     trainer = SelfDistillTrainer(
         model=module, args=training_args, train_dataset=train_ds, validation_dataset=val_ds,
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, eval_exit_layers=eval_layers, callbacks=callbacks)
 
+    if trainer.is_world_process_zero():
+        all_args = {"model": dataclasses.asdict(model_args), "self_distill": dataclasses.asdict(sd_args),
+                    "data": dataclasses.asdict(data_args), "training": given_training_args}
+        record_provenance(output_dir, all_args, command, resumed=checkpoint is not None)
     metrics: dict[str, dict] = {}
     evaluate = ppl_ids is not None or val_ds is not None
     if checkpoint is None and evaluate:
+        audit.evaluation_begins()
         metrics["start"] = trainer.evaluate(metric_key_prefix="start")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -160,6 +164,7 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
     metrics["train"] = dict(result.metrics)
     metrics["log_history"] = [dict(h) for h in trainer.state.log_history]
     if evaluate:
+        audit.evaluation_begins()
         metrics["final"] = trainer.evaluate(metric_key_prefix="final")
     if trainer.is_world_process_zero():
         trained = trainer.accelerator.unwrap_model(trainer.model)
@@ -248,6 +253,8 @@ Load it with `bitdistill.load_multi_exit(path)`; the folder is also a plain caus
 - Command: `{command or '(library call)'}`
 - Training data: {', '.join(data_args.train_files) or data_args.dataset_name}; blocks of {data_args.max_seq_length} tokens
 - Steps: {steps}; {train_seconds:.0f} s
+- Provenance (versions, git commit, device, every argument): `provenance.json` next to the checkpoints;
+  per-step time and memory: `audit_log.jsonl`
 
 ## Per-exit evaluation ({', '.join(data_args.eval_files) or '-'})
 

@@ -119,6 +119,7 @@ class SelfDistillTrainer(Trainer):
             mx.train(was_training)
         if metrics:
             self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
