@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from run_utils import StopAt, parse_cli
+from transformers import AutoModelForCausalLM
 
 from bitdistill import load_student
 from bitdistill.cli.main import main
@@ -144,23 +145,8 @@ def test_config_file_and_flag_override(setup, tmp_path):
     assert data_args.max_seq_length == 16 and training_args.output_dir == "/tmp/x"
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-            control.should_save = True
-        return control
-
-
 def _parse(argv):
-    from bitdistill.cli.distill import _types
-    from bitdistill.cli.hfargs import parse_dataclasses
-    from bitdistill.cli.main import build_parser
-
-    return parse_dataclasses(build_parser().parse_args(["distill", *argv]), _types())
+    return parse_cli("distill", argv)
 
 
 @pytest.mark.slow
@@ -173,7 +159,7 @@ def test_resume_continues_with_same_data_order_optimizer_and_scheduler(setup):
     full = root / "full"
     run_distillation(*_parse([*opts, "--output_dir", str(full)]))
     part = root / "part"
-    run_distillation(*_parse([*opts, "--output_dir", str(part)]), callbacks=[_StopAt(2)])
+    run_distillation(*_parse([*opts, "--output_dir", str(part)]), callbacks=[StopAt(2)])
     assert (part / "checkpoint-2").is_dir() and not (part / "checkpoint-4").exists()
     shutil.rmtree(part / "student")  # as if the run had been killed after its step-2 checkpoint
     run_distillation(*_parse([*opts, "--output_dir", str(part), "--resume_from_checkpoint", "latest"]))

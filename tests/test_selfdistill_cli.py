@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_utils import StopAt, parse_cli
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, TrainerCallback
+from transformers import AutoModelForCausalLM
 
 from bitdistill import load_multi_exit, load_student
 from bitdistill.cli.main import main
@@ -102,23 +103,8 @@ def test_plain_ternary_run_is_a_packable_student_with_logit_lens_exits(setup, tm
     assert main(["pack", str(out / "model"), str(tmp_path / "packed")]) == 0
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-            control.should_save = True
-        return control
-
-
 def _parse(argv):
-    from bitdistill.cli.hfargs import parse_dataclasses
-    from bitdistill.cli.main import build_parser
-    from bitdistill.cli.self_distill import _types
-
-    return parse_dataclasses(build_parser().parse_args(["self-distill", *argv]), _types())
+    return parse_cli("self-distill", argv)
 
 
 def test_resume_with_tied_embeddings_equals_an_uninterrupted_run(setup):
@@ -129,7 +115,7 @@ def test_resume_with_tied_embeddings_equals_an_uninterrupted_run(setup):
             "--exit_variant", "separate", "--lr_scheduler_type", "linear", "--warmup_steps", "1"]
     full, part = root / "resume_full", root / "resume_part"
     run_self_distillation(*_parse([*opts, "--output_dir", str(full)]))
-    run_self_distillation(*_parse([*opts, "--output_dir", str(part)]), callbacks=[_StopAt(2)])
+    run_self_distillation(*_parse([*opts, "--output_dir", str(part)]), callbacks=[StopAt(2)])
     assert (part / "checkpoint-2").is_dir() and not (part / "checkpoint-4").exists()
     shutil.rmtree(part / "model")  # as if the run had been killed after its step-2 checkpoint
     run_self_distillation(*_parse([*opts, "--output_dir", str(part), "--resume_from_checkpoint", "latest"]))

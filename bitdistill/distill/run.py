@@ -32,7 +32,7 @@ from bitdistill.io import atomic_output_dir
 from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear, student_marker
 
 __all__ = ["CONFIG_FILE", "build_blocks", "check_run_folder", "load_teacher", "load_tokenizer", "prepare_student",
-           "record_provenance", "run_cache_teacher", "run_distillation", "tokens_per_step"]
+           "record_provenance", "run_cache_teacher", "run_distillation", "setup_run", "tokens_per_step"]
 
 CONFIG_FILE = "distill_config.json"
 logger = logging.getLogger(__name__)
@@ -228,6 +228,45 @@ def record_provenance(output_dir: Path, all_args: dict, command: str | None, *, 
     return json.loads(write_provenance(output_dir, all_args, command, name=name).read_text())
 
 
+@dataclasses.dataclass
+class RunSetup:
+    """What :func:`setup_run` prepares for a Trainer: datasets, evaluation ids, callbacks, the audit log."""
+
+    train_ds: BlockDataset
+    val_ds: BlockDataset | None
+    ppl_ids: torch.Tensor | None
+    callbacks: list[TrainerCallback]
+    audit: AuditCallback
+    config_json: str
+
+
+def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, training_args, config: dict,
+              callbacks: list[TrainerCallback] | None) -> RunSetup:
+    """Split off the held-out blocks, tokenize the evaluation text and build the callbacks of a run.
+
+    ``training_args`` is adjusted for block datasets: its evaluation schedule (``eval_strategy`` /
+    ``eval_steps``) becomes an :class:`EvalEveryCallback` calling the trainer's own ``evaluate``. The
+    callbacks are the caller's, that one, the checkpoint config writer and the audit log (last, so it sees
+    evaluation requests).
+    """
+    v = data_args.validation_blocks
+    train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
+    val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
+    ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
+    eval_steps = training_args.eval_steps if training_args.eval_strategy != "no" else None
+    training_args.eval_strategy = "no"
+    training_args.remove_unused_columns = False
+    training_args.prediction_loss_only = True
+    callbacks = list(callbacks or [])
+    if eval_steps:
+        callbacks.append(EvalEveryCallback(int(eval_steps)))
+    config_json = json.dumps(config, indent=2)
+    callbacks.append(_ConfigWriter(config_json))
+    audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
+    callbacks.append(audit)
+    return RunSetup(train_ds, val_ds, ppl_ids, callbacks, audit, config_json)
+
+
 def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
                      training_args, *, command: str | None = None,
                      callbacks: list[TrainerCallback] | None = None) -> Path:
@@ -273,33 +312,15 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         t_layers = [round(i * (lt - 1) / max(ls - 1, 1)) for i in s_layers]
         attention_layers = (s_layers, t_layers)
 
-    v = data_args.validation_blocks
-    train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
-    val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
-    ppl_ids = None
-    if data_args.eval_files:
-        ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer)
-
-    eval_steps = training_args.eval_steps if training_args.eval_strategy != "no" else None
-    training_args.eval_strategy = "no"
-    training_args.remove_unused_columns = False
-    training_args.prediction_loss_only = True
-    callbacks = list(callbacks or [])
-    if eval_steps:
-        callbacks.append(EvalEveryCallback(int(eval_steps)))
+    run = setup_run(blocks, tokenizer, data_args, training_args, config, callbacks)
+    train_ds, val_ds, ppl_ids, audit, config_json = run.train_ds, run.val_ds, run.ppl_ids, run.audit, run.config_json
     if model_args.quant_warmup_steps > 0:
-        warmup = QuantWarmup(student, model_args.quant_warmup_steps)
-        callbacks.append(_WarmupCallback(warmup))
-
-    config_json = json.dumps(config, indent=2)
-    callbacks.append(_ConfigWriter(config_json))
-    audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
-    callbacks.append(audit)
+        run.callbacks.append(_WarmupCallback(QuantWarmup(student, model_args.quant_warmup_steps)))
     trainer = DistillationTrainer(
         model=student, args=training_args, train_dataset=train_ds, teacher=teacher, teacher_cache=cache,
         loss_args=loss_args, hidden_layer_map=layer_map, attention_layers=attention_layers,
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
-        perplexity_max_windows=data_args.eval_max_windows, validation_dataset=val_ds, callbacks=callbacks)
+        perplexity_max_windows=data_args.eval_max_windows, validation_dataset=val_ds, callbacks=run.callbacks)
 
     prov = None
     if trainer.is_world_process_zero():

@@ -21,20 +21,16 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from bitdistill.audit import AuditCallback
 from bitdistill.convert import load_causal_lm, parse_dtype
-from bitdistill.data.blocks import BlockDataset, load_text, tokenize_text
 from bitdistill.distill.args import DataArguments
 from bitdistill.distill.run import (
     CONFIG_FILE,
     _config_dict,
-    _ConfigWriter,
     build_blocks,
     check_run_folder,
     record_provenance,
-    tokens_per_step,
+    setup_run,
 )
-from bitdistill.distill.trainer import EvalEveryCallback
 from bitdistill.io import atomic_output_dir
 from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear, student_marker
 from bitdistill.selfdistill.args import EXIT_MODES, SelfDistillArguments, SelfDistillModelArguments
@@ -128,26 +124,12 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
     module = build_self_distill_model(model, sd_args)
     eval_layers = sd_args.exit_layers if sd_args.exit_variant == "none" else None
 
-    v = data_args.validation_blocks
-    train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
-    val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
-    ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
-
-    eval_steps = training_args.eval_steps if training_args.eval_strategy != "no" else None
-    training_args.eval_strategy = "no"
-    training_args.remove_unused_columns = False
-    training_args.prediction_loss_only = True
-    callbacks = list(callbacks or [])
-    if eval_steps:
-        callbacks.append(EvalEveryCallback(int(eval_steps)))
-    config_json = json.dumps(config, indent=2)
-    callbacks.append(_ConfigWriter(config_json))
-    audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
-    callbacks.append(audit)
+    run = setup_run(blocks, tokenizer, data_args, training_args, config, callbacks)
+    ppl_ids, val_ds, audit, config_json = run.ppl_ids, run.val_ds, run.audit, run.config_json
     trainer = SelfDistillTrainer(
-        model=module, args=training_args, train_dataset=train_ds, validation_dataset=val_ds,
+        model=module, args=training_args, train_dataset=run.train_ds, validation_dataset=val_ds,
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
-        perplexity_max_windows=data_args.eval_max_windows, eval_exit_layers=eval_layers, callbacks=callbacks)
+        perplexity_max_windows=data_args.eval_max_windows, eval_exit_layers=eval_layers, callbacks=run.callbacks)
 
     if trainer.is_world_process_zero():
         all_args = {"model": dataclasses.asdict(model_args), "self_distill": dataclasses.asdict(sd_args),
