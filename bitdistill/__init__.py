@@ -52,6 +52,8 @@ _LAZY = {
     "run_cache_teacher": "bitdistill.distill",
     "insert_subln": "bitdistill.distill",
     "strided_perplexity": "bitdistill.eval",
+    "evaluate_tasks": "bitdistill.eval",
+    "load_for_eval": "bitdistill.eval",
 }
 
 
@@ -78,9 +80,11 @@ __all__ = [
     "bitlinear",
     "bitlinear_reference",
     "early_exit_generate",
+    "evaluate_tasks",
     "fake_quant_activation",
     "fake_quant_weight",
     "insert_subln",
+    "load_for_eval",
     "load_packed",
     "load_student",
     "matches_module_pattern",
