@@ -77,8 +77,9 @@ def test_evaluate_tasks_api_matches_cli_and_restores_mode(folders, capsys):
     model, tok, kind = load_for_eval(folders["student"])
     assert kind == "student"
     model.train()
+    assert tok.pad_token is None
     api = evaluate_tasks(model, tok, [TASK], limit=LIMIT, batch_size=2)
-    assert model.training
+    assert model.training and tok.pad_token is None
     cli = _eval(folders["student"], capsys, "--batch_size", "3")["results"]
     assert api[TASK].keys() == cli[TASK].keys()
     for name, value in api[TASK].items():

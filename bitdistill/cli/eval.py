@@ -18,10 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", default=None, help="comma-separated lm-eval task names, e.g. wikitext_lastword or "
                                                  "hellaswag,arc_easy (see --list_tasks)")
     p.add_argument("--list_tasks", action="store_true", help="print every task name lm-eval knows and exit")
-    p.add_argument("--gguf_file", default=None, help="GGUF file inside MODEL to load the model from")
+    p.add_argument("--gguf_file", "--gguf-file", default=None, help="GGUF file inside MODEL to load the model from")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: MODEL)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    p.add_argument("--device", default="cpu", help="torch device to run on (default cpu), e.g. cuda")
+    p.add_argument("--device", default=None, help="torch device to run on, e.g. cpu, cuda:1 (default: cuda if "
+                                                  "available, else cpu)")
     p.add_argument("--limit", type=float, default=None,
                    help="only the first N examples of each task (a fraction of each task if < 1)")
     p.add_argument("--batch_size", type=int, default=1, help="sequences per forward pass (default 1)")
@@ -59,6 +60,8 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from bitdistill.eval.harness import evaluate_tasks, list_tasks, load_for_eval, validate_tasks
 
     if args.list_tasks:
@@ -72,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     if output is not None and output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
     limit = _limit(args.limit)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     validate_tasks(tasks, data_dir=args.data_dir)
     model, tokenizer, kind = load_for_eval(args.model, gguf_file=args.gguf_file, dtype=args.dtype,
                                            tokenizer=args.tokenizer)
-    model.to(args.device)
+    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size,
                              num_fewshot=args.num_fewshot, data_dir=args.data_dir)
     print(f"{args.model} ({kind})" + (f", first {limit} examples per task" if limit else ""))

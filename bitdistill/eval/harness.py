@@ -10,6 +10,7 @@ function here needs it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import functools
 import json
@@ -134,7 +135,7 @@ def evaluate_tasks(
     Args:
         model: a ``transformers`` causal LM (teacher, BitNet student or packed model) on the device to
             run on; it is evaluated in eval mode and its train/eval mode is restored afterwards.
-        tokenizer: its tokenizer.
+        tokenizer: its tokenizer (lm-eval works on a copy: it may set a padding token).
         tasks: lm-eval task names (``bitdistill eval --list_tasks``), e.g. ``["wikitext_lastword"]``.
         limit: evaluate only the first ``limit`` examples of each task (a fraction if < 1).
         batch_size: sequences per forward pass.
@@ -162,7 +163,7 @@ def evaluate_tasks(
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
         try:
             out = simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
                                   task_manager=manager, bootstrap_iters=bootstrap_iters, log_samples=False,
