@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import shlex
 import subprocess
@@ -38,16 +39,20 @@ TASK = "wikitext_lastword"
 BEST_ROW = "logits KD + attention relation + SubLN"
 TRAIN = SimpleNamespace(steps=80, seq=128, batch=2, lr=0.001, eval_windows=16)
 TOKENIZER = DATA / "tokenizers" / "smollm2"
+TEACHER, TERNARY, STUDENT = "teacher (fp32)", "ternary, untrained (packed)", f"best student: {BEST_ROW} (packed)"
 
 
-def _student(a, work: Path) -> tuple[Path, str]:
-    """The best student's folder and the command that trained it (trained now unless ``--student``)."""
+def _student(a, work: Path) -> Path:
+    """The best student's folder: ``--student``, else trained now with bench_distill_smollm2's command."""
     if a.student:
-        return Path(a.student), f"given: {a.student}"
-    opts = SimpleNamespace(**vars(TRAIN), gguf_dir=a.gguf_dir)
-    cmd = train_command(opts, BEST_ROW, work / "distill")
+        return Path(a.student)
+    cmd = _train_command(a, work)
     subprocess.run([sys.executable, "-m", "bitdistill.cli.main", *cmd[1:]], check=True)
-    return work / "distill" / "student", " ".join(shlex.quote(c) for c in cmd)
+    return work / "distill" / "student"
+
+
+def _train_command(a, work: Path) -> list[str]:
+    return train_command(SimpleNamespace(**vars(TRAIN), gguf_dir=a.gguf_dir), BEST_ROW, work / "distill")
 
 
 def _evaluate(path: Path, a, ids, gguf_file: str | None = None) -> dict:
@@ -72,9 +77,12 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=200, help="wikitext_lastword examples per model (the first N)")
     p.add_argument("--ppl-windows", type=int, default=8, help="512-token windows of wiki.test.raw for perplexity")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--student", default=None, help="existing best-student folder (skips training)")
+    p.add_argument("--student", default=None, help="folder of that row's student, already trained with the command "
+                                                   "this script would run (skips training)")
+    p.add_argument("--skip-student", action="store_true", help="only the teacher and untrained rows (for now)")
     p.add_argument("--gguf-dir", default=None)
-    p.add_argument("--work-dir", default="/tmp/bitdistill_eval_smollm2")
+    p.add_argument("--work-dir", default="/tmp/bitdistill_eval_smollm2",
+                   help="scratch folder; finished rows are kept in <work-dir>/rows.json and reused by a re-run")
     a = p.parse_args()
 
     from harness import Bench
@@ -90,18 +98,36 @@ def main() -> None:
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     gguf_dir = _gguf_dir(a.gguf_dir)
-    student, train_cmd = _student(a, work)
     ids = tokenize_text(load_text([WIKI / "wiki.test.raw"]), AutoTokenizer.from_pretrained(TOKENIZER))
+    saved = work / "rows.json"
+    key = f"limit={a.limit} windows={a.ppl_windows} batch={a.batch_size}"
+    done = json.loads(saved.read_text()) if saved.is_file() else {}
 
+    def row(name: str, evaluate) -> None:
+        if done.get(name, {}).get("key") != key:
+            done[name] = {"key": key, **evaluate()}
+            saved.write_text(json.dumps(done, indent=1))
+
+    row(TEACHER, lambda: _evaluate(gguf_dir, a, ids, gguf_file=GGUF))
+
+    def ternary() -> dict:
+        convert_pretrained(gguf_dir, work / "ternary", gguf_file=GGUF, overwrite=True)
+        pack_pretrained(work / "ternary", work / "ternary-packed", overwrite=True)
+        return _evaluate(work / "ternary-packed", a, ids)
+
+    row(TERNARY, ternary)
+
+    def student() -> dict:
+        pack_pretrained(_student(a, work), work / "student-packed", overwrite=True)
+        return {**_evaluate(work / "student-packed", a, ids),
+                "train_command": " ".join(shlex.quote(c) for c in _train_command(a, work))}
+
+    if not a.skip_student:
+        row(STUDENT, student)
     bench = Bench("eval_smollm2")
-    bench.add(row="teacher (fp32)", **_evaluate(gguf_dir, a, ids, gguf_file=GGUF), cpu_count=os.cpu_count())
-    convert_pretrained(gguf_dir, work / "ternary", gguf_file=GGUF, overwrite=True)
-    pack_pretrained(work / "ternary", work / "ternary-packed", overwrite=True)
-    bench.add(row="ternary, untrained (packed)", **_evaluate(work / "ternary-packed", a, ids),
-              cpu_count=os.cpu_count())
-    pack_pretrained(student, work / "student-packed", overwrite=True)
-    bench.add(row=f"best student: {BEST_ROW} (packed)", **_evaluate(work / "student-packed", a, ids),
-              cpu_count=os.cpu_count(), train_command=train_cmd)
+    for name in (TEACHER, TERNARY, STUDENT):
+        if name in done:
+            bench.add(row=name, **{k: v for k, v in done[name].items() if k != "key"}, cpu_count=os.cpu_count())
     cmd = (f"python benchmarks/bench_eval_smollm2.py --limit {a.limit} --ppl-windows {a.ppl_windows} "
            f"--batch-size {a.batch_size}") + (f" --student {a.student}" if a.student else "")
     note = (f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32). `lastword_*`: the offline lm-eval task "
@@ -109,8 +135,8 @@ def main() -> None:
             f"the greedy continuation, perplexity = per-word. `wiki_perplexity`: strided perplexity over the first "
             f"{a.ppl_windows} non-overlapping 512-token windows of wiki.test.raw. The best student is "
             f"bench_distill_smollm2.py's row \"{BEST_ROW}\" ({TRAIN.steps} steps x {TRAIN.batch} x {TRAIN.seq} tokens, "
-            f"lr {TRAIN.lr}), " + ("given with --student" if a.student else "re-trained by this script (its training "
-                                    "command is in the JSONL)") + ". Ternary rows are "
+            f"lr {TRAIN.lr}), " + ("given with --student" if a.student else "re-trained by this script") +
+            " with the command in the JSONL (`train_command`)" + ". Ternary rows are "
             f"evaluated as packed folders (bit-identical to the latent-weight students on CPU). Accuracy and "
             f"perplexity are deterministic; the `_s` columns are wall seconds on a 2-core machine shared with other "
             f"jobs and may be off by 2x or more. Per model, the same as `bitdistill eval MODEL --tasks {TASK} "
