@@ -79,6 +79,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--student", default=None, help="folder of that row's student, already trained with the command "
                                                    "this script would run (skips training)")
+    p.add_argument("--student-label", default=None, help="row name for a --student trained otherwise")
     p.add_argument("--skip-student", action="store_true", help="only the teacher and untrained rows (for now)")
     p.add_argument("--gguf-dir", default=None)
     p.add_argument("--work-dir", default="/tmp/bitdistill_eval_smollm2",
@@ -119,24 +120,30 @@ def main() -> None:
 
     def student() -> dict:
         pack_pretrained(_student(a, work), work / "student-packed", overwrite=True)
-        return {**_evaluate(work / "student-packed", a, ids),
-                "train_command": " ".join(shlex.quote(c) for c in _train_command(a, work))}
+        source = {"student": a.student} if a.student else {
+            "train_command": " ".join(shlex.quote(c) for c in _train_command(a, work))}
+        return {**_evaluate(work / "student-packed", a, ids), **source}
 
+    label = a.student_label or STUDENT
     if not a.skip_student:
-        row(STUDENT, student)
+        row(label, student)
     bench = Bench("eval_smollm2")
-    for name in (TEACHER, TERNARY, STUDENT):
+    for name in (TEACHER, TERNARY, label):
         if name in done:
             bench.add(row=name, **{k: v for k, v in done[name].items() if k != "key"}, cpu_count=os.cpu_count())
     cmd = (f"python benchmarks/bench_eval_smollm2.py --limit {a.limit} --ppl-windows {a.ppl_windows} "
-           f"--batch-size {a.batch_size}") + (f" --student {a.student}" if a.student else "")
+           f"--batch-size {a.batch_size}")
+    if a.student:
+        cmd += f" --student {a.student}" + (f" --student-label {shlex.quote(a.student_label)}" if a.student_label else "")
+    trained = (f"The best student of bench_distill_smollm2.py is its row \"{BEST_ROW}\" ({TRAIN.steps} steps x "
+               f"{TRAIN.batch} x {TRAIN.seq} tokens, lr {TRAIN.lr}); without --student this script re-trains it with "
+               f"the command recorded in the JSONL (`train_command`).")
+    if a.student:
+        trained += f" The student row here is the folder given with --student ({a.student})."
     note = (f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32). `lastword_*`: the offline lm-eval task "
             f"`{TASK}` (docs/eval.md), first {a.limit} of its 1,608 examples, zero-shot; acc = the target word is "
             f"the greedy continuation, perplexity = per-word. `wiki_perplexity`: strided perplexity over the first "
-            f"{a.ppl_windows} non-overlapping 512-token windows of wiki.test.raw. The best student is "
-            f"bench_distill_smollm2.py's row \"{BEST_ROW}\" ({TRAIN.steps} steps x {TRAIN.batch} x {TRAIN.seq} tokens, "
-            f"lr {TRAIN.lr}), " + ("given with --student" if a.student else "re-trained by this script") +
-            " with the command in the JSONL (`train_command`)" + ". Ternary rows are "
+            f"{a.ppl_windows} non-overlapping 512-token windows of wiki.test.raw. {trained} Ternary rows are "
             f"evaluated as packed folders (bit-identical to the latent-weight students on CPU). Accuracy and "
             f"perplexity are deterministic; the `_s` columns are wall seconds on a 2-core machine shared with other "
             f"jobs and may be off by 2x or more. Per model, the same as `bitdistill eval MODEL --tasks {TASK} "
