@@ -66,6 +66,8 @@ _LAZY = {
     "SelfDistillTrainer": "bitdistill.selfdistill.trainer",
     "load_multi_exit": "bitdistill.selfdistill.run",
     "run_self_distillation": "bitdistill.selfdistill.run",
+    "evaluate_tasks": "bitdistill.eval",
+    "load_for_eval": "bitdistill.eval",
 }
 
 
@@ -96,9 +98,11 @@ __all__ = [
     "early_exit_generate",
     "early_exit_logits",
     "early_exit_perplexity",
+    "evaluate_tasks",
     "fake_quant_activation",
     "fake_quant_weight",
     "insert_subln",
+    "load_for_eval",
     "load_multi_exit",
     "load_packed",
     "load_student",
