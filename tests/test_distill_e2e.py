@@ -140,7 +140,7 @@ def test_config_file_and_flag_override(setup, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("temperature: 3.0\nlogits_loss: jsd\nmax_seq_length: 64\noutput_dir: /tmp/x\n")
     args = build_parser().parse_args(["distill", "--config", str(cfg), "--max_seq_length", "16"])
-    _model_args, data_args, loss_args, training_args = parse_dataclasses(args, _types())
+    _model_args, data_args, loss_args, training_args, _tasks = parse_dataclasses(args, _types())
     assert loss_args.temperature == 3.0 and loss_args.logits_loss == "jsd"
     assert data_args.max_seq_length == 16 and training_args.output_dir == "/tmp/x"
 

@@ -172,3 +172,33 @@ def test_import_bitdistill_does_not_import_lm_eval():
     code = "import sys, bitdistill, bitdistill.eval; print(sorted(m for m in sys.modules if m.startswith('lm_eval')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+@needs_lm_eval
+def test_distill_eval_tasks_go_into_metrics_and_card(folders, tmp_path, shared_data):
+    train = tmp_path / "train.txt"
+    train.write_text((shared_data / "wikitext-2-raw-v1" / "wiki.train.prefix.raw").read_text()[:3000])
+    out = tmp_path / "run"
+    assert main(["distill", "--teacher_model_name_or_path", str(folders["teacher"]), "--train_files", str(train),
+                 "--max_seq_length", "32", "--per_device_train_batch_size", "2", "--max_steps", "2",
+                 "--data_cache_dir", str(tmp_path / "cache"), "--report_to", "none", "--disable_tqdm", "true",
+                 "--eval_tasks", TASK, "--eval_tasks_limit", str(LIMIT), "--output_dir", str(out)]) == 0
+    metrics = json.loads((out / "student" / "distill_metrics.json").read_text())
+    tasks = metrics["tasks"]
+    assert set(tasks) == {"teacher", "student", "packed"}
+    for r in tasks.values():
+        _check(r[TASK])
+    assert tasks["student"] == tasks["packed"]  # packed inference is bit-identical to the student on CPU
+    card = (out / "student" / "README.md").read_text()
+    assert TASK in card and f"{tasks['teacher'][TASK]['acc']:.4g}" in card
+    assert json.loads((out / "provenance.json").read_text())["args"]["eval_tasks"]["eval_tasks"] == [TASK]
+
+
+@needs_lm_eval
+def test_distill_refuses_unknown_eval_tasks_before_loading_anything(folders, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["distill", "--teacher_model_name_or_path", str(folders["teacher"]), "--train_files", "missing.txt",
+               "--eval_tasks", "wikitext_lastwrd", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "wikitext_lastword" in err and "--list_tasks" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()

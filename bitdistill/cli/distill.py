@@ -12,9 +12,9 @@ HELP = ("Distill a teacher (folder, hub id, GGUF) into a BitNet b1.58 student; e
 def _types() -> tuple:
     from transformers import TrainingArguments
 
-    from bitdistill.distill.args import DataArguments, LossArguments, ModelArguments
+    from bitdistill.distill.args import DataArguments, EvalTaskArguments, LossArguments, ModelArguments
 
-    return (ModelArguments, DataArguments, LossArguments, TrainingArguments)
+    return (ModelArguments, DataArguments, LossArguments, TrainingArguments, EvalTaskArguments)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,7 +27,8 @@ def run(args: argparse.Namespace) -> int:
     from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
     from bitdistill.distill.run import run_distillation
 
-    model_args, data_args, loss_args, training_args = parse_dataclasses(args, _types())
-    out = run_distillation(model_args, data_args, loss_args, training_args, command=command_from_args(args))
+    model_args, data_args, loss_args, training_args, task_args = parse_dataclasses(args, _types())
+    out = run_distillation(model_args, data_args, loss_args, training_args, task_args,
+                           command=command_from_args(args))
     print(f"wrote the distilled student to {out}")
     return 0

@@ -14,7 +14,7 @@ from bitdistill.distill.layer_map import LAYER_MAP_STRATEGIES
 from bitdistill.distill.losses import LOGIT_LOSSES
 from bitdistill.distill.subln import SUBLN_INITS
 
-__all__ = ["CacheArguments", "DataArguments", "LossArguments", "ModelArguments"]
+__all__ = ["CacheArguments", "DataArguments", "EvalTaskArguments", "LossArguments", "ModelArguments"]
 
 
 @dataclass
@@ -107,3 +107,16 @@ class CacheArguments:
     cache_batch_size: int = field(default=4, metadata={"help": "Blocks per teacher forward."})
     cache_dtype: str = field(default="float32", metadata={"help": "dtype of the stored log-probs."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing cache folder."})
+
+
+@dataclass
+class EvalTaskArguments:
+    """Downstream tasks (lm-eval-harness, ``pip install 'bitdistill[eval]'``) run at the end of ``distill``."""
+
+    eval_tasks: list[str] = field(default_factory=list, metadata={
+        "help": "lm-eval task names run on the teacher, the student and the packed student at the end "
+                "(e.g. wikitext_lastword, hellaswag); `bitdistill eval --list_tasks` lists them."})
+    eval_tasks_limit: int | None = field(default=None, metadata={"help": "Score only the first N examples per task."})
+    eval_tasks_batch_size: int = field(default=1, metadata={"help": "lm-eval batch size."})
+    eval_tasks_data_dir: str | None = field(default=None, metadata={
+        "help": "Folder holding wiki.test.raw for the local wikitext_lastword task (default: see docs/eval.md)."})

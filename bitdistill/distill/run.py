@@ -17,7 +17,13 @@ from transformers import TrainerCallback
 from bitdistill.audit import PROVENANCE_FILE, AuditCallback, release_memory, write_provenance
 from bitdistill.convert import load_causal_lm, parse_dtype
 from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
-from bitdistill.distill.args import CacheArguments, DataArguments, LossArguments, ModelArguments
+from bitdistill.distill.args import (
+    CacheArguments,
+    DataArguments,
+    EvalTaskArguments,
+    LossArguments,
+    ModelArguments,
+)
 from bitdistill.distill.attention import resolve_layer_indices
 from bitdistill.distill.card import distill_card
 from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
@@ -268,14 +274,20 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
 
 
 def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
-                     training_args, *, command: str | None = None,
+                     training_args, task_args: EvalTaskArguments | None = None, *, command: str | None = None,
                      callbacks: list[TrainerCallback] | None = None) -> Path:
     """Distill and save the student to ``<output_dir>/student``; returns that folder.
 
     ``training_args`` is a ``transformers.TrainingArguments`` (its ``eval_strategy``/``eval_steps`` drive
     the perplexity evaluations; ``resume_from_checkpoint`` may be a checkpoint folder or ``latest``).
-    ``callbacks`` are extra ``TrainerCallback`` objects.
+    ``task_args`` names lm-eval tasks run at the end on the teacher, the student and the packed student
+    (checked before anything is loaded). ``callbacks`` are extra ``TrainerCallback`` objects.
     """
+    task_args = task_args or EvalTaskArguments()
+    if task_args.eval_tasks:
+        from bitdistill.eval.harness import validate_tasks
+
+        validate_tasks(task_args.eval_tasks, data_dir=task_args.eval_tasks_data_dir)
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
@@ -325,7 +337,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     prov = None
     if trainer.is_world_process_zero():
         all_args = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
-                    "loss": dataclasses.asdict(loss_args), "training": given_training_args}
+                    "loss": dataclasses.asdict(loss_args), "training": given_training_args,
+                    "eval_tasks": dataclasses.asdict(task_args)}
         prov = record_provenance(output_dir, all_args, command, resumed=checkpoint is not None)
     metrics: dict[str, dict] = {}
     if ppl_ids is not None and teacher is not None and trainer.is_world_process_zero():
@@ -344,25 +357,42 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         metrics["student_end"] = trainer.evaluate(metric_key_prefix="final")
     if trainer.is_world_process_zero():
         student = trainer.accelerator.unwrap_model(trainer.model)
-        if ppl_ids is not None:
-            metrics["packed"] = _packed_perplexity(student, ppl_ids, data_args)
+        metrics.update(_packed_and_task_metrics(student, teacher, tokenizer, ppl_ids, data_args, task_args))
         _save_student(student, tokenizer, final_dir, model_args, data_args, loss_args, training_args, metrics,
                       config_json, prov, train_seconds, trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
     return final_dir
 
 
-def _packed_perplexity(student: nn.Module, ids: torch.Tensor, data_args: DataArguments) -> dict:
-    """Perplexity of the student packed in memory, or ``{"skipped": reason}`` when it cannot be packed."""
+def _packed_and_task_metrics(student: nn.Module, teacher: nn.Module | None, tokenizer, ppl_ids: torch.Tensor | None,
+                             data_args: DataArguments, task_args: EvalTaskArguments) -> dict:
+    """The packed student's perplexity and every model's downstream task results, as the card reads them.
+
+    Returns ``{"packed": {"perplexity", "tokens"} or {"skipped": reason}}`` when there is anything to run on
+    the packed student, and ``{"tasks": {"teacher"|"student"|"packed": {task: {metric: value}}}}`` with tasks.
+    """
+    if ppl_ids is None and not task_args.eval_tasks:
+        return {}
+    out: dict[str, dict] = {}
     try:
         packed = pack_in_memory(student)
     except ValueError as exc:
-        return {"skipped": str(exc)}
-    r = strided_perplexity(packed, ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
-                           max_windows=data_args.eval_max_windows)
+        packed, out["packed"] = None, {"skipped": str(exc)}
+    if packed is not None and ppl_ids is not None:
+        r = strided_perplexity(packed, ppl_ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
+                               max_windows=data_args.eval_max_windows)
+        out["packed"] = {"perplexity": r.perplexity, "tokens": r.num_tokens}
+    if task_args.eval_tasks:
+        from bitdistill.eval.harness import evaluate_tasks
+
+        models = {"teacher": teacher, "student": student, "packed": packed}
+        out["tasks"] = {name: evaluate_tasks(m, tokenizer, task_args.eval_tasks, limit=task_args.eval_tasks_limit,
+                                             batch_size=task_args.eval_tasks_batch_size,
+                                             data_dir=task_args.eval_tasks_data_dir)
+                        for name, m in models.items() if m is not None}
     del packed
     release_memory()
-    return {"perplexity": r.perplexity, "tokens": r.num_tokens}
+    return out
 
 
 class _WarmupCallback(TrainerCallback):
