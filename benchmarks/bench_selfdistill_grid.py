@@ -126,6 +126,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     saved = work / "results.json"
     results = json.loads(saved.read_text()) if saved.is_file() else {}
+    settings = f"steps={a.steps} batch={a.batch} seq={a.seq} lr={a.lr} eval={a.eval_windows}/{a.validation_blocks}"
+    stale = [n for n, r in results.items() if r.get("settings", settings) != settings]
+    if stale:
+        raise SystemExit(f"{saved} holds rows run with other settings ({stale[0]!r}: {results[stale[0]]['settings']}); "
+                         "pass another --work-dir")
     if not a.write_only:
         for i, (name, flags) in enumerate(rows.items()):
             if name in results or (a.rows and name.split()[0] not in a.rows):
@@ -133,7 +138,7 @@ def main() -> None:
             out_dir = work / f"row{i}"
             if out_dir.exists():
                 subprocess.run(["rm", "-rf", str(out_dir)], check=True)
-            results[name] = run_row(a, name, flags, out_dir)
+            results[name] = {**run_row(a, name, flags, out_dir), "settings": settings}
             saved.write_text(json.dumps(results, indent=1))
             print(f"{name}: {json.dumps(results[name]['exits'])}", flush=True)
 
@@ -156,7 +161,7 @@ def main() -> None:
             f"over the last logging interval. Exits are named by the 0-based block they follow; the deepest "
             f"exit is the model's own output. Reproduce: `python benchmarks/bench_selfdistill_grid.py --model "
             f"{a.model} --steps {a.steps} --batch {a.batch} --seq {a.seq} --lr {a.lr} --eval-windows "
-            f"{a.eval_windows}`; each row's exact `bitdistill self-distill` command is in the JSONL.")
+            f"{a.eval_windows} --validation-blocks {a.validation_blocks}`; each row's exact `bitdistill self-distill` command is in the JSONL.")
     md = bench.write(["row", "exit", "eval_loss", "perplexity", "heldout_loss", "last_train_ce", "train_s"],
                      title=f"Self-distillation grid ({a.model})", note=note)
     print(md.read_text())

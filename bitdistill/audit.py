@@ -36,7 +36,8 @@ __all__ = ["AUDIT_LOG_FILE", "PROVENANCE_FILE", "AuditCallback", "peak_memory_mb
 
 AUDIT_LOG_FILE = "audit_log.jsonl"
 PROVENANCE_FILE = "provenance.json"
-_SECRET = re.compile(r"token|password|secret", re.IGNORECASE)
+# a name part (between underscores/dashes) that is a credential: hub_token, api_secret, db_password (not tokenizer_*)
+_SECRET = re.compile(r"(?:^|[_-])(?:token|password|secret)(?:[_-]|$)", re.IGNORECASE)
 
 
 def release_memory() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import socket
 
 from transformers import TrainerCallback
 
@@ -27,3 +28,10 @@ def parse_cli(command: str, argv: list[str]) -> tuple:
 
     module = importlib.import_module(f"bitdistill.cli.{command.replace('-', '_')}")
     return parse_dataclasses(build_parser().parse_args([command, *argv]), module._types())
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for torch.distributed rendezvous in tests)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

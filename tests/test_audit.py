@@ -36,10 +36,12 @@ def test_audit_callback_on_a_plain_trainer(tmp_path):
 
 def test_redaction():
     args = {"hub_token": "x", "model": {"teacher": "t", "api_secret": "y", "nested": {"db_password": "z", "k": 1}},
-            "lr": 1e-3}
-    assert redact_args(args) == {"model": {"teacher": "t", "nested": {"k": 1}}, "lr": 1e-3}
-    cmd = "bitdistill distill --hub_token hf_abc --lr 1 --my_secret=s3 --x a b --push_to_hub_token t --y"
-    assert redact_command(cmd) == "bitdistill distill --lr 1 --x a b --y"
+            "lr": 1e-3, "tokenizer_name_or_path": "tok", "include_num_input_tokens_seen": True}
+    assert redact_args(args) == {"model": {"teacher": "t", "nested": {"k": 1}}, "lr": 1e-3,
+                                 "tokenizer_name_or_path": "tok", "include_num_input_tokens_seen": True}
+    cmd = ("bitdistill distill --hub_token hf_abc --lr 1 --my_secret=s3 --x a b --push_to_hub_token t --y "
+           "--tokenizer_name_or_path tok")
+    assert redact_command(cmd) == "bitdistill distill --lr 1 --x a b --y --tokenizer_name_or_path tok"
 
 
 def test_write_provenance_atomic_and_never_overwrites(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_utils import parse_cli
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from bitdistill import load_student
@@ -115,11 +116,7 @@ class _Grab(TrainerCallback):
 
 
 def _parse(argv):
-    from bitdistill.cli.distill import _types
-    from bitdistill.cli.hfargs import parse_dataclasses
-    from bitdistill.cli.main import build_parser
-
-    return parse_dataclasses(build_parser().parse_args(["distill", *argv]), _types())
+    return parse_cli("distill", argv)
 
 
 def test_frozen_embeddings_and_head_audit_log_provenance_and_card(setup):
@@ -263,7 +260,7 @@ def test_card_names_a_hub_base_model_only_when_the_weights_come_from_it():
     from bitdistill.distill.card import distill_card
 
     def card(*argv):
-        model_args, data_args, loss_args, training_args = _parse(["--train_files", "t.txt", "--output_dir", "o", *argv])
+        model_args, data_args, loss_args, training_args, _ = _parse(["--train_files", "t.txt", "--output_dir", "o", *argv])
         return ModelCard(distill_card(model_args, data_args, loss_args, training_args, {}, None, 1.0, 1)).data
 
     copied = card("--teacher_model_name_or_path", "HuggingFaceTB/SmolLM2-135M")

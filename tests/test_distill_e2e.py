@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_utils import StopAt, parse_cli
+from run_utils import StopAt, free_port, parse_cli
 from transformers import AutoModelForCausalLM
 
 from bitdistill import load_student
@@ -183,7 +183,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup):
     assert main(["distill", *opts, "--per_device_train_batch_size", "2", "--output_dir", str(one)]) == 0
     two = root / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "bitdistill.cli.main", "distill", *opts, "--per_device_train_batch_size", "1",
            "--ddp_backend", "gloo", "--output_dir", str(two)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_utils import StopAt, parse_cli
+from run_utils import StopAt, free_port, parse_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -138,6 +138,10 @@ def test_resume_with_tied_embeddings_equals_an_uninterrupted_run(setup):
     (["--model_config", "MODEL", "--exit_variant", "sideways"], "unknown --exit_variant"),
     (["--model_config", "MODEL", "--exit_layers", "7"], "out of range"),
     (["--model_config", "MODEL", "--exit_weights", "1", "2"], "one weight per exit"),
+    (["--model_config", "MODEL", "--gradient_checkpointing", "true"], "not supported with exits"),
+    (["--model_config", "MODEL", "--eval_strategy", "steps", "--eval_steps", "0.5"], "whole number"),
+    (["--model_config", "MODEL", "--eval_strategy", "epoch"], "not supported here"),
+    (["--model_config", "MODEL", "--exit_variant", "none", "--exit_layers", "9"], "out of range"),
     (["--model_config", "/nonexistent/config"], "does not exist"),
     (["--model_name_or_path", "tiny:llama"], "vocabulary is 256"),
 ])
@@ -167,7 +171,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup):
     assert main(["self-distill", *opts, "--per_device_train_batch_size", "2", "--output_dir", str(one)]) == 0
     two = root / "ddp_two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            "-m", "bitdistill.cli.main", "self-distill", *opts, "--per_device_train_batch_size", "1",
            "--ddp_backend", "gloo", "--output_dir", str(two)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
@@ -178,3 +182,18 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup):
     a, b = load_multi_exit(one / "model").state_dict(), load_multi_exit(two / "model").state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+def test_plain_mode_gradient_accumulation_matches_a_larger_batch_and_card_has_no_secret(setup, tmp_path):
+    base = [a for a in setup["common"] if a not in ("--per_device_train_batch_size", "2")]
+    opts = ["--model_config", str(setup["llama"]), *base, "--max_steps", "2", "--exit_variant", "none",
+            "--save_strategy", "no"]
+    assert main(["self-distill", *opts, "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "a")]) == 0
+    assert main(["self-distill", *opts, "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+                 "--hub_token", "hf_do_not_leak", "--output_dir", str(tmp_path / "b")]) == 0
+    la = [h["loss"] for h in _metrics(tmp_path / "a" / "model")["log_history"] if "loss" in h]
+    lb = [h["loss"] for h in _metrics(tmp_path / "b" / "model")["log_history"] if "loss" in h]
+    assert len(la) == 2 and lb == pytest.approx(la, rel=1e-4)
+    for f in (tmp_path / "b").rglob("*"):
+        if f.is_file() and f.suffix in (".md", ".json", ".jsonl"):
+            assert "hf_do_not_leak" not in f.read_text(), f

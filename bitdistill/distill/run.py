@@ -41,6 +41,7 @@ __all__ = ["CONFIG_FILE", "build_blocks", "check_run_folder", "load_teacher", "l
            "record_provenance", "run_cache_teacher", "run_distillation", "setup_run", "tokens_per_step"]
 
 CONFIG_FILE = "distill_config.json"
+METRICS_FILE = "distill_metrics.json"
 logger = logging.getLogger(__name__)
 # Options that may change between a run and its resumption (everything else must match).
 _RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_steps",
@@ -216,7 +217,7 @@ def check_run_folder(training_args, config: dict, final_dir: Path) -> Path | Non
                               "continue, or choose another --output_dir")
     if final_dir.exists():
         raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
-    if checkpoint is None and (output_dir / PROVENANCE_FILE).exists():
+    if checkpoint is None and training_args.process_index == 0 and (output_dir / PROVENANCE_FILE).exists():
         raise FileExistsError(f"{output_dir / PROVENANCE_FILE} already exists (an earlier run); choose another "
                               "--output_dir")
     return checkpoint
@@ -236,8 +237,9 @@ def record_provenance(output_dir: Path, all_args: dict, command: str | None, *, 
 
 @dataclasses.dataclass
 class RunSetup:
-    """What :func:`setup_run` prepares for a Trainer: datasets, evaluation ids, callbacks, the audit log."""
+    """What :func:`setup_run` prepares for a Trainer: its arguments, datasets, evaluation ids, callbacks, the audit log."""
 
+    training_args: object
     train_ds: BlockDataset
     val_ds: BlockDataset | None
     ppl_ids: torch.Tensor | None
@@ -250,16 +252,23 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
               callbacks: list[TrainerCallback] | None) -> RunSetup:
     """Split off the held-out blocks, tokenize the evaluation text and build the callbacks of a run.
 
-    ``training_args`` is adjusted for block datasets: its evaluation schedule (``eval_strategy`` /
-    ``eval_steps``) becomes an :class:`EvalEveryCallback` calling the trainer's own ``evaluate``. The
-    callbacks are the caller's, that one, the checkpoint config writer and the audit log (last, so it sees
-    evaluation requests).
+    ``RunSetup.training_args`` is a copy of ``training_args`` adjusted for block datasets: its evaluation
+    schedule (``eval_strategy="steps"`` with an integer ``eval_steps``, or ``"no"``) becomes an
+    :class:`EvalEveryCallback` calling the trainer's own ``evaluate``. The callbacks are the caller's,
+    that one, the checkpoint config writer and the audit log (last, so it sees evaluation requests).
     """
+    strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    if strategy not in ("no", "steps"):
+        raise ValueError(f"--eval_strategy {strategy} is not supported here; use steps (with an integer "
+                         "--eval_steps) or no")
+    eval_steps = training_args.eval_steps if strategy == "steps" else None
+    if eval_steps is not None and (float(eval_steps) != int(eval_steps) or eval_steps < 1):
+        raise ValueError(f"--eval_steps must be a whole number of optimizer steps >= 1, got {eval_steps}")
+    training_args = copy.copy(training_args)
     v = data_args.validation_blocks
     train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
     val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
     ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
-    eval_steps = training_args.eval_steps if training_args.eval_strategy != "no" else None
     training_args.eval_strategy = "no"
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True
@@ -270,7 +279,7 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
     callbacks.append(_ConfigWriter(config_json))
     audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
     callbacks.append(audit)
-    return RunSetup(train_ds, val_ds, ppl_ids, callbacks, audit, config_json)
+    return RunSetup(training_args, train_ds, val_ds, ppl_ids, callbacks, audit, config_json)
 
 
 def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
@@ -288,6 +297,9 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         from bitdistill.eval.harness import validate_tasks
 
         validate_tasks(task_args.eval_tasks, data_dir=task_args.eval_tasks_data_dir)
+        if task_args.eval_tasks_batch_size < 1 or (task_args.eval_tasks_limit is not None
+                                                   and task_args.eval_tasks_limit < 1):
+            raise ValueError("--eval_tasks_batch_size and --eval_tasks_limit must be >= 1")
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
@@ -328,6 +340,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     train_ds, val_ds, ppl_ids, audit, config_json = run.train_ds, run.val_ds, run.ppl_ids, run.audit, run.config_json
     if model_args.quant_warmup_steps > 0:
         run.callbacks.append(_WarmupCallback(QuantWarmup(student, model_args.quant_warmup_steps)))
+    training_args = run.training_args
     trainer = DistillationTrainer(
         model=student, args=training_args, train_dataset=train_ds, teacher=teacher, teacher_cache=cache,
         loss_args=loss_args, hidden_layer_map=layer_map, attention_layers=attention_layers,
@@ -357,9 +370,13 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         metrics["student_end"] = trainer.evaluate(metric_key_prefix="final")
     if trainer.is_world_process_zero():
         student = trainer.accelerator.unwrap_model(trainer.model)
-        metrics.update(_packed_and_task_metrics(student, teacher, tokenizer, ppl_ids, data_args, task_args))
-        _save_student(student, tokenizer, final_dir, model_args, data_args, loss_args, training_args, metrics,
-                      config_json, prov, train_seconds, trainer.state.global_step)
+        card_args = (model_args, data_args, loss_args, training_args)
+        _save_student(student, tokenizer, final_dir, card_args, metrics, config_json, prov, train_seconds,
+                      trainer.state.global_step)
+        extra = _packed_and_task_metrics(student, teacher, tokenizer, ppl_ids, data_args, task_args)
+        if extra:  # the student is already safe on disk; now its metrics and card gain these results
+            metrics.update(extra)
+            _write_metrics_and_card(final_dir, card_args, metrics, prov, train_seconds, trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
     return final_dir
 
@@ -418,20 +435,31 @@ class _ConfigWriter(TrainerCallback):
                 (folder / CONFIG_FILE).write_text(self.config_json)
 
 
-def _save_student(student: nn.Module, tokenizer, out: Path, model_args, data_args, loss_args, training_args,
-                  metrics: dict, config_json: str, prov: dict | None, train_seconds: float, steps: int) -> None:
+def _save_student(student: nn.Module, tokenizer, out: Path, card_args: tuple, metrics: dict, config_json: str,
+                  prov: dict | None, train_seconds: float, steps: int) -> None:
     projectors = getattr(student, PROJECTOR_ATTR, None)
     if projectors is not None:
         delattr(student, PROJECTOR_ATTR)
-    card = distill_card(model_args, data_args, loss_args, training_args, metrics, prov, train_seconds, steps)
+    card = distill_card(*card_args, metrics, prov, train_seconds, steps)
     with atomic_output_dir(out) as tmp:
         student.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / CONFIG_FILE).write_text(config_json)
-        (tmp / "distill_metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str))
         (tmp / "README.md").write_text(card)
     if projectors is not None:
         setattr(student, PROJECTOR_ATTR, projectors)
+
+
+def _write_metrics_and_card(folder: Path, card_args: tuple, metrics: dict, prov: dict | None, train_seconds: float,
+                            steps: int) -> None:
+    """Replace the saved student's metrics file and model card, each atomically (temp file + rename)."""
+    texts = {METRICS_FILE: json.dumps(metrics, indent=2, default=str),
+             "README.md": distill_card(*card_args, metrics, prov, train_seconds, steps)}
+    for name, text in texts.items():
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / name)
 
 
 def run_cache_teacher(model_args: ModelArguments, data_args: DataArguments, cache_args: CacheArguments) -> Path:

@@ -30,14 +30,18 @@ def pack_in_memory(student: nn.Module) -> nn.Module:
     packed_quantization_config(student)
     state = pack_model(student)
     model = copy.deepcopy(student)
+    packed_names = set()
     for name, m in list(model.named_modules()):
         if isinstance(m, BitLinear):
+            packed_names.add(name)
             rms = m.rms_norm
             model.set_submodule(name, PackedBitLinear(
                 m.in_features, m.out_features, bias=m.bias is not None, use_rms_norm=rms is not None,
                 rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6, device=m.weight.device,
                 dtype=m.weight.dtype))
-    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
-    if unexpected:
-        raise ValueError(f"packed tensors without a module in the model: {unexpected[:3]}")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k.rsplit(".", 1)[0] in packed_names]
+    if result.unexpected_keys or missing:
+        raise ValueError(f"the packed tensors do not match the model: unexpected {result.unexpected_keys[:3]}, "
+                         f"missing {missing[:3]}")
     return model.eval()

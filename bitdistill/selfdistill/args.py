@@ -47,5 +47,6 @@ class SelfDistillArguments:
     alpha: float = field(default=0.1, metadata={"help": "Per exit: (1 - alpha) CE + alpha tau^2 KL to the deepest exit."})
     temperature: float = field(default=3.0, metadata={"help": "tau, softmax temperature of the KL term."})
     hint_weight: float = field(default=1e-6, metadata={
-        "help": "lambda, weight of the L2 hints bottleneck(h_i) -> h_deepest (0 with --exit_variant concat)."})
+        "help": "lambda, weight of the L2 hints bottleneck(h_i) -> h_deepest; must be 0 with --exit_variant concat. "
+                "With --exit_variant none the loss options are unused."})
     exit_weights: list[float] | None = field(default=None, metadata={"help": "w_i per non-deepest exit (default 1)."})

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from bitdistill.audit import redact_command
 from bitdistill.convert import load_causal_lm, parse_dtype
 from bitdistill.distill.args import DataArguments
 from bitdistill.distill.run import (
@@ -113,6 +114,11 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
         raise ValueError("feature hints need per-block exits, but --exit_variant concat has one fused classifier; "
                          "pass --hint_weight 0 or use --exit_variant shared/separate")
 
+    if sd_args.exit_variant not in EXIT_MODES:
+        raise ValueError(f"unknown --exit_variant {sd_args.exit_variant!r}; choose one of {', '.join(EXIT_MODES)}")
+    if training_args.gradient_checkpointing and sd_args.exit_variant != "none":
+        raise ValueError("--gradient_checkpointing is not supported with exits (they read every block's output "
+                         "through hooks); drop it, or lower --per_device_train_batch_size to save memory")
     tokenizer = _load_tokenizer(model_args)
     blocks = build_blocks(data_args, tokenizer)
     torch.manual_seed(training_args.seed)
@@ -123,9 +129,12 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
                          "pass the model's own tokenizer (or a config with a larger vocab_size)")
     module = build_self_distill_model(model, sd_args)
     eval_layers = sd_args.exit_layers if sd_args.exit_variant == "none" else None
+    if eval_layers is not None:
+        MultiExitLM(model, eval_layers)  # the layers evaluated through the model's own head must exist
 
     run = setup_run(blocks, tokenizer, data_args, training_args, config, callbacks)
     ppl_ids, val_ds, audit, config_json = run.ppl_ids, run.val_ds, run.audit, run.config_json
+    training_args = run.training_args
     trainer = SelfDistillTrainer(
         model=module, args=training_args, train_dataset=run.train_ds, validation_dataset=val_ds,
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
@@ -155,7 +164,8 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
             tokenizer.save_pretrained(tmp)
             (tmp / CONFIG_FILE).write_text(config_json)
             (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str))
-            (tmp / "README.md").write_text(_model_card(model_args, sd_args, data_args, metrics, command,
+            (tmp / "README.md").write_text(_model_card(model_args, sd_args, data_args, metrics,
+                                                       redact_command(command) if command else None,
                                                        train_seconds, trainer.state.global_step))
     trainer.accelerator.wait_for_everyone()
     return final_dir

@@ -53,6 +53,8 @@ class SelfDistillTrainer(Trainer):
         self.validation_dataset = validation_dataset
         self._part_sums: dict[str, float] = {}
         self._part_micro_batches = 0
+        # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the accumulation steps
+        self.loss_is_scaled_for_ga = False
 
     def _multi_exit(self) -> MultiExitLM:
         model = self.accelerator.unwrap_model(self.model)
@@ -94,18 +96,22 @@ class SelfDistillTrainer(Trainer):
         names = exit_names(mx.output_layers)
         metrics: dict[str, float] = {}
         dataset = eval_dataset or self.validation_dataset
-        was_training = mx.training
+        was_training = mx.model.training
         mx.eval()
         try:
             if dataset is not None:
                 sums, count = None, 0
-                for batch in self.get_eval_dataloader(dataset):
+                # every process scores all held-out blocks (no sharding), so every process logs the same value
+                loader = torch.utils.data.DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size)
+                for batch in loader:
                     ids = batch["input_ids"].to(self.args.device)
                     out = mx(ids)
                     ces = [F.cross_entropy(z[:, :-1].float().reshape(-1, z.shape[-1]), ids[:, 1:].reshape(-1),
                                            reduction="sum").item() for z in out.logits]
                     sums = ces if sums is None else [a + b for a, b in zip(sums, ces, strict=True)]
                     count += ids[:, 1:].numel()
+                if sums is None:
+                    raise ValueError("the held-out validation set is empty; pass --validation_blocks N > 0 or none")
                 metrics.update({f"{metric_key_prefix}_loss_{n}": s / count for n, s in zip(names, sums, strict=True)})
             if self.perplexity_ids is not None:
                 results = strided_perplexities(lambda ids: mx(ids).logits, mx, self.perplexity_ids,
@@ -147,7 +153,7 @@ def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     out = {}
     for name, t in state_dict.items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key not in seen:
+        if t.numel() == 0 or key not in seen:
             seen.add(key)
             out[name] = t
     return out
