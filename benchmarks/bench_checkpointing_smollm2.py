@@ -116,8 +116,8 @@ def main() -> None:
     note = (f"SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32) converted to a ternary BitLinear student; one "
             f"training step = forward + backward + AdamW on 1 x {a.seq} tokens (cross-entropy), median of "
             f"{a.steps} steps after a warm-up step, each mode in a fresh child process. step peak growth: rise of "
-            f"the resident high-water mark during the timed steps above the resident size before them. The machine "
-            f"is shared (2 cores, other jobs running): times are noisy. Reproduce: `python "
+            f"the resident high-water mark during the timed steps above the resident size before them. Times come "
+            f"from a 2-core machine and move with its load; the ratios are from one run. Reproduce: `python "
             f"benchmarks/bench_checkpointing_smollm2.py --seq {a.seq} --steps {a.steps}`.")
     md = bench.write(["mode", "step_s", "time_vs_plain", "peak_rss_mb", "peak_rss_vs_plain", "step_peak_growth_mb",
                       "step_growth_vs_plain", "same_losses_as_plain"],
