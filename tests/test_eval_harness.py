@@ -163,6 +163,10 @@ def test_bad_inputs_are_one_line(folders, capsys, tmp_path):
     assert "no config.json" in _fail(["eval", str(tmp_path), "--tasks", TASK], capsys)
     assert "does not exist" in _fail(["eval", str(tmp_path / "missing"), "--tasks", TASK, "--gguf_file", "m.gguf"], capsys)
     assert "--tasks" in _fail(["eval", str(folders["teacher"])], capsys)
+    teacher = ["eval", str(folders["teacher"]), "--tasks", TASK]
+    assert "--limit must be > 0" in _fail([*teacher, "--limit", "0"], capsys)
+    assert "--num_fewshot must be >= 0" in _fail([*teacher, "--num_fewshot", "-1"], capsys)
+    assert "not a torch device" in _fail([*teacher, "--device", "gpu0"], capsys)
     err = _fail(["eval", str(folders["teacher"]), "--tasks", TASK, "--data_dir", str(tmp_path)], capsys)
     assert "wiki.test.raw" in err and "--data_dir" in err
     assert "--limit" in _fail(["eval", str(folders["teacher"]), "--tasks", TASK, "--limit", "2.5"], capsys)

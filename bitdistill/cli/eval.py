@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _limit(value: float | None) -> int | float | None:
+    if value is not None and value <= 0:
+        raise ValueError(f"--limit must be > 0 (a count of examples, or a fraction below 1), got {value}")
     if value is None or value < 1:
         return value
     if value != int(value):
@@ -77,6 +79,13 @@ def run(args: argparse.Namespace) -> int:
     limit = _limit(args.limit)
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise ValueError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from exc
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -84,10 +93,12 @@ def run(args: argparse.Namespace) -> int:
     validate_tasks(tasks, data_dir=args.data_dir)
     model, tokenizer, kind = load_for_eval(args.model, gguf_file=args.gguf_file, dtype=args.dtype,
                                            tokenizer=args.tokenizer)
-    model.to(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
     results = evaluate_tasks(model, tokenizer, tasks, limit=limit, batch_size=args.batch_size,
                              num_fewshot=args.num_fewshot, data_dir=args.data_dir)
-    print(f"{args.model} ({kind})" + (f", first {limit} examples per task" if limit else ""))
+    scope = "" if not limit else (f", first {limit} examples per task" if limit >= 1 else
+                                  f", first {limit:.0%} of the examples of each task")
+    print(f"{args.model} ({kind}){scope}")
     print(format_table(results))
     if output is not None:
         _write_json(output, {"model": args.model, "gguf_file": args.gguf_file, "kind": kind, "tasks": tasks,
