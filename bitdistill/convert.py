@@ -14,9 +14,14 @@ from pathlib import Path
 import torch
 
 from bitdistill.io import atomic_output_dir
-from bitdistill.nn.replace import ConversionReport, replace_linear_with_bitlinear
+from bitdistill.nn.replace import (
+    ConversionReport,
+    is_student_folder,
+    load_student,
+    replace_linear_with_bitlinear,
+)
 
-__all__ = ["TOKENIZER_FILES", "convert_pretrained", "load_causal_lm", "parse_dtype"]
+__all__ = ["TOKENIZER_FILES", "convert_pretrained", "load_causal_lm", "load_model", "parse_dtype"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -60,6 +65,13 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
         fresh.generation_config = model.generation_config
         model = fresh
     return model.eval()
+
+
+def load_model(src: str | Path, *, gguf_file: str | None = None, dtype: str | torch.dtype = "float32"):
+    """A bitdistill student folder as BitLinear layers (:func:`load_student`); anything else via :func:`load_causal_lm`."""
+    if gguf_file is None and is_student_folder(src):
+        return load_student(src, dtype=parse_dtype(dtype))
+    return load_causal_lm(src, gguf_file=gguf_file, dtype=dtype)
 
 
 def convert_pretrained(

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import PROVENANCE_FILE, AuditCallback, release_memory, write_provenance
-from bitdistill.convert import load_causal_lm, parse_dtype
+from bitdistill.convert import load_causal_lm, load_model
 from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
 from bitdistill.distill.args import (
     CacheArguments,
@@ -35,7 +35,7 @@ from bitdistill.distill.warmup import QuantWarmup
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.export.memory import pack_in_memory
 from bitdistill.io import atomic_output_dir
-from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear, student_marker
+from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 
 __all__ = ["CONFIG_FILE", "build_blocks", "check_run_folder", "load_teacher", "load_tokenizer", "prepare_student",
            "record_provenance", "run_cache_teacher", "run_distillation", "setup_run", "tokens_per_step"]
@@ -108,11 +108,7 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
         if src is None:
             raise ValueError("pass --student_model_name_or_path (or a teacher to copy)")
         gguf = model_args.student_gguf_file if model_args.student_model_name_or_path else model_args.teacher_gguf_file
-        cfg_file = Path(str(src)) / "config.json"
-        if gguf is None and cfg_file.is_file() and "bitdistill" in json.loads(cfg_file.read_text()):
-            student = load_student(src, dtype=parse_dtype(model_args.model_dtype))
-        else:
-            student = load_causal_lm(src, gguf_file=gguf, dtype=model_args.model_dtype)
+        student = load_model(src, gguf_file=gguf, dtype=model_args.model_dtype)
     if student_marker(student) is None:
         report = replace_linear_with_bitlinear(student, modules_to_not_convert=model_args.modules_to_not_convert)
         if not report.converted:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from bitdistill.eval.lastword import METADATA_KEY, TASK_DIR, TASK_NAME, resolve_wikitext_file
+from bitdistill.nn.replace import MARKER_KEY
 
 __all__ = ["EvalExtraMissing", "evaluate_tasks", "list_tasks", "load_for_eval", "local_tasks", "validate_tasks"]
 
@@ -214,7 +215,7 @@ def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtyp
         from bitdistill.export import load_packed
 
         model, kind = load_packed(folder, dtype=torch_dtype), "packed"
-    elif "bitdistill" in config:
+    elif MARKER_KEY in config:
         from bitdistill.nn.replace import load_student
 
         model, kind = load_student(folder, dtype=torch_dtype).eval(), "student"

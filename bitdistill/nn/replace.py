@@ -197,6 +197,12 @@ def student_marker(config_or_model) -> dict | None:
     return None
 
 
+def is_student_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a local model folder whose ``config.json`` carries the student marker."""
+    cfg = Path(path) / "config.json"
+    return cfg.is_file() and MARKER_KEY in json.loads(cfg.read_text())
+
+
 def load_student(path: str | Path, **from_pretrained_kwargs):
     """Load a BitNet student saved with ``save_pretrained`` and convert it back to BitLinear.
 

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import redact_command
-from bitdistill.convert import load_causal_lm, parse_dtype
+from bitdistill.convert import load_model, parse_dtype
 from bitdistill.distill.args import DataArguments
 from bitdistill.distill.run import (
     CONFIG_FILE,
@@ -33,7 +33,7 @@ from bitdistill.distill.run import (
     setup_run,
 )
 from bitdistill.io import atomic_output_dir
-from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear, student_marker
+from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 from bitdistill.selfdistill.args import EXIT_MODES, SelfDistillArguments, SelfDistillModelArguments
 from bitdistill.selfdistill.exits import MultiExitLM
 from bitdistill.selfdistill.loss import SelfDistillConfig, SelfDistillModel
@@ -44,11 +44,6 @@ __all__ = ["EXITS_FILE", "LAYOUT_FILE", "build_self_distill_model", "load_multi_
 LAYOUT_FILE = "self_distill.json"
 EXITS_FILE = "exits.safetensors"
 METRICS_FILE = "self_distill_metrics.json"
-
-
-def _is_student_folder(src: str) -> bool:
-    cfg = Path(src) / "config.json"
-    return cfg.is_file() and "bitdistill" in json.loads(cfg.read_text())
 
 
 def load_base_model(model_args: SelfDistillModelArguments) -> nn.Module:
@@ -64,10 +59,8 @@ def load_base_model(model_args: SelfDistillModelArguments) -> nn.Module:
         if not path.exists():
             raise FileNotFoundError(f"--model_config {path} does not exist; pass a config.json or a folder holding one")
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    elif model_args.gguf_file is None and _is_student_folder(model_args.model_name_or_path):
-        model = load_student(model_args.model_name_or_path, dtype=dtype)
     else:
-        model = load_causal_lm(model_args.model_name_or_path, gguf_file=model_args.gguf_file, dtype=dtype)
+        model = load_model(model_args.model_name_or_path, gguf_file=model_args.gguf_file, dtype=dtype)
     if model_args.bitnet and student_marker(model) is None:
         report = replace_linear_with_bitlinear(model, modules_to_not_convert=model_args.modules_to_not_convert)
         if not report.converted:
@@ -202,8 +195,7 @@ def load_multi_exit(path: str | Path, *, dtype: str = "float32") -> MultiExitLM:
     if not layout_file.is_file():
         raise FileNotFoundError(f"{path} has no {LAYOUT_FILE}; pass the model folder `bitdistill self-distill` wrote")
     layout = json.loads(layout_file.read_text())
-    model = (load_student(path, dtype=parse_dtype(dtype)) if _is_student_folder(str(path))
-             else load_causal_lm(path, dtype=dtype))
+    model = load_model(path, dtype=dtype)
     variant = "shared" if layout["exit_variant"] == "none" else layout["exit_variant"]
     mx = MultiExitLM(model, layout["exit_layers"], variant)
     exits_file = path / EXITS_FILE
