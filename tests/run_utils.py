@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 import socket
+from pathlib import Path
 
-from transformers import TrainerCallback
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from bitdistill.models import tiny_config
 
 
 class StopAt(TrainerCallback):
@@ -35,3 +40,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def tiny_gpt2_vocab_folder(path: Path, arch: str, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny ``arch`` model with the GPT-2 tokenizer's vocabulary, saved with that tokenizer into ``path``."""
+    cfg = tiny_config(arch)
+    cfg.vocab_size = 50257
+    cfg.bos_token_id = cfg.eos_token_id = 50256
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, path / f.name)
+    return path

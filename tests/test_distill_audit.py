@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from run_utils import parse_cli
+from run_utils import parse_cli, tiny_gpt2_vocab_folder
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from bitdistill import load_student
@@ -19,19 +18,6 @@ from bitdistill.cli.main import main
 from bitdistill.models import tiny_config
 
 SECRET = "hf_SECRETvalue123"
-
-
-def _tiny_folder(path: Path, arch: str, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
-    cfg = tiny_config(arch)
-    cfg.vocab_size = 50257
-    cfg.bos_token_id = cfg.eos_token_id = 50256
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, path / f.name)
-    return path
 
 
 def _config_file(path: Path, arch: str, **overrides) -> Path:
@@ -50,7 +36,7 @@ def setup(tmp_path_factory, shared_data):
     wiki = shared_data / "wikitext-2-raw-v1"
     (root / "train.txt").write_text((wiki / "wiki.train.prefix.raw").read_text()[:3000])
     (root / "test.txt").write_text((wiki / "wiki.test.raw").read_text()[:2000])
-    teachers = {arch: _tiny_folder(root / f"teacher_{arch}", arch, tok) for arch in ("llama", "gpt_neox")}
+    teachers = {arch: tiny_gpt2_vocab_folder(root / f"teacher_{arch}", arch, tok) for arch in ("llama", "gpt_neox")}
     return {"root": root, "teachers": teachers, "tok": tok,
             "common": ["--train_files", str(root / "train.txt"), "--max_seq_length", "32",
                        "--per_device_train_batch_size", "2", "--logging_steps", "1", "--learning_rate", "1e-3",

@@ -17,25 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_utils import StopAt, free_port, parse_cli
-from transformers import AutoModelForCausalLM
+from run_utils import StopAt, free_port, parse_cli, tiny_gpt2_vocab_folder
 
 from bitdistill import load_student
 from bitdistill.cli.main import main
-from bitdistill.models import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _tiny_folder(path: Path, arch: str, tokenizer_dir: Path, seed: int = 0) -> Path:
-    cfg = tiny_config(arch)
-    cfg.vocab_size = 50257
-    cfg.bos_token_id = cfg.eos_token_id = 50256
-    torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, path / f.name)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +32,7 @@ def setup(tmp_path_factory, shared_data):
     wiki = shared_data / "wikitext-2-raw-v1"
     (root / "train.txt").write_text((wiki / "wiki.train.prefix.raw").read_text()[:6000])
     (root / "test.txt").write_text((wiki / "wiki.test.raw").read_text()[:4000])
-    return {"root": root, "teacher": _tiny_folder(root / "teacher", "llama", tok), "tok": tok,
+    return {"root": root, "teacher": tiny_gpt2_vocab_folder(root / "teacher", "llama", tok), "tok": tok,
             "common": ["--teacher_model_name_or_path", str(root / "teacher"), "--train_files", str(root / "train.txt"),
                        "--max_seq_length", "32", "--per_device_train_batch_size", "2", "--logging_steps", "1",
                        "--data_cache_dir", str(root / "cache"), "--seed", "0", "--disable_tqdm", "true"]}
@@ -107,7 +94,7 @@ def test_bad_inputs(setup, capsys, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     fails("--train_files", str(empty), match="is empty")
-    gpt2 = _tiny_folder(tmp_path / "gpt2", "gpt2", setup["tok"])
+    gpt2 = tiny_gpt2_vocab_folder(tmp_path / "gpt2", "gpt2", setup["tok"])
     fails("--teacher_model_name_or_path", str(gpt2), "--subln", "true", match="supported: llama")
     fails("--tokenizer_name_or_path", "tiny:llama", match="no tokenizer")
 
