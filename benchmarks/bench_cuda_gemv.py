@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, Bench, time_fn
+from harness import RESULTS, Bench, cuda_graph_time_ms, time_fn
 
 from bitdistill import cuda_ext
 from bitdistill.quant import pack_ternary, packed_linear_reference
@@ -66,18 +66,7 @@ def triton_packed_linear() -> Callable | None:
 def graph_time_us(make_call: Callable[[int], Callable[[], object]], copies: int, repeats: int) -> float:
     """Per-call time of CALLS_PER_GRAPH calls (rotating over ``copies`` weight sets) captured in one graph."""
     calls = [make_call(i % copies) for i in range(max(CALLS_PER_GRAPH, copies))]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:  # warm-up outside the graph (allocations, autotuning, scratch)
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    t = time_fn(graph.replay, warmup=3, repeats=repeats, device="cuda")
-    return t.median_ms * 1e3 / len(calls)
+    return cuda_graph_time_ms(calls, repeats=repeats) * 1e3
 
 
 def d2d_bandwidth(bench: Bench) -> float:

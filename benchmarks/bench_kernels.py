@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import RESULTS, Bench, time_fn
+from harness import RESULTS, Bench, cuda_graph_time_ms, time_fn
 
 from bitdistill import BitLinear, ops
 from bitdistill.quant import packing, reference
@@ -71,23 +71,12 @@ def device_peaks() -> dict:
     return {"copy_GBps": copy_gbs, "bf16_TFLOPs": 2 * 8192**3 / t.median_ms / 1e9}
 
 
-def graph_time(calls: list, device=DEV) -> float:
+def graph_time(calls: list) -> float:
     """Median ms per call of ``calls`` (one per rotated input), replayed as one CUDA graph."""
     for c in calls:  # warm-up: compilation and autotuning happen here, outside the graph
         c()
     torch.cuda.synchronize()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for c in calls:
-            c()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    t = time_fn(graph.replay, warmup=3, repeats=20, device=device)
-    return t.median_ms / len(calls)
+    return cuda_graph_time_ms(calls)
 
 
 def eager_time(calls: list) -> float:
