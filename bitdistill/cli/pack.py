@@ -23,7 +23,15 @@ def _size(text: str) -> int:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="student folder written by bitdistill convert/distill (or any model folder with "
                                "--from-plain)")
-    p.add_argument("out", help="output folder (written atomically)")
+    p.add_argument("out", help="output folder (written atomically), or OUT.gguf with --format gguf")
+    p.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
+                   help="safetensors: packed HF bitnet folder (default); gguf: one GGUF file for llama.cpp "
+                        "(SRC may also be a packed folder)")
+    p.add_argument("--gguf-type", "--gguf_type", dest="gguf_type", choices=("tq2_0", "tq1_0"), default="tq2_0",
+                   help="llama.cpp ternary type for --format gguf (default tq2_0)")
+    p.add_argument("--strict", action="store_true",
+                   help="--format gguf: refuse layers llama.cpp cannot hold as ternary (rows not a multiple of "
+                        "256) instead of writing them as Q8_0")
     p.add_argument("--from-plain", action="store_true",
                    help="SRC is a plain model: ternarize it post-training (quality needs distillation)")
     p.add_argument("--gguf-file", default=None, help="GGUF file inside SRC to read the model from (implies "
@@ -44,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     from bitdistill.export.folder import PTQ_WARNING, pack_pretrained
 
+    if args.format == "gguf":
+        return _run_gguf(args, PTQ_WARNING)
+    if args.gguf_type != "tq2_0" or args.strict:
+        raise ValueError("--gguf-type and --strict apply to --format gguf only")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pack_pretrained(args.src, args.out, from_plain=args.from_plain, gguf_file=args.gguf_file,
@@ -53,4 +65,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"WARNING: {PTQ_WARNING}", file=sys.stderr)
     print(result)
     print(f"wrote packed model to {args.out} ({', '.join(result.report.files)})")
+    return 0
+
+
+def _run_gguf(args: argparse.Namespace, ptq_warning: str) -> int:
+    from bitdistill.export.gguf import pack_gguf
+
+    if args.max_shard_size != _size("5GB"):
+        raise ValueError("--max-shard-size applies to safetensors output; a GGUF is one file")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = pack_gguf(args.src, args.out, gguf_type=args.gguf_type, strict=args.strict,
+                           from_plain=args.from_plain, gguf_file=args.gguf_file, skip=args.skip, dtype=args.dtype,
+                           overwrite=args.overwrite)
+    if any(str(w.message) == ptq_warning for w in caught):
+        print(f"WARNING: {ptq_warning}", file=sys.stderr)
+    print(report)
     return 0

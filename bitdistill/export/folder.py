@@ -24,7 +24,8 @@ from bitdistill.export.packed import (
 from bitdistill.io import atomic_output_dir
 from bitdistill.nn.replace import MARKER_KEY, load_student, replace_linear_with_bitlinear
 
-__all__ = ["PTQ_WARNING", "PackResult", "check_safetensors", "pack_pretrained", "unpack_pretrained"]
+__all__ = ["PTQ_WARNING", "PackResult", "PackSource", "check_safetensors", "load_pack_source", "pack_pretrained",
+           "unpack_pretrained"]
 
 PTQ_WARNING = ("post-training ternarization of a model that was not trained as a BitNet student: expect a large "
                "quality loss; distill it first (bitdistill convert + bitdistill distill), then pack the student")
@@ -104,6 +105,55 @@ def _load_plain(src: str, gguf_file: str | None, skip: Iterable[str]) -> tuple[t
     return model, skipped
 
 
+@dataclass
+class PackSource:
+    """A model loaded for packing: the student (or ternarized plain model) and where it came from."""
+
+    model: torch.nn.Module
+    skipped: dict[str, str]
+    kind: str
+    tokenizer: object | None
+    dtype: torch.dtype | None
+
+
+def load_pack_source(src: str | Path, *, from_plain: bool = False, gguf_file: str | None = None,
+                     skip: Iterable[str] | None = None) -> PackSource:
+    """Load what ``bitdistill pack`` packs: a student folder, or (``from_plain`` / ``gguf_file``) any model.
+
+    ``tokenizer`` is set only for a GGUF source (a folder's tokenizer files are read by the caller);
+    ``dtype`` is the student's stored float dtype (``None`` when unknown or for plain sources).
+    """
+    from transformers import AutoTokenizer
+
+    src_path = Path(str(src))
+    if gguf_file is not None:
+        if not (src_path / gguf_file).is_file():
+            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf-file names a file inside SRC")
+        warnings.warn(PTQ_WARNING, stacklevel=3)
+        model, skipped = _load_plain(str(src), gguf_file, skip or ("lm_head",))
+        tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)
+        return PackSource(model, skipped, f"GGUF {gguf_file} (post-training ternarization)", tokenizer, None)
+    cfg = _source_config(src_path)
+    if is_packed_config(cfg):
+        raise ValueError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
+                         "use it as it is, or bitdistill unpack it first")
+    check_safetensors(src_path)
+    if isinstance(cfg.get(MARKER_KEY), dict):
+        if skip:
+            raise ValueError("--skip applies to --from-plain sources; a student's converted layers were fixed "
+                             "by bitdistill convert")
+        model = load_student(src_path, dtype=torch.float32)
+        source_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+        dtype = _parse_dtype(source_dtype) if source_dtype in ("bfloat16", "float16", "float32") else None
+        return PackSource(model, {}, "BitNet student (kept layers as converted by bitdistill convert)", None, dtype)
+    if from_plain:
+        warnings.warn(PTQ_WARNING, stacklevel=3)
+        model, skipped = _load_plain(str(src), None, skip or ("lm_head",))
+        return PackSource(model, skipped, "plain model (post-training ternarization)", None, None)
+    raise ValueError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
+                     "--from-plain to ternarize it post-training (quality needs distillation)")
+
+
 def pack_pretrained(
     src: str | Path,
     out: str | Path,
@@ -133,44 +183,14 @@ def pack_pretrained(
     Returns:
         A :class:`PackResult` (print it for the summary).
     """
-    from transformers import AutoTokenizer
-
     out = Path(out)
     src_path = Path(str(src))
     _check_out(src_path, out, overwrite)
     torch_dtype = None if dtype in (None, "auto") else _parse_dtype(dtype)
-    tokenizer = None
-    if gguf_file is not None:
-        if not (src_path / gguf_file).is_file():
-            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf-file names a file inside SRC")
-        warnings.warn(PTQ_WARNING, stacklevel=2)
-        model, skipped = _load_plain(str(src), gguf_file, skip or ("lm_head",))
-        tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)
-        kind = f"GGUF {gguf_file} (post-training ternarization)"
-    else:
-        cfg = _source_config(src_path)
-        if is_packed_config(cfg):
-            raise ValueError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
-                             "use it as it is, or bitdistill unpack it first")
-        check_safetensors(src_path)
-        is_student = isinstance(cfg.get(MARKER_KEY), dict)
-        if is_student:
-            if skip:
-                raise ValueError("--skip applies to --from-plain sources; a student's converted layers were fixed "
-                                 "by bitdistill convert")
-            model = load_student(src_path, dtype=torch.float32)
-            skipped = {}
-            kind = "BitNet student (kept layers as converted by bitdistill convert)"
-            source_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
-            if torch_dtype is None and source_dtype in ("bfloat16", "float16", "float32"):
-                torch_dtype = _parse_dtype(source_dtype)
-        elif from_plain:
-            warnings.warn(PTQ_WARNING, stacklevel=2)
-            model, skipped = _load_plain(str(src), None, skip or ("lm_head",))
-            kind = "plain model (post-training ternarization)"
-        else:
-            raise ValueError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
-                             "--from-plain to ternarize it post-training (quality needs distillation)")
+    source = load_pack_source(src, from_plain=from_plain, gguf_file=gguf_file, skip=skip)
+    model, skipped, kind, tokenizer = source.model, source.skipped, source.kind, source.tokenizer
+    if torch_dtype is None:
+        torch_dtype = source.dtype
     report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
                          copy_files_from=src_path if src_path.is_dir() else None, overwrite=overwrite,
                          source=src_path.name, tokenizer=tokenizer)
