@@ -1,109 +1,231 @@
-"""Greedy decode speed on CPU, batch 1: SmolLM2-135M in bf16 vs the same model packed to 1.58 bits.
+"""Greedy decode speed on CPU, batch 1: bf16, packed, the fast in-torch path and llama.cpp, in one run.
 
-Same run, same prompt, same thread count:
+Two models, each loaded in every implementation at once, then timed **interleaved** (one generation of
+each implementation per round, ``--repeats`` rounds), so load from other processes hits all alike:
 
-* ``transformers bf16``: the plain bf16 model (the baseline users run today),
-* ``transformers packed``: the packed folder loaded by plain ``AutoModelForCausalLM.from_pretrained``
-  (transformers' own ``BitLinear``: it unpacks every weight on every call),
-* ``bitdistill load_packed``: the same folder through :func:`bitdistill.load_packed` (``PackedBitLinear``,
-  native kernel on the packed bytes), unconverted tensors in bf16 as stored, and upcast to float32.
+* ``SmolLM2-135M``: the SmolLM2-135M-Instruct student (post-training ternarization; speed only),
+* ``llama-2048x8``: a randomly initialized Llama with 256-multiple rows (hidden 2048, 8 layers,
+  intermediate 5632, 16 heads / 4 KV heads, SmolLM2's 49,152-token vocabulary, tied embeddings), where
+  every projection is ternary in llama.cpp too.
+
+Implementations: ``transformers bf16`` (the baseline), ``transformers packed`` (transformers' own
+``BitLinear`` on the packed folder; fewer tokens, it is ~20x slower), ``load_packed`` (``generate``),
+``load_packed fast`` (:class:`bitdistill.FastDecoder`: static KV cache, exact), ``load_packed fast int8
+head`` (approximate head), ``llama.cpp (bitdistill GGUF)`` (llama-cpp-python on ``bitdistill pack
+--format gguf`` of the same packed folder) and, for SmolLM2, ``llama.cpp TQ2_0 of teacher`` (llama.cpp's
+own quantizer on the teacher, for reference). Each row: tokens/s (median over rounds), the spread
+``(p80 - p20) / median``, ratios against transformers bf16 and llama.cpp on our GGUF in the same run,
+the weights file size, the resident memory the implementation added when loaded, the load average.
 
 Run from the repository root::
 
-    python benchmarks/bench_decode_cpu.py --threads 2 1 --new-tokens 32
+    python benchmarks/bench_decode_cpu.py --threads 2 --new-tokens 32 --repeats 5
 
-Writes ``benchmarks/results/decode_cpu.{jsonl,md}``. The weights are the untrained student (post-training
-ternarization of SmolLM2), so only the speed is meaningful here, not the text.
+Writes ``benchmarks/results/decode_cpu.{jsonl,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import os
+import statistics
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Bench
-from smollm2 import DEFAULT_WORK, prepare, wiki_windows
+from harness import Bench, _quantile
+from smollm2 import DEFAULT_WORK, TOKENIZER, gguf_file, prepare, wiki_windows
 
 
-def tokens_per_second(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> tuple[float, torch.Tensor]:
-    kwargs = dict(do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
-    with torch.no_grad():
-        model.generate(prompt, do_sample=False, max_new_tokens=4, min_new_tokens=4)  # warm-up (and compile)
-        rates, out = [], None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model.generate(prompt, **kwargs)
-            rates.append(new_tokens / (time.perf_counter() - t0))
-    return sorted(rates)[len(rates) // 2], out
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def _hf_generate(model, prompt: torch.Tensor, n: int):
+    def run():
+        with torch.no_grad():
+            return model.generate(prompt, do_sample=False, max_new_tokens=n, min_new_tokens=n)[0, prompt.shape[1]:]
+    return run
+
+
+def _fast_generate(decoder, prompt: torch.Tensor, n: int):
+    return lambda: decoder.generate(prompt, n)[0, prompt.shape[1]:]
+
+
+def _llama_generate(llm, prompt: torch.Tensor, n: int):
+    ids = prompt[0].tolist()
+
+    def run():
+        out = []
+        for token in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(token)
+            if len(out) == n:
+                break
+        return torch.tensor(out)
+    return run
+
+
+def build_llama_2048(work: Path) -> dict[str, Path]:
+    """The random 2048x8 Llama: a bf16 folder, its packed folder (bf16 floats) and the GGUF, built once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from bitdistill import replace_linear_with_bitlinear, save_packed
+    from bitdistill.export.gguf import pack_gguf
+
+    paths = {"bf16": work / "llama2048-bf16", "packed": work / "llama2048-packed", "gguf": work / "llama2048.gguf"}
+    if not paths["packed"].is_dir():
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
+                          num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=2048,
+                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        tok = AutoTokenizer.from_pretrained(TOKENIZER)
+        model.save_pretrained(paths["bf16"])
+        tok.save_pretrained(paths["bf16"])
+        replace_linear_with_bitlinear(model)
+        save_packed(model, paths["packed"], tokenizer=tok)
+    if not paths["gguf"].is_file():
+        print(pack_gguf(paths["packed"], paths["gguf"]).__str__().splitlines()[-1], flush=True)
+    return paths
+
+
+def smollm2_paths(work: Path) -> dict[str, Path]:
+    """SmolLM2 folders (bf16, packed with bf16 floats), our GGUF of the packed folder, llama.cpp's TQ2_0."""
+    import llama_cpp
+
+    from bitdistill.export.gguf import pack_gguf
+
+    paths = prepare(work)
+    out = {"bf16": paths["bf16"], "packed": paths["packed-bf16"], "gguf": work / "smollm2-bitdistill.gguf",
+           "teacher_tq2": work / "smollm2-teacher-llamacpp-tq2_0.gguf"}
+    if not out["gguf"].is_file():
+        print(pack_gguf(out["packed"], out["gguf"]).__str__().splitlines()[-1], flush=True)
+    if not out["teacher_tq2"].is_file():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_TQ2_0
+        params.allow_requantize = True
+        params.nthread = 2
+        rc = llama_cpp.llama_model_quantize(str(gguf_file()).encode(), str(out["teacher_tq2"]).encode(),
+                                            ctypes.byref(params))
+        if rc != 0:
+            raise SystemExit(f"llama.cpp quantize failed ({rc})")
+    return out
+
+
+def implementations(paths: dict[str, Path], prompt: torch.Tensor, n: int, n_slow: int, threads: int,
+                    with_teacher: bool) -> list[tuple[str, Path, callable, int]]:
+    """``(impl, weights file, generate(), new tokens)`` for each implementation, all loaded now."""
+    import llama_cpp
+    from transformers import AutoModelForCausalLM
+
+    from bitdistill import FastDecoder, load_packed
+
+    impls = []
+
+    def add(name, path, make, tokens):
+        gc.collect()
+        before = _rss()
+        fn = make()
+        fn()  # warm-up (first-call compilation, page faults of mmapped weights)
+        impls.append((name, path, fn, tokens, _rss() - before))
+
+    add("transformers bf16", paths["bf16"], lambda: _hf_generate(
+        AutoModelForCausalLM.from_pretrained(paths["bf16"], dtype=torch.bfloat16).eval(), prompt, n), n)
+    add("transformers packed", paths["packed"], lambda: _hf_generate(
+        AutoModelForCausalLM.from_pretrained(paths["packed"], dtype=torch.bfloat16).eval(), prompt, n_slow), n_slow)
+    packed = load_packed(paths["packed"])
+    add("load_packed", paths["packed"], lambda: _hf_generate(packed, prompt, n), n)
+    length = prompt.shape[1] + n
+    add("load_packed fast", paths["packed"], lambda: _fast_generate(FastDecoder(packed, length), prompt, n), n)
+    add("load_packed fast int8 head", paths["packed"],
+        lambda: _fast_generate(FastDecoder(packed, length, int8_head=True), prompt, n), n)
+
+    def llama(path):
+        return llama_cpp.Llama(model_path=str(path), n_ctx=length + 8, n_threads=threads, n_batch=64, verbose=False)
+    add("llama.cpp (bitdistill GGUF)", paths["gguf"], lambda: _llama_generate(llama(paths["gguf"]), prompt, n), n)
+    if with_teacher:
+        add("llama.cpp TQ2_0 of teacher", paths["teacher_tq2"],
+            lambda: _llama_generate(llama(paths["teacher_tq2"]), prompt, n), n)
+    return impls
 
 
 def main() -> None:
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from bitdistill import load_packed
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--threads", type=int, nargs="+", default=[2, 1])
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--slow-tokens", type=int, default=4, help="new tokens for transformers' packed BitLinear")
     p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--baseline-packed-tokens", type=int, default=8,
-                   help="new tokens for transformers' packed BitLinear (it is ~20x slower)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--models", nargs="+", default=["SmolLM2-135M", "llama-2048x8"])
     p.add_argument("--work", type=Path, default=DEFAULT_WORK)
     args = p.parse_args()
-    paths = prepare(args.work)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    run_id = uuid.uuid4().hex[:12]
     prompt = wiki_windows(1, args.prompt_tokens)
     bench = Bench("decode_cpu")
-    runs = [
-        ("transformers bf16", lambda: AutoModelForCausalLM.from_pretrained(paths["bf16"], dtype=torch.bfloat16),
-         args.new_tokens),
-        ("transformers packed (bf16)", lambda: AutoModelForCausalLM.from_pretrained(paths["packed-bf16"],
-                                                                                    dtype=torch.bfloat16),
-         args.baseline_packed_tokens),
-        ("bitdistill load_packed (bf16)", lambda: load_packed(paths["packed-bf16"]), args.new_tokens),
-        ("bitdistill load_packed (fp32 unconverted)", lambda: load_packed(paths["packed-bf16"], dtype=torch.float32),
-         args.new_tokens),
-    ]
-    same = []
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        base = None
+    agree = {}
+    for model_name in args.models:
+        smol = model_name == "SmolLM2-135M"
+        paths = smollm2_paths(args.work) if smol else build_llama_2048(args.work)
+        impls = implementations(paths, prompt, args.new_tokens, args.slow_tokens, args.threads, smol)
+        samples = {name: [] for name, *_ in impls}
         outputs = {}
-        for name, load, n in runs:
-            model = load().eval()
-            rate, out = tokens_per_second(model, prompt, n, args.repeats if n == args.new_tokens else 1)
-            outputs[name] = out
-            base = base or rate
-            resident = sum(b.numel() * b.element_size() for b in model.state_dict().values())
-            print(f"{threads} threads, {name}: {rate:.2f} tok/s ({rate / base:.2f}x bf16), "
-                  f"state {resident / 2**20:.1f} MiB", flush=True)
-            bench.add(model="SmolLM2-135M", impl=name, threads=threads, new_tokens=n,
-                      prompt_tokens=args.prompt_tokens, tokens_per_s=rate, ratio_vs_bf16=rate / base,
-                      state_mib=resident / 2**20, load_avg_1min=os.getloadavg()[0])
-            del model
-        same.append(torch.equal(outputs["bitdistill load_packed (bf16)"][:, : prompt.shape[1]
-                                                                           + args.baseline_packed_tokens],
-                                outputs["transformers packed (bf16)"]))
-    note = (f"Greedy `generate`, batch 1, {args.prompt_tokens}-token prompt, median of "
-            f"{args.repeats} runs. Same packed folder for both packed rows; first "
-            f"{args.baseline_packed_tokens} generated tokens identical between transformers packed and "
-            f"load_packed (bf16): {all(same)}. state_mib = bytes of the model's state dict as loaded (tied "
-            f"embedding counted twice). load_avg_1min: the machine's load when the row was taken (2 cores, shared "
-            f"with other jobs: a load above 2 slows every multi-threaded op). Command: "
-            f"`python benchmarks/bench_decode_cpu.py --threads {' '.join(map(str, args.threads))} "
-            f"--new-tokens {args.new_tokens}`.")
-    print(bench.write(["impl", "threads", "new_tokens", "tokens_per_s", "ratio_vs_bf16", "state_mib", "load_avg_1min"],
-                      title="Decode speed on CPU: SmolLM2-135M, bf16 vs 1.58-bit packed", note=note))
+        loads = []
+        for _ in range(args.repeats):
+            loads.append(os.getloadavg()[0])
+            for name, _, fn, tokens, _ in impls:
+                t0 = time.perf_counter()
+                outputs[name] = fn()
+                samples[name].append(tokens / (time.perf_counter() - t0))
+        rate = {name: statistics.median(s) for name, s in samples.items()}
+        ref = outputs["load_packed"]
+        agree[model_name] = {name: int((out[: len(ref)] == ref[: len(out)]).all()) for name, out in outputs.items()}
+        for name, path, _, tokens, rss in impls:
+            s = samples[name]
+            bench.add(model=model_name, impl=name, threads=args.threads, new_tokens=tokens,
+                      prompt_tokens=args.prompt_tokens, tokens_per_s=rate[name],
+                      spread=(_quantile(s, 0.8) - _quantile(s, 0.2)) / rate[name],
+                      vs_bf16=rate[name] / rate["transformers bf16"],
+                      vs_llama_cpp=rate[name] / rate["llama.cpp (bitdistill GGUF)"],
+                      same_tokens_as_load_packed=agree[model_name][name], file_mib=_size(path) / 2**20,
+                      rss_added_mib=rss / 2**20, load_avg_1min=statistics.median(loads), repeats=args.repeats,
+                      run=run_id, command=" ".join(["python", "benchmarks/bench_decode_cpu.py", *sys.argv[1:]]))
+            print(f"{model_name} {name}: {rate[name]:.1f} tok/s ({rate[name] / rate['transformers bf16']:.2f}x bf16, "
+                  f"{rate[name] / rate['llama.cpp (bitdistill GGUF)']:.2f}x llama.cpp)", flush=True)
+        del impls
+        gc.collect()
+    note = (f"Run `{run_id}`: greedy decoding, batch 1, {args.prompt_tokens}-token wiki.test.raw prompt, "
+            f"{args.threads} threads, {args.repeats} interleaved rounds (one generation of every implementation per "
+            "round); tokens_per_s is the median over rounds, spread = (p80 - p20) / median. vs_bf16 / vs_llama_cpp: "
+            "ratio to transformers bf16 / to llama.cpp on bitdistill's GGUF of the same packed folder, in the same "
+            "run. same_tokens_as_load_packed: 1 if the row's generated tokens equal load_packed's (over the shorter "
+            "length; llama.cpp quantizes activations per 256-block, so its tokens may differ on an untrained model; "
+            "the int8 head is approximate). file_mib: the weights file(s); rss_added_mib: resident memory the "
+            "implementation added when loaded and warmed up (mmapped GGUF pages included once touched). "
+            "load_avg_1min: the machine's median load during the rounds (2 cores shared with other jobs). "
+            f"Command: `python benchmarks/bench_decode_cpu.py {' '.join(sys.argv[1:])}`.")
+    print(bench.write(["model", "impl", "new_tokens", "tokens_per_s", "spread", "vs_bf16", "vs_llama_cpp",
+                       "same_tokens_as_load_packed", "file_mib", "rss_added_mib", "load_avg_1min"],
+                      title="Decode speed on CPU: bf16, packed, fast in-torch path and llama.cpp", note=note))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Modules: BitLinear (quantization-aware training), PackedBitLinear (packed inference), the model converter."""
 
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear, BitLinearFunction, BitRMSNorm, bitlinear
+from bitdistill.nn.fast_decode import FastDecoder, generate_fast
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.nn.replace import (
     ConversionReport,
@@ -16,8 +17,10 @@ __all__ = [
     "BitLinearFunction",
     "BitRMSNorm",
     "ConversionReport",
+    "FastDecoder",
     "PackedBitLinear",
     "bitlinear",
+    "generate_fast",
     "load_student",
     "matches_module_pattern",
     "replace_linear_with_bitlinear",

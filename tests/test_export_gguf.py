@@ -1,0 +1,311 @@
+"""GGUF export for llama.cpp: exact ternary codes and scales, the row fallback, the tokenizer, llama.cpp's own
+greedy decode (through llama-cpp-python) against ``load_packed``'s, and every refusal as one line."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+from bitdistill import replace_linear_with_bitlinear
+from bitdistill.cli.main import main
+from bitdistill.export import gguf as gguf_export
+from bitdistill.export.memory import pack_in_memory
+from bitdistill.export.packed import save_packed
+from bitdistill.quant.reference import weight_quant
+
+gguf = pytest.importorskip("gguf", reason="the GGUF export needs the gguf package: pip install 'bitdistill[gguf]'")
+
+TEXT = ("The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building. It was the first "
+        "structure in the world to surpass both the 200-metre and 300-metre mark in height. ") * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A 512-token byte-level BPE tokenizer (GPT-2 pre-tokenizer), trained here on a short text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    fast.save_pretrained(out)
+    return out
+
+
+def _student(arch: str = "llama", hidden: int = 256, inter: int = 256, seed: int = 0, **extra):
+    """A random ternary student whose rows (in_features) are ``hidden`` / ``inter`` wide, with peaked logits."""
+    from bitdistill.models import tiny_config
+
+    cfg = tiny_config(arch)
+    cfg.update({"vocab_size": 512, "hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": hidden // 4, "bos_token_id": 0, "eos_token_id": 0, **extra})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.5)  # large logit margins: greedy tokens robust to rounding
+    replace_linear_with_bitlinear(model)
+    return model
+
+
+def _tokenizer(path: Path):
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
+def _reader_tensors(path: Path) -> dict:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def test_codes_and_scales_read_back_exactly(tmp_path, tokenizer_dir):
+    model = _student()
+    out = tmp_path / "m.gguf"
+    report = gguf_export.save_gguf(model, out, tokenizer=_tokenizer(tokenizer_dir))
+    assert report.ternary_share == 1.0 and all(layer.qtype == "TQ2_0" for layer in report.layers)
+    tensors = _reader_tensors(out)
+    n_head, n_kv = 4, 2
+    for layer in report.layers:
+        t = tensors[layer.tensor]
+        assert t.tensor_type == gguf.GGMLQuantizationType.TQ2_0
+        codes, gamma = weight_quant(model.get_submodule(layer.module).weight.detach())
+        if layer.tensor.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's interleaved RoPE row order
+            codes = gguf_export._permute_rows(codes, n_head if "attn_q" in layer.tensor else n_kv)
+        blocks = np.asarray(t.data).reshape(-1, 66)  # 64 bytes of 2-bit codes + float16 scale per 256 weights
+        scales = blocks[:, 64:].copy().view(np.float16).astype(np.float32).ravel()
+        block_codes = codes.reshape(-1, 256)
+        nonzero = block_codes.abs().sum(1).numpy() > 0
+        assert np.all(scales[nonzero] == np.float32(np.float16(gamma.item())))
+        assert np.all(scales[~nonzero] == 0)
+        values = gguf.quants.dequantize(np.asarray(t.data), gguf.GGMLQuantizationType.TQ2_0).reshape(codes.shape)
+        assert np.array_equal(np.sign(values), codes.numpy())
+
+
+def test_tq1_0_codes_exact(tmp_path, tokenizer_dir):
+    model = _student("qwen2")
+    out = tmp_path / "m.gguf"
+    report = gguf_export.save_gguf(model, out, tokenizer=_tokenizer(tokenizer_dir), gguf_type="tq1_0")
+    tensors = _reader_tensors(out)
+    for layer in report.layers:
+        t = tensors[layer.tensor]
+        assert t.tensor_type == gguf.GGMLQuantizationType.TQ1_0
+        codes, _ = weight_quant(model.get_submodule(layer.module).weight.detach())
+        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(codes.shape)
+        assert np.array_equal(np.sign(values), codes.numpy())
+    assert "blk.0.attn_q.bias" in tensors  # qwen2's q/k/v biases, float32
+
+
+def test_576_wide_student_falls_back_to_q8_0_and_reports_it(tmp_path, tokenizer_dir, capsys):
+    model = _student(hidden=576, inter=1536)
+    out = tmp_path / "m.gguf"
+    report = gguf_export.save_gguf(model, out, tokenizer=_tokenizer(tokenizer_dir))
+    kinds = {layer.module.rsplit(".", 1)[-1]: layer.qtype for layer in report.layers}
+    assert kinds == {"q_proj": "Q8_0", "k_proj": "Q8_0", "v_proj": "Q8_0", "o_proj": "Q8_0", "gate_proj": "Q8_0",
+                     "up_proj": "Q8_0", "down_proj": "TQ2_0"}
+    down = 576 * 1536 * 2
+    total = 2 * (576 * 576 * 2 + 576 * 288 * 2 + 3 * 576 * 1536)
+    assert report.ternary_in_file == down and report.ternary_weights == total
+    text = str(report)
+    assert "in_features 576 % 256 != 0" in text and f"{down / total:.1%} of ternary weights stay ternary" in text
+    tensors = _reader_tensors(out)
+    q8 = tensors["blk.0.ffn_up.weight"]
+    assert q8.tensor_type == gguf.GGMLQuantizationType.Q8_0
+    codes, gamma = weight_quant(model.get_submodule("model.layers.0.mlp.up_proj").weight.detach())
+    values = gguf.quants.dequantize(np.asarray(q8.data), q8.tensor_type).reshape(codes.shape)
+    assert np.array_equal(np.sign(values), codes.numpy())
+    assert np.allclose(values, codes.numpy() * gamma.item(), rtol=1e-3)
+
+
+def test_cli_strict_refuses_and_default_writes(tmp_path, tokenizer_dir, capsys):
+    folder = tmp_path / "packed"
+    save_packed(_student(hidden=576, inter=1536), folder, tokenizer=_tokenizer(tokenizer_dir))
+    out = tmp_path / "m.gguf"
+    assert main(["pack", str(folder), str(out), "--format", "gguf", "--strict"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--strict" in err and "in_features=576" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert main(["pack", str(folder), str(out), "--format", "gguf", "--gguf-type", "tq1_0"]) == 0
+    printed = capsys.readouterr().out
+    assert "-> blk.0.ffn_down.weight [576x1536] TQ1_0" in printed and "(in_features 576 % 256 != 0)" in printed
+    assert out.is_file()
+
+
+def _fail(argv, capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def packed_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    folder = tmp_path_factory.mktemp("packed") / "packed"
+    save_packed(_student(), folder, tokenizer=_tokenizer(tokenizer_dir))
+    return folder
+
+
+def test_refusals_are_one_line(tmp_path, packed_dir, tokenizer_dir, capsys, monkeypatch):
+    out = tmp_path / "m.gguf"
+    assert "does not exist" in _fail(["pack", str(packed_dir), str(tmp_path / "nope" / "m.gguf"), "--format", "gguf"],
+                                     capsys)
+    out.write_bytes(b"old")
+    assert "--overwrite" in _fail(["pack", str(packed_dir), str(out), "--format", "gguf"], capsys)
+    assert out.read_bytes() == b"old"
+    assert "OUT.gguf" in _fail(["pack", str(packed_dir), str(tmp_path / "m.bin"), "--format", "gguf"], capsys)
+    # no llama.cpp mapping for GPT-NeoX here
+    from bitdistill.models import tiny_model
+
+    neox = tiny_model("gpt_neox")
+    replace_linear_with_bitlinear(neox)
+    with pytest.raises(ValueError, match="no mapping here for model_type 'gpt_neox'"):
+        gguf_export.save_gguf(neox, tmp_path / "n.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    # an in-layer RMSNorm in every BitLinear: no llama.cpp graph has it
+    normed = _student()
+    for m in normed.modules():
+        if hasattr(m, "rms_norm") and type(m).__name__ == "BitLinear":
+            from bitdistill.nn.bitlinear import BitRMSNorm
+
+            m.rms_norm = BitRMSNorm(m.in_features, 1e-6)
+    with pytest.raises(ValueError, match="in-layer RMSNorm"):
+        gguf_export.save_gguf(normed, tmp_path / "r.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    # gguf not installed: names the extra
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gguf(name, *args, **kwargs):
+        if name == "gguf":
+            raise ImportError("No module named 'gguf'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gguf)
+    assert "bitdistill[gguf]" in _fail(["pack", str(packed_dir), str(tmp_path / "g.gguf"), "--format", "gguf"], capsys)
+    monkeypatch.setattr(builtins, "__import__", real_import)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # only the pre-existing file
+
+
+def test_subln_student_is_bitnet_or_refused(tmp_path, tokenizer_dir):
+    from bitdistill.nn.bitlinear import BitRMSNorm
+
+    def subln(model, eps):
+        for name, m in model.named_modules():
+            if name.endswith(("o_proj", "down_proj")):
+                m.rms_norm = BitRMSNorm(m.in_features, eps)
+        return model
+
+    ok = subln(_student(tie_word_embeddings=True, rms_norm_eps=1e-5), 1e-5)
+    report = gguf_export.save_gguf(ok, tmp_path / "b.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    assert report.arch == "bitnet"
+    names = set(_reader_tensors(tmp_path / "b.gguf"))
+    assert {"blk.0.attn_sub_norm.weight", "blk.0.ffn_sub_norm.weight"} <= names and "output.weight" not in names
+    with pytest.raises(ValueError, match="SubLN eps"):
+        gguf_export.save_gguf(subln(_student(tie_word_embeddings=True, rms_norm_eps=1e-5), 1e-6),
+                              tmp_path / "c.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        gguf_export.save_gguf(subln(_student(rms_norm_eps=1e-5), 1e-5), tmp_path / "d.gguf",
+                              tokenizer=_tokenizer(tokenizer_dir))
+    assert not (tmp_path / "c.gguf").exists() and not (tmp_path / "d.gguf").exists()
+
+
+def test_disk_full_leaves_nothing(tmp_path, packed_dir, capsys, monkeypatch):
+    def full(self, *args, **kwargs):
+        self.fout[0].write(b"x" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
+    err = _fail(["pack", str(packed_dir), str(tmp_path / "m.gguf"), "--format", "gguf"], capsys)
+    assert "disk filled" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_pre_tokenizer_is_refused(tmp_path, tokenizer_dir):
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Whitespace"}
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for f in tokenizer_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"pre-tokenizer .* is not one llama\.cpp reproduces"):
+        gguf_export.save_gguf(_student(), tmp_path / "m.gguf", tokenizer=_tokenizer(folder))
+    assert not (tmp_path / "m.gguf").exists()
+
+
+# ---- llama.cpp itself (llama-cpp-python) ----
+
+
+def _llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed: pip install 'bitdistill[llama]'")
+
+
+def _llama_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    out = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if len(out) == n:
+            break
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "bitnet"])
+def test_llama_cpp_greedy_equals_load_packed(arch, tmp_path, tokenizer_dir):
+    _llama_cpp()
+    if arch == "bitnet":
+        from bitdistill.nn.bitlinear import BitRMSNorm
+
+        model = _student(tie_word_embeddings=True, rms_norm_eps=1e-5)
+        for name, m in model.named_modules():
+            if name.endswith(("o_proj", "down_proj")):
+                m.rms_norm = BitRMSNorm(m.in_features, 1e-5)
+                with torch.no_grad():
+                    m.rms_norm.weight.uniform_(0.5, 1.5)
+        reference = model
+    else:
+        model = _student(arch)
+        reference = pack_in_memory(model)
+    out = tmp_path / "m.gguf"
+    gguf_export.save_gguf(model, out, tokenizer=_tokenizer(tokenizer_dir))
+    prompt = _tokenizer(tokenizer_dir)(TEXT[:60]).input_ids
+    ours = reference.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, min_new_tokens=16)
+    assert _llama_greedy(out, prompt, 16) == ours[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe"])
+def test_llama_cpp_tokenizes_like_transformers(pre, tmp_path, tokenizer_dir, shared_data):
+    llama_cpp = _llama_cpp()
+    spec = json.loads((shared_data / "tokenizers" / "smollm2" / "tokenizer.json").read_text())
+    steps = [dict(s) for s in gguf_export.PRE_TOKENIZERS[pre]]
+    for s in steps:
+        if "regex" in s:
+            s.update(pattern={"Regex": s.pop("regex")}, behavior="Isolated", invert=False)
+        if s["type"] == "ByteLevel":
+            s.setdefault("add_prefix_space", False)
+            s["trim_offsets"] = True
+    spec["pre_tokenizer"] = steps[0] if len(steps) == 1 else {"type": "Sequence", "pretokenizers": steps}
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    cfg_src = shared_data / "tokenizers" / "smollm2" / "tokenizer_config.json"
+    (folder / "tokenizer_config.json").write_bytes(cfg_src.read_bytes())
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    replace_linear_with_bitlinear(model)
+    out = tmp_path / "t.gguf"
+    gguf_export.save_gguf(model, out, tokenizer=tok)
+    llm = llama_cpp.Llama(model_path=str(out), vocab_only=True, verbose=False)
+    text = (shared_data / "wikitext-2-raw-v1" / "wiki.test.raw").read_text()[:20000] + " 12345 3.14159  x\n\n y"
+    want = tok(text, add_special_tokens=False).input_ids
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
