@@ -274,8 +274,9 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     def same(step: dict, want: dict) -> bool:
         for key, value in want.items():
             got = step.get(key)
-            if key == "regex":
-                got = (got or {}).get("Regex") if isinstance(got, dict) else None
+            if key == "regex":  # tokenizer.json: {"type": "Split", "pattern": {"Regex": ...}}
+                pattern = step.get("pattern")
+                got = pattern.get("Regex") if isinstance(pattern, dict) else None
             if got != value:
                 return False
         return True
@@ -408,7 +409,9 @@ def _write(gguf, out_file: Path, arch: str, cfg, permute: bool, tokenizer, tenso
     tmp = Path(tmp_name)
     try:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_name(getattr(cfg, "_name_or_path", "") or arch)
+        # general.name: llama.cpp keys vocabulary quirks on it (a name containing "phi3" expects SentencePiece
+        # tokens), so it is the source folder's name, never the architecture's.
+        writer.add_name(Path(getattr(cfg, "_name_or_path", "") or "").name or "bitdistill student")
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if any(q == gguf.GGMLQuantizationType.TQ2_0
                                                                     for *_, q in tensors)
                              else gguf.LlamaFileType.MOSTLY_TQ1_0)
