@@ -281,7 +281,7 @@ def test_llama_cpp_greedy_equals_load_packed(arch, tmp_path, tokenizer_dir):
     assert _llama_greedy(out, prompt, 16) == ours[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe"])
+@pytest.mark.parametrize("pre", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
 def test_llama_cpp_tokenizes_like_transformers(pre, tmp_path, tokenizer_dir, shared_data):
     llama_cpp = _llama_cpp()
     spec = json.loads((shared_data / "tokenizers" / "smollm2" / "tokenizer.json").read_text())
