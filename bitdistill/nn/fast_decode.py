@@ -10,9 +10,7 @@ layers, norms and MLPs compute exactly what they compute under ``generate``) wit
 * one ``scaled_dot_product_attention`` call per layer (grouped-query attention without ``repeat_kv``),
 * logits for the last position only,
 * optionally (``int8_head=True``, approximate) an int8 output head: per-row absmax int8 weights with
-  float scales through ``torch._weight_int8pack_mm`` (half the bytes of a bf16 head), and
-* optionally ``compile=True``: ``torch.compile`` of the per-token step (packed layers go through the
-  ``bitdistill::packed_linear`` custom op and its fake implementation).
+  float scales through ``torch._weight_int8pack_mm`` (half the bytes of a bf16 head).
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` and ``phi3`` (fused ``qkv_proj``; partial rotary).
 Greedy tokens equal ``model.generate(do_sample=False)`` (tested) unless ``int8_head`` is chosen.
@@ -67,10 +65,9 @@ class FastDecoder:
             :func:`bitdistill.load_packed` or :func:`bitdistill.load_student`.
         max_length: the longest prompt + generation this decoder holds (its KV cache size).
         int8_head: use an int8-weight output head (approximate; see :class:`_Int8Head`).
-        compile: ``torch.compile`` the per-token step.
     """
 
-    def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool = False, compile: bool = False) -> None:
+    def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool = False) -> None:
         cfg = model.config
         if cfg.model_type not in FAST_DECODE_ARCHS:
             raise ValueError(f"fast decoding supports {', '.join(FAST_DECODE_ARCHS)}, not {cfg.model_type!r}; "
@@ -100,7 +97,6 @@ class FastDecoder:
             cos, sin = self.inner.rotary_emb(param[:1][None], positions)
         self.cos, self.sin = cos[:, None], sin[:, None]  # [1, 1, max_length, rot]
         self.head = _Int8Head(model.lm_head.weight) if int8_head else model.lm_head
-        self.step = torch.compile(self._step, dynamic=True) if compile else self._step
 
     def _attention(self, layer: nn.Module, i: int, h: torch.Tensor, pos: int) -> torch.Tensor:
         attn = layer.self_attn
@@ -126,7 +122,7 @@ class FastDecoder:
                                              enable_gqa=self.n_kv != self.n_heads)
         return attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
 
-    def _step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Run ``ids [1, T]`` at positions ``pos..pos+T-1``; returns the last position's logits ``[1, vocab]``."""
         h = self.inner.embed_tokens(ids)
         for i, layer in enumerate(self.layers):
@@ -156,11 +152,11 @@ class FastDecoder:
 
 
 def generate_fast(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, int8_head: bool = False,
-                  compile: bool = False, eos_token_id: int | None = None) -> torch.Tensor:
+                  eos_token_id: int | None = None) -> torch.Tensor:
     """Greedy decoding with a static KV cache (see :class:`FastDecoder`); returns ``[1, T + n]`` token ids.
 
     Builds a decoder sized for this call; reuse a :class:`FastDecoder` to decode repeatedly without
-    rebuilding the cache (and without recompiling with ``compile=True``).
+    rebuilding the cache.
     """
-    decoder = FastDecoder(model, input_ids.shape[-1] + max_new_tokens, int8_head=int8_head, compile=compile)
+    decoder = FastDecoder(model, input_ids.shape[-1] + max_new_tokens, int8_head=int8_head)
     return decoder.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id)
