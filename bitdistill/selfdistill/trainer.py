@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, Trainer
 from bitdistill.eval.perplexity import strided_perplexities
 from bitdistill.selfdistill.exits import MultiExitLM
 from bitdistill.selfdistill.loss import SelfDistillModel
+from bitdistill.state_dict import unique_tensors
 
 __all__ = ["SelfDistillTrainer", "exit_names", "unique_tensors"]
 
@@ -145,15 +146,3 @@ class SelfDistillTrainer(Trainer):
         if missing or load_result.unexpected_keys:
             raise ValueError(f"the checkpoint does not match the model: missing {sorted(missing)}, "
                              f"unexpected {sorted(load_result.unexpected_keys)}")
-
-
-def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state_dict`` keeping the first name of every tensor that several names share (safetensors refuses aliases)."""
-    seen: set[tuple] = set()
-    out = {}
-    for name, t in state_dict.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() == 0 or key not in seen:
-            seen.add(key)
-            out[name] = t
-    return out
