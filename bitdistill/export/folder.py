@@ -130,7 +130,7 @@ def pack_pretrained(
     tokenizer = None
     if gguf_file is not None:
         if not (src_path / gguf_file).is_file():
-            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf-file names a file inside SRC")
+            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf_file names a file inside SRC")
         warnings.warn(PTQ_WARNING, stacklevel=2)
         model, skipped = _load_plain(str(src), gguf_file, skip or ("lm_head",))
         tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)
@@ -143,7 +143,7 @@ def pack_pretrained(
         check_safetensors(src_path)
         if found == "student":
             if skip:
-                raise ValueError("--skip applies to --from-plain sources; a student's converted layers were fixed "
+                raise ValueError("--skip applies to --from_plain sources; a student's converted layers were fixed "
                                  "by bitdistill convert")
             model = load_student(src_path, dtype=torch.float32)
             skipped = {}
@@ -158,7 +158,7 @@ def pack_pretrained(
             kind = "plain model (post-training ternarization)"
         else:
             raise ValueError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
-                             "--from-plain to ternarize it post-training (quality needs distillation)")
+                             "--from_plain to ternarize it post-training (quality needs distillation)")
     report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
                          copy_files_from=src_path if src_path.is_dir() else None, overwrite=overwrite,
                          source=src_path.name, tokenizer=tokenizer)

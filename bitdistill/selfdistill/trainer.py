@@ -54,8 +54,9 @@ class SelfDistillTrainer(Trainer):
         self.validation_dataset = validation_dataset
         self._part_sums: dict[str, float] = {}
         self._part_micro_batches = 0
-        # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the accumulation steps
-        self.loss_is_scaled_for_ga = False
+        # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the accumulation steps, which it
+        # does when the model does not "accept loss kwargs" (the public switch from transformers 4.46 to today)
+        self.model_accepts_loss_kwargs = False
 
     def _multi_exit(self) -> MultiExitLM:
         model = self.accelerator.unwrap_model(self.model)
