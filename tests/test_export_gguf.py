@@ -131,7 +131,7 @@ def test_cli_strict_refuses_and_default_writes(tmp_path, tokenizer_dir, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--strict" in err and "in_features=576" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
-    assert main(["pack", str(folder), str(out), "--format", "gguf", "--gguf-type", "tq1_0"]) == 0
+    assert main(["pack", str(folder), str(out), "--format", "gguf", "--gguf_type", "tq1_0"]) == 0
     printed = capsys.readouterr().out
     assert "-> blk.0.ffn_down.weight [576x1536] TQ1_0" in printed and "(in_features 576 % 256 != 0)" in printed
     assert out.is_file()

@@ -6,10 +6,6 @@ import argparse
 import sys
 import warnings
 
-NAME = "pack"
-HELP = ("Pack a BitNet student folder (or, with --from-plain / --gguf-file, any causal LM) into 1.58-bit "
-        "packed safetensors that transformers loads.")
-
 
 def _size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -22,25 +18,25 @@ def _size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="student folder written by bitdistill convert/distill (or any model folder with "
-                               "--from-plain)")
+                               "--from_plain)")
     p.add_argument("out", help="output folder (written atomically), or OUT.gguf with --format gguf")
     p.add_argument("--format", choices=("safetensors", "gguf"), default="safetensors",
                    help="safetensors: packed HF bitnet folder (default); gguf: one GGUF file for llama.cpp "
                         "(SRC may also be a packed folder)")
-    p.add_argument("--gguf-type", "--gguf_type", dest="gguf_type", choices=("tq2_0", "tq1_0"), default="tq2_0",
+    p.add_argument("--gguf_type", "--gguf-type", choices=("tq2_0", "tq1_0"), default="tq2_0",
                    help="llama.cpp ternary type for --format gguf (default tq2_0)")
     p.add_argument("--strict", action="store_true",
                    help="--format gguf: refuse layers llama.cpp cannot hold as ternary (rows not a multiple of "
                         "256) instead of writing them as Q8_0")
-    p.add_argument("--from-plain", action="store_true",
+    p.add_argument("--from_plain", "--from-plain", action="store_true",
                    help="SRC is a plain model: ternarize it post-training (quality needs distillation)")
-    p.add_argument("--gguf-file", default=None, help="GGUF file inside SRC to read the model from (implies "
-                                                     "--from-plain)")
+    p.add_argument("--gguf_file", "--gguf-file", default=None,
+                   help="GGUF file inside SRC to read the model from (implies --from_plain)")
     p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="module pattern kept in floating point, plain sources only (repeatable; default lm_head)")
     p.add_argument("--dtype", default="auto", help="dtype of unconverted tensors: auto (as stored), float32, "
                                                    "bfloat16, float16")
-    p.add_argument("--max-shard-size", default="5GB", type=_size,
+    p.add_argument("--max_shard_size", "--max-shard-size", default="5GB", type=_size,
                    help="start a new safetensors shard past this size (e.g. 500MB, 2GB; default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -55,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         return _run_gguf(args, PTQ_WARNING)
     if args.gguf_type != "tq2_0" or args.strict:
-        raise ValueError("--gguf-type and --strict apply to --format gguf only")
+        raise ValueError("--gguf_type and --strict apply to --format gguf only")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pack_pretrained(args.src, args.out, from_plain=args.from_plain, gguf_file=args.gguf_file,
@@ -72,7 +68,7 @@ def _run_gguf(args: argparse.Namespace, ptq_warning: str) -> int:
     from bitdistill.export.gguf import pack_gguf
 
     if args.max_shard_size != _size("5GB"):
-        raise ValueError("--max-shard-size applies to safetensors output; a GGUF is one file")
+        raise ValueError("--max_shard_size applies to safetensors output; a GGUF is one file")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = pack_gguf(args.src, args.out, gguf_type=args.gguf_type, strict=args.strict,

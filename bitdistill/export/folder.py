@@ -16,13 +16,13 @@ from bitdistill.export.packed import (
     _COPY_FILES,
     DEFAULT_MAX_SHARD_BYTES,
     PackReport,
-    is_packed_config,
     load_packed,
     save_packed,
     unpack_to_student,
 )
 from bitdistill.io import atomic_output_dir
-from bitdistill.nn.replace import MARKER_KEY, load_student, replace_linear_with_bitlinear
+from bitdistill.nn.config import MARKER_KEY, folder_kind, read_config_json
+from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear
 
 __all__ = ["PTQ_WARNING", "PackResult", "PackSource", "check_safetensors", "load_pack_source", "pack_pretrained",
            "unpack_pretrained"]
@@ -68,18 +68,6 @@ def check_safetensors(folder: Path) -> None:
         except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/sizes
             raise ValueError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-save or "
                              "re-download it") from exc
-
-
-def _source_config(src: Path) -> dict:
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist; pass a model folder")
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a model folder (no config.json); pass a folder written by "
-                                "save_pretrained or bitdistill convert")
-    try:
-        return json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{src / 'config.json'} is not valid JSON ({exc})") from exc
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
@@ -128,21 +116,22 @@ def load_pack_source(src: str | Path, *, from_plain: bool = False, gguf_file: st
     src_path = Path(str(src))
     if gguf_file is not None:
         if not (src_path / gguf_file).is_file():
-            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf-file names a file inside SRC")
+            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf_file names a file inside SRC")
         warnings.warn(PTQ_WARNING, stacklevel=3)
         model, skipped = _load_plain(str(src), gguf_file, skip or ("lm_head",))
         tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)
         return PackSource(model, skipped, f"GGUF {gguf_file} (post-training ternarization)", tokenizer, None)
-    cfg = _source_config(src_path)
-    if is_packed_config(cfg):
+    found = folder_kind(src_path, required=True)
+    if found == "packed":
         raise ValueError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
                          "use it as it is, or bitdistill unpack it first")
     check_safetensors(src_path)
-    if isinstance(cfg.get(MARKER_KEY), dict):
+    if found == "student":
         if skip:
-            raise ValueError("--skip applies to --from-plain sources; a student's converted layers were fixed "
+            raise ValueError("--skip applies to --from_plain sources; a student's converted layers were fixed "
                              "by bitdistill convert")
         model = load_student(src_path, dtype=torch.float32)
+        cfg = read_config_json(src_path)
         source_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
         dtype = _parse_dtype(source_dtype) if source_dtype in ("bfloat16", "float16", "float32") else None
         return PackSource(model, {}, "BitNet student (kept layers as converted by bitdistill convert)", None, dtype)
@@ -151,7 +140,7 @@ def load_pack_source(src: str | Path, *, from_plain: bool = False, gguf_file: st
         model, skipped = _load_plain(str(src), None, skip or ("lm_head",))
         return PackSource(model, skipped, "plain model (post-training ternarization)", None, None)
     raise ValueError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
-                     "--from-plain to ternarize it post-training (quality needs distillation)")
+                     "--from_plain to ternarize it post-training (quality needs distillation)")
 
 
 def pack_pretrained(
@@ -208,8 +197,7 @@ def unpack_pretrained(src: str | Path, out: str | Path, *, overwrite: bool = Fal
     """Packed folder -> float32 BitNet student folder (for further training); returns the unpacked layer names."""
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
-    cfg = _source_config(src)
-    if not is_packed_config(cfg):
+    if folder_kind(src, required=True) != "packed":
         raise ValueError(f"{src} is not a packed bitnet model (no bitnet quantization_config in config.json)")
     check_safetensors(src)
     student = unpack_to_student(load_packed(src))

@@ -468,8 +468,9 @@ def pack_gguf(
     from transformers import AutoTokenizer
 
     from bitdistill.convert import parse_dtype
-    from bitdistill.export.folder import _source_config, load_pack_source
-    from bitdistill.export.packed import is_packed_config, load_packed
+    from bitdistill.export.folder import load_pack_source
+    from bitdistill.export.packed import load_packed
+    from bitdistill.nn.config import folder_kind
 
     require_gguf()
     src_path, out_file = Path(str(src)), Path(out_file)
@@ -483,7 +484,7 @@ def pack_gguf(
         raise FileExistsError(f"{out_file} already exists; pass --overwrite to replace it")
     float_dtype = None if dtype in (None, "auto") else parse_dtype(dtype)
     tokenizer = None
-    if gguf_file is None and src_path.is_dir() and is_packed_config(_source_config(src_path)):
+    if gguf_file is None and folder_kind(src_path) == "packed":
         model = load_packed(src_path)
     else:
         source = load_pack_source(src, from_plain=from_plain, gguf_file=gguf_file, skip=skip)

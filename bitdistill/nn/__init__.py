@@ -1,6 +1,8 @@
-"""Modules: BitLinear (quantization-aware training), PackedBitLinear (packed inference), the model converter."""
+"""Modules: BitLinear (quantization-aware training), PackedBitLinear (packed inference), the model converter
+and its config (``BitNetConfig``), SubLN, and the per-architecture module table."""
 
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear, BitLinearFunction, BitRMSNorm, bitlinear
+from bitdistill.nn.config import BitNetConfig, bitnet_config, folder_kind
 from bitdistill.nn.fast_decode import FastDecoder, generate_fast
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.nn.replace import (
@@ -15,11 +17,14 @@ __all__ = [
     "BitConv1D",
     "BitLinear",
     "BitLinearFunction",
+    "BitNetConfig",
     "BitRMSNorm",
     "ConversionReport",
     "FastDecoder",
     "PackedBitLinear",
     "bitlinear",
+    "bitnet_config",
+    "folder_kind",
     "generate_fast",
     "load_student",
     "matches_module_pattern",
