@@ -50,6 +50,29 @@ def _temp_path(out: Path, kind: str) -> Path:
     return out.parent / f".{out.name}{TEMP_TAG}{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where ``/proc`` tells it)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_permissions(path: Path) -> None:
+    """Give ``path`` (and everything under it) the modes a plain ``mkdir``/``open`` would: 0o777/0o666 minus umask.
+
+    Some writers create files 0600 (``mkstemp``, safetensors' own temporary files); outputs must look like any
+    other ``save_pretrained`` folder.
+    """
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -202,6 +225,7 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
     with _sigterm_as_exception():
         try:
             yield tmp
+            _plain_permissions(tmp)
             _finish(tmp, out, overwrite)
         except BaseException as exc:
             _remove(tmp)
@@ -261,6 +285,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], o
             else:
                 with open(tmp, "x", encoding="utf-8") if isinstance(data, str) else open(tmp, "xb") as f:
                     f.write(data)
+            _plain_permissions(tmp)
             if overwrite:
                 os.replace(tmp, path)
             else:

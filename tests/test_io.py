@@ -169,7 +169,7 @@ def test_atomic_write_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
         Path(p).write_text("partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    with pytest.raises(UserError, match="a.json: No space left"):
+    with pytest.raises(UserError, match=r"a\.json: No space left"):
         atomic_write(tmp_path / "a.json", full)
     assert (tmp_path / "a.json").read_text() == "old"
     assert _listing(tmp_path) == ["a.json"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import warnings
@@ -12,17 +11,13 @@ from pathlib import Path
 
 import torch
 
-from bitdistill.export.packed import (
-    _COPY_FILES,
-    DEFAULT_MAX_SHARD_BYTES,
-    PackReport,
-    is_packed_config,
-    load_packed,
-    save_packed,
-    unpack_to_student,
-)
-from bitdistill.io import atomic_output_dir
+from bitdistill.errors import UserError
+from bitdistill.export.format import COPY_FILES, DEFAULT_MAX_SHARD_BYTES, is_packed_config
+from bitdistill.export.loader import load_packed, unpack_to_student
+from bitdistill.export.writer import PackReport, save_packed
+from bitdistill.io import atomic_output_dir, check_output_location
 from bitdistill.nn.replace import MARKER_KEY, load_student, replace_linear_with_bitlinear
+from bitdistill.weights import read_config, tensor_index
 
 __all__ = ["PTQ_WARNING", "PackResult", "check_safetensors", "pack_pretrained", "unpack_pretrained"]
 
@@ -43,49 +38,15 @@ class PackResult:
 
 
 def check_safetensors(folder: Path) -> None:
-    """Open every safetensors file of ``folder`` (headers and sizes); ``ValueError`` naming a bad one."""
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{index} is corrupt ({exc}); re-save the model") from exc
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
+    """Open every safetensors file of ``folder`` (headers and sizes); :class:`UserError` naming a bad one."""
+    if not tensor_index(folder):
         raise FileNotFoundError(f"{folder} has no *.safetensors weights; save the model with safe_serialization")
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in the index but missing; the folder is incomplete")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    f.get_slice(key)
-        except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/sizes
-            raise ValueError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-save or "
-                             "re-download it") from exc
-
-
-def _source_config(src: Path) -> dict:
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist; pass a model folder")
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a model folder (no config.json); pass a folder written by "
-                                "save_pretrained or bitdistill convert")
-    try:
-        return json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{src / 'config.json'} is not valid JSON ({exc})") from exc
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    check_output_location(out, [src])
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
-        raise ValueError(f"OUT {out} is SRC or inside it; choose another folder (SRC is never modified)")
 
 
 def _load_plain(src: str, gguf_file: str | None, skip: Iterable[str]) -> tuple[torch.nn.Module, dict[str, str]]:
@@ -99,7 +60,7 @@ def _load_plain(src: str, gguf_file: str | None, skip: Iterable[str]) -> tuple[t
         warnings.simplefilter("ignore")
         report = replace_linear_with_bitlinear(model, modules_to_not_convert=patterns)
     if not report.converted:
-        raise ValueError(f"{src} has no linear layer to convert outside the skip list")
+        raise UserError(f"{src} has no linear layer to convert outside the skip list")
     skipped = {n: odd.get(n, r) for n, r in report.skipped.items()}
     return model, skipped
 
@@ -148,15 +109,15 @@ def pack_pretrained(
         tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)
         kind = f"GGUF {gguf_file} (post-training ternarization)"
     else:
-        cfg = _source_config(src_path)
+        cfg = read_config(src_path)
         if is_packed_config(cfg):
-            raise ValueError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
+            raise UserError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
                              "use it as it is, or bitdistill unpack it first")
         check_safetensors(src_path)
         is_student = isinstance(cfg.get(MARKER_KEY), dict)
         if is_student:
             if skip:
-                raise ValueError("--skip applies to --from-plain sources; a student's converted layers were fixed "
+                raise UserError("--skip applies to --from-plain sources; a student's converted layers were fixed "
                                  "by bitdistill convert")
             model = load_student(src_path, dtype=torch.float32)
             skipped = {}
@@ -169,11 +130,11 @@ def pack_pretrained(
             model, skipped = _load_plain(str(src), None, skip or ("lm_head",))
             kind = "plain model (post-training ternarization)"
         else:
-            raise ValueError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
+            raise UserError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
                              "--from-plain to ternarize it post-training (quality needs distillation)")
     report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
                          copy_files_from=src_path if src_path.is_dir() else None, overwrite=overwrite,
-                         source=src_path.name, tokenizer=tokenizer)
+                         source=src_path.name, tokenizer=tokenizer, sources=(src_path,))
     report.kept.update({n: r for n, r in skipped.items() if n in report.kept})
     return PackResult(report=report, source_kind=kind, skipped=skipped)
 
@@ -188,14 +149,14 @@ def unpack_pretrained(src: str | Path, out: str | Path, *, overwrite: bool = Fal
     """Packed folder -> float32 BitNet student folder (for further training); returns the unpacked layer names."""
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
-    cfg = _source_config(src)
+    cfg = read_config(src)
     if not is_packed_config(cfg):
-        raise ValueError(f"{src} is not a packed bitnet model (no bitnet quantization_config in config.json)")
+        raise UserError(f"{src} is not a packed bitnet model (no bitnet quantization_config in config.json)")
     check_safetensors(src)
     student = unpack_to_student(load_packed(src))
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, sources=[src]) as tmp:
         student.save_pretrained(tmp)
-        for name in _COPY_FILES:
+        for name in COPY_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
     from bitdistill.nn.bitlinear import BitLinear

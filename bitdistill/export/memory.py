@@ -6,7 +6,8 @@ import copy
 
 from torch import nn
 
-from bitdistill.export.packed import pack_model, packed_quantization_config
+from bitdistill.export.format import packed_quantization_config
+from bitdistill.export.writer import pack_model
 from bitdistill.nn.bitlinear import BitLinear
 from bitdistill.nn.packed import PackedBitLinear
 

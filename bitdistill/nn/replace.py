@@ -9,7 +9,6 @@ The model's config records that it is a BitNet student (``config.bitdistill``), 
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -19,7 +18,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitdistill.errors import UserError
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
+from bitdistill.weights import (
+    CONFIG_FILE,
+    read_config,
+    read_tensors,
+    tensor_index,
+    validate_loaded,
+    weight_files,
+)
 
 __all__ = [
     "MARKER_KEY",
@@ -199,8 +207,7 @@ def student_marker(config_or_model) -> dict | None:
 
 def is_student_folder(path: str | Path) -> bool:
     """Whether ``path`` is a local model folder whose ``config.json`` carries the student marker."""
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and MARKER_KEY in json.loads(cfg.read_text())
+    return (Path(path) / CONFIG_FILE).is_file() and MARKER_KEY in read_config(path)
 
 
 def load_student(path: str | Path, **from_pretrained_kwargs):
@@ -217,12 +224,12 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json); pass the folder save_pretrained wrote")
+    read_config(path)
+    tensor_index(path)
     config = AutoConfig.from_pretrained(path)
     marker = student_marker(config)
     if marker is None:
-        raise ValueError(f"{path} is not a bitdistill BitNet student (config.json has no '{MARKER_KEY}' marker); "
+        raise UserError(f"{path} is not a bitdistill BitNet student (config.json has no '{MARKER_KEY}' marker); "
                          "convert a plain model with replace_linear_with_bitlinear instead")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     names = [re.escape(n) + "$" for n in marker["modules_to_not_convert"]]
@@ -234,27 +241,13 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
         attach_subln_norms(model, marker["subln_modules"], marker["subln_eps"])
     if marker["use_rms_norm"] or marker.get("subln_modules"):
         _load_extra_tensors(model, path, suffix=".rms_norm.weight")
+    validate_loaded(model, path, check_files=bool(weight_files(path)))
     return model
 
 
 def _load_extra_tensors(model: nn.Module, path: Path, suffix: str) -> None:
     """Load tensors whose key ends with ``suffix`` from the folder's safetensors (they are absent from the base model)."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
     state = model.state_dict()
-    missing = {k for k in state if k.endswith(suffix)}
-    for fname in files:
-        with safe_open(str(path / fname), framework="pt") as f:
-            for key in f.keys():
-                if key in missing:
-                    with torch.no_grad():
-                        state[key].copy_(f.get_tensor(key))
-                    missing.discard(key)
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} in-layer RMSNorm weights, e.g. {sorted(missing)[0]!r}; "
-                         "the folder is incomplete")
+    for key, t in read_tensors(path, [k for k in state if k.endswith(suffix)]).items():
+        with torch.no_grad():
+            state[key].copy_(t)
