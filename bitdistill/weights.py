@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from torch import nn
 
 from bitdistill.errors import UserError
 
-__all__ = ["CONFIG_FILE", "INDEX_FILE", "TensorInfo", "read_config", "read_tensors", "tensor_index",
-           "validate_loaded", "weight_files"]
+__all__ = ["CONFIG_FILE", "INDEX_FILE", "TensorInfo", "check_source", "is_local_source", "read_config",
+           "read_tensors", "tensor_index", "validate_loaded", "weight_files"]
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -196,3 +197,38 @@ def validate_loaded(model: nn.Module, folder: str | os.PathLike, *, packed_modul
         elif t.is_floating_point() and not torch.isfinite(t).all():
             raise UserError(f"tensor {key!r} in {where} contains NaN or Inf; the checkpoint is corrupt (a diverged "
                             "run?): use an earlier checkpoint")
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def is_local_source(src: str | os.PathLike) -> bool:
+    """Whether ``src`` names a local path rather than a hub id (``name`` or ``org/name``).
+
+    Local: it exists, starts with ``/``, ``.`` or ``~``, has more than one ``/``, or its first component is an
+    existing folder (``proj/student`` when ``proj`` exists).
+    """
+    text = os.fspath(src)
+    if Path(text).exists() or text.startswith(("/", ".", "~")) or not _HUB_ID.match(text):
+        return True
+    return "/" in text and Path(text.split("/", 1)[0]).is_dir()
+
+
+def check_source(src: str | os.PathLike, what: str = "model") -> None:
+    """Fail at once for a local ``src`` that is missing or not a folder (no hub round trip for a typo).
+
+    Args:
+        src: a folder, or a hub id (left alone).
+        what: how the message names it (``"model"``, ``"--teacher_model_name_or_path"``, ...).
+
+    Raises:
+        FileNotFoundError, NotADirectoryError: ``src`` is local and not an existing folder.
+    """
+    if not is_local_source(src):
+        return
+    path = Path(os.path.expanduser(os.fspath(src)))
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {src} does not exist (a local path, not a hub id); check the path")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{what} {src} is a file, not a model folder; pass the folder that holds "
+                                 "config.json (for a GGUF file: its folder and --gguf-file NAME)")
