@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 NAME = "eval"
@@ -45,12 +43,9 @@ def _limit(value: float | None) -> int | float | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from bitdistill.io import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:

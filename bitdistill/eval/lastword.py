@@ -26,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from bitdistill.io import atomic_write
 
 __all__ = [
     "MIN_CONTEXT_WORDS",
@@ -97,11 +98,7 @@ def lastword_jsonl(data_dir: str | os.PathLike | None = None, *, cache_dir: str 
     examples = lastword_examples(raw.decode("utf-8"))
     if not examples:
         raise ValueError(f"{source} yields no {TASK_NAME} examples; is it WikiText-2's {TEST_FILE}?")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in examples)
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
     return path
 
 
