@@ -13,22 +13,21 @@ import contextlib
 import copy
 import difflib
 import functools
-import json
 import logging
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from bitdistill.data.tokenizer_check import check_tokenizer
 from bitdistill.eval.lastword import METADATA_KEY, TASK_DIR, TASK_NAME, resolve_wikitext_file
 from bitdistill.nn.replace import MARKER_KEY
+from bitdistill.weights import is_local_source, read_config
 
 __all__ = ["EvalExtraMissing", "evaluate_tasks", "list_tasks", "load_for_eval", "local_tasks", "validate_tasks"]
 
 INSTALL_HINT = "pip install 'bitdistill[eval]'"
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class EvalExtraMissing(ImportError, ValueError):
@@ -174,13 +173,6 @@ def evaluate_tasks(
     return {task: _metrics(raw) for task, raw in out["results"].items()}
 
 
-def _config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
-
-
 def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtype: str = "float32",
                   tokenizer: str | os.PathLike | None = None):
     """Load any model bitdistill handles, with its tokenizer, ready for :func:`evaluate_tasks`.
@@ -201,7 +193,7 @@ def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtyp
 
     torch_dtype = parse_dtype(dtype)
     folder = Path(path)
-    local = folder.exists() or gguf_file is not None or not _HUB_ID.fullmatch(str(path))
+    local = gguf_file is not None or is_local_source(path)
     if local and not folder.is_dir():
         raise FileNotFoundError(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'}; pass a model "
                                 "folder, a hub id, or the folder of a GGUF file with --gguf_file")
@@ -210,7 +202,7 @@ def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtyp
     if local and gguf_file is None and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json); pass a folder written by "
                                 "save_pretrained / bitdistill, a hub id, or --gguf_file")
-    config = _config(folder) if local and gguf_file is None else {}
+    config = read_config(folder) if local and gguf_file is None else {}
     if (config.get("quantization_config") or {}).get("quant_method") == "bitnet":
         from bitdistill.export import load_packed
 
@@ -230,4 +222,8 @@ def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtyp
         tok = AutoTokenizer.from_pretrained(tok_src, gguf_file=gguf_file if tokenizer is None else None)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"no tokenizer found at {tok_src}; pass --tokenizer (a folder or hub id)") from exc
+    own = None
+    if tokenizer is not None and local and gguf_file is None and (folder / "tokenizer_config.json").is_file():
+        own = AutoTokenizer.from_pretrained(str(folder))
+    check_tokenizer(tok, model, tokenizer_name=tok_src, model_name=str(path), own_tokenizer=own)
     return model, tok, kind
