@@ -19,7 +19,7 @@ def _ids(value) -> set[int]:
 
 
 def check_tokenizer(tokenizer, model: nn.Module, *, tokenizer_name: str, model_name: str,
-                    own_tokenizer=None) -> None:
+                    own_tokenizer=None, from_model: bool = False) -> None:
     """Refuse a tokenizer that does not belong to ``model``.
 
     Args:
@@ -30,6 +30,8 @@ def check_tokenizer(tokenizer, model: nn.Module, *, tokenizer_name: str, model_n
         own_tokenizer: the tokenizer stored with the model (a folder's tokenizer files, a GGUF vocabulary),
             when there is one and it is not ``tokenizer`` itself: the sample text must encode to the same ids
             and each id must name the same token string in both.
+        from_model: ``tokenizer`` was read from the model's own files (then only its size is checked: models
+            and their own tokenizers do not always agree on bos/eos ids, and the files are the record).
 
     Raises:
         UserError: naming both and the first disagreement.
@@ -38,6 +40,8 @@ def check_tokenizer(tokenizer, model: nn.Module, *, tokenizer_name: str, model_n
     if len(tokenizer) > vocab:
         raise UserError(f"tokenizer {tokenizer_name} has {len(tokenizer)} tokens but {model_name} has a vocabulary of "
                         f"{vocab}; pass the model's own tokenizer")
+    if from_model:
+        return
     config = getattr(model, "config", None)
     for role in ("bos", "eos"):
         model_ids = _ids(getattr(config, f"{role}_token_id", None))

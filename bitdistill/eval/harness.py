@@ -225,5 +225,6 @@ def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtyp
     own = None
     if tokenizer is not None and local and gguf_file is None and (folder / "tokenizer_config.json").is_file():
         own = AutoTokenizer.from_pretrained(str(folder))
-    check_tokenizer(tok, model, tokenizer_name=tok_src, model_name=str(path), own_tokenizer=own)
+    check_tokenizer(tok, model, tokenizer_name=tok_src, model_name=str(path), own_tokenizer=own,
+                    from_model=tokenizer is None)
     return model, tok, kind
