@@ -57,7 +57,7 @@ def load_text(files: Sequence[str | os.PathLike] | None = None, *, dataset_name:
             import datasets
         except ImportError as exc:
             raise UserError(f"--dataset_name {dataset_name!r} needs the `datasets` package: "
-                             "pip install 'bitdistill[datasets]' (or pass local --train_files)") from exc
+                            "pip install 'bitdistill[datasets]' (or pass local --train_files)") from exc
         ds = datasets.load_dataset(dataset_name, dataset_config_name, split=split)
         if text_column not in ds.column_names:
             raise UserError(f"dataset {dataset_name} has no column {text_column!r}; columns: {ds.column_names}")
@@ -109,7 +109,7 @@ def token_blocks(text: str, tokenizer, block_size: int, *, cache_dir: str | os.P
     n = ids.numel() // block_size
     if n == 0:
         raise UserError(f"the text has {ids.numel()} tokens, fewer than one block of {block_size}; give more text "
-                         "or a smaller --max_seq_length")
+                        "or a smaller --max_seq_length")
     blocks = ids[: n * block_size].reshape(n, block_size).contiguous()
     if path is not None:
         atomic_write(path, lambda p: save_file({"input_ids": blocks}, str(p)))

@@ -133,10 +133,10 @@ class TeacherCache:
         if m["block_size"] != blocks.shape[1] or m["num_blocks"] != blocks.shape[0] or \
                 m["blocks_sha256"] != blocks_sha256(blocks):
             raise UserError(f"teacher cache {self.path} was written for different training data (blocks, "
-                             "tokenizer or --max_seq_length differ); rebuild it with `bitdistill cache-teacher`")
+                            "tokenizer or --max_seq_length differ); rebuild it with `bitdistill cache-teacher`")
         if not math.isclose(m["temperature"], temperature):
             raise UserError(f"teacher cache {self.path} stores temperature {m['temperature']}, but --temperature is "
-                             f"{temperature}; use the same or rebuild the cache")
+                            f"{temperature}; use the same or rebuild the cache")
 
     def lookup(self, block_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cached ``(topk_ids int64, topk_logprobs float32, tail_logmass float32)`` for rows ``block_indices [B]``."""
@@ -164,7 +164,7 @@ def cached_logits_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, top
     """
     if kind in ("mse", "cosine"):
         raise UserError(f"logit loss {kind!r} needs the full teacher logits; a teacher cache supports "
-                         "forward_kl, reverse_kl, jsd, skew_kl, tvd")
+                        "forward_kl, reverse_kl, jsd, skew_kl, tvd")
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     q_top = log_q.gather(-1, topk_ids)
     if topk_ids.shape[-1] == log_q.shape[-1]:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from bitdistill.data.tokenizer_check import check_tokenizer
+from bitdistill.errors import UserError
 from bitdistill.eval.lastword import METADATA_KEY, TASK_DIR, TASK_NAME, resolve_wikitext_file
 from bitdistill.nn.replace import MARKER_KEY
 from bitdistill.weights import is_local_source, read_config
@@ -64,7 +65,7 @@ def list_tasks() -> list[str]:
 
 def _validated_manager(tasks: Sequence[str], data_dir: str | None):
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
-        raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
+        raise UserError(f"tasks must be a non-empty list of task names, got {tasks!r}")
     local = set(local_tasks())
     if all(t in local for t in tasks):
         manager = _task_manager(False, data_dir)
@@ -81,8 +82,8 @@ def _check_known(tasks: Sequence[str], known: Sequence[str]) -> None:
     if unknown:
         hints = sorted({m for t in unknown for m in difflib.get_close_matches(t, known, n=3, cutoff=0.6)})
         near = f" (close: {', '.join(hints)})" if hints else ""
-        raise ValueError(f"unknown lm-eval task {', '.join(map(repr, unknown))}{near}; "
-                         f"list the task names with: bitdistill eval --list_tasks")
+        raise UserError(f"unknown lm-eval task {', '.join(map(repr, unknown))}{near}; "
+                        f"list the task names with: bitdistill eval --list_tasks")
 
 
 def validate_tasks(tasks: Sequence[str], *, data_dir: str | os.PathLike | None = None) -> None:
@@ -152,9 +153,9 @@ def evaluate_tasks(
     """
     _lm_eval()
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
+        raise UserError(f"limit must be positive, got {limit}")
     tasks = list(tasks) if not isinstance(tasks, str) else tasks
     data_dir = str(data_dir) if data_dir is not None else None
     was_training = model.training

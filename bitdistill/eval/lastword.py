@@ -28,6 +28,7 @@ import json
 import os
 from pathlib import Path
 
+from bitdistill.errors import UserError
 from bitdistill.io import atomic_write
 
 __all__ = [
@@ -97,7 +98,7 @@ def lastword_jsonl(data_dir: str | os.PathLike | None = None, *, cache_dir: str 
         return path
     examples = lastword_examples(raw.decode("utf-8"))
     if not examples:
-        raise ValueError(f"{source} yields no {TASK_NAME} examples; is it WikiText-2's {TEST_FILE}?")
+        raise UserError(f"{source} yields no {TASK_NAME} examples; is it WikiText-2's {TEST_FILE}?")
     atomic_write(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
     return path
 

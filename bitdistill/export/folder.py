@@ -112,13 +112,13 @@ def pack_pretrained(
         cfg = read_config(src_path)
         if is_packed_config(cfg):
             raise UserError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
-                             "use it as it is, or bitdistill unpack it first")
+                            "use it as it is, or bitdistill unpack it first")
         check_safetensors(src_path)
         is_student = isinstance(cfg.get(MARKER_KEY), dict)
         if is_student:
             if skip:
                 raise UserError("--skip applies to --from-plain sources; a student's converted layers were fixed "
-                                 "by bitdistill convert")
+                                "by bitdistill convert")
             model = load_student(src_path, dtype=torch.float32)
             skipped = {}
             kind = "BitNet student (kept layers as converted by bitdistill convert)"
@@ -131,7 +131,7 @@ def pack_pretrained(
             kind = "plain model (post-training ternarization)"
         else:
             raise UserError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
-                             "--from-plain to ternarize it post-training (quality needs distillation)")
+                            "--from-plain to ternarize it post-training (quality needs distillation)")
     report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
                          copy_files_from=src_path if src_path.is_dir() else None, overwrite=overwrite,
                          source=src_path.name, tokenizer=tokenizer, sources=(src_path,))

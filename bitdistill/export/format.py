@@ -77,19 +77,19 @@ def packed_quantization_config(model: nn.Module) -> dict:
     converted = converted_layers(model)
     kept = sorted(n for n in linears if n not in converted)
     if not kept:
-        raise ValueError("every linear layer (the output head included) is converted; the bitnet format needs "
-                         "the output head kept in floating point (an empty modules_to_not_convert makes "
-                         "transformers convert lm_head)")
+        raise UserError("every linear layer (the output head included) is converted; the bitnet format needs "
+                        "the output head kept in floating point (an empty modules_to_not_convert makes "
+                        "transformers convert lm_head)")
     for name in linears:
         if (name in converted) == any(matches_module_pattern(name, p) for p in kept):
-            raise ValueError(f"module {name!r} would be {'kept' if name in converted else 'converted'} by "
-                             "transformers' modules_to_not_convert rule; rename or convert it consistently")
+            raise UserError(f"module {name!r} would be {'kept' if name in converted else 'converted'} by "
+                            "transformers' modules_to_not_convert rule; rename or convert it consistently")
     norms = {(m.rms_norm is not None, m.rms_norm.variance_epsilon if m.rms_norm is not None else None)
              for m in converted.values()}
     if len(norms) != 1:
-        raise ValueError("converted layers disagree on the in-layer RMSNorm (use_rms_norm / eps), e.g. a SubLN "
-                         "student (norms before o_proj/down_proj only); the bitnet format has one setting for "
-                         "all layers, so transformers could not load it faithfully")
+        raise UserError("converted layers disagree on the in-layer RMSNorm (use_rms_norm / eps), e.g. a SubLN "
+                        "student (norms before o_proj/down_proj only); the bitnet format has one setting for "
+                        "all layers, so transformers could not load it faithfully")
     (use_rms_norm, eps), = norms
     qc = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
           "modules_to_not_convert": kept}

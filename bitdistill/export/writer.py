@@ -76,11 +76,11 @@ def _packed_tensors(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.T
         return module.weight.detach(), module.weight_scale.detach().float().reshape(1)
     if isinstance(module, BitConv1D):
         raise UserError(f"cannot pack {name!r}: GPT-2 style Conv1D layers are not nn.Linear, so the Hugging Face "
-                         "bitnet loader would not convert them; pack a model with nn.Linear projections")
+                        "bitnet loader would not convert them; pack a model with nn.Linear projections")
     if module.out_features % 4 != 0:
         raise UserError(f"cannot pack {name!r}: out_features={module.out_features} is not a multiple of 4 (the "
-                         "format stores 4 rows per byte); convert the student with this module in "
-                         "modules_to_not_convert")
+                        "format stores 4 rows per byte); convert the student with this module in "
+                        "modules_to_not_convert")
     w = module.weight.detach()
     if not torch.isfinite(w).all():
         raise UserError(f"cannot pack {name!r}: its weight contains NaN or Inf; fix the checkpoint first")
@@ -106,7 +106,7 @@ def pack_model(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[st
     converted = converted_layers(model)
     if not converted:
         raise UserError(f"{type(model).__name__} has no BitLinear layer to pack; convert it with "
-                         "replace_linear_with_bitlinear (or bitdistill convert) and train it first")
+                        "replace_linear_with_bitlinear (or bitdistill convert) and train it first")
     packed = {name: _packed_tensors(name, m) for name, m in converted.items()}
     out: dict[str, torch.Tensor] = {}
     seen: set[tuple[int, int, tuple[int, ...]]] = set()

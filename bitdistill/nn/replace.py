@@ -88,7 +88,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 def _check_finite(name: str, module: nn.Module) -> None:
     for pname, p in module.named_parameters(recurse=False):
         if p.is_floating_point() and not torch.isfinite(p).all():
-            raise ValueError(
+            raise UserError(
                 f"cannot convert {name!r}: its {pname} contains NaN or Inf, and the absmean scale of a ternary "
                 "weight would be NaN; fix or re-initialize the weights before converting"
             )
@@ -218,7 +218,7 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
     marker = student_marker(config)
     if marker is None:
         raise UserError(f"{path} is not a bitdistill BitNet student (config.json has no '{MARKER_KEY}' marker); "
-                         "convert a plain model with replace_linear_with_bitlinear instead")
+                        "convert a plain model with replace_linear_with_bitlinear instead")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
     names = [re.escape(n) + "$" for n in marker["modules_to_not_convert"]]
     replace_linear_with_bitlinear(model, modules_to_not_convert=names, use_rms_norm=marker["use_rms_norm"],

@@ -14,7 +14,8 @@ from bitdistill.data.blocks import read_text_file
 from bitdistill.errors import UserError
 from bitdistill.weights import check_source
 
-__all__ = ["check_count", "validate_data_args", "validate_loss_args", "validate_model_args", "validate_training_args"]
+__all__ = ["check_count", "validate_cache_args", "validate_data_args", "validate_loss_args", "validate_model_args",
+           "validate_run_args", "validate_self_distill_args", "validate_training_args"]
 
 
 def check_count(flag: str, value, *, minimum: int = 1, allow_none: bool = False) -> None:
@@ -104,3 +105,42 @@ def validate_loss_args(loss_args) -> None:
     if a.teacher_cache is not None and not Path(a.teacher_cache).is_dir():
         raise FileNotFoundError(f"--teacher_cache {a.teacher_cache} is not a folder; write one with "
                                 "`bitdistill cache-teacher`")
+
+
+def validate_run_args(model_args, data_args, loss_args=None, training_args=None) -> None:
+    """All of the above for a ``distill`` run: models and tokenizer, data and budgets, losses, training schedule."""
+    validate_model_args(model_args)
+    validate_data_args(data_args)
+    if loss_args is not None:
+        validate_loss_args(loss_args)
+    if training_args is not None:
+        validate_training_args(training_args)
+
+
+def validate_self_distill_args(model_args, sd_args) -> None:
+    """``self-distill``'s model source, tokenizer and loss parameters."""
+    for flag, src in (("--model_name_or_path", model_args.model_name_or_path),
+                      ("--tokenizer_name_or_path", model_args.tokenizer_name_or_path)):
+        if src is not None and not str(src).startswith("tiny:"):
+            check_source(src, flag)
+    if model_args.model_config is not None and not Path(model_args.model_config).exists():
+        raise FileNotFoundError(f"--model_config {model_args.model_config} does not exist; pass a config.json or a "
+                                "folder holding one")
+    if model_args.gguf_file is not None and model_args.model_name_or_path is not None and \
+            not (Path(model_args.model_name_or_path) / model_args.gguf_file).is_file():
+        raise FileNotFoundError(f"{Path(model_args.model_name_or_path) / model_args.gguf_file} does not exist; "
+                                "--gguf_file names a file inside --model_name_or_path")
+    _check_number("--alpha", sd_args.alpha, maximum=1.0)
+    _check_number("--temperature", sd_args.temperature, strict=True)
+    _check_number("--hint_weight", sd_args.hint_weight)
+    for w in sd_args.exit_weights or ():
+        _check_number("--exit_weights", w)
+
+
+def validate_cache_args(cache_args) -> None:
+    """``cache-teacher``'s own options: output folder, top-k, batch size, temperature."""
+    if not cache_args.cache_dir:
+        raise UserError("pass --cache_dir (the output folder of the teacher cache)")
+    check_count("--top_k", cache_args.top_k)
+    check_count("--cache_batch_size", cache_args.cache_batch_size)
+    _check_number("--cache_temperature", cache_args.cache_temperature, strict=True)
