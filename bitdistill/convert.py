@@ -23,6 +23,7 @@ from bitdistill.nn.replace import (
 )
 from bitdistill.weights import (
     check_source,
+    from_local_folder,
     is_local_source,
     read_config,
     tensor_index,
@@ -71,14 +72,15 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
     elif local:
         read_config(src)
         tensor_index(src)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch_dtype,
-                                                     trust_remote_code=trust_remote_code)
-    except OSError as exc:
-        if local:
-            raise
-        raise UserError(f"cannot load {src!r} from the Hugging Face hub ({str(exc).strip().splitlines()[0]}); "
-                        "pass a local model folder or check the id and your connection") from exc
+    kwargs = {"gguf_file": gguf_file, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if local:
+        model = from_local_folder(AutoModelForCausalLM.from_pretrained, src, **kwargs)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        except OSError as exc:
+            raise UserError(f"cannot load {src!r} from the Hugging Face hub ({str(exc).strip().splitlines()[0]}); "
+                            "pass a local model folder or check the id and your connection") from exc
     if local and gguf_file is None:
         validate_loaded(model, src, check_files=bool(weight_files(src)))
     if gguf_file is not None:

@@ -21,7 +21,8 @@ from torch import nn
 
 from bitdistill.errors import UserError
 
-__all__ = ["CONFIG_FILE", "INDEX_FILE", "TensorInfo", "check_source", "is_local_source", "read_config",
+__all__ = ["CONFIG_FILE", "INDEX_FILE", "TensorInfo", "check_source", "from_local_folder", "is_local_source",
+           "read_config",
            "read_tensors", "tensor_index", "validate_loaded", "weight_files"]
 
 CONFIG_FILE = "config.json"
@@ -232,3 +233,17 @@ def check_source(src: str | os.PathLike, what: str = "model") -> None:
     if not path.is_dir():
         raise NotADirectoryError(f"{what} {src} is a file, not a model folder; pass the folder that holds "
                                  "config.json (for a GGUF file: its folder and --gguf-file NAME)")
+
+
+def from_local_folder(load, folder: str | os.PathLike, **kwargs):
+    """``load(folder, **kwargs)`` (a transformers ``from_pretrained``) with its failures on a local folder as one
+    :class:`UserError` naming the folder: an unknown ``model_type``, a config transformers rejects, weights of the
+    wrong shape. Call it after :func:`read_config` and :func:`tensor_index` have vetted the files."""
+    try:
+        return load(folder, **kwargs)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        if isinstance(exc, UserError):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"transformers cannot load {folder} ({type(exc).__name__}: {first}); check its config.json "
+                        "and weights (a newer transformers may be needed for its model_type)") from exc

@@ -14,7 +14,7 @@ from bitdistill.export.format import check_packed_config
 from bitdistill.nn.bitlinear import BitLinear
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
-from bitdistill.weights import read_config, read_tensors, tensor_index, validate_loaded
+from bitdistill.weights import from_local_folder, read_config, read_tensors, tensor_index, validate_loaded
 
 __all__ = ["load_packed", "unpack_to_student"]
 
@@ -37,7 +37,7 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
     check_packed_config(read_config(path), path)
     index = tensor_index(path)
     torch_dtype = dtype if dtype == "auto" else _dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=None)
+    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, dtype=torch_dtype, device_map=None)
     packed: list[str] = []
     scales = read_tensors(path, [k for k in index if k.endswith(".weight_scale")])
     for name, m in list(model.named_modules()):

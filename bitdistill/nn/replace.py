@@ -24,6 +24,7 @@ from bitdistill.nn.marker import MARKER_FORMAT, MARKER_KEY, MARKER_VERSION, stud
 from bitdistill.nn.subln import attach_subln_norms
 from bitdistill.weights import (
     CONFIG_FILE,
+    from_local_folder,
     read_config,
     read_tensors,
     tensor_index,
@@ -214,12 +215,12 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
     path = Path(path)
     read_config(path)
     tensor_index(path)
-    config = AutoConfig.from_pretrained(path)
+    config = from_local_folder(AutoConfig.from_pretrained, path)
     marker = student_marker(config)
     if marker is None:
         raise UserError(f"{path} is not a bitdistill BitNet student (config.json has no '{MARKER_KEY}' marker); "
                         "convert a plain model with replace_linear_with_bitlinear instead")
-    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, **from_pretrained_kwargs)
     names = [re.escape(n) + "$" for n in marker["modules_to_not_convert"]]
     replace_linear_with_bitlinear(model, modules_to_not_convert=names, use_rms_norm=marker["use_rms_norm"],
                                   rms_norm_eps=marker["rms_norm_eps"], convert_output_head=True)
