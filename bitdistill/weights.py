@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,10 +239,10 @@ def check_source(src: str | os.PathLike, what: str = "model") -> None:
 def from_local_folder(load, folder: str | os.PathLike, **kwargs):
     """``load(folder, **kwargs)`` (a transformers ``from_pretrained``) with its failures on a local folder as one
     :class:`UserError` naming the folder: an unknown ``model_type``, a config transformers rejects, weights of the
-    wrong shape. Call it after :func:`read_config` and :func:`tensor_index` have vetted the files."""
+    wrong shape, a pickled ``.bin`` that ``weights_only`` loading refuses. Call it after :func:`read_config` and :func:`tensor_index` have vetted the files."""
     try:
         return load(folder, **kwargs)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+    except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
         if isinstance(exc, UserError):
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

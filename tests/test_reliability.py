@@ -306,3 +306,40 @@ def test_tensor_shared_dedup_and_library_sharding(folders, tmp_path):
     assert len(files) > 1 and all((tmp_path / "p" / f).is_file() for f in files)
     model = load_packed(tmp_path / "p")
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+# -- no pickle, no remote code ----------------------------------------------------------------------------------------
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("command", ["convert", "pack"])
+def test_pickled_weights_never_run_code(command, tmp_path, capsys):
+    from bitdistill.models import tiny_model
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    (src / "model.safetensors").unlink()
+    torch.save({"x": _Payload(tmp_path / "pwned")}, src / "pytorch_model.bin")
+    extra = ["--from-plain"] if command == "pack" else []
+    err = _fail([command, str(src), str(tmp_path / "out"), *extra], capsys)
+    assert "src" in err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_remote_code_is_never_run(folders, tmp_path, capsys):
+    src = _copy(folders["student"], tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(model_type="evil", auto_map={"AutoConfig": "evil.EvilConfig",
+                                            "AutoModelForCausalLM": "evil.EvilModel"})
+    del cfg["bitdistill"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    (src / "evil.py").write_text(f"from pathlib import Path\nPath({str(tmp_path / 'pwned')!r}).touch()\n")
+    err = _fail(["convert", str(src), str(tmp_path / "out")], capsys)
+    assert "src" in err
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
