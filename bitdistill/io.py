@@ -61,7 +61,8 @@ def _umask() -> int:
 
 
 def _plain_permissions(path: Path) -> None:
-    """Give ``path`` (and everything under it) the modes a plain ``mkdir``/``open`` would: 0o777/0o666 minus umask.
+    """Give ``path`` (and everything under it) the modes a plain ``mkdir``/``open`` would: 0o777 (folders and
+    executables) or 0o666, minus the umask.
 
     Some writers create files 0600 (``mkstemp``, safetensors' own temporary files); outputs must look like any
     other ``save_pretrained`` folder.
@@ -70,7 +71,8 @@ def _plain_permissions(path: Path) -> None:
     paths = [path, *path.rglob("*")] if path.is_dir() else [path]
     for p in paths:
         if not p.is_symlink():
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+            executable = p.is_dir() or p.stat().st_mode & 0o111
+            p.chmod((0o777 if executable else 0o666) & ~mask)
 
 
 def _alive(pid: int) -> bool:

@@ -243,7 +243,7 @@ def from_local_folder(load, folder: str | os.PathLike, **kwargs):
     try:
         return load(folder, **kwargs)
     except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
-        if isinstance(exc, UserError):
+        if isinstance(exc, (UserError, RecursionError, NotImplementedError)):  # ours, or programming errors
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"transformers cannot load {folder} ({type(exc).__name__}: {first}); check its config.json "
