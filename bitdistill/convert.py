@@ -22,6 +22,7 @@ from bitdistill.nn.replace import (
     replace_linear_with_bitlinear,
 )
 from bitdistill.weights import (
+    check_shapes,
     check_source,
     from_local_folder,
     is_local_source,
@@ -56,7 +57,7 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
     GGUF-loaded models are copied into a fresh model of the same config, because transformers
     refuses to ``save_pretrained`` a GGUF-loaded model.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     src = str(src)
@@ -74,6 +75,8 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
         tensor_index(src)
     kwargs = {"gguf_file": gguf_file, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if local:
+        if gguf_file is None:
+            check_shapes(src, from_local_folder(AutoConfig.from_pretrained, src))
         model = from_local_folder(AutoModelForCausalLM.from_pretrained, src, **kwargs)
     else:
         try:

@@ -22,7 +22,7 @@ from torch import nn
 
 from bitdistill.errors import UserError
 
-__all__ = ["CONFIG_FILE", "INDEX_FILE", "TensorInfo", "check_source", "from_local_folder", "is_local_source",
+__all__ = ["CONFIG_FILE", "INDEX_FILE", "TensorInfo", "check_shapes", "check_source", "from_local_folder", "is_local_source",
            "read_config",
            "read_tensors", "tensor_index", "validate_loaded", "weight_files"]
 
@@ -248,3 +248,23 @@ def from_local_folder(load, folder: str | os.PathLike, **kwargs):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"transformers cannot load {folder} ({type(exc).__name__}: {first}); check its config.json "
                         "and weights (a newer transformers may be needed for its model_type)") from exc
+
+
+def check_shapes(folder: str | os.PathLike, config) -> None:
+    """Compare the stored tensors' shapes with those a model built from ``config`` expects (on the meta device,
+    so nothing is allocated), before transformers loads them.
+
+    Raises:
+        UserError: naming the first tensor whose stored shape differs, its file and both shapes.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    with torch.device("meta"):
+        model = from_local_folder(AutoModelForCausalLM.from_config, config)
+    index = tensor_index(folder)
+    for key, t in model.state_dict().items():
+        info = index.get(key)
+        if info is not None and info.shape != tuple(t.shape):
+            raise UserError(f"tensor {key!r} in {folder / info.file} has shape {list(info.shape)}, but config.json "
+                            f"makes it {list(t.shape)}; the weights do not match config.json: re-save the folder")

@@ -24,6 +24,7 @@ from bitdistill.nn.marker import MARKER_FORMAT, MARKER_KEY, MARKER_VERSION, stud
 from bitdistill.nn.subln import attach_subln_norms
 from bitdistill.weights import (
     CONFIG_FILE,
+    check_shapes,
     from_local_folder,
     read_config,
     read_tensors,
@@ -220,7 +221,9 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
     if marker is None:
         raise UserError(f"{path} is not a bitdistill BitNet student (config.json has no '{MARKER_KEY}' marker); "
                         "convert a plain model with replace_linear_with_bitlinear instead")
+    check_shapes(path, config)
     model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, **from_pretrained_kwargs)
+    validate_loaded(model, path, check_files=bool(weight_files(path)))  # before conversion: names tensor and file
     names = [re.escape(n) + "$" for n in marker["modules_to_not_convert"]]
     replace_linear_with_bitlinear(model, modules_to_not_convert=names, use_rms_norm=marker["use_rms_norm"],
                                   rms_norm_eps=marker["rms_norm_eps"], convert_output_head=True)
