@@ -93,6 +93,12 @@ class AtomicCheckpointMixin:
         self.args.output_dir = str(staging)
         try:
             super()._save_checkpoint(model, trial)
+        except BaseException as exc:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise (user_error_from_os(exc, Path(run_dir) / name) or exc) from exc
+            raise
         finally:
             self.args.output_dir = run_dir
         self.accelerator.wait_for_everyone()
