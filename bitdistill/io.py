@@ -95,10 +95,12 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
-def clean_stale_temps(out: str | os.PathLike) -> list[Path]:
+def clean_stale_temps(out: str | os.PathLike, *, refuse_live: bool = True) -> list[Path]:
     """Remove the temporaries a killed run left beside ``out``; return what was removed (each is logged).
 
-    A temporary whose writer process still runs belongs to a concurrent run: :class:`UserError`. A stale
+    A temporary whose writer process still runs belongs to a concurrent run: :class:`UserError` when
+    ``refuse_live`` (output folders), else it is left alone (single files such as caches, which processes of
+    one distributed run may write at the same time with the same content). A stale
     ``old`` folder (a killed ``overwrite`` that had moved the previous output aside) is moved back to ``out``
     when ``out`` is missing, so the previous output is never lost.
     """
@@ -111,6 +113,8 @@ def clean_stale_temps(out: str | os.PathLike) -> list[Path]:
         if m is None or m["name"] != out.name or int(m["pid"]) == os.getpid():
             continue
         if _alive(int(m["pid"])):
+            if not refuse_live:
+                continue
             raise UserError(f"{out} is being written by another bitdistill process (pid {m['pid']}, temporary "
                             f"{path.name}); wait for it to finish or choose another output")
         if m["kind"] == "old" and not os.path.lexists(out):
@@ -276,7 +280,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], o
         raise FileExistsError(f"{path} already exists; choose another path")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(path)
+        clean_stale_temps(path, refuse_live=False)
     except OSError as exc:
         raise _as_user_error(exc, path) from exc
     tmp = _temp_path(path, "tmp")
