@@ -85,7 +85,8 @@ def validate_model_args(model_args) -> None:
         if gguf is not None and Path(src).is_dir() and not (Path(src) / gguf).is_file():
             raise FileNotFoundError(f"{Path(src) / gguf} does not exist; the GGUF flag names a file inside {flag}")
     if m.student_config and not str(m.student_config).startswith("tiny:") and not Path(m.student_config).exists():
-        raise FileNotFoundError(f"--student_config {m.student_config} does not exist")
+        raise FileNotFoundError(f"--student_config {m.student_config} not found (give a config.json, a folder "
+                                "holding one, or tiny:<arch>)")
     check_count("--quant_warmup_steps", m.quant_warmup_steps, minimum=0)
     _check_number("--subln_eps", m.subln_eps, strict=True)
 
