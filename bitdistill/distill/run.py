@@ -174,7 +174,6 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     (checked before anything is loaded). ``callbacks`` are extra ``TrainerCallback`` objects.
     """
     task_args = task_args or EvalTaskArguments()
-    validate_run_args(model_args, data_args, loss_args, training_args)
     if task_args.eval_tasks:
         from bitdistill.eval.harness import validate_tasks
 
@@ -182,6 +181,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         if task_args.eval_tasks_batch_size < 1 or (task_args.eval_tasks_limit is not None
                                                    and task_args.eval_tasks_limit < 1):
             raise UserError("--eval_tasks_batch_size and --eval_tasks_limit must be >= 1")
+    validate_run_args(model_args, data_args, loss_args, training_args)
     if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
         raise UserError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
                         "need the live teacher (set their weights to 0 or drop --teacher_cache)")

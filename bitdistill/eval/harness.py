@@ -31,8 +31,8 @@ __all__ = ["EvalExtraMissing", "evaluate_tasks", "list_tasks", "load_for_eval", 
 INSTALL_HINT = "pip install 'bitdistill[eval]'"
 
 
-class EvalExtraMissing(ImportError, ValueError):
-    """lm-evaluation-harness is not installed (a ``ValueError`` too, so the CLI reports it in one line)."""
+class EvalExtraMissing(ImportError, UserError):
+    """lm-evaluation-harness is not installed (a :class:`UserError` too, so the CLI reports it in one line)."""
 
 
 def _lm_eval():
