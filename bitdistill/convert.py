@@ -69,7 +69,7 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
     local = is_local_source(src)
     if local and gguf_file is not None:
         if not (Path(src) / gguf_file).is_file():
-            raise FileNotFoundError(f"{Path(src) / gguf_file} does not exist; --gguf-file names a file inside {src}")
+            raise FileNotFoundError(f"{Path(src) / gguf_file} does not exist; --gguf_file names a file inside {src}")
     elif local:
         read_config(src)
         tensor_index(src)

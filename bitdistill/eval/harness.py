@@ -23,8 +23,8 @@ import torch
 from bitdistill.data.tokenizer_check import check_tokenizer
 from bitdistill.errors import UserError
 from bitdistill.eval.lastword import METADATA_KEY, TASK_DIR, TASK_NAME, resolve_wikitext_file
-from bitdistill.nn.replace import MARKER_KEY
-from bitdistill.weights import is_local_source, read_config
+from bitdistill.nn.config import folder_kind
+from bitdistill.weights import is_local_source
 
 __all__ = ["EvalExtraMissing", "evaluate_tasks", "list_tasks", "load_for_eval", "local_tasks", "validate_tasks"]
 
@@ -203,12 +203,12 @@ def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtyp
     if local and gguf_file is None and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json); pass a folder written by "
                                 "save_pretrained / bitdistill, a hub id, or --gguf_file")
-    config = read_config(folder) if local and gguf_file is None else {}
-    if (config.get("quantization_config") or {}).get("quant_method") == "bitnet":
+    found = folder_kind(folder) if local and gguf_file is None else None
+    if found == "packed":
         from bitdistill.export import load_packed
 
         model, kind = load_packed(folder, dtype=torch_dtype), "packed"
-    elif MARKER_KEY in config:
+    elif found == "student":
         from bitdistill.nn.replace import load_student
 
         model, kind = load_student(folder, dtype=torch_dtype).eval(), "student"

@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from bitdistill.errors import UserError
-from bitdistill.export.format import COPY_FILES, DEFAULT_MAX_SHARD_BYTES, is_packed_config
+from bitdistill.export.format import COPY_FILES, DEFAULT_MAX_SHARD_BYTES
 from bitdistill.export.loader import load_packed, unpack_to_student
 from bitdistill.export.writer import PackReport, save_packed
 from bitdistill.io import atomic_output_dir, check_output_location
-from bitdistill.nn.replace import MARKER_KEY, load_student, replace_linear_with_bitlinear
+from bitdistill.nn.config import MARKER_KEY, folder_kind
+from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear
 from bitdistill.weights import read_config, tensor_index
 
 __all__ = ["PTQ_WARNING", "PackResult", "check_safetensors", "pack_pretrained", "unpack_pretrained"]
@@ -103,25 +104,25 @@ def pack_pretrained(
     tokenizer = None
     if gguf_file is not None:
         if not (src_path / gguf_file).is_file():
-            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf-file names a file inside SRC")
+            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf_file names a file inside SRC")
         warnings.warn(PTQ_WARNING, stacklevel=2)
         model, skipped = _load_plain(str(src), gguf_file, skip or ("lm_head",))
         tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)
         kind = f"GGUF {gguf_file} (post-training ternarization)"
     else:
-        cfg = read_config(src_path)
-        if is_packed_config(cfg):
+        found = folder_kind(src_path, required=True)
+        if found == "packed":
             raise UserError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
                             "use it as it is, or bitdistill unpack it first")
         check_safetensors(src_path)
-        is_student = isinstance(cfg.get(MARKER_KEY), dict)
-        if is_student:
+        if found == "student":
             if skip:
-                raise UserError("--skip applies to --from-plain sources; a student's converted layers were fixed "
+                raise UserError("--skip applies to --from_plain sources; a student's converted layers were fixed "
                                 "by bitdistill convert")
             model = load_student(src_path, dtype=torch.float32)
             skipped = {}
             kind = "BitNet student (kept layers as converted by bitdistill convert)"
+            cfg = read_config(src_path)
             source_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
             if torch_dtype is None and source_dtype in ("bfloat16", "float16", "float32"):
                 torch_dtype = _parse_dtype(source_dtype)
@@ -131,7 +132,7 @@ def pack_pretrained(
             kind = "plain model (post-training ternarization)"
         else:
             raise UserError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
-                            "--from-plain to ternarize it post-training (quality needs distillation)")
+                            "--from_plain to ternarize it post-training (quality needs distillation)")
     report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
                          copy_files_from=src_path if src_path.is_dir() else None, overwrite=overwrite,
                          source=src_path.name, tokenizer=tokenizer, sources=(src_path,))
@@ -149,8 +150,7 @@ def unpack_pretrained(src: str | Path, out: str | Path, *, overwrite: bool = Fal
     """Packed folder -> float32 BitNet student folder (for further training); returns the unpacked layer names."""
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
-    cfg = read_config(src)
-    if not is_packed_config(cfg):
+    if folder_kind(src, required=True) != "packed":
         raise UserError(f"{src} is not a packed bitnet model (no bitnet quantization_config in config.json)")
     check_safetensors(src)
     student = unpack_to_student(load_packed(src))

@@ -16,6 +16,7 @@ from torch import nn
 
 from bitdistill.errors import UserError
 from bitdistill.nn.bitlinear import BitLinear
+from bitdistill.nn.config import is_packed_config
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.nn.replace import matches_module_pattern
 
@@ -25,14 +26,6 @@ __all__ = ["COPY_FILES", "DEFAULT_MAX_SHARD_BYTES", "check_packed_config", "conv
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
               "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-
-
-def is_packed_config(config) -> bool:
-    """Whether a config (object or dict) describes a ``bitnet``-quantized (packed) model."""
-    qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
-    if qc is not None and not isinstance(qc, dict):
-        qc = qc.to_dict()
-    return isinstance(qc, dict) and qc.get("quant_method") == "bitnet"
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -12,8 +12,9 @@ from torch import nn
 from bitdistill.errors import UserError
 from bitdistill.export.format import check_packed_config
 from bitdistill.nn.bitlinear import BitLinear
+from bitdistill.nn.config import BitNetConfig, student_marker
 from bitdistill.nn.packed import PackedBitLinear
-from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
+from bitdistill.nn.replace import replace_linear_with_bitlinear
 from bitdistill.weights import from_local_folder, read_config, read_tensors, tensor_index, validate_loaded
 
 __all__ = ["load_packed", "unpack_to_student"]
@@ -43,10 +44,7 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
     for name, m in list(model.named_modules()):
         if type(m).__name__ != "BitLinear" or isinstance(m, BitLinear):
             continue
-        new = PackedBitLinear(m.in_features, m.out_features, bias=m.bias is not None,
-                              use_rms_norm=m.rms_norm is not None,
-                              rms_norm_eps=m.rms_norm.variance_epsilon if m.rms_norm is not None else 1e-6,
-                              device="meta")
+        new = PackedBitLinear.like(m, device="meta")
         new.weight = m.weight
         scale = scales.get(f"{name}.weight_scale")
         if scale is None:
@@ -92,9 +90,9 @@ def unpack_to_student(model: nn.Module):
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     kept = [re.escape(n) + "$" for n in qc["modules_to_not_convert"]]
     first = next(iter(packed.values()))
-    replace_linear_with_bitlinear(fresh, modules_to_not_convert=kept, use_rms_norm=first.use_rms_norm,
-                                  rms_norm_eps=first.rms_norm.variance_epsilon if first.rms_norm else 1e-6,
-                                  convert_output_head=True)
+    replace_linear_with_bitlinear(fresh, BitNetConfig(
+        modules_to_not_convert=kept, use_rms_norm=first.use_rms_norm,
+        rms_norm_eps=first.rms_norm.variance_epsilon if first.rms_norm else 1e-6, convert_output_head=True))
     state = {}
     for key, t in model.state_dict().items():
         module_name, _, leaf = key.rpartition(".")

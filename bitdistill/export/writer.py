@@ -20,10 +20,11 @@ from bitdistill.export.format import (
 )
 from bitdistill.io import atomic_output_dir
 from bitdistill.nn.bitlinear import BitConv1D
+from bitdistill.nn.config import MARKER_KEY
 from bitdistill.nn.packed import PackedBitLinear
-from bitdistill.nn.replace import MARKER_KEY
 from bitdistill.quant.packing import pack_ternary
 from bitdistill.quant.reference import weight_quant
+from bitdistill.state_dict import unique_tensors
 from bitdistill.weights import weight_files
 
 __all__ = ["PackReport", "pack_model", "save_packed"]
@@ -108,19 +109,19 @@ def pack_model(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[st
         raise UserError(f"{type(model).__name__} has no BitLinear layer to pack; convert it with "
                         "replace_linear_with_bitlinear (or bitdistill convert) and train it first")
     packed = {name: _packed_tensors(name, m) for name, m in converted.items()}
+    state = model.state_dict(keep_vars=False)
+    unique = unique_tensors({k: t for k, t in state.items() if k.rpartition(".")[0] not in packed
+                             or k.rpartition(".")[2] not in ("weight", "weight_scale")})
     out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    for key, t in model.state_dict(keep_vars=False).items():
+    for key, t in state.items():
         module_name, _, leaf = key.rpartition(".")
         if module_name in packed and leaf == "weight":
             out[key], out[f"{module_name}.weight_scale"] = packed[module_name]
             continue
         if module_name in packed and leaf == "weight_scale":
             continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and ident in seen:
+        if key not in unique:
             continue
-        seen.add(ident)
         if t.is_floating_point():
             if not torch.isfinite(t).all():
                 raise UserError(f"cannot pack: tensor {key!r} contains NaN or Inf; fix the checkpoint first")
@@ -136,12 +137,8 @@ def _nbytes(tensors) -> int:
 
 def _model_bytes(model: nn.Module) -> tuple[int, int]:
     """(bytes as the model holds them, bytes in bf16), each tensor counted once."""
-    seen, before, bf16 = set(), 0, 0
-    for t in model.state_dict().values():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and ident in seen:
-            continue
-        seen.add(ident)
+    before, bf16 = 0, 0
+    for t in unique_tensors(model.state_dict()).values():
         before += t.numel() * t.element_size()
         bf16 += t.numel() * (2 if t.is_floating_point() else t.element_size())
     return before, bf16
