@@ -233,7 +233,7 @@ def check_source(src: str | os.PathLike, what: str = "model") -> None:
         raise FileNotFoundError(f"{what} {src} does not exist (a local path, not a hub id); check the path")
     if not path.is_dir():
         raise NotADirectoryError(f"{what} {src} is a file, not a model folder; pass the folder that holds "
-                                 "config.json (for a GGUF file: its folder and --gguf-file NAME)")
+                                 "config.json (for a GGUF file: its folder and --gguf_file NAME)")
 
 
 def from_local_folder(load, folder: str | os.PathLike, **kwargs):
