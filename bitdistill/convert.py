@@ -77,7 +77,7 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
     if local:
         if gguf_file is None:
             check_shapes(src, from_local_folder(AutoConfig.from_pretrained, src))
-        model = from_local_folder(AutoModelForCausalLM.from_pretrained, src, **kwargs)
+        model = from_local_folder(AutoModelForCausalLM.from_pretrained, src, model=True, **kwargs)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(src, **kwargs)

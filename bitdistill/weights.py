@@ -159,28 +159,25 @@ def validate_loaded(model: nn.Module, folder: str | os.PathLike, *, packed_modul
         folder: the folder it was loaded from.
         packed_modules: names of modules whose ``weight`` holds packed 2-bit codes (uint8 ``[out/4, in]``)
             and whose ``weight_scale`` (``[1]``) is ``1 / gamma``.
-        check_files: compare with the safetensors headers (every expected tensor present, same shape, packed
-            bytes stored as uint8); ``False`` when the folder has no safetensors (only the values are checked).
+        check_files: compare with the safetensors headers (same shape, packed bytes stored as uint8; a tensor
+            missing altogether is reported by :func:`from_local_folder` from transformers' own loading report);
+            ``False`` when the folder has no safetensors (only the values are checked).
 
     Raises:
-        UserError: naming the tensor and the file: a tensor missing or of another shape or dtype, packed bytes
+        UserError: naming the tensor and the file: a tensor of another shape or dtype, packed bytes
             holding code 3, a scale not finite or not positive, a floating-point weight holding NaN or Inf.
     """
     folder = Path(folder)
     index = tensor_index(folder) if check_files else {}
     packed = set(packed_modules)
     state = model.state_dict()
-    stored_ptrs = {t.data_ptr() for k, t in state.items() if k in index and t.numel()}
     for key, t in state.items():
         module, _, leaf = key.rpartition(".")
         where = _where(folder, index, key)
         if check_files:
             info = index.get(key)
             if info is None:
-                if t.numel() and t.data_ptr() in stored_ptrs:
-                    continue  # tied to a stored tensor (e.g. lm_head.weight = embed_tokens.weight)
-                raise UserError(f"tensor {key!r} is missing from the weights in {folder}; the folder is incomplete "
-                                "(it would be left uninitialized): re-save it")
+                continue  # tied, or stored under another name (the loader reports what is missing)
             if info.shape != tuple(t.shape):
                 raise UserError(f"tensor {key!r} in {where} has shape {list(info.shape)}, the model expects "
                                 f"{list(t.shape)}; the weights do not match config.json")
@@ -236,18 +233,30 @@ def check_source(src: str | os.PathLike, what: str = "model") -> None:
                                  "config.json (for a GGUF file: its folder and --gguf_file NAME)")
 
 
-def from_local_folder(load, folder: str | os.PathLike, **kwargs):
+def from_local_folder(load, folder: str | os.PathLike, *, model: bool = False, **kwargs):
     """``load(folder, **kwargs)`` (a transformers ``from_pretrained``) with its failures on a local folder as one
     :class:`UserError` naming the folder: an unknown ``model_type``, a config transformers rejects, weights of the
-    wrong shape, a pickled ``.bin`` that ``weights_only`` loading refuses. Call it after :func:`read_config` and :func:`tensor_index` have vetted the files."""
+    wrong shape, a pickled ``.bin`` that ``weights_only`` loading refuses. Call it after :func:`read_config` and :func:`tensor_index` have vetted the files.
+
+    With ``model`` (``load`` is a model's ``from_pretrained``), a tensor transformers reports missing (it would be
+    left initialized at random) is a :class:`UserError` too. transformers' own report is used because checkpoint
+    names may differ from the model's (its conversion mappings rename some on load).
+    """
     try:
-        return load(folder, **kwargs)
+        if not model:
+            return load(folder, **kwargs)
+        loaded, info = load(folder, output_loading_info=True, **kwargs)
     except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
         if isinstance(exc, (UserError, RecursionError, NotImplementedError)):  # ours, or programming errors
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"transformers cannot load {folder} ({type(exc).__name__}: {first}); check its config.json "
                         "and weights (a newer transformers may be needed for its model_type)") from exc
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise UserError(f"tensor {missing[0]!r} is missing from the weights in {folder} ({len(missing)} missing); the "
+                        "folder is incomplete (it would be left uninitialized): re-save it")
+    return loaded
 
 
 def check_shapes(folder: str | os.PathLike, config) -> None:

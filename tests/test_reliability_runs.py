@@ -237,5 +237,5 @@ def test_debug_keeps_the_traceback_of_a_user_error(tmp_path, monkeypatch):
 def test_eval_tokenizer_larger_than_vocabulary_is_one_line(setup, student, tmp_path, capsys):
     err = _fail(["eval", str(student), "--tasks", "wikitext_lastword", "--tokenizer", str(setup["tokenizers"] / "gpt2"),
                  "--output", str(tmp_path / "r.json")], capsys)
-    assert "50257 tokens" in err and "vocabulary of 256" in err
+    assert "50257 tokens" in err and "vocabulary is 256" in err
     assert list(tmp_path.iterdir()) == []

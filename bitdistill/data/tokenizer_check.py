@@ -38,8 +38,8 @@ def check_tokenizer(tokenizer, model: nn.Module, *, tokenizer_name: str, model_n
     """
     vocab = model.get_output_embeddings().weight.shape[0]
     if len(tokenizer) > vocab:
-        raise UserError(f"tokenizer {tokenizer_name} has {len(tokenizer)} tokens but {model_name} has a vocabulary of "
-                        f"{vocab}; pass the model's own tokenizer")
+        raise UserError(f"tokenizer {tokenizer_name} has {len(tokenizer)} tokens but the vocabulary is {vocab} "
+                        f"({model_name}); pass the model's own tokenizer")
     if from_model:
         return
     config = getattr(model, "config", None)

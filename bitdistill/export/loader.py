@@ -38,7 +38,8 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
     check_packed_config(read_config(path), path)
     index = tensor_index(path)
     torch_dtype = dtype if dtype == "auto" else _dtype(dtype)
-    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, dtype=torch_dtype, device_map=None)
+    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, model=True, dtype=torch_dtype,
+                              device_map=None)
     packed: list[str] = []
     scales = read_tensors(path, [k for k in index if k.endswith(".weight_scale")])
     for name, m in list(model.named_modules()):

@@ -234,7 +234,7 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
                         "convert a plain model with replace_linear_with_bitlinear instead")
     tensor_index(path)
     check_shapes(path, from_local_folder(AutoConfig.from_pretrained, path))
-    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, **from_pretrained_kwargs)
+    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, model=True, **from_pretrained_kwargs)
     validate_loaded(model, path, check_files=bool(weight_files(path)))  # before conversion: names tensor and file
     replace_linear_with_bitlinear(model, config)
     if config.use_rms_norm or config.subln_modules:
