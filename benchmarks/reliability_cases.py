@@ -36,6 +36,7 @@ CLASSES = [
      ("test_distill_rejects", "test_self_distill_rejects", "test_cache_teacher_rejects")),
     ("permissions", ("test_outputs_have_umask", "test_success_renames", "test_atomic_write_text")),
     ("programming errors keep their traceback", ("test_programming_errors", "test_debug_keeps")),
+    ("pickles and remote code refused (kept)", ("test_pickled_weights", "test_remote_code")),
 ]
 
 
