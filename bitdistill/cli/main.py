@@ -13,7 +13,7 @@ import importlib
 import os
 import sys
 
-SUBCOMMANDS = ("convert", "pack", "unpack", "distill", "cache-teacher", "self-distill", "eval")
+SUBCOMMANDS = ("convert", "pack", "unpack", "distill", "cache-teacher", "self-distill", "eval", "recover")
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, KeyError)
 
