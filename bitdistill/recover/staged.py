@@ -207,8 +207,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     decoder_layers(teacher)
     estimate = estimate_init_cpu_s(teacher, cal.numel(), 5)
     if estimate >= budget * recover_args.block_fraction:
-        raise ValueError(f"--time_budget {recover_args.time_budget} leaves {budget * recover_args.block_fraction:.0f} "
-                         f"CPU-s for init + blocks, but the calibrated init alone needs about {estimate:.0f} CPU-s "
+        raise ValueError(f"--time_budget {recover_args.time_budget} leaves {budget * recover_args.block_fraction:.3g} "
+                         f"CPU-s for init + blocks, but the calibrated init alone needs about {estimate:.2g} CPU-s "
                          "for this teacher and calibration size; raise the budget or lower --calibration_tokens")
     clock = _Clock()
     torch.manual_seed(training_args.seed)
