@@ -56,7 +56,7 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
         return tiny_model(src.split(":", 1)[1], dtype=torch_dtype)
     if gguf_file is None and Path(src).exists() and not (Path(src) / "config.json").is_file():
         raise FileNotFoundError(f"{src} is not a model folder (no config.json); pass a folder written by "
-                                "save_pretrained, a hub id, or --gguf-file")
+                                "save_pretrained, a hub id, or --gguf_file")
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
     if gguf_file is not None:

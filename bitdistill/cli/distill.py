@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-NAME = "distill"
-HELP = ("Distill a teacher (folder, hub id, GGUF) into a BitNet b1.58 student; every option is also a key of "
-        "--config FILE (YAML/JSON). Training options are transformers.TrainingArguments.")
-
 
 def _types() -> tuple:
     from transformers import TrainingArguments

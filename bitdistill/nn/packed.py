@@ -7,7 +7,7 @@ It holds exactly the tensors of the Hugging Face ``bitnet`` format (``linear_cla
 
     y = (X_q @ T^T) / (s_x * weight_scale) + bias
 
-through ``bitdistill.ops.packed_linear`` (CPU: :mod:`bitdistill.nn.packed_cpu`, unpacking in
+through ``bitdistill.ops.packed_linear`` (CPU: :mod:`bitdistill.cpu_ext`, unpacking in
 registers; CUDA: the Triton kernel when registered). In eager mode on CPU the forward calls the op's CPU
 implementation directly, skipping the dispatcher's per-call overhead; under ``torch.compile`` and on
 other devices it calls the op. The packed bytes are the only copy of the weight:
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from bitdistill import ops
+from bitdistill.cpu_ext import packed_linear_cpu
 from bitdistill.nn.bitlinear import BitLinear, BitRMSNorm, _check_input
-from bitdistill.nn.packed_cpu import packed_linear_cpu
 from bitdistill.quant.packing import pack_ternary, unpack_ternary
 from bitdistill.quant.reference import weight_quant
 
@@ -58,6 +58,18 @@ class PackedBitLinear(nn.Module):
             self.rms_norm.requires_grad_(False)
 
     @classmethod
+    def like(cls, layer: nn.Module, *, device=None, dtype=None) -> PackedBitLinear:
+        """An empty (zero-code) PackedBitLinear with ``layer``'s geometry: features, bias, in-layer RMSNorm and eps.
+
+        ``layer`` is any linear-like module with ``in_features``, ``out_features``, ``bias`` and ``rms_norm``
+        (``None`` or a norm with ``variance_epsilon``): our BitLinear, transformers' packed BitLinear. The one
+        place a PackedBitLinear is built from another layer; the caller fills in (or assigns) the tensors.
+        """
+        rms = getattr(layer, "rms_norm", None)
+        return cls(layer.in_features, layer.out_features, bias=layer.bias is not None, use_rms_norm=rms is not None,
+                   rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6, device=device, dtype=dtype)
+
+    @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> PackedBitLinear:
         """Pack a trained :class:`BitLinear` (its latent weight is ternarized; ``layer`` is not modified)."""
         w = layer.weight_out_in().detach()
@@ -65,8 +77,7 @@ class PackedBitLinear(nn.Module):
             raise ValueError("cannot pack a BitLinear whose weight contains NaN or Inf")
         codes, gamma = weight_quant(w)
         rms = layer.rms_norm
-        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, use_rms_norm=rms is not None,
-                  rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6, device=w.device, dtype=w.dtype)
+        new = cls.like(layer, device=w.device, dtype=w.dtype)
         new.weight.copy_(pack_ternary(codes))
         new.weight_scale.copy_((1.0 / gamma).reshape(1))
         if layer.bias is not None:

@@ -32,13 +32,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from bitdistill.data.blocks import load_text, token_blocks
-from bitdistill.distill.args import DataArguments, EvalTaskArguments, LossArguments, ModelArguments
-from bitdistill.distill.run import _cache_dir, load_teacher, load_tokenizer, prepare_student, run_distillation
+from bitdistill.data.args import DataArguments
+from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
+from bitdistill.distill.run import load_teacher, load_tokenizer, prepare_student, run_distillation
 from bitdistill.io import atomic_output_dir
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
 from bitdistill.recover.layers import decoder_layers
+from bitdistill.runs import build_blocks
 
 __all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
 
@@ -135,10 +136,8 @@ def _calibration(recover_args: RecoverArguments, data_args: DataArguments, token
     mb = recover_args.block_micro_batch
     n = math.ceil(recover_args.calibration_tokens / s / mb) * mb
     h = recover_args.held_out_blocks
-    text = load_text(data_args.train_files or None, dataset_name=data_args.dataset_name,
-                     dataset_config_name=data_args.dataset_config_name, split=data_args.dataset_split,
-                     text_column=data_args.text_column)
-    blocks = token_blocks(text, tokenizer, s, cache_dir=_cache_dir(data_args))
+    blocks = build_blocks(dataclasses.replace(data_args, max_seq_length=s, max_train_blocks=None, validation_blocks=0),
+                          tokenizer)
     if blocks.shape[0] < n + h:
         raise ValueError(f"the training text has {blocks.shape[0] * s} tokens in {s}-token blocks, fewer than the "
                          f"{n * s} calibration + {h * s} held-out tokens asked; give more text or lower "
