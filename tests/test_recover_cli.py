@@ -31,7 +31,7 @@ def setup(tmp_path_factory, shared_data):
 
 def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     out = setup["root"] / "run"
-    rc = main(["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "4", "--output_dir", str(out)])
+    rc = main(["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "4", "--block_init", "gptq", "--output_dir", str(out)])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     summary = json.loads((out / "recovery.json").read_text())
@@ -51,7 +51,8 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "match"), [
-    (["--time_budget", "0.0001s"], "calibrated init alone needs"),
+    (["--time_budget", "0.0001s", "--block_init", "gptq"], "first stage alone needs"),
+    (["--time_budget", "0.0001s"], "first stage alone needs"),
     (["--time_budget", "10x"], "is not a CPU time"),
     (["--time_budget", "1m", "--calibration_tokens", "100000"], "fewer than the"),
     (["--time_budget", "1m", "--state_memory_mb", "0"], "memory budget"),

@@ -62,7 +62,9 @@ class RecoverArguments:
     held_out_blocks: int = field(default=4, metadata={
         "help": "Blocks of calibration_seq_length tokens at the end of the training text, never trained on, that "
                 "report each stage's held-out loss and perplexity."})
-    block_init: str = field(default="gptq", metadata={"help": "Initialization: gptq (calibrated) or keep (absmean)."})
+    block_init: str = field(default="keep", metadata={
+        "help": "Initialization before the block stage: keep (the naive absmean copy; no init stage) or gptq "
+                "(calibrated ternary rounding, stage 'init')."})
     block_steps: int | None = field(default=None, metadata={
         "help": "Adam steps per block (default: as many as the block share of the budget allows; 0: none)."})
     block_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the block stage (cosine per block)."})
@@ -112,6 +114,8 @@ def estimate_init_cpu_s(model: nn.Module, tokens: int, n_scales: int) -> float:
     params = sum(p.numel() for p in layers.parameters())
     gptq = sum(m.weight.numel() * min(m.weight.shape) for m in layers.modules() if isinstance(m, nn.Linear)
                or type(m).__name__ == "Conv1D")
+    if n_scales == 0:  # no calibrated rounding: one teacher pass and the student's propagation
+        return 2 * 2 * params * tokens / 20e9
     return 3 * 2 * params * tokens / 20e9 + (n_scales + 1) * 2 * gptq / 10e9
 
 
@@ -209,12 +213,13 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     decoder_layers(teacher)
     share = budget * recover_args.block_fraction
     per = recover_args.block_micro_batch
-    while cal.shape[0] > per and estimate_init_cpu_s(teacher, cal.numel(), 5) > share / 2:
+    scales = 5 if recover_args.block_init == "gptq" else 0
+    while cal.shape[0] > per and estimate_init_cpu_s(teacher, cal.numel(), scales) > share / 2:
         cal = cal[: cal.shape[0] - per]
-    estimate = estimate_init_cpu_s(teacher, cal.numel(), 5)
+    estimate = estimate_init_cpu_s(teacher, cal.numel(), scales)
     if estimate >= share:
         raise ValueError(f"--time_budget {recover_args.time_budget} leaves {budget * recover_args.block_fraction:.3g} "
-                         f"CPU-s for init + blocks, but the calibrated init alone needs about {estimate:.2g} CPU-s "
+                         f"CPU-s for init + blocks, but the first stage alone needs about {estimate:.2g} CPU-s "
                          "for this teacher and calibration size; raise the budget or lower --calibration_tokens")
     clock = _Clock()
     torch.manual_seed(training_args.seed)
@@ -236,9 +241,10 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     mem = None if recover_args.state_memory_mb is None else recover_args.state_memory_mb * 2**20
     val = held[: (held.shape[0] // recover_args.block_micro_batch) * recover_args.block_micro_batch]
     val = val if val.shape[0] else None
-    rep = reconstruct_blocks_in_place(student, teacher, cal, BlockwiseConfig(init=recover_args.block_init, steps=0, **base),
-                                      val_ids=val, work_dir=out / "init", memory_budget=mem, progress=False)
-    finish("init", student, {"blocks": rep.blocks})
+    if recover_args.block_init == "gptq":
+        rep = reconstruct_blocks_in_place(student, teacher, cal, BlockwiseConfig(init="gptq", steps=0, **base),
+                                          val_ids=val, work_dir=out / "init", memory_budget=mem, progress=False)
+        finish("init", student, {"blocks": rep.blocks})
     block_budget = budget * recover_args.block_fraction - clock.used()
     steps = recover_args.block_steps
     if steps != 0 and block_budget > 0:
