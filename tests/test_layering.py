@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("nn", ("bitdistill.nn",)),
     ("convert/export", ("bitdistill.convert", "bitdistill.export")),
     ("runs", ("bitdistill.audit", "bitdistill.checkpoints", "bitdistill.runs", "bitdistill.validate")),
-    ("distill/selfdistill/eval", ("bitdistill.distill", "bitdistill.selfdistill", "bitdistill.eval")),
+    ("distill/selfdistill/eval", ("bitdistill.distill", "bitdistill.selfdistill", "bitdistill.eval",
+                                  "bitdistill.recover")),
     ("cli", ("bitdistill.cli",)),
 ]
 # Compiled modules (no .py file): the optional CUDA extension built from csrc/.

@@ -47,6 +47,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("bitdistill.cli.eval",
         ('Evaluate a model (plain/GGUF teacher, BitNet student folder or packed folder) on lm-eval tasks, '
          "e.g. the offline wikitext_lastword (needs pip install 'bitdistill[eval]').")),
+    "recover": ("bitdistill.cli.recover",
+        ('Distill a teacher into a BitNet b1.58 student with the staged recipe (calibrated ternary init, '
+         'block-wise reconstruction, end-to-end KD) within --time_budget of process CPU time; takes every '
+         '`distill` option and --config FILE.')),
 }
 SUBCOMMANDS = tuple(COMMANDS)
 
