@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from bitdistill.data.args import DataArguments
-from bitdistill.errors import UserError
 from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
 from bitdistill.distill.run import load_teacher, load_tokenizer, prepare_student, run_distillation
+from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
