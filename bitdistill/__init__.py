@@ -65,6 +65,12 @@ _WHERE = {
     "load_multi_exit": "bitdistill.selfdistill.run",
     "run_self_distillation": "bitdistill.selfdistill.run",
     "SelfDistillTrainer": "bitdistill.selfdistill.trainer",
+    "BlockwiseConfig": "bitdistill.recover",
+    "calibrated_ternary": "bitdistill.recover",
+    "encode_ternary": "bitdistill.recover",
+    "reconstruct_blocks_in_place": "bitdistill.recover",
+    "RecoverArguments": "bitdistill.recover.staged",
+    "run_staged_recovery": "bitdistill.recover.staged",
 }
 
 __getattr__ = lazy_getattr(__name__, _WHERE)

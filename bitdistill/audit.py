@@ -24,12 +24,13 @@ import resource
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+
+from bitdistill.io import atomic_write
 
 __all__ = ["AUDIT_LOG_FILE", "PROVENANCE_FILE", "AuditCallback", "peak_memory_mb", "provenance", "redact_args",
            "redact_command", "release_memory", "write_provenance"]
@@ -231,9 +232,4 @@ def write_provenance(output_dir: str | os.PathLike, args: dict, command: str | N
     out = Path(output_dir) / name
     if out.exists():
         raise FileExistsError(f"{out} already exists; choose another --output_dir")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".tmp", dir=out.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(provenance(args, command), f, indent=2)
-    os.replace(tmp, out)
-    return out
+    return atomic_write(out, json.dumps(provenance(args, command), indent=2), overwrite=False)

@@ -13,12 +13,23 @@ from pathlib import Path
 
 import torch
 
-from bitdistill.io import atomic_output_dir
+from bitdistill.errors import UserError
+from bitdistill.io import atomic_output_dir, check_output_location
 from bitdistill.nn.replace import (
     ConversionReport,
     is_student_folder,
     load_student,
     replace_linear_with_bitlinear,
+)
+from bitdistill.weights import (
+    check_shapes,
+    check_source,
+    from_local_folder,
+    is_local_source,
+    read_config,
+    tensor_index,
+    validate_loaded,
+    weight_files,
 )
 
 __all__ = ["TOKENIZER_FILES", "convert_pretrained", "load_causal_lm", "load_model", "parse_dtype"]
@@ -35,7 +46,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(sorted(_DTYPES))}")
+        raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(sorted(_DTYPES))}")
     return _DTYPES[name]
 
 
@@ -46,7 +57,7 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
     GGUF-loaded models are copied into a fresh model of the same config, because transformers
     refuses to ``save_pretrained`` a GGUF-loaded model.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch_dtype = parse_dtype(dtype)
     src = str(src)
@@ -54,11 +65,27 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
         from bitdistill.models import tiny_model
 
         return tiny_model(src.split(":", 1)[1], dtype=torch_dtype)
-    if gguf_file is None and Path(src).exists() and not (Path(src) / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a model folder (no config.json); pass a folder written by "
-                                "save_pretrained, a hub id, or --gguf_file")
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch_dtype,
-                                                 trust_remote_code=trust_remote_code)
+    check_source(src)
+    local = is_local_source(src)
+    if local and gguf_file is not None:
+        if not (Path(src) / gguf_file).is_file():
+            raise FileNotFoundError(f"{Path(src) / gguf_file} does not exist; --gguf_file names a file inside {src}")
+    elif local:
+        read_config(src)
+        tensor_index(src)
+    kwargs = {"gguf_file": gguf_file, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if local:
+        if gguf_file is None:
+            check_shapes(src, from_local_folder(AutoConfig.from_pretrained, src))
+        model = from_local_folder(AutoModelForCausalLM.from_pretrained, src, model=True, **kwargs)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+        except OSError as exc:
+            raise UserError(f"cannot load {src!r} from the Hugging Face hub ({str(exc).strip().splitlines()[0]}); "
+                            "pass a local model folder or check the id and your connection") from exc
+    if local and gguf_file is None:
+        validate_loaded(model, src, check_files=bool(weight_files(src)))
     if gguf_file is not None:
         fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch_dtype)
         fresh.load_state_dict(model.state_dict())
@@ -90,14 +117,16 @@ def convert_pretrained(
     ``overwrite``. Tokenizer and generation-config files next to ``src`` are copied.
     """
     out = Path(out)
+    sources = [src] if not str(src).startswith("tiny:") and is_local_source(src) else []
+    check_output_location(out, sources)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     model = load_causal_lm(src, gguf_file=gguf_file, dtype=dtype)
     report = replace_linear_with_bitlinear(model, modules_to_not_convert=modules_to_not_convert,
                                            use_rms_norm=use_rms_norm)
     if not report.converted and not report.already_converted:
-        raise ValueError(f"{src} has no linear layer to convert outside the skip list")
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        raise UserError(f"{src} has no linear layer to convert outside the skip list")
+    with atomic_output_dir(out, overwrite=overwrite, sources=sources) as tmp:
         model.save_pretrained(tmp)
         src_dir = Path(str(src))
         if src_dir.is_dir():

@@ -24,13 +24,14 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+from bitdistill.errors import UserError
+from bitdistill.io import atomic_write
 from bitdistill.quant.reference import MAX_EXACT_K, activation_quant
 
 __all__ = ["NATIVE_MAX_TOKENS", "TILE_BYTES", "native_available", "packed_int_mm", "packed_linear_cpu"]
@@ -62,13 +63,10 @@ def _build() -> ctypes.CDLL | bool:
     lib_path = cache / f"packed_cpu-{key}.so"
     try:
         if not lib_path.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
-            os.close(fd)
-            subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, lib_path)
+            atomic_write(lib_path, lambda tmp: subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp)], check=True,
+                                                              capture_output=True, timeout=120))
         lib = ctypes.CDLL(str(lib_path))
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, UserError, subprocess.SubprocessError) as exc:
         warnings.warn(f"bitdistill: could not build the native packed CPU kernel ({exc}); using the slower "
                       "tiled torch path", stacklevel=3)
         return False

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from bitdistill.errors import UserError
+
 __all__ = ["TINY_ARCHITECTURES", "tiny_config", "tiny_model"]
 
 _COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -58,7 +60,7 @@ TINY_ARCHITECTURES = tuple(_BUILDERS)
 def tiny_config(arch: str):
     """A small config (vocab 256, hidden 64, 2 layers) of architecture ``arch`` (one of ``TINY_ARCHITECTURES``)."""
     if arch not in _BUILDERS:
-        raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
+        raise UserError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHITECTURES)}")
     return _BUILDERS[arch]()
 
 

@@ -20,10 +20,12 @@ import torch
 from transformers import TrainerCallback
 
 from bitdistill.audit import PROVENANCE_FILE, AuditCallback, write_provenance
+from bitdistill.checkpoints import clean_partial_checkpoints, latest_checkpoint, require_complete
 from bitdistill.data.args import DataArguments
 from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
+from bitdistill.errors import UserError
 
-__all__ = ["CONFIG_FILE", "ConfigWriter", "EvalEveryCallback", "RunSetup", "build_blocks", "check_run_folder",
+__all__ = ["CONFIG_FILE", "EvalEveryCallback", "RunSetup", "build_blocks", "check_eval_schedule", "check_run_folder",
            "config_dict", "record_provenance", "setup_run", "tokens_per_step"]
 
 CONFIG_FILE = "distill_config.json"
@@ -52,8 +54,8 @@ def build_blocks(data_args: DataArguments, tokenizer) -> torch.Tensor:
     if data_args.max_train_blocks is not None:
         blocks = blocks[: data_args.max_train_blocks]
     if blocks.shape[0] <= data_args.validation_blocks:
-        raise ValueError(f"{blocks.shape[0]} blocks of {data_args.max_seq_length} tokens leave none for training "
-                         f"after holding out {data_args.validation_blocks}; give more text")
+        raise UserError(f"{blocks.shape[0]} blocks of {data_args.max_seq_length} tokens leave none for training "
+                        f"after holding out {data_args.validation_blocks}; give more text")
     return blocks
 
 
@@ -70,43 +72,67 @@ def config_dict(*arg_dataclasses, training_args) -> dict:
 def _check_resume(checkpoint: Path, config: dict) -> None:
     saved_file = checkpoint / CONFIG_FILE
     if not saved_file.is_file():
-        raise ValueError(f"{checkpoint} has no {CONFIG_FILE}; it was not written by `bitdistill distill` or `self-distill`")
-    saved = json.loads(saved_file.read_text())
+        raise UserError(f"{checkpoint} has no {CONFIG_FILE}; it was not written by `bitdistill distill` or "
+                        "`self-distill` (or is incomplete): resume from another checkpoint")
+    try:
+        saved = json.loads(saved_file.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{saved_file} is not valid JSON ({exc}); the checkpoint is damaged: resume from another "
+                        "one") from exc
     diff = sorted(k for k in set(saved) | set(config)
                   if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
     if diff:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
-        raise ValueError(f"cannot resume from {checkpoint}: it was written with a different configuration ({details}); "
-                         "resume with the same options or start a new --output_dir")
+        raise UserError(f"cannot resume from {checkpoint}: it was written with a different configuration ({details}); "
+                        "resume with the same options or start a new --output_dir")
 
 
 def _resolve_checkpoint(training_args, output_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The checkpoint ``--resume_from_checkpoint`` names: ``latest`` is the last *complete* one."""
     r = training_args.resume_from_checkpoint
     if r in (None, "", "false", "False"):
         return None
     if r in ("true", "True", "latest"):
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        last = latest_checkpoint(output_dir, required=(CONFIG_FILE,))
         if last is None:
-            raise FileNotFoundError(f"no checkpoint-* folder in {output_dir} to resume from")
-        return Path(last)
-    if not (Path(r) / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{r} is not a Trainer checkpoint (no trainer_state.json)")
+            raise FileNotFoundError(f"no complete checkpoint-* folder in {output_dir} to resume from; start a new run "
+                                    "(drop --resume_from_checkpoint)")
+        return last
+    require_complete(Path(r), required=(CONFIG_FILE,))
     return Path(r)
+
+
+def check_eval_schedule(training_args) -> int | None:
+    """The evaluation interval in optimizer steps (``None``: no evaluation) that ``--eval_strategy``/``--eval_steps``
+    ask for; :class:`UserError` for a schedule these block datasets cannot follow."""
+    strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    if strategy not in ("no", "steps"):
+        raise UserError(f"--eval_strategy {strategy} is not supported here; use steps (with an integer "
+                        "--eval_steps) or no")
+    eval_steps = training_args.eval_steps if strategy == "steps" else None
+    if eval_steps is not None and (float(eval_steps) != int(eval_steps) or eval_steps < 1):
+        raise UserError(f"--eval_steps must be a whole number of optimizer steps >= 1, got {eval_steps}")
+    return int(eval_steps) if eval_steps else None
 
 
 def check_run_folder(training_args, config: dict, final_dir: Path) -> Path | None:
     """Validate ``--output_dir`` before a run and return the checkpoint to resume from (``None``: a new run).
 
     A new run refuses a folder holding checkpoints, a final model or an earlier run's provenance; a resumed
-    run must have the configuration its checkpoint was written with (see ``_RESUMABLE_CHANGES``).
+    run must have the configuration its checkpoint was written with (see ``_RESUMABLE_CHANGES``). Staging
+    folders of checkpoints a killed run did not finish are removed first (they are never resumed from). The
+    evaluation schedule is checked too, so nothing is written for a run that would be refused later.
     """
     output_dir = Path(training_args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output_dir {output_dir} is a file; choose a folder")
+    check_eval_schedule(training_args)
+    if training_args.process_index == 0:
+        clean_partial_checkpoints(output_dir)
     checkpoint = _resolve_checkpoint(training_args, output_dir)
     if checkpoint is not None:
         _check_resume(checkpoint, config)
-    elif output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
+    elif output_dir.is_dir() and any(p.is_dir() for p in output_dir.glob("checkpoint-*")):
         raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
                               "continue, or choose another --output_dir")
     if final_dir.exists():
@@ -141,19 +167,6 @@ class EvalEveryCallback(TrainerCallback):
         return control
 
 
-class ConfigWriter(TrainerCallback):
-    """Writes the run configuration into every checkpoint (read back to validate a resume)."""
-
-    def __init__(self, config_json: str) -> None:
-        self.config_json = config_json
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / CONFIG_FILE).write_text(self.config_json)
-
-
 @dataclasses.dataclass
 class RunSetup:
     """What :func:`setup_run` prepares for a Trainer: its arguments, datasets, evaluation ids, callbacks, the audit log."""
@@ -166,6 +179,11 @@ class RunSetup:
     audit: AuditCallback
     config_json: str
 
+    @property
+    def checkpoint_files(self) -> dict[str, str]:
+        """``{file name: text}`` every checkpoint of the run holds (the run configuration)."""
+        return {CONFIG_FILE: self.config_json}
+
 
 def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, training_args, config: dict,
               callbacks: list[TrainerCallback] | None) -> RunSetup:
@@ -174,15 +192,11 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
     ``RunSetup.training_args`` is a copy of ``training_args`` adjusted for block datasets: its evaluation
     schedule (``eval_strategy="steps"`` with an integer ``eval_steps``, or ``"no"``) becomes an
     :class:`EvalEveryCallback` calling the trainer's own ``evaluate``. The callbacks are the caller's,
-    that one, the checkpoint config writer and the audit log (last, so it sees evaluation requests).
+    that one and the audit log (last, so it sees evaluation requests). ``RunSetup.checkpoint_files`` is what
+    the trainer writes into every checkpoint before it becomes visible (the run configuration, read back to
+    validate a resume; see :class:`bitdistill.checkpoints.AtomicCheckpointMixin`).
     """
-    strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
-    if strategy not in ("no", "steps"):
-        raise ValueError(f"--eval_strategy {strategy} is not supported here; use steps (with an integer "
-                         "--eval_steps) or no")
-    eval_steps = training_args.eval_steps if strategy == "steps" else None
-    if eval_steps is not None and (float(eval_steps) != int(eval_steps) or eval_steps < 1):
-        raise ValueError(f"--eval_steps must be a whole number of optimizer steps >= 1, got {eval_steps}")
+    eval_steps = check_eval_schedule(training_args)
     training_args = copy.copy(training_args)
     v = data_args.validation_blocks
     train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
@@ -193,9 +207,8 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
     training_args.prediction_loss_only = True
     callbacks = list(callbacks or [])
     if eval_steps:
-        callbacks.append(EvalEveryCallback(int(eval_steps)))
+        callbacks.append(EvalEveryCallback(eval_steps))
     config_json = json.dumps(config, indent=2)
-    callbacks.append(ConfigWriter(config_json))
     audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
     callbacks.append(audit)
     return RunSetup(training_args, train_ds, val_ds, ppl_ids, callbacks, audit, config_json)

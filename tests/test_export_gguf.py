@@ -16,7 +16,7 @@ from bitdistill import replace_linear_with_bitlinear
 from bitdistill.cli.main import main
 from bitdistill.export import gguf as gguf_export
 from bitdistill.export.memory import pack_in_memory
-from bitdistill.export.packed import save_packed
+from bitdistill.export.writer import save_packed
 from bitdistill.quant.reference import weight_quant
 
 gguf = pytest.importorskip("gguf", reason="the GGUF export needs the gguf package: pip install 'bitdistill[gguf]'")

@@ -15,13 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("bitdistill._lazy", "bitdistill._version", "bitdistill.io", "bitdistill.quant", "bitdistill.models",
-              "bitdistill.data", "bitdistill.state_dict")),
+    ("base", ("bitdistill._lazy", "bitdistill._version", "bitdistill.errors", "bitdistill.io", "bitdistill.weights",
+              "bitdistill.quant", "bitdistill.models", "bitdistill.data", "bitdistill.state_dict")),
     ("ops", ("bitdistill.ops", "bitdistill.cpu_ext", "bitdistill.cuda_ext", "bitdistill._C", "bitdistill.kernels")),
     ("nn", ("bitdistill.nn",)),
     ("convert/export", ("bitdistill.convert", "bitdistill.export")),
-    ("runs", ("bitdistill.audit", "bitdistill.runs")),
-    ("distill/selfdistill/eval", ("bitdistill.distill", "bitdistill.selfdistill", "bitdistill.eval")),
+    ("runs", ("bitdistill.audit", "bitdistill.checkpoints", "bitdistill.runs", "bitdistill.validate")),
+    ("distill/selfdistill/eval", ("bitdistill.distill", "bitdistill.selfdistill", "bitdistill.eval",
+                                  "bitdistill.recover")),
     ("cli", ("bitdistill.cli",)),
 ]
 # Compiled modules (no .py file): the optional CUDA extension built from csrc/.

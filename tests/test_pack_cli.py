@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from bitdistill.cli.main import main
 from bitdistill.convert import convert_pretrained
-from bitdistill.export import packed as packed_module
+from bitdistill.export import writer as writer_module
 from bitdistill.models import tiny_model
 
 
@@ -159,6 +159,9 @@ def test_out_exists_needs_overwrite(student_dir, tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     err = _fail(["pack", str(student_dir), str(out)], capsys)
     assert "--overwrite" in err and (out / "keep.txt").read_text() == "mine"
+    err = _fail(["pack", str(student_dir), str(out), "--overwrite"], capsys)  # not an earlier output
+    assert "not an output" in err and (out / "keep.txt").read_text() == "mine"
+    (out / "config.json").write_text("{}")
     assert main(["pack", str(student_dir), str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
 
@@ -166,7 +169,7 @@ def test_out_exists_needs_overwrite(student_dir, tmp_path, capsys):
 def test_out_inside_src_refused(student_dir, capsys):
     before = _digest(student_dir)
     err = _fail(["pack", str(student_dir), str(student_dir), "--overwrite"], capsys)
-    assert "SRC" in err and _digest(student_dir) == before
+    assert "source" in err and _digest(student_dir) == before
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -176,14 +179,14 @@ def test_failure_mid_write_leaves_nothing(overwrite, student_dir, tmp_path, caps
         assert main(["pack", str(student_dir), str(out)]) == 0
     out_before = _digest(out) if overwrite else None
     src_before = _digest(student_dir)
-    real = packed_module._write_shards
+    real = writer_module.save_torch_state_dict
 
-    def write_then_fail(tensors, folder, max_shard_bytes):
-        real(tensors, folder, max_shard_bytes)
-        assert any(folder.iterdir())
+    def write_then_fail(tensors, folder, **kwargs):
+        real(tensors, folder, **kwargs)
+        assert any(Path(folder).iterdir())
         raise OSError("injected: disk full")
 
-    monkeypatch.setattr(packed_module, "_write_shards", write_then_fail)
+    monkeypatch.setattr(writer_module, "save_torch_state_dict", write_then_fail)
     with pytest.raises(OSError, match="injected"):
         main(["pack", str(student_dir), str(out), "--max-shard-size", "40KB"] + (["--overwrite"] if overwrite else []))
     assert _digest(student_dir) == src_before

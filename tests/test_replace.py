@@ -196,5 +196,5 @@ def test_load_student_rejects_plain_model(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="not a bitdistill BitNet student"):
         load_student(tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         load_student(tmp_path / "missing")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from bitdistill.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,21 +32,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _limit(value: float | None) -> int | float | None:
     if value is not None and value <= 0:
-        raise ValueError(f"--limit must be > 0 (a count of examples, or a fraction below 1), got {value}")
+        raise UserError(f"--limit must be > 0 (a count of examples, or a fraction below 1), got {value}")
     if value is None or value < 1:
         return value
     if value != int(value):
-        raise ValueError(f"--limit is a count of examples (>= 1) or a fraction (< 1), got {value}")
+        raise UserError(f"--limit is a count of examples (>= 1) or a fraction (< 1), got {value}")
     return int(value)
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    from bitdistill.io import atomic_write
+
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def format_table(results: dict[str, dict[str, float]]) -> str:
@@ -66,22 +63,22 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(list_tasks()))
         return 0
     if not args.model or not args.tasks:
-        raise ValueError("give MODEL and --tasks (comma-separated), e.g. bitdistill eval ./student --tasks "
-                         "wikitext_lastword; bitdistill eval --list_tasks lists the task names")
+        raise UserError("give MODEL and --tasks (comma-separated), e.g. bitdistill eval ./student --tasks "
+                        "wikitext_lastword; bitdistill eval --list_tasks lists the task names")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     output = Path(args.output) if args.output else None
     if output is not None and output.exists() and not args.overwrite:
         raise FileExistsError(f"{output} already exists; pass --overwrite to replace it")
     limit = _limit(args.limit)
     if args.batch_size < 1:
-        raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.num_fewshot is not None and args.num_fewshot < 0:
-        raise ValueError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
+        raise UserError(f"--num_fewshot must be >= 0, got {args.num_fewshot}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         torch.device(device)
     except RuntimeError as exc:
-        raise ValueError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from exc
+        raise UserError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from exc
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -11,6 +11,8 @@ import json
 import shlex
 from pathlib import Path
 
+from bitdistill.errors import UserError
+
 __all__ = ["add_dataclass_arguments", "command_from_args", "parse_dataclasses"]
 
 
@@ -41,14 +43,23 @@ def parse_dataclasses(args: argparse.Namespace, dataclass_types: tuple) -> tuple
     if config:
         path = Path(config)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        text = path.read_text()
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+            raise FileNotFoundError(f"--config file {path} does not exist")
+        try:
+            text = path.read_bytes().decode("utf-8")
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as exc:
+            detail = " ".join(str(exc).split())
+            raise UserError(f"--config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'} "
+                            f"({detail}); fix the file") from exc
         if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of option names to values")
+            raise UserError(f"--config file {path} must hold a mapping of option names to values")
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_run")}
     values.update(flags)
-    return HfArgumentParser(dataclass_types).parse_dict(values)
+    try:
+        return HfArgumentParser(dataclass_types).parse_dict(values)
+    except ValueError as exc:  # unknown keys, from HfArgumentParser
+        where = f"--config file {config}" if config else "the options"
+        raise UserError(f"{where}: {' '.join(str(exc).split())}; fix the option names and values") from exc
 
 
 def command_from_args(args: argparse.Namespace) -> str:

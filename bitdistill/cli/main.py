@@ -5,8 +5,10 @@ Each subcommand lives in ``bitdistill/cli/<name>.py`` and defines ``add_argument
 module is imported (``COMMANDS`` holds every name and one-line help), so ``bitdistill --help`` and
 ``--version`` import neither torch nor transformers. Flags are spelled with underscores everywhere
 (``--gguf_file``, as ``HfArgumentParser`` spells dataclass fields); the dashed spellings are accepted and
-not listed. Errors the user can fix (bad input, missing files) print one line on stderr and exit 2; set
-``BITDISTILL_DEBUG=1`` for the traceback.
+not listed. Errors the user can fix (:class:`bitdistill.errors.UserError`, missing or existing files, a full disk or a
+read-only location) print one line on stderr and exit 2; Ctrl-C prints one line and exits 130 (SIGTERM: 143),
+after every output being written has been removed. Programming errors keep their traceback. Set
+``BITDISTILL_DEBUG=1`` for the traceback of a user error too.
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterable
+
+from bitdistill.errors import Terminated, UserError, user_error_from_os
 
 # name: (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,10 +47,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("bitdistill.cli.eval",
         ('Evaluate a model (plain/GGUF teacher, BitNet student folder or packed folder) on lm-eval tasks, '
          "e.g. the offline wikitext_lastword (needs pip install 'bitdistill[eval]').")),
+    "recover": ("bitdistill.cli.recover",
+        ('Distill a teacher into a BitNet b1.58 student with the staged recipe (calibrated ternary init, '
+         'block-wise reconstruction, end-to-end KD) within --time_budget of process CPU time; takes every '
+         '`distill` option and --config FILE.')),
 }
 SUBCOMMANDS = tuple(COMMANDS)
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, KeyError)
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 class OneSpellingFormatter(argparse.HelpFormatter):
@@ -85,18 +95,39 @@ def _version() -> str:
     return f"bitdistill {__version__}"
 
 
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser([command] if command else []).parse_args(argv)
+    debug = bool(os.environ.get("BITDISTILL_DEBUG"))
+    previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         return int(args._run(args) or 0)
-    except USER_ERRORS as exc:
-        if os.environ.get("BITDISTILL_DEBUG"):
+    except KeyboardInterrupt as exc:
+        if debug:
             raise
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"bitdistill {args.command}: error: {msg}", file=sys.stderr)
+        name = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"bitdistill {args.command}: {name}; outputs being written were removed", file=sys.stderr)
+        return 128 + (Terminated.signum if isinstance(exc, Terminated) else signal.SIGINT)
+    except (*USER_ERRORS, OSError) as exc:
+        user = exc if isinstance(exc, USER_ERRORS) else user_error_from_os(exc)
+        if user is None or debug:
+            raise
+        print(f"bitdistill {args.command}: error: {_one_line(user)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -11,43 +11,59 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["BlockDataset", "load_text", "text_fingerprint", "token_blocks", "tokenize_text"]
+from bitdistill.errors import UserError
+from bitdistill.io import atomic_write
+
+__all__ = ["BlockDataset", "load_text", "read_text_file", "text_fingerprint", "token_blocks", "tokenize_text"]
 
 _CACHE_VERSION = 1
+
+
+def read_text_file(path: str | os.PathLike, flag: str = "text file") -> str:
+    """The UTF-8 text of ``path``; the failures a user can fix are one line naming the file and ``flag``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        IsADirectoryError: ``path`` is a folder.
+        UserError: the file is not UTF-8 text (the byte offset is named).
+    """
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{flag} {p} is a folder, not a text file; pass the files inside it")
+    if not p.is_file():
+        raise FileNotFoundError(f"{flag} {p} does not exist")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{flag} {p} is not UTF-8 text (invalid byte at offset {exc.start}); convert it, e.g. "
+                        "iconv -t UTF-8") from exc
 
 
 def load_text(files: Sequence[str | os.PathLike] | None = None, *, dataset_name: str | None = None,
               dataset_config_name: str | None = None, split: str = "train", text_column: str = "text") -> str:
     """The text of local ``files`` (concatenated) or of a ``datasets`` split. Exactly one source must be given."""
     if bool(files) == bool(dataset_name):
-        raise ValueError("give either text files or a datasets name (not both, not neither)")
+        raise UserError("give either text files or a datasets name (not both, not neither)")
     if files:
-        parts = []
-        for f in files:
-            p = Path(f)
-            if not p.is_file():
-                raise FileNotFoundError(f"text file {p} does not exist")
-            parts.append(p.read_text(encoding="utf-8"))
-        text = "".join(parts)
+        text = "".join(read_text_file(f) for f in files)
     else:
         try:
             import datasets
         except ImportError as exc:
-            raise ValueError(f"--dataset_name {dataset_name!r} needs the `datasets` package: "
-                             "pip install 'bitdistill[datasets]' (or pass local --train_files)") from exc
+            raise UserError(f"--dataset_name {dataset_name!r} needs the `datasets` package: "
+                            "pip install 'bitdistill[datasets]' (or pass local --train_files)") from exc
         ds = datasets.load_dataset(dataset_name, dataset_config_name, split=split)
         if text_column not in ds.column_names:
-            raise ValueError(f"dataset {dataset_name} has no column {text_column!r}; columns: {ds.column_names}")
+            raise UserError(f"dataset {dataset_name} has no column {text_column!r}; columns: {ds.column_names}")
         text = "\n".join(ds[text_column])
     if not text.strip():
-        raise ValueError(f"the text from {list(map(str, files or [])) or dataset_name} is empty")
+        raise UserError(f"the text from {list(map(str, files or [])) or dataset_name} is empty")
     return text
 
 
@@ -78,26 +94,25 @@ def token_blocks(text: str, tokenizer, block_size: int, *, cache_dir: str | os.P
         ValueError: ``block_size`` < 2, or the text has fewer than ``block_size`` tokens.
     """
     if block_size < 2:
-        raise ValueError(f"block size must be at least 2 tokens, got {block_size}")
+        raise UserError(f"block size must be at least 2 tokens, got {block_size}")
     path = None
     if cache_dir is not None:
         key = hashlib.sha256(f"{_CACHE_VERSION}|{text_fingerprint(text)}|{_tokenizer_fingerprint(tokenizer)}|"
                              f"{block_size}".encode()).hexdigest()[:32]
         path = Path(cache_dir) / f"blocks-{key}.safetensors"
         if path.is_file():
-            return load_file(str(path))["input_ids"]
+            try:
+                return load_file(str(path))["input_ids"]
+            except Exception:  # a corrupt cache entry (safetensors' own error type): rebuild it
+                path.unlink()
     ids = tokenize_text(text, tokenizer)
     n = ids.numel() // block_size
     if n == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one block of {block_size}; give more text "
-                         "or a smaller --max_seq_length")
+        raise UserError(f"the text has {ids.numel()} tokens, fewer than one block of {block_size}; give more text "
+                        "or a smaller --max_seq_length")
     blocks = ids[: n * block_size].reshape(n, block_size).contiguous()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".blocks-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        save_file({"input_ids": blocks}, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda p: save_file({"input_ids": blocks}, str(p)))
     return blocks
 
 
@@ -109,7 +124,7 @@ class BlockDataset(torch.utils.data.Dataset):
 
     def __init__(self, blocks: torch.Tensor, offset: int = 0) -> None:
         if blocks.dim() != 2 or blocks.shape[0] == 0:
-            raise ValueError(f"expected non-empty token blocks [N, L], got shape {tuple(blocks.shape)}")
+            raise UserError(f"expected non-empty token blocks [N, L], got shape {tuple(blocks.shape)}")
         self.blocks = blocks
         self.offset = offset
 

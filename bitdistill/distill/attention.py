@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitdistill.errors import UserError
 from bitdistill.nn.arch import arch_spec, decoder_layers
 
 __all__ = ["QKVCapture", "resolve_layer_indices"]
@@ -21,7 +22,7 @@ def resolve_layer_indices(indices: list[int], num_layers: int, who: str) -> list
     for i in indices:
         j = i + num_layers if i < 0 else i
         if not 0 <= j < num_layers:
-            raise ValueError(f"attention layer {i} does not exist in the {who}, which has blocks 0..{num_layers - 1}")
+            raise UserError(f"attention layer {i} does not exist in the {who}, which has blocks 0..{num_layers - 1}")
         out.append(j)
     return out
 

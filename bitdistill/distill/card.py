@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from bitdistill.errors import UserError
+
 __all__ = ["CARD_COLUMNS", "CARD_TAGS", "distill_card", "metric_rows", "model_card"]
 
 CARD_TAGS = ["bitnet", "bitnet-b1.58", "1.58-bit", "ternary", "distillation", "bitdistill"]
@@ -40,7 +42,7 @@ def metric_rows(metrics: dict) -> dict[tuple[str, str], dict[str, float]]:
         rows[("eval text", "perplexity")] = ppl
     for model, tasks in metrics.get("tasks", {}).items():
         if model not in CARD_COLUMNS:
-            raise ValueError(f"task results for unknown model {model!r}; use one of {', '.join(CARD_COLUMNS)}")
+            raise UserError(f"task results for unknown model {model!r}; use one of {', '.join(CARD_COLUMNS)}")
         for task, values in tasks.items():
             for metric, value in values.items():
                 rows.setdefault((task, metric), {})[model] = value

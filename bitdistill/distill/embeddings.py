@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from bitdistill.convert import parse_dtype
+from bitdistill.errors import UserError
 
 __all__ = ["freeze_embeddings", "student_from_config", "transfer_embeddings"]
 
@@ -38,16 +39,16 @@ def student_from_config(spec: str, dtype: str | torch.dtype = "float32") -> nn.M
                                     "or tiny:<arch>)")
         data = json.loads(path.read_text())
         if "model_type" not in data:
-            raise ValueError(f"{path} has no model_type; it is not a transformers model config")
+            raise UserError(f"{path} has no model_type; it is not a transformers model config")
         data.pop("bitdistill", None)
         try:
             config = AutoConfig.for_model(**data)
         except Exception as exc:  # transformers' and huggingface_hub's config validation errors
-            raise ValueError(f"invalid student config {path}: {str(exc).strip().splitlines()[-1]}") from exc
+            raise UserError(f"invalid student config {path}: {str(exc).strip().splitlines()[-1]}") from exc
     try:
         return AutoModelForCausalLM.from_config(config, dtype=parse_dtype(dtype))
     except ValueError as exc:
-        raise ValueError(f"cannot build a causal LM from the student config {spec}: {exc}") from exc
+        raise UserError(f"cannot build a causal LM from the student config {spec}: {exc}") from exc
 
 
 def _module(model: nn.Module, which: str) -> nn.Module | None:
@@ -70,13 +71,13 @@ def transfer_embeddings(teacher: nn.Module, student: nn.Module) -> list[str]:
     t_in, s_in = _module(teacher, "input"), _module(student, "input")
     t_out, s_out = _module(teacher, "output"), _module(student, "output")
     if t_in is None or s_in is None or t_out is None or s_out is None:
-        raise ValueError("--transfer_embeddings needs input embeddings and an output head in both teacher and student")
+        raise UserError("--transfer_embeddings needs input embeddings and an output head in both teacher and student")
     if t_in.weight.shape[0] != s_in.weight.shape[0] or t_out.weight.shape[0] != s_out.weight.shape[0]:
-        raise ValueError(f"--transfer_embeddings: the vocabularies differ (teacher {t_in.weight.shape[0]} tokens, "
-                         f"student {s_in.weight.shape[0]}); give the student config the teacher's vocab_size")
+        raise UserError(f"--transfer_embeddings: the vocabularies differ (teacher {t_in.weight.shape[0]} tokens, "
+                        f"student {s_in.weight.shape[0]}); give the student config the teacher's vocab_size")
     if t_in.weight.shape[1] != s_in.weight.shape[1]:
-        raise ValueError(f"--transfer_embeddings: the hidden sizes differ (teacher {t_in.weight.shape[1]}, student "
-                         f"{s_in.weight.shape[1]}); give the student config the teacher's hidden size or drop the flag")
+        raise UserError(f"--transfer_embeddings: the hidden sizes differ (teacher {t_in.weight.shape[1]}, student "
+                        f"{s_in.weight.shape[1]}); give the student config the teacher's hidden size or drop the flag")
     copied = ["input embedding"]
     with torch.no_grad():
         s_in.weight.copy_(t_in.weight)
@@ -103,12 +104,12 @@ def freeze_embeddings(model: nn.Module, *, embeddings: bool, lm_head: bool) -> l
     if embeddings:
         module = _module(model, "input")
         if module is None:
-            raise ValueError(f"--freeze_embeddings: {type(model).__name__} has no input embedding module")
+            raise UserError(f"--freeze_embeddings: {type(model).__name__} has no input embedding module")
         targets.append(module)
     if lm_head:
         module = _module(model, "output")
         if module is None:
-            raise ValueError(f"--freeze_lm_head: {type(model).__name__} has no output head module")
+            raise UserError(f"--freeze_lm_head: {type(model).__name__} has no output head module")
         targets.append(module)
     for module in targets:
         module.requires_grad_(False)

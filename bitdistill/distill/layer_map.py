@@ -16,6 +16,8 @@ Strategies (``L_s`` student blocks, ``L_t`` teacher blocks):
 
 from __future__ import annotations
 
+from bitdistill.errors import UserError
+
 __all__ = ["LAYER_MAP_STRATEGIES", "build_layer_map"]
 
 LAYER_MAP_STRATEGIES = ("last", "all", "uniform", "uniform+last", "uniform-consecutive")
@@ -26,12 +28,12 @@ def _parse_explicit(spec: str) -> list[tuple[int, tuple[int, ...]]]:
     for item in spec.split(","):
         s, sep, t = item.strip().partition(":")
         if not sep:
-            raise ValueError(f"cannot parse layer-map entry {item!r}; write 'student:teacher' or 'student:t1+t2', "
-                             f"or use one of {', '.join(LAYER_MAP_STRATEGIES)}")
+            raise UserError(f"cannot parse layer-map entry {item!r}; write 'student:teacher' or 'student:t1+t2', "
+                            f"or use one of {', '.join(LAYER_MAP_STRATEGIES)}")
         try:
             pairs.append((int(s), tuple(int(x) for x in t.split("+"))))
         except ValueError as exc:
-            raise ValueError(f"layer-map entry {item!r} is not made of integers") from exc
+            raise UserError(f"layer-map entry {item!r} is not made of integers") from exc
     return pairs
 
 
@@ -46,8 +48,8 @@ def build_layer_map(spec: str, num_student_layers: int, num_teacher_layers: int)
         pairs = [(ls, (lt,))]
     elif spec == "all":
         if ls != lt:
-            raise ValueError(f"layer map 'all' needs equal depths, got {ls} student and {lt} teacher layers; "
-                             "use uniform or uniform-consecutive")
+            raise UserError(f"layer map 'all' needs equal depths, got {ls} student and {lt} teacher layers; "
+                            "use uniform or uniform-consecutive")
         pairs = [(i, (i,)) for i in range(ls + 1)]
     elif spec in ("uniform", "uniform+last"):
         pairs = [(i, (round(i * lt / ls),)) for i in range(ls)]
@@ -55,16 +57,16 @@ def build_layer_map(spec: str, num_student_layers: int, num_teacher_layers: int)
             pairs.append((ls, (lt,)))
     elif spec == "uniform-consecutive":
         if lt % ls:
-            raise ValueError(f"layer map 'uniform-consecutive' needs the teacher depth ({lt}) to be a multiple of the "
-                             f"student depth ({ls})")
+            raise UserError(f"layer map 'uniform-consecutive' needs the teacher depth ({lt}) to be a multiple of the "
+                            f"student depth ({ls})")
         n = lt // ls
         pairs = [(i, tuple(range((i - 1) * n + 1, i * n + 1))) for i in range(1, ls + 1)]
     else:
         pairs = _parse_explicit(spec)
     for s, ts in pairs:
         if not 0 <= s <= ls:
-            raise ValueError(f"layer map refers to student hidden state {s}, but the student has states 0..{ls}")
+            raise UserError(f"layer map refers to student hidden state {s}, but the student has states 0..{ls}")
         for t in ts:
             if not 0 <= t <= lt:
-                raise ValueError(f"layer map refers to teacher hidden state {t}, but the teacher has states 0..{lt}")
+                raise UserError(f"layer map refers to teacher hidden state {t}, but the teacher has states 0..{lt}")
     return pairs

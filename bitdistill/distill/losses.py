@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitdistill.errors import UserError
+
 __all__ = [
     "LOGIT_LOSSES",
     "attention_relation_loss",
@@ -53,7 +55,7 @@ def prediction_mask(labels: torch.Tensor, attention_mask: torch.Tensor | None = 
 def masked_token_sum(per_token: torch.Tensor, mask: torch.Tensor, num_items: torch.Tensor | float) -> torch.Tensor:
     """``sum(per_token[mask]) / num_items``; masked entries count as exactly 0 (NaN-safe)."""
     if per_token.shape != mask.shape:
-        raise ValueError(f"per-token loss shape {tuple(per_token.shape)} does not match mask shape {tuple(mask.shape)}")
+        raise UserError(f"per-token loss shape {tuple(per_token.shape)} does not match mask shape {tuple(mask.shape)}")
     zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     return torch.where(mask, per_token, zero).sum() / num_items
 
@@ -89,18 +91,18 @@ def divergence(log_q: torch.Tensor, log_p: torch.Tensor, kind: str = "forward_kl
         return _xlogy_diff(log_q, log_p)
     if kind == "jsd":
         if not 0.0 < beta < 1.0:
-            raise ValueError(f"jsd needs 0 < beta < 1, got beta={beta}")
+            raise UserError(f"jsd needs 0 < beta < 1, got beta={beta}")
         log_m = _log_mix(log_p, log_q, beta)
         return beta * _xlogy_diff(log_p, log_m) + (1.0 - beta) * _xlogy_diff(log_q, log_m)
     if kind == "skew_kl":
         if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"skew_kl needs 0 <= alpha < 1, got alpha={alpha}")
+            raise UserError(f"skew_kl needs 0 <= alpha < 1, got alpha={alpha}")
         if alpha == 0.0:
             return _xlogy_diff(log_p, log_q)
         return _xlogy_diff(log_p, _log_mix(log_p, log_q, alpha))
     if kind == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
-    raise ValueError(f"unknown divergence {kind!r}; choose one of {', '.join(_DIVERGENCES)}")
+    raise UserError(f"unknown divergence {kind!r}; choose one of {', '.join(_DIVERGENCES)}")
 
 
 def logits_distillation_loss(
@@ -122,10 +124,10 @@ def logits_distillation_loss(
     ``1 - cos(student, teacher)`` of the raw logit vectors; the temperature does not apply to them.
     """
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ; teacher and student need the same vocabulary")
+        raise UserError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                        f"{tuple(teacher_logits.shape)} differ; teacher and student need the same vocabulary")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise UserError(f"temperature must be > 0, got {temperature}")
     s = student_logits.float()
     t = teacher_logits.float()
     if kind == "mse":
@@ -137,7 +139,7 @@ def logits_distillation_loss(
         log_p = F.log_softmax(t / temperature, dim=-1)
         per_token = divergence(log_q, log_p, kind, beta=beta, alpha=alpha) * temperature**2
     else:
-        raise ValueError(f"unknown logit loss {kind!r}; choose one of {', '.join(LOGIT_LOSSES)}")
+        raise UserError(f"unknown logit loss {kind!r}; choose one of {', '.join(LOGIT_LOSSES)}")
     return masked_token_sum(per_token, mask, num_items)
 
 
@@ -178,9 +180,9 @@ def hidden_state_loss(
         The per-pair losses averaged over the map, each summed over valid tokens / ``num_items``.
     """
     if not layer_map:
-        raise ValueError("hidden_state_loss needs a non-empty layer map")
+        raise UserError("hidden_state_loss needs a non-empty layer map")
     if projectors is not None and len(projectors) != len(layer_map):
-        raise ValueError(f"{len(projectors)} projectors for {len(layer_map)} layer-map entries")
+        raise UserError(f"{len(projectors)} projectors for {len(layer_map)} layer-map entries")
     total = 0.0
     for i, (s_idx, t_indices) in enumerate(layer_map):
         s = student_hidden[s_idx]
@@ -191,14 +193,14 @@ def hidden_state_loss(
         for t_idx in t_indices:
             t = teacher_hidden[t_idx].float()
             if s.shape != t.shape:
-                raise ValueError(f"student hidden state {s_idx} has shape {tuple(s.shape)} but teacher state {t_idx} "
-                                 f"has {tuple(t.shape)}; enable the hidden projector")
+                raise UserError(f"student hidden state {s_idx} has shape {tuple(s.shape)} but teacher state {t_idx} "
+                                f"has {tuple(t.shape)}; enable the hidden projector")
             if kind == "mse":
                 terms.append((s - t).pow(2).mean(-1))
             elif kind == "cosine":
                 terms.append(1.0 - F.cosine_similarity(s, t, dim=-1))
             else:
-                raise ValueError(f"unknown hidden-state loss {kind!r}; choose mse or cosine")
+                raise UserError(f"unknown hidden-state loss {kind!r}; choose mse or cosine")
         total = total + masked_token_sum(torch.stack(terms).mean(0), mask, num_items)
     return total / len(layer_map)
 
@@ -207,7 +209,7 @@ def _relation_log_probs(x: torch.Tensor, heads: int, key_mask: torch.Tensor | No
     """MiniLMv2 self-relation ``log softmax(A_h A_h^T / sqrt(d_h))``: ``x [B, T, D]`` -> ``[B, heads, T, T]``."""
     b, t, d = x.shape
     if d % heads:
-        raise ValueError(f"a Q/K/V width of {d} cannot be split into {heads} relation heads; pick a divisor of {d}")
+        raise UserError(f"a Q/K/V width of {d} cannot be split into {heads} relation heads; pick a divisor of {d}")
     a = x.float().reshape(b, t, heads, d // heads).transpose(1, 2)
     scores = a @ a.transpose(-1, -2) / math.sqrt(d // heads)
     if key_mask is not None:
@@ -240,8 +242,8 @@ def attention_relation_loss(
         The mean over pairs of ``sum over valid query tokens / num_items``.
     """
     if len(student_states) != len(teacher_states) or not student_states:
-        raise ValueError(f"need matching, non-empty Q/K/V lists (got {len(student_states)} student and "
-                         f"{len(teacher_states)} teacher states)")
+        raise UserError(f"need matching, non-empty Q/K/V lists (got {len(student_states)} student and "
+                        f"{len(teacher_states)} teacher states)")
     total = 0.0
     for s, t in zip(student_states, teacher_states, strict=True):
         log_q = _relation_log_probs(s, num_relation_heads, key_mask)

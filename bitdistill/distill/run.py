@@ -6,7 +6,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers import TrainerCallback
 
 from bitdistill.audit import release_memory
 from bitdistill.convert import load_causal_lm, load_model
+from bitdistill.data.tokenizer_check import check_tokenizer
 from bitdistill.distill.args import (
     CacheArguments,
     DataArguments,
@@ -30,9 +30,10 @@ from bitdistill.distill.layer_map import build_layer_map
 from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits
 from bitdistill.distill.trainer import PROJECTOR_ATTR, DistillationTrainer
 from bitdistill.distill.warmup import QuantWarmup
+from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.export.memory import pack_in_memory
-from bitdistill.io import atomic_output_dir
+from bitdistill.io import atomic_output_dir, atomic_write
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 from bitdistill.nn.subln import insert_subln
 from bitdistill.runs import (
@@ -43,6 +44,7 @@ from bitdistill.runs import (
     record_provenance,
     setup_run,
 )
+from bitdistill.validate import validate_cache_args, validate_run_args
 
 __all__ = ["load_teacher", "load_tokenizer", "prepare_student", "run_cache_teacher", "run_distillation"]
 
@@ -59,7 +61,7 @@ def load_tokenizer(model_args: ModelArguments):
         src = model_args.teacher_model_name_or_path or model_args.student_model_name_or_path
         gguf = model_args.teacher_gguf_file if model_args.teacher_model_name_or_path else model_args.student_gguf_file
     if src is None or str(src).startswith("tiny:"):
-        raise ValueError("no tokenizer to load; pass --tokenizer_name_or_path (a tiny:<arch> model has none)")
+        raise UserError("no tokenizer to load; pass --tokenizer_name_or_path (a tiny:<arch> model has none)")
     return AutoTokenizer.from_pretrained(src, gguf_file=gguf)
 
 
@@ -67,11 +69,11 @@ def load_teacher(model_args: ModelArguments) -> nn.Module:
     """The frozen teacher in eval mode (optionally 8/4-bit on CUDA)."""
     src = model_args.teacher_model_name_or_path
     if src is None:
-        raise ValueError("pass --teacher_model_name_or_path (or --teacher_cache to train without a teacher)")
+        raise UserError("pass --teacher_model_name_or_path (or --teacher_cache to train without a teacher)")
     if model_args.teacher_load_in_8bit or model_args.teacher_load_in_4bit:
         if not torch.cuda.is_available():
-            raise ValueError("--teacher_load_in_8bit/4bit need a CUDA device (bitsandbytes); load it in "
-                             "--model_dtype bfloat16 on CPU instead")
+            raise UserError("--teacher_load_in_8bit/4bit need a CUDA device (bitsandbytes); load it in "
+                            "--model_dtype bfloat16 on CPU instead")
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         q = BitsAndBytesConfig(load_in_8bit=model_args.teacher_load_in_8bit,
@@ -91,11 +93,11 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
     frozen embeddings/head."""
     src = model_args.student_model_name_or_path
     if model_args.student_config and src is not None:
-        raise ValueError("--student_config builds a fresh student; do not also pass --student_model_name_or_path")
+        raise UserError("--student_config builds a fresh student; do not also pass --student_model_name_or_path")
     if model_args.transfer_embeddings and not model_args.student_config:
-        raise ValueError("--transfer_embeddings applies to a fresh student; pass --student_config too")
+        raise UserError("--transfer_embeddings applies to a fresh student; pass --student_config too")
     if model_args.transfer_embeddings and teacher is None:
-        raise ValueError("--transfer_embeddings needs the teacher's weights; drop --teacher_cache")
+        raise UserError("--transfer_embeddings needs the teacher's weights; drop --teacher_cache")
     if model_args.student_config:
         student = student_from_config(model_args.student_config, dtype=model_args.model_dtype)
         if model_args.transfer_embeddings:
@@ -106,13 +108,13 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
     else:
         src = src or model_args.teacher_model_name_or_path
         if src is None:
-            raise ValueError("pass --student_model_name_or_path (or a teacher to copy)")
+            raise UserError("pass --student_model_name_or_path (or a teacher to copy)")
         gguf = model_args.student_gguf_file if model_args.student_model_name_or_path else model_args.teacher_gguf_file
         student = load_model(src, gguf_file=gguf, dtype=model_args.model_dtype)
     if student_marker(student) is None:
         report = replace_linear_with_bitlinear(student, modules_to_not_convert=model_args.modules_to_not_convert)
         if not report.converted:
-            raise ValueError(f"the student {type(student).__name__} has no linear layer to convert")
+            raise UserError(f"the student {type(student).__name__} has no linear layer to convert")
     if model_args.subln and not (student_marker(student) or {}).get("subln_modules"):
         insert_subln(student, eps=model_args.subln_eps, init=model_args.subln_init,
                      calibration_input_ids=calibration_input_ids)
@@ -127,17 +129,38 @@ def _vocab(model: nn.Module) -> int:
     return model.get_output_embeddings().weight.shape[0]
 
 
-def _check_pair(teacher: nn.Module | None, student: nn.Module, tokenizer, max_seq_length: int) -> None:
+def _own_tokenizer(model_args: ModelArguments):
+    """The tokenizer stored in the teacher's (else the student's) local folder, when ``--tokenizer_name_or_path``
+    names another one; ``None`` otherwise."""
+    from transformers import AutoTokenizer
+
+    if model_args.tokenizer_name_or_path is None:
+        return None
+    for src, gguf in ((model_args.teacher_model_name_or_path, model_args.teacher_gguf_file),
+                      (model_args.student_model_name_or_path, model_args.student_gguf_file)):
+        if src and gguf is None and (Path(src) / "tokenizer_config.json").is_file() and \
+                Path(src).resolve() != Path(model_args.tokenizer_name_or_path).resolve():
+            return AutoTokenizer.from_pretrained(src)
+    return None
+
+
+def _check_pair(teacher: nn.Module | None, student: nn.Module, tokenizer, max_seq_length: int,
+                model_args: ModelArguments) -> None:
     if teacher is not None and _vocab(teacher) != _vocab(student):
-        raise ValueError(f"teacher and student have different vocabularies ({_vocab(teacher)} vs {_vocab(student)} "
-                         "output logits); distillation needs the same tokenizer and vocabulary")
+        raise UserError(f"teacher and student have different vocabularies ({_vocab(teacher)} vs {_vocab(student)} "
+                        "output logits); distillation needs the same tokenizer and vocabulary")
+    model = teacher if teacher is not None else student
+    check_tokenizer(tokenizer, model, tokenizer_name=str(model_args.tokenizer_name_or_path or "of the teacher"),
+                    model_name=str(model_args.teacher_model_name_or_path or model_args.student_model_name_or_path
+                                   or "the student"),
+                    own_tokenizer=_own_tokenizer(model_args), from_model=model_args.tokenizer_name_or_path is None)
     if len(tokenizer) > _vocab(student):
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {_vocab(student)}; "
-                         "they are incompatible (pass the model's own tokenizer)")
+        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the student's vocabulary is {_vocab(student)}; "
+                        "they are incompatible (pass the model's own tokenizer)")
     for who, m in (("teacher", teacher), ("student", student)):
         limit = getattr(getattr(m, "config", None), "max_position_embeddings", None)
         if limit is not None and max_seq_length > limit:
-            raise ValueError(f"--max_seq_length {max_seq_length} exceeds the {who}'s context of {limit} tokens")
+            raise UserError(f"--max_seq_length {max_seq_length} exceeds the {who}'s context of {limit} tokens")
 
 
 def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
@@ -157,15 +180,16 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         validate_tasks(task_args.eval_tasks, data_dir=task_args.eval_tasks_data_dir)
         if task_args.eval_tasks_batch_size < 1 or (task_args.eval_tasks_limit is not None
                                                    and task_args.eval_tasks_limit < 1):
-            raise ValueError("--eval_tasks_batch_size and --eval_tasks_limit must be >= 1")
+            raise UserError("--eval_tasks_batch_size and --eval_tasks_limit must be >= 1")
+    validate_run_args(model_args, data_args, loss_args, training_args)
+    if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
+        raise UserError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
+                        "need the live teacher (set their weights to 0 or drop --teacher_cache)")
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
     config = config_dict(model_args, data_args, loss_args, training_args=training_args)
     checkpoint = check_run_folder(training_args, config, final_dir)
-    if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
-        raise ValueError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
-                         "need the live teacher (set their weights to 0 or drop --teacher_cache)")
 
     tokenizer = load_tokenizer(model_args)
     blocks = build_blocks(data_args, tokenizer)
@@ -173,10 +197,10 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     teacher = None if cache is not None else load_teacher(model_args)
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=blocks[:1])
-    _check_pair(teacher, student, tokenizer, data_args.max_seq_length)
+    _check_pair(teacher, student, tokenizer, data_args.max_seq_length, model_args)
     if training_args.gradient_checkpointing and not getattr(student, "supports_gradient_checkpointing", False):
-        raise ValueError(f"--gradient_checkpointing: {type(student).__name__} does not support gradient "
-                         "checkpointing; drop the flag (or lower --per_device_train_batch_size to save memory)")
+        raise UserError(f"--gradient_checkpointing: {type(student).__name__} does not support gradient "
+                        "checkpointing; drop the flag (or lower --per_device_train_batch_size to save memory)")
     if cache is not None:
         cache.check_compatible(blocks, _vocab(student), loss_args.temperature)
 
@@ -204,6 +228,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         loss_args=loss_args, hidden_layer_map=layer_map, attention_layers=attention_layers,
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, validation_dataset=val_ds, callbacks=run.callbacks)
+    trainer.checkpoint_files = run.checkpoint_files
 
     prov = None
     if trainer.is_world_process_zero():
@@ -299,22 +324,18 @@ def _save_student(student: nn.Module, tokenizer, out: Path, card_args: tuple, me
 def _write_metrics_and_card(folder: Path, card_args: tuple, metrics: dict, prov: dict | None, train_seconds: float,
                             steps: int) -> None:
     """Replace the saved student's metrics file and model card, each atomically (temp file + rename)."""
-    texts = {METRICS_FILE: json.dumps(metrics, indent=2, default=str),
-             "README.md": distill_card(*card_args, metrics, prov, train_seconds, steps)}
-    for name, text in texts.items():
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
+    atomic_write(folder / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
+    atomic_write(folder / "README.md", distill_card(*card_args, metrics, prov, train_seconds, steps))
 
 
 def run_cache_teacher(model_args: ModelArguments, data_args: DataArguments, cache_args: CacheArguments) -> Path:
     """Write the top-k teacher cache for the training blocks ``data_args`` describes."""
-    if not cache_args.cache_dir:
-        raise ValueError("pass --cache_dir (the output folder of the teacher cache)")
+    validate_run_args(model_args, data_args)
+    validate_cache_args(cache_args)
     tokenizer = load_tokenizer(model_args)
     blocks = build_blocks(data_args, tokenizer)
     teacher = load_teacher(model_args)
-    _check_pair(None, teacher, tokenizer, data_args.max_seq_length)
+    _check_pair(None, teacher, tokenizer, data_args.max_seq_length, model_args)
     if torch.cuda.is_available() and not getattr(teacher, "is_quantized", False):
         teacher.cuda()
     return cache_teacher_logits(teacher, blocks, cache_args.cache_dir, top_k=cache_args.top_k,

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from bitdistill.distill.losses import divergence, masked_token_sum
+from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir
 
 __all__ = ["CACHE_FORMAT", "TeacherCache", "blocks_sha256", "cache_teacher_logits", "cached_logits_loss",
@@ -64,15 +65,15 @@ def cache_teacher_logits(teacher: nn.Module, blocks: torch.Tensor, out_dir: str 
     """Run ``teacher`` on every row of ``blocks [N, L]`` and write the top-k cache to ``out_dir`` (atomically)."""
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if not 1 <= top_k <= vocab:
-        raise ValueError(f"top_k must be in 1..{vocab} (the vocabulary size), got {top_k}")
+        raise UserError(f"top_k must be in 1..{vocab} (the vocabulary size), got {top_k}")
     if dtype not in _CACHE_DTYPES:
-        raise ValueError(f"unknown cache dtype {dtype!r}; choose one of {', '.join(_CACHE_DTYPES)}")
+        raise UserError(f"unknown cache dtype {dtype!r}; choose one of {', '.join(_CACHE_DTYPES)}")
     if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise UserError(f"temperature must be > 0, got {temperature}")
     device = next(teacher.parameters()).device
     teacher.eval()
     shards = []
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite=overwrite, replaceable_if=("meta.json",)) as tmp:
         for start in range(0, blocks.shape[0], blocks_per_shard):
             rows = blocks[start:start + blocks_per_shard]
             ids_out, lp_out, tail_out = [], [], []
@@ -93,6 +94,9 @@ def cache_teacher_logits(teacher: nn.Module, blocks: torch.Tensor, out_dir: str 
     return Path(out_dir)
 
 
+_META_KEYS = ("vocab_size", "block_size", "num_blocks", "blocks_sha256", "temperature", "shards")
+
+
 class TeacherCache:
     """Reader of a cache written by :func:`cache_teacher_logits`."""
 
@@ -102,24 +106,37 @@ class TeacherCache:
         if not meta_file.is_file():
             raise FileNotFoundError(f"{self.path} is not a teacher cache (no meta.json); write one with "
                                     "`bitdistill cache-teacher`")
-        self.meta = json.loads(meta_file.read_text())
-        if self.meta.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{meta_file} is not a bitdistill teacher cache")
-        self._shards = [(s["start"], s["count"], safe_open(str(self.path / s["file"]), framework="pt"))
-                        for s in self.meta["shards"]]
+        try:
+            self.meta = json.loads(meta_file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UserError(f"{meta_file} is not valid JSON ({exc}); the cache is corrupt: rebuild it with "
+                            "`bitdistill cache-teacher`") from exc
+        if not isinstance(self.meta, dict) or self.meta.get("format") != CACHE_FORMAT:
+            raise UserError(f"{meta_file} is not a bitdistill teacher cache; rebuild it with `bitdistill cache-teacher`")
+        missing = [k for k in _META_KEYS if k not in self.meta]
+        if missing:
+            raise UserError(f"{meta_file} lacks {', '.join(missing)}; the cache is corrupt: rebuild it")
+        self._shards = []
+        for s in self.meta["shards"]:
+            shard = self.path / s["file"]
+            try:
+                self._shards.append((s["start"], s["count"], safe_open(str(shard), framework="pt")))
+            except Exception as exc:  # safetensors' own error type for a missing or truncated file
+                raise UserError(f"{shard} is missing or corrupt ({exc}); rebuild the cache with "
+                                "`bitdistill cache-teacher`") from exc
 
     def check_compatible(self, blocks: torch.Tensor, vocab_size: int, temperature: float) -> None:
         """Raise ValueError unless the cache was written for these blocks, this vocabulary and temperature."""
         m = self.meta
         if m["vocab_size"] != vocab_size:
-            raise ValueError(f"teacher cache {self.path} has vocabulary {m['vocab_size']}, the student {vocab_size}")
+            raise UserError(f"teacher cache {self.path} has vocabulary {m['vocab_size']}, the student {vocab_size}")
         if m["block_size"] != blocks.shape[1] or m["num_blocks"] != blocks.shape[0] or \
                 m["blocks_sha256"] != blocks_sha256(blocks):
-            raise ValueError(f"teacher cache {self.path} was written for different training data (blocks, "
-                             "tokenizer or --max_seq_length differ); rebuild it with `bitdistill cache-teacher`")
+            raise UserError(f"teacher cache {self.path} was written for different training data (blocks, "
+                            "tokenizer or --max_seq_length differ); rebuild it with `bitdistill cache-teacher`")
         if not math.isclose(m["temperature"], temperature):
-            raise ValueError(f"teacher cache {self.path} stores temperature {m['temperature']}, but --temperature is "
-                             f"{temperature}; use the same or rebuild the cache")
+            raise UserError(f"teacher cache {self.path} stores temperature {m['temperature']}, but --temperature is "
+                            f"{temperature}; use the same or rebuild the cache")
 
     def lookup(self, block_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cached ``(topk_ids int64, topk_logprobs float32, tail_logmass float32)`` for rows ``block_indices [B]``."""
@@ -146,8 +163,8 @@ def cached_logits_loss(student_logits: torch.Tensor, topk_ids: torch.Tensor, top
     ``student_logits [..., V]``, ``topk_ids``/``topk_logprobs [..., k]``, ``tail_logmass``/``mask [...]``.
     """
     if kind in ("mse", "cosine"):
-        raise ValueError(f"logit loss {kind!r} needs the full teacher logits; a teacher cache supports "
-                         "forward_kl, reverse_kl, jsd, skew_kl, tvd")
+        raise UserError(f"logit loss {kind!r} needs the full teacher logits; a teacher cache supports "
+                        "forward_kl, reverse_kl, jsd, skew_kl, tvd")
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     q_top = log_q.gather(-1, topk_ids)
     if topk_ids.shape[-1] == log_q.shape[-1]:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
+from bitdistill.checkpoints import AtomicCheckpointMixin
 from bitdistill.distill.args import LossArguments
 from bitdistill.distill.attention import QKVCapture
 from bitdistill.distill.losses import (
@@ -28,6 +29,7 @@ from bitdistill.distill.losses import (
     prediction_mask,
 )
 from bitdistill.distill.teacher_cache import TeacherCache, cached_logits_loss
+from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
 
 __all__ = ["DistillationTrainer"]
@@ -35,7 +37,7 @@ __all__ = ["DistillationTrainer"]
 PROJECTOR_ATTR = "bitdistill_projectors"
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(AtomicCheckpointMixin, Trainer):
     """Trainer for a BitNet student distilled from a frozen teacher (or a teacher cache).
 
     Args:
@@ -58,7 +60,7 @@ class DistillationTrainer(Trainer):
                  validation_dataset=None, **kwargs) -> None:
         super().__init__(**kwargs)
         if teacher is None and teacher_cache is None:
-            raise ValueError("DistillationTrainer needs a teacher or a teacher cache")
+            raise UserError("DistillationTrainer needs a teacher or a teacher cache")
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -151,8 +153,8 @@ class DistillationTrainer(Trainer):
         weights = {"ce": la.ce_weight, "logits": la.logits_weight, "hidden": la.hidden_weight,
                    "attention": la.attention_weight}
         if not parts:
-            raise ValueError("all loss weights are 0; set --ce_weight, --logits_weight, --hidden_weight or "
-                             "--attention_weight")
+            raise UserError("all loss weights are 0; set --ce_weight, --logits_weight, --hidden_weight or "
+                            "--attention_weight")
         loss = sum(weights[k] * v for k, v in parts.items()) * scale
         if model.training:
             self._part_micro_batches += 1

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitdistill.errors import UserError
 from bitdistill.nn.bitlinear import BitLinear
 
 __all__ = ["QuantWarmup"]
@@ -22,12 +23,12 @@ class QuantWarmup:
 
     def __init__(self, model: nn.Module, steps: int) -> None:
         if steps <= 0:
-            raise ValueError(f"quantization warm-up needs a positive number of steps, got {steps}")
+            raise UserError(f"quantization warm-up needs a positive number of steps, got {steps}")
         self.steps = steps
         self.lam = 0.0
         self._handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, BitLinear)]
         if not self._handles:
-            raise ValueError("quantization warm-up found no BitLinear layer; convert the student first")
+            raise UserError("quantization warm-up found no BitLinear layer; convert the student first")
 
     def set_step(self, step: int) -> None:
         """Set the blend for optimizer step ``step`` (0-based)."""

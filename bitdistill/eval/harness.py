@@ -15,23 +15,24 @@ import difflib
 import functools
 import logging
 import os
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
+from bitdistill.data.tokenizer_check import check_tokenizer
+from bitdistill.errors import UserError
 from bitdistill.eval.lastword import METADATA_KEY, TASK_DIR, TASK_NAME, resolve_wikitext_file
 from bitdistill.nn.config import folder_kind
+from bitdistill.weights import is_local_source
 
 __all__ = ["EvalExtraMissing", "evaluate_tasks", "list_tasks", "load_for_eval", "local_tasks", "validate_tasks"]
 
 INSTALL_HINT = "pip install 'bitdistill[eval]'"
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-class EvalExtraMissing(ImportError, ValueError):
-    """lm-evaluation-harness is not installed (a ``ValueError`` too, so the CLI reports it in one line)."""
+class EvalExtraMissing(ImportError, UserError):
+    """lm-evaluation-harness is not installed (a :class:`UserError` too, so the CLI reports it in one line)."""
 
 
 def _lm_eval():
@@ -64,7 +65,7 @@ def list_tasks() -> list[str]:
 
 def _validated_manager(tasks: Sequence[str], data_dir: str | None):
     if isinstance(tasks, str) or not tasks or not all(isinstance(t, str) and t.strip() for t in tasks):
-        raise ValueError(f"tasks must be a non-empty list of task names, got {tasks!r}")
+        raise UserError(f"tasks must be a non-empty list of task names, got {tasks!r}")
     local = set(local_tasks())
     if all(t in local for t in tasks):
         manager = _task_manager(False, data_dir)
@@ -81,8 +82,8 @@ def _check_known(tasks: Sequence[str], known: Sequence[str]) -> None:
     if unknown:
         hints = sorted({m for t in unknown for m in difflib.get_close_matches(t, known, n=3, cutoff=0.6)})
         near = f" (close: {', '.join(hints)})" if hints else ""
-        raise ValueError(f"unknown lm-eval task {', '.join(map(repr, unknown))}{near}; "
-                         f"list the task names with: bitdistill eval --list_tasks")
+        raise UserError(f"unknown lm-eval task {', '.join(map(repr, unknown))}{near}; "
+                        f"list the task names with: bitdistill eval --list_tasks")
 
 
 def validate_tasks(tasks: Sequence[str], *, data_dir: str | os.PathLike | None = None) -> None:
@@ -152,9 +153,9 @@ def evaluate_tasks(
     """
     _lm_eval()
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit <= 0:
-        raise ValueError(f"limit must be positive, got {limit}")
+        raise UserError(f"limit must be positive, got {limit}")
     tasks = list(tasks) if not isinstance(tasks, str) else tasks
     data_dir = str(data_dir) if data_dir is not None else None
     was_training = model.training
@@ -193,7 +194,7 @@ def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtyp
 
     torch_dtype = parse_dtype(dtype)
     folder = Path(path)
-    local = folder.exists() or gguf_file is not None or not _HUB_ID.fullmatch(str(path))
+    local = gguf_file is not None or is_local_source(path)
     if local and not folder.is_dir():
         raise FileNotFoundError(f"{folder} {'is not a folder' if folder.exists() else 'does not exist'}; pass a model "
                                 "folder, a hub id, or the folder of a GGUF file with --gguf_file")
@@ -222,4 +223,9 @@ def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtyp
         tok = AutoTokenizer.from_pretrained(tok_src, gguf_file=gguf_file if tokenizer is None else None)
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(f"no tokenizer found at {tok_src}; pass --tokenizer (a folder or hub id)") from exc
+    own = None
+    if tokenizer is not None and local and gguf_file is None and (folder / "tokenizer_config.json").is_file():
+        own = AutoTokenizer.from_pretrained(str(folder))
+    check_tokenizer(tok, model, tokenizer_name=tok_src, model_name=str(path), own_tokenizer=own,
+                    from_model=tokenizer is None)
     return model, tok, kind

@@ -26,8 +26,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from bitdistill.errors import UserError
+from bitdistill.io import atomic_write
 
 __all__ = [
     "MIN_CONTEXT_WORDS",
@@ -96,12 +98,8 @@ def lastword_jsonl(data_dir: str | os.PathLike | None = None, *, cache_dir: str 
         return path
     examples = lastword_examples(raw.decode("utf-8"))
     if not examples:
-        raise ValueError(f"{source} yields no {TASK_NAME} examples; is it WikiText-2's {TEST_FILE}?")
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(e, ensure_ascii=False) + "\n" for e in examples)
-    os.replace(tmp, path)
+        raise UserError(f"{source} yields no {TASK_NAME} examples; is it WikiText-2's {TEST_FILE}?")
+    atomic_write(path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in examples))
     return path
 
 

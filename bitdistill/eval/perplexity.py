@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitdistill.errors import UserError
+
 __all__ = ["PerplexityResult", "strided_perplexities", "strided_perplexity"]
 
 
@@ -40,7 +42,7 @@ def strided_perplexity(model: nn.Module, input_ids: torch.Tensor, *, max_length:
     """
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and max_length > limit:
-        raise ValueError(f"perplexity window {max_length} exceeds the model's context of {limit} tokens")
+        raise UserError(f"perplexity window {max_length} exceeds the model's context of {limit} tokens")
     return strided_perplexities(lambda ids: [model(input_ids=ids).logits], model, input_ids, max_length=max_length,
                                 stride=stride, max_windows=max_windows)[0]
 
@@ -60,10 +62,10 @@ def strided_perplexities(logits_fn: Callable[[torch.Tensor], Sequence[torch.Tens
         one :class:`PerplexityResult` per predictor, over the same scored tokens.
     """
     if input_ids.dim() != 1 or input_ids.numel() < 2:
-        raise ValueError(f"expected a 1-D token sequence of at least 2 tokens, got shape {tuple(input_ids.shape)}")
+        raise UserError(f"expected a 1-D token sequence of at least 2 tokens, got shape {tuple(input_ids.shape)}")
     stride = stride or max_length
     if not 1 <= stride <= max_length:
-        raise ValueError(f"stride must be in 1..max_length ({max_length}), got {stride}")
+        raise UserError(f"stride must be in 1..max_length ({max_length}), got {stride}")
     device = next(module.parameters()).device
     was_training = module.training
     module.eval()

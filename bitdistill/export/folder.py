@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import warnings
@@ -12,17 +11,14 @@ from pathlib import Path
 
 import torch
 
-from bitdistill.export.packed import (
-    _COPY_FILES,
-    DEFAULT_MAX_SHARD_BYTES,
-    PackReport,
-    load_packed,
-    save_packed,
-    unpack_to_student,
-)
-from bitdistill.io import atomic_output_dir
-from bitdistill.nn.config import MARKER_KEY, folder_kind, read_config_json
+from bitdistill.errors import UserError
+from bitdistill.export.format import COPY_FILES, DEFAULT_MAX_SHARD_BYTES
+from bitdistill.export.loader import load_packed, unpack_to_student
+from bitdistill.export.writer import PackReport, save_packed
+from bitdistill.io import atomic_output_dir, check_output_location
+from bitdistill.nn.config import MARKER_KEY, folder_kind
 from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear
+from bitdistill.weights import read_config, tensor_index
 
 __all__ = ["PTQ_WARNING", "PackResult", "PackSource", "check_safetensors", "load_pack_source", "pack_pretrained",
            "unpack_pretrained"]
@@ -44,37 +40,15 @@ class PackResult:
 
 
 def check_safetensors(folder: Path) -> None:
-    """Open every safetensors file of ``folder`` (headers and sizes); ``ValueError`` naming a bad one."""
-    from safetensors import safe_open
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise ValueError(f"{index} is corrupt ({exc}); re-save the model") from exc
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
+    """Open every safetensors file of ``folder`` (headers and sizes); :class:`UserError` naming a bad one."""
+    if not tensor_index(folder):
         raise FileNotFoundError(f"{folder} has no *.safetensors weights; save the model with safe_serialization")
-    for name in files:
-        path = folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is listed in the index but missing; the folder is incomplete")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    f.get_slice(key)
-        except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/sizes
-            raise ValueError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-save or "
-                             "re-download it") from exc
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    check_output_location(out, [src])
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if src.exists() and (out.resolve() == src.resolve() or src.resolve() in out.resolve().parents):
-        raise ValueError(f"OUT {out} is SRC or inside it; choose another folder (SRC is never modified)")
 
 
 def _load_plain(src: str, gguf_file: str | None, skip: Iterable[str]) -> tuple[torch.nn.Module, dict[str, str]]:
@@ -88,7 +62,7 @@ def _load_plain(src: str, gguf_file: str | None, skip: Iterable[str]) -> tuple[t
         warnings.simplefilter("ignore")
         report = replace_linear_with_bitlinear(model, modules_to_not_convert=patterns)
     if not report.converted:
-        raise ValueError(f"{src} has no linear layer to convert outside the skip list")
+        raise UserError(f"{src} has no linear layer to convert outside the skip list")
     skipped = {n: odd.get(n, r) for n, r in report.skipped.items()}
     return model, skipped
 
@@ -123,15 +97,15 @@ def load_pack_source(src: str | Path, *, from_plain: bool = False, gguf_file: st
         return PackSource(model, skipped, f"GGUF {gguf_file} (post-training ternarization)", tokenizer, None)
     found = folder_kind(src_path, required=True)
     if found == "packed":
-        raise ValueError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
+        raise UserError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
                          "use it as it is, or bitdistill unpack it first")
     check_safetensors(src_path)
     if found == "student":
         if skip:
-            raise ValueError("--skip applies to --from_plain sources; a student's converted layers were fixed "
+            raise UserError("--skip applies to --from_plain sources; a student's converted layers were fixed "
                              "by bitdistill convert")
         model = load_student(src_path, dtype=torch.float32)
-        cfg = read_config_json(src_path)
+        cfg = read_config(src_path)
         source_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
         dtype = _parse_dtype(source_dtype) if source_dtype in ("bfloat16", "float16", "float32") else None
         return PackSource(model, {}, "BitNet student (kept layers as converted by bitdistill convert)", None, dtype)
@@ -139,7 +113,7 @@ def load_pack_source(src: str | Path, *, from_plain: bool = False, gguf_file: st
         warnings.warn(PTQ_WARNING, stacklevel=3)
         model, skipped = _load_plain(str(src), None, skip or ("lm_head",))
         return PackSource(model, skipped, "plain model (post-training ternarization)", None, None)
-    raise ValueError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
+    raise UserError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
                      "--from_plain to ternarize it post-training (quality needs distillation)")
 
 
@@ -182,7 +156,7 @@ def pack_pretrained(
         torch_dtype = source.dtype
     report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
                          copy_files_from=src_path if src_path.is_dir() else None, overwrite=overwrite,
-                         source=src_path.name, tokenizer=tokenizer)
+                         source=src_path.name, tokenizer=tokenizer, sources=(src_path,))
     report.kept.update({n: r for n, r in skipped.items() if n in report.kept})
     return PackResult(report=report, source_kind=kind, skipped=skipped)
 
@@ -198,12 +172,12 @@ def unpack_pretrained(src: str | Path, out: str | Path, *, overwrite: bool = Fal
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
     if folder_kind(src, required=True) != "packed":
-        raise ValueError(f"{src} is not a packed bitnet model (no bitnet quantization_config in config.json)")
+        raise UserError(f"{src} is not a packed bitnet model (no bitnet quantization_config in config.json)")
     check_safetensors(src)
     student = unpack_to_student(load_packed(src))
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, sources=[src]) as tmp:
         student.save_pretrained(tmp)
-        for name in _COPY_FILES:
+        for name in COPY_FILES:
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
     from bitdistill.nn.bitlinear import BitLinear

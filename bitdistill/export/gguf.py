@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bitdistill.errors import UserError
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.quant.packing import unpack_ternary
@@ -66,7 +67,7 @@ def require_gguf():
     try:
         import gguf
     except ImportError as exc:
-        raise ValueError("the GGUF export needs the gguf package: pip install 'bitdistill[gguf]'") from exc
+        raise UserError("the GGUF export needs the gguf package: pip install 'bitdistill[gguf]'") from exc
     return gguf
 
 
@@ -124,7 +125,7 @@ def _ternary(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return unpack_ternary(module.weight, torch.int8), 1.0 / module.weight_scale.float().reshape(())
     w = module.weight_out_in().detach()
     if not torch.isfinite(w).all():
-        raise ValueError(f"cannot export {name!r}: its weight contains NaN or Inf; fix the checkpoint first")
+        raise UserError(f"cannot export {name!r}: its weight contains NaN or Inf; fix the checkpoint first")
     codes, gamma = weight_quant(w)
     return codes.to(torch.int8), gamma.float().reshape(())
 
@@ -133,12 +134,12 @@ def _converted(model: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for name, m in model.named_modules():
         if isinstance(m, BitConv1D):
-            raise ValueError(f"cannot export {name!r}: GPT-2 style Conv1D students have no llama.cpp mapping here; "
+            raise UserError(f"cannot export {name!r}: GPT-2 style Conv1D students have no llama.cpp mapping here; "
                              "use a Llama, Mistral, Qwen2, Qwen3 or Phi-3 student")
         if isinstance(m, (BitLinear, PackedBitLinear)):
             out[name] = m
     if not out:
-        raise ValueError(f"{type(model).__name__} has no BitLinear layer; convert and train a student first")
+        raise UserError(f"{type(model).__name__} has no BitLinear layer; convert and train a student first")
     return out
 
 
@@ -149,7 +150,7 @@ def _norm_layout(model: nn.Module, converted: dict[str, nn.Module]) -> bool:
         return False
     subln = {n for n in converted if n.endswith(("self_attn.o_proj", "mlp.down_proj"))}
     if normed != subln:
-        raise ValueError("the student has an in-layer RMSNorm in BitLinear layers other than o_proj/down_proj "
+        raise UserError("the student has an in-layer RMSNorm in BitLinear layers other than o_proj/down_proj "
                          "(use_rms_norm): no llama.cpp graph has those norms; export a student without them")
     return True
 
@@ -176,7 +177,7 @@ def _check_bitnet(model: nn.Module, converted: dict[str, nn.Module]) -> None:
     elif len(converted) != 7 * cfg.num_hidden_layers:
         why = "llama.cpp's bitnet graph needs all seven projections of every block ternary"
     if why:
-        raise ValueError(f"cannot export this SubLN student to llama.cpp: {why}")
+        raise UserError(f"cannot export this SubLN student to llama.cpp: {why}")
 
 
 def _rope(cfg) -> tuple[float, dict | None]:
@@ -191,7 +192,7 @@ def _rope(cfg) -> tuple[float, dict | None]:
 def _hparams(writer, cfg, arch: str, permute: bool) -> None:
     theta, scaling = _rope(cfg)
     if scaling is not None:
-        raise ValueError(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not exported to GGUF "
+        raise UserError(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not exported to GGUF "
                          "by bitdistill; export a model without rope_scaling")
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
@@ -213,7 +214,7 @@ def _hparams(writer, cfg, arch: str, permute: bool) -> None:
         writer.add_rope_scaling_orig_ctx_len(getattr(cfg, "original_max_position_embeddings", None)
                                              or cfg.max_position_embeddings)
     if permute and getattr(cfg, "sliding_window", None):
-        raise ValueError(f"sliding_window={cfg.sliding_window}: llama.cpp's llama graph attends to the whole "
+        raise UserError(f"sliding_window={cfg.sliding_window}: llama.cpp's llama graph attends to the whole "
                          "context; export a model with sliding_window=None")
 
 
@@ -226,20 +227,20 @@ def _tokenizer(writer, gguf, tokenizer, vocab_size: int) -> None:
     """Byte-level BPE vocabulary, merges, pre-tokenizer and special tokens (what llama.cpp's ``gpt2`` model reads)."""
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
-        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer; the GGUF export "
+        raise UserError(f"the tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer; the GGUF export "
                          "needs a tokenizer.json (byte-level BPE)")
     spec = json.loads(backend.to_str())
     if spec["model"]["type"] != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise ValueError(f"tokenizer model {spec['model']['type']!r} is not byte-level BPE; the GGUF export writes "
+        raise UserError(f"tokenizer model {spec['model']['type']!r} is not byte-level BPE; the GGUF export writes "
                          "llama.cpp 'gpt2' vocabularies only")
     pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
     if spec.get("normalizer") not in (None, {}) and spec["normalizer"].get("type") != "NFC":
-        raise ValueError(f"tokenizer normalizer {spec['normalizer'].get('type')!r} has no llama.cpp equivalent")
+        raise UserError(f"tokenizer normalizer {spec['normalizer'].get('type')!r} has no llama.cpp equivalent")
     vocab = tokenizer.get_vocab()
     added = tokenizer.get_added_vocab()
     special = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
     if max(vocab.values()) >= vocab_size:
-        raise ValueError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is "
+        raise UserError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocab_size is "
                          f"{vocab_size}; use the student's own tokenizer")
     reverse = {i: t for t, i in vocab.items()}
     tokens, types = [], []
@@ -284,7 +285,7 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
     for name, want in PRE_TOKENIZERS.items():
         if len(steps) == len(want) and all(same(s, w) for s, w in zip(steps, want, strict=True)):
             return name
-    raise ValueError(f"tokenizer pre-tokenizer {json.dumps(pre)[:120]} is not one llama.cpp reproduces here "
+    raise UserError(f"tokenizer pre-tokenizer {json.dumps(pre)[:120]} is not one llama.cpp reproduces here "
                      f"(known: {', '.join(PRE_TOKENIZERS)}); its text would tokenize differently")
 
 
@@ -328,7 +329,7 @@ def save_gguf(
     gguf = require_gguf()
     out_file = Path(out_file)
     if gguf_type not in GGUF_TYPES:
-        raise ValueError(f"unknown --gguf_type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
+        raise UserError(f"unknown --gguf_type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}")
     if not out_file.parent.is_dir():
         raise FileNotFoundError(f"the folder of {out_file} does not exist; create it first")
     if out_file.exists() and not overwrite:
@@ -343,7 +344,7 @@ def save_gguf(
     elif model_type in _ARCHS:
         arch, permute = _ARCHS[model_type]
     else:
-        raise ValueError(f"llama.cpp has no mapping here for model_type {model_type!r}; the GGUF export supports "
+        raise UserError(f"llama.cpp has no mapping here for model_type {model_type!r}; the GGUF export supports "
                          f"{', '.join(_ARCHS)} (and Llama SubLN students as bitnet)")
     ternary_q = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
     model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
@@ -367,7 +368,7 @@ def save_gguf(
             hf_key = re.sub(rf"{re.escape(old)}\.weight$", f"{new}.weight", hf_key)
         name = names.get_name(hf_key, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ValueError(f"no llama.cpp {arch} tensor for {key!r}; this model's layout is not exported to GGUF")
+            raise UserError(f"no llama.cpp {arch} tensor for {key!r}; this model's layout is not exported to GGUF")
         if module_name in converted and leaf == "weight":
             codes, gamma = _ternary(module_name, converted[module_name])
             w = codes.float() * gamma
@@ -379,7 +380,7 @@ def save_gguf(
                 qtype, reason = ternary_q, ""
                 report.ternary_in_file += w.numel()
             elif strict:
-                raise ValueError(f"--strict: {module_name} has in_features={in_f}, not a multiple of {BLOCK}, so "
+                raise UserError(f"--strict: {module_name} has in_features={in_f}, not a multiple of {BLOCK}, so "
                                  f"llama.cpp cannot store it as {gguf_type.upper()}; drop --strict to write it as Q8_0")
             else:
                 qtype, reason = gguf.GGMLQuantizationType.Q8_0, f"in_features {in_f} % {BLOCK} != 0"
@@ -387,9 +388,9 @@ def save_gguf(
             tensors.append((name, gguf.quants.quantize(w.numpy(), qtype), qtype))
             continue
         if not t.is_floating_point():
-            raise ValueError(f"unexpected non-float tensor {key!r} ({t.dtype}); it has no GGUF mapping")
+            raise UserError(f"unexpected non-float tensor {key!r} ({t.dtype}); it has no GGUF mapping")
         if not torch.isfinite(t).all():
-            raise ValueError(f"cannot export: tensor {key!r} contains NaN or Inf; fix the checkpoint first")
+            raise UserError(f"cannot export: tensor {key!r} contains NaN or Inf; fix the checkpoint first")
         matrix = t.dim() == 2
         qtype = _float_type(gguf, (float_dtype or t.dtype) if matrix else torch.float32)
         if permute and name.endswith(("attn_q.bias", "attn_k.bias")):
@@ -432,7 +433,7 @@ def _write(gguf, out_file: Path, arch: str, cfg, permute: bool, tokenizer, tenso
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         if exc.errno == errno.ENOSPC:
-            raise ValueError(f"the disk filled while writing {out_file}; nothing was written, free space and retry") \
+            raise UserError(f"the disk filled while writing {out_file}; nothing was written, free space and retry") \
                 from exc
         raise
     except BaseException:
@@ -469,15 +470,15 @@ def pack_gguf(
 
     from bitdistill.convert import parse_dtype
     from bitdistill.export.folder import load_pack_source
-    from bitdistill.export.packed import load_packed
+    from bitdistill.export.loader import load_packed
     from bitdistill.nn.config import folder_kind
 
     require_gguf()
     src_path, out_file = Path(str(src)), Path(out_file)
     if out_file.suffix != ".gguf":
-        raise ValueError(f"{out_file}: a GGUF output is one file; name it OUT.gguf")
+        raise UserError(f"{out_file}: a GGUF output is one file; name it OUT.gguf")
     if src_path.exists() and src_path.resolve() in out_file.resolve().parents:
-        raise ValueError(f"{out_file} is inside SRC {src_path}; choose another path (SRC is never modified)")
+        raise UserError(f"{out_file} is inside SRC {src_path}; choose another path (SRC is never modified)")
     if not out_file.parent.is_dir():
         raise FileNotFoundError(f"the folder of {out_file} does not exist; create it first")
     if out_file.exists() and not overwrite:

@@ -6,7 +6,9 @@ import copy
 
 from torch import nn
 
-from bitdistill.export.packed import pack_model, packed_quantization_config
+from bitdistill.errors import UserError
+from bitdistill.export.format import packed_quantization_config
+from bitdistill.export.writer import pack_model
 from bitdistill.nn.bitlinear import BitLinear
 from bitdistill.nn.packed import PackedBitLinear
 
@@ -38,6 +40,6 @@ def pack_in_memory(student: nn.Module) -> nn.Module:
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k.rsplit(".", 1)[0] in packed_names]
     if result.unexpected_keys or missing:
-        raise ValueError(f"the packed tensors do not match the model: unexpected {result.unexpected_keys[:3]}, "
-                         f"missing {missing[:3]}")
+        raise UserError(f"the packed tensors do not match the model: unexpected {result.unexpected_keys[:3]}, "
+                        f"missing {missing[:3]}")
     return model.eval()

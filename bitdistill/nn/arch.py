@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from bitdistill.errors import UserError
+
 __all__ = ["SUPPORTED_ARCHITECTURES", "ArchSpec", "arch_spec", "decoder_layers"]
 
 
@@ -39,8 +41,8 @@ def arch_spec(model: nn.Module, feature: str) -> ArchSpec:
     """The :class:`ArchSpec` of ``model`` (by ``config.model_type``); ``feature`` names what needs it, for the error."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{feature} does not support architecture {model_type!r}; supported: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise UserError(f"{feature} does not support architecture {model_type!r}; supported: "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     return SUPPORTED_ARCHITECTURES[model_type]
 
 
@@ -50,4 +52,4 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for name, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n and name.endswith("layers"):
             return name, module
-    raise ValueError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+    raise UserError(f"cannot find the {n} decoder layers of {type(model).__name__}")

@@ -14,12 +14,13 @@ says what a local model folder holds (``plain``, ``student`` or ``packed``) from
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from bitdistill.weights import read_config
 
 __all__ = ["MARKER_FORMAT", "MARKER_KEY", "MARKER_VERSION", "BitNetConfig", "bitnet_config", "folder_kind",
            "is_packed_config", "marker_from_config", "read_config_json", "student_marker"]
@@ -127,22 +128,9 @@ def bitnet_config(source) -> BitNetConfig | None:
 
 
 def read_config_json(path: str | Path) -> dict:
-    """The ``config.json`` of the model folder ``path`` as a dict; one-line errors for a missing or broken file."""
-    path = Path(path)
-    cfg = path / "config.json"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} {'is not a folder' if path.exists() else 'does not exist'}; pass a model "
-                                "folder")
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json); pass a folder written by "
-                                "save_pretrained or bitdistill")
-    try:
-        config = json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg} is not valid JSON ({exc}); the folder is corrupt") from exc
-    if not isinstance(config, dict):
-        raise ValueError(f"{cfg} does not hold a JSON object; the folder is corrupt")
-    return config
+    """The ``config.json`` of the model folder ``path`` as a dict (:func:`bitdistill.weights.read_config`, the one
+    reader: one-line errors for a missing folder or file, invalid JSON or UTF-8, a JSON value that is no object)."""
+    return read_config(path)
 
 
 def is_packed_config(config) -> bool:

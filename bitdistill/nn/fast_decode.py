@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitdistill.errors import UserError
+
 __all__ = ["FAST_DECODE_ARCHS", "FastDecoder", "generate_fast"]
 
 FAST_DECODE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -70,12 +72,12 @@ class FastDecoder:
     def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool = False) -> None:
         cfg = model.config
         if cfg.model_type not in FAST_DECODE_ARCHS:
-            raise ValueError(f"fast decoding supports {', '.join(FAST_DECODE_ARCHS)}, not {cfg.model_type!r}; "
+            raise UserError(f"fast decoding supports {', '.join(FAST_DECODE_ARCHS)}, not {cfg.model_type!r}; "
                              "use model.generate")
         if getattr(cfg, "sliding_window", None) and cfg.model_type != "qwen2":
-            raise ValueError(f"sliding_window={cfg.sliding_window} is not supported by fast decoding; use model.generate")
+            raise UserError(f"sliding_window={cfg.sliding_window} is not supported by fast decoding; use model.generate")
         if max_length <= 0 or max_length > cfg.max_position_embeddings:
-            raise ValueError(f"max_length must be in 1..{cfg.max_position_embeddings} (max_position_embeddings), "
+            raise UserError(f"max_length must be in 1..{cfg.max_position_embeddings} (max_position_embeddings), "
                              f"got {max_length}")
         self.model = model
         self.inner = model.model
@@ -134,10 +136,10 @@ class FastDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy continuation of ``input_ids [1, T]``; returns ``[1, T + n]`` (``n <= max_new_tokens``)."""
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be [1, T] (batch 1), got {tuple(input_ids.shape)}")
+            raise UserError(f"input_ids must be [1, T] (batch 1), got {tuple(input_ids.shape)}")
         t = input_ids.shape[1]
         if t + max_new_tokens > self.max_length:
-            raise ValueError(f"prompt {t} + max_new_tokens {max_new_tokens} exceeds this decoder's max_length "
+            raise UserError(f"prompt {t} + max_new_tokens {max_new_tokens} exceeds this decoder's max_length "
                              f"{self.max_length}")
         ids = input_ids.to(self.device)
         out = [ids]

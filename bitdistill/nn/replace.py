@@ -9,7 +9,6 @@ The model's config records that it is a BitNet student (``config.bitdistill``), 
 
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitdistill.errors import UserError
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.nn.config import (
     MARKER_KEY,
@@ -26,10 +26,18 @@ from bitdistill.nn.config import (
     bitnet_config,
     folder_kind,
     marker_from_config,
-    read_config_json,
     student_marker,
 )
 from bitdistill.nn.subln import attach_subln_norms
+from bitdistill.weights import (
+    check_shapes,
+    from_local_folder,
+    read_config,
+    read_tensors,
+    tensor_index,
+    validate_loaded,
+    weight_files,
+)
 
 __all__ = [
     "MARKER_KEY",
@@ -92,7 +100,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 def _check_finite(name: str, module: nn.Module) -> None:
     for pname, p in module.named_parameters(recurse=False):
         if p.is_floating_point() and not torch.isfinite(p).all():
-            raise ValueError(
+            raise UserError(
                 f"cannot convert {name!r}: its {pname} contains NaN or Inf, and the absmean scale of a ternary "
                 "weight would be NaN; fix or re-initialize the weights before converting"
             )
@@ -217,40 +225,27 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
         The model converted as its marker records (:func:`bitdistill.nn.config.bitnet_config`), and in-layer
         RMSNorm weights restored when used (every layer with ``use_rms_norm``; the SubLN ``subln_modules``).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json); pass the folder save_pretrained wrote")
-    config = bitnet_config(read_config_json(path))
+    config = bitnet_config(read_config(path))
     if config is None:
-        raise ValueError(f"{path} is not a bitdistill BitNet student (config.json has no '{MARKER_KEY}' marker); "
-                         "convert a plain model with replace_linear_with_bitlinear instead")
-    model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+        raise UserError(f"{path} is not a bitdistill BitNet student (config.json has no '{MARKER_KEY}' marker); "
+                        "convert a plain model with replace_linear_with_bitlinear instead")
+    tensor_index(path)
+    check_shapes(path, from_local_folder(AutoConfig.from_pretrained, path))
+    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, model=True, **from_pretrained_kwargs)
+    validate_loaded(model, path, check_files=bool(weight_files(path)))  # before conversion: names tensor and file
     replace_linear_with_bitlinear(model, config)
     if config.use_rms_norm or config.subln_modules:
         _load_extra_tensors(model, path, suffix=".rms_norm.weight")
+    validate_loaded(model, path, check_files=bool(weight_files(path)))
     return model
 
 
 def _load_extra_tensors(model: nn.Module, path: Path, suffix: str) -> None:
     """Load tensors whose key ends with ``suffix`` from the folder's safetensors (they are absent from the base model)."""
-    from safetensors import safe_open
-
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
     state = model.state_dict()
-    missing = {k for k in state if k.endswith(suffix)}
-    for fname in files:
-        with safe_open(str(path / fname), framework="pt") as f:
-            for key in f.keys():
-                if key in missing:
-                    with torch.no_grad():
-                        state[key].copy_(f.get_tensor(key))
-                    missing.discard(key)
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} in-layer RMSNorm weights, e.g. {sorted(missing)[0]!r}; "
-                         "the folder is incomplete")
+    for key, t in read_tensors(path, [k for k in state if k.endswith(suffix)]).items():
+        with torch.no_grad():
+            state[key].copy_(t)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bitdistill.errors import UserError
 from bitdistill.nn.arch import arch_spec, decoder_layers
 from bitdistill.nn.bitlinear import BitLinear, BitRMSNorm
 from bitdistill.nn.config import MARKER_KEY, student_marker
@@ -41,14 +42,14 @@ def attach_subln_norms(model: nn.Module, names: list[str], eps: float) -> None:
     for name in names:
         module = model.get_submodule(name)
         if not isinstance(module, BitLinear):
-            raise ValueError(f"SubLN needs {name!r} to be a BitLinear (convert the model first), got "
-                             f"{type(module).__name__}")
+            raise UserError(f"SubLN needs {name!r} to be a BitLinear (convert the model first), got "
+                            f"{type(module).__name__}")
         if module.rms_norm is None:
             module.rms_norm = BitRMSNorm(module.in_features, eps, device=module.weight.device, dtype=module.weight.dtype)
             module.use_rms_norm = True
     marker = student_marker(model)
     if marker is None:
-        raise ValueError("SubLN needs a converted student (no bitdistill marker on the model's config)")
+        raise UserError("SubLN needs a converted student (no bitdistill marker on the model's config)")
     setattr(model.config, MARKER_KEY, {**marker, "subln_modules": list(names), "subln_eps": float(eps)})
 
 
@@ -64,15 +65,15 @@ def insert_subln(model: nn.Module, *, eps: float = 1e-6, init: str = "calibrated
         calibration_input_ids: token ids for the calibrated init.
     """
     if init not in SUBLN_INITS:
-        raise ValueError(f"unknown SubLN init {init!r}; choose one of {', '.join(SUBLN_INITS)}")
+        raise UserError(f"unknown SubLN init {init!r}; choose one of {', '.join(SUBLN_INITS)}")
     names = subln_module_names(model)
     if student_marker(model) and student_marker(model).get("use_rms_norm"):
-        raise ValueError("the student already has an in-layer RMSNorm in every BitLinear (use_rms_norm); SubLN "
-                         "would not add anything")
+        raise UserError("the student already has an in-layer RMSNorm in every BitLinear (use_rms_norm); SubLN "
+                        "would not add anything")
     scales: dict[str, float] = {}
     if init == "calibrated":
         if calibration_input_ids is None:
-            raise ValueError("SubLN init 'calibrated' needs calibration_input_ids")
+            raise UserError("SubLN init 'calibrated' needs calibration_input_ids")
         handles = []
         for name in names:
             def pre_hook(_m, inputs, name=name):

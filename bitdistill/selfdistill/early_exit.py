@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import PerplexityResult, strided_perplexities
 from bitdistill.selfdistill.exits import MultiExitLM
 
@@ -53,9 +54,9 @@ def early_exit_generate(multi_exit: MultiExitLM, input_ids: torch.Tensor, *, max
         eos_token_id: stop after this token.
     """
     if multi_exit.variant == "concat":
-        raise ValueError("early exit needs per-block exits; the 'concat' classifier reads every block")
+        raise UserError("early exit needs per-block exits; the 'concat' classifier reads every block")
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"early_exit_generate decodes one sequence: input_ids must be [1, T], got {tuple(input_ids.shape)}")
+        raise UserError(f"early_exit_generate decodes one sequence: input_ids must be [1, T], got {tuple(input_ids.shape)}")
     blocks = multi_exit._blocks
     n = multi_exit.num_blocks
     ids = input_ids
@@ -116,7 +117,7 @@ def early_exit_perplexity(multi_exit: MultiExitLM, input_ids: torch.Tensor, *, t
     uses at that position given the true prefix. ``input_ids [N]`` is 1-D; windows do not overlap.
     """
     if multi_exit.variant == "concat":
-        raise ValueError("early exit needs per-block exits; the 'concat' classifier reads every block")
+        raise UserError("early exit needs per-block exits; the 'concat' classifier reads every block")
     depth = torch.tensor([b + 1 for b in multi_exit.output_layers], dtype=torch.float64)
     used: list[torch.Tensor] = []
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bitdistill.errors import UserError
+
 __all__ = ["EXIT_VARIANTS", "SUPPORTED_LAYOUTS", "MultiExitLM", "MultiExitOutput", "find_blocks"]
 
 EXIT_VARIANTS = ("shared", "separate", "concat")
@@ -46,7 +48,7 @@ def find_blocks(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
                 norm = getattr(base, norm_attr, None)
                 if isinstance(norm, nn.Module):
                     return blocks, norm
-    raise ValueError(
+    raise UserError(
         f"cannot find the transformer blocks of {type(model).__name__}: supported layouts are Llama-style "
         "(model.layers + model.norm: Llama, Qwen2/3, Mistral, Phi-3, ...), GPT-NeoX (gpt_neox.layers + "
         "final_layer_norm) and GPT-2 (transformer.h + ln_f)"
@@ -79,19 +81,19 @@ class MultiExitLM(nn.Module):
     def __init__(self, model: nn.Module, exit_layers: Sequence[int] | None = None, variant: str = "shared") -> None:
         super().__init__()
         if variant not in EXIT_VARIANTS:
-            raise ValueError(f"unknown exit variant {variant!r}; choose one of {', '.join(EXIT_VARIANTS)}")
+            raise UserError(f"unknown exit variant {variant!r}; choose one of {', '.join(EXIT_VARIANTS)}")
         blocks, norm = find_blocks(model)
         head = model.get_output_embeddings()
         if head is None:
-            raise ValueError(f"{type(model).__name__} has no output head (get_output_embeddings() is None)")
+            raise UserError(f"{type(model).__name__} has no output head (get_output_embeddings() is None)")
         n = len(blocks)
         layers = list(range(n - 1)) if exit_layers is None else [i + n if i < 0 else i for i in exit_layers]
         bad = [i for i in layers if not 0 <= i < n - 1]
         if bad:
-            raise ValueError(f"exit layer indices {bad} are out of range: {type(model).__name__} has {n} blocks, "
-                             f"so exits go after blocks 0..{n - 2} (block {n - 1}'s exit is the model's own head)")
+            raise UserError(f"exit layer indices {bad} are out of range: {type(model).__name__} has {n} blocks, "
+                            f"so exits go after blocks 0..{n - 2} (block {n - 1}'s exit is the model's own head)")
         if not layers:
-            raise ValueError("no exit layer chosen: pass at least one block index")
+            raise UserError("no exit layer chosen: pass at least one block index")
         self.model = model
         self.variant = variant
         self.exit_layers = sorted(set(layers))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdistill.distill.losses import divergence
+from bitdistill.errors import UserError
 
 __all__ = ["Bottleneck", "SelfDistillConfig", "SelfDistillModel", "self_distillation_loss"]
 
@@ -37,11 +38,11 @@ class SelfDistillConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+            raise UserError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
         if self.hint_weight < 0:
-            raise ValueError(f"hint_weight must be >= 0, got {self.hint_weight}")
+            raise UserError(f"hint_weight must be >= 0, got {self.hint_weight}")
 
 
 class Bottleneck(nn.Module):
@@ -84,9 +85,9 @@ def self_distillation_loss(
     n = len(logits) - 1
     weights = list(config.exit_weights) if config.exit_weights is not None else [1.0] * n
     if len(weights) != n:
-        raise ValueError(f"exit_weights has {len(weights)} entries for {n} non-deepest exits")
+        raise UserError(f"exit_weights has {len(weights)} entries for {n} non-deepest exits")
     if config.hint_weight > 0 and (bottlenecks is None or len(bottlenecks) != n):
-        raise ValueError(f"hint_weight > 0 needs one bottleneck per non-deepest exit ({n})")
+        raise UserError(f"hint_weight > 0 needs one bottleneck per non-deepest exit ({n})")
     tau = config.temperature
     deep_logits, flat_labels = _shifted(logits[-1], labels)
     mask = flat_labels != -100
@@ -124,14 +125,14 @@ class SelfDistillModel(nn.Module):
         super().__init__()
         self.config = config or SelfDistillConfig()
         if multi_exit.variant == "concat" and self.config.hint_weight > 0:
-            raise ValueError("feature hints need per-block exits, but variant 'concat' has one fused classifier; "
-                             "set hint_weight=0 or use variant 'shared'/'separate'")
+            raise UserError("feature hints need per-block exits, but variant 'concat' has one fused classifier; "
+                            "set hint_weight=0 or use variant 'shared'/'separate'")
         self.multi_exit = multi_exit
         head = multi_exit.model.get_output_embeddings()
         n = len(multi_exit.exit_layers) if multi_exit.variant != "concat" else 1
         if self.config.exit_weights is not None and len(self.config.exit_weights) != n:
-            raise ValueError(f"exit_weights has {len(self.config.exit_weights)} entries but the model has {n} "
-                             "non-deepest exits; give one weight per exit")
+            raise UserError(f"exit_weights has {len(self.config.exit_weights)} entries but the model has {n} "
+                            "non-deepest exits; give one weight per exit")
         self.bottlenecks = nn.ModuleList(
             Bottleneck(head.in_features, device=head.weight.device, dtype=head.weight.dtype) for _ in range(n)
         ) if self.config.hint_weight > 0 else None

@@ -24,6 +24,8 @@ from transformers import TrainerCallback
 from bitdistill.audit import redact_command
 from bitdistill.convert import load_model, parse_dtype
 from bitdistill.data.args import DataArguments
+from bitdistill.data.tokenizer_check import check_tokenizer
+from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 from bitdistill.runs import (
@@ -39,6 +41,7 @@ from bitdistill.selfdistill.exits import MultiExitLM
 from bitdistill.selfdistill.loss import SelfDistillConfig, SelfDistillModel
 from bitdistill.selfdistill.trainer import SelfDistillTrainer
 from bitdistill.state_dict import unique_tensors
+from bitdistill.validate import validate_data_args, validate_self_distill_args, validate_training_args
 
 __all__ = ["EXITS_FILE", "LAYOUT_FILE", "build_self_distill_model", "load_multi_exit", "run_self_distillation"]
 
@@ -52,8 +55,8 @@ def load_base_model(model_args: SelfDistillModelArguments) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if (model_args.model_name_or_path is None) == (model_args.model_config is None):
-        raise ValueError("pass exactly one of --model_name_or_path (pretrained weights) and --model_config "
-                         "(a config.json to train from scratch)")
+        raise UserError("pass exactly one of --model_name_or_path (pretrained weights) and --model_config "
+                        "(a config.json to train from scratch)")
     dtype = parse_dtype(model_args.model_dtype)
     if model_args.model_config is not None:
         path = Path(model_args.model_config)
@@ -65,19 +68,30 @@ def load_base_model(model_args: SelfDistillModelArguments) -> nn.Module:
     if model_args.bitnet and student_marker(model) is None:
         report = replace_linear_with_bitlinear(model, modules_to_not_convert=model_args.modules_to_not_convert)
         if not report.converted:
-            raise ValueError(f"{type(model).__name__} has no linear layer to convert to BitLinear")
+            raise UserError(f"{type(model).__name__} has no linear layer to convert to BitLinear")
     return model.train()
 
 
 def build_self_distill_model(model: nn.Module, sd_args: SelfDistillArguments) -> nn.Module:
     """The module the trainer optimizes: ``model`` itself for ``exit_variant="none"``, else a :class:`SelfDistillModel`."""
     if sd_args.exit_variant not in EXIT_MODES:
-        raise ValueError(f"unknown --exit_variant {sd_args.exit_variant!r}; choose one of {', '.join(EXIT_MODES)}")
+        raise UserError(f"unknown --exit_variant {sd_args.exit_variant!r}; choose one of {', '.join(EXIT_MODES)}")
     if sd_args.exit_variant == "none":
         return model
     config = SelfDistillConfig(alpha=sd_args.alpha, temperature=sd_args.temperature, hint_weight=sd_args.hint_weight,
                                exit_weights=sd_args.exit_weights)
     return SelfDistillModel(MultiExitLM(model, sd_args.exit_layers, sd_args.exit_variant), config)
+
+
+def _own_tokenizer(model_args: SelfDistillModelArguments):
+    """The tokenizer stored in the model's local folder when ``--tokenizer_name_or_path`` names another one."""
+    from transformers import AutoTokenizer
+
+    src, tok = model_args.model_name_or_path, model_args.tokenizer_name_or_path
+    if tok is None or src is None or model_args.gguf_file is not None or \
+            not (Path(src) / "tokenizer_config.json").is_file() or Path(src).resolve() == Path(tok).resolve():
+        return None
+    return AutoTokenizer.from_pretrained(src)
 
 
 def _load_tokenizer(model_args: SelfDistillModelArguments):
@@ -86,7 +100,7 @@ def _load_tokenizer(model_args: SelfDistillModelArguments):
     src, gguf = model_args.tokenizer_name_or_path, None
     if src is None:
         if model_args.model_name_or_path is None or model_args.model_name_or_path.startswith("tiny:"):
-            raise ValueError("pass --tokenizer_name_or_path (a model built from --model_config or tiny:<arch> has none)")
+            raise UserError("pass --tokenizer_name_or_path (a model built from --model_config or tiny:<arch> has none)")
         src, gguf = model_args.model_name_or_path, model_args.gguf_file
     return AutoTokenizer.from_pretrained(src, gguf_file=gguf)
 
@@ -99,28 +113,30 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
     ``training_args`` is a ``transformers.TrainingArguments``; its ``eval_steps`` (with ``eval_strategy``
     other than ``"no"``) schedule the per-exit evaluations, ``resume_from_checkpoint`` may be ``latest``.
     """
+    validate_self_distill_args(model_args, sd_args)
+    validate_data_args(data_args)
+    validate_training_args(training_args)
+    if sd_args.exit_variant == "concat" and sd_args.hint_weight > 0:
+        raise UserError("feature hints need per-block exits, but --exit_variant concat has one fused classifier; "
+                        "pass --hint_weight 0 or use --exit_variant shared/separate")
+
+    if sd_args.exit_variant not in EXIT_MODES:
+        raise UserError(f"unknown --exit_variant {sd_args.exit_variant!r}; choose one of {', '.join(EXIT_MODES)}")
+    if training_args.gradient_checkpointing and sd_args.exit_variant != "none":
+        raise UserError("--gradient_checkpointing is not supported with exits (they read every block's output "
+                        "through hooks); drop it, or lower --per_device_train_batch_size to save memory")
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "model"
     config = config_dict(model_args, data_args, sd_args, training_args=training_args)
     checkpoint = check_run_folder(training_args, config, final_dir)
-    if sd_args.exit_variant == "concat" and sd_args.hint_weight > 0:
-        raise ValueError("feature hints need per-block exits, but --exit_variant concat has one fused classifier; "
-                         "pass --hint_weight 0 or use --exit_variant shared/separate")
-
-    if sd_args.exit_variant not in EXIT_MODES:
-        raise ValueError(f"unknown --exit_variant {sd_args.exit_variant!r}; choose one of {', '.join(EXIT_MODES)}")
-    if training_args.gradient_checkpointing and sd_args.exit_variant != "none":
-        raise ValueError("--gradient_checkpointing is not supported with exits (they read every block's output "
-                         "through hooks); drop it, or lower --per_device_train_batch_size to save memory")
     tokenizer = _load_tokenizer(model_args)
     blocks = build_blocks(data_args, tokenizer)
     torch.manual_seed(training_args.seed)
     model = load_base_model(model_args)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if len(tokenizer) > vocab:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {vocab}; "
-                         "pass the model's own tokenizer (or a config with a larger vocab_size)")
+    check_tokenizer(tokenizer, model, tokenizer_name=str(model_args.tokenizer_name_or_path or "of the model"),
+                    model_name=str(model_args.model_name_or_path or model_args.model_config),
+                    own_tokenizer=_own_tokenizer(model_args), from_model=model_args.tokenizer_name_or_path is None)
     module = build_self_distill_model(model, sd_args)
     eval_layers = sd_args.exit_layers if sd_args.exit_variant == "none" else None
     if eval_layers is not None:
@@ -133,6 +149,7 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
         model=module, args=training_args, train_dataset=run.train_ds, validation_dataset=val_ds,
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, eval_exit_layers=eval_layers, callbacks=run.callbacks)
+    trainer.checkpoint_files = run.checkpoint_files
 
     if trainer.is_world_process_zero():
         all_args = {"model": dataclasses.asdict(model_args), "self_distill": dataclasses.asdict(sd_args),
@@ -206,8 +223,8 @@ def load_multi_exit(path: str | Path, *, dtype: str = "float32") -> MultiExitLM:
         missing, unexpected = mx.load_state_dict(state, strict=False)
         wanted = {k for k in mx.state_dict() if not k.startswith("model.")}
         if unexpected or wanted & set(missing):
-            raise ValueError(f"{exits_file} does not match the exit layout in {LAYOUT_FILE} "
-                             f"(missing {sorted(wanted & set(missing))}, unexpected {sorted(unexpected)})")
+            raise UserError(f"{exits_file} does not match the exit layout in {LAYOUT_FILE} "
+                            f"(missing {sorted(wanted & set(missing))}, unexpected {sorted(unexpected)})")
     return mx.eval()
 
 

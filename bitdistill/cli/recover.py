@@ -1,0 +1,36 @@
+"""``bitdistill recover``: the staged recipe (calibrated init, block-wise reconstruction, e2e KD) in a CPU budget."""
+
+from __future__ import annotations
+
+import argparse
+
+NAME = "recover"
+HELP = ("Distill a teacher into a BitNet b1.58 student with the staged recipe (calibrated ternary init, block-wise "
+        "reconstruction, end-to-end KD) within --time_budget of process CPU time; takes every `distill` option "
+        "(for the e2e stage) and --config FILE.")
+
+
+def _types() -> tuple:
+    from transformers import TrainingArguments
+
+    from bitdistill.distill.args import DataArguments, EvalTaskArguments, LossArguments, ModelArguments
+    from bitdistill.recover.staged import RecoverArguments
+
+    return (ModelArguments, DataArguments, LossArguments, TrainingArguments, RecoverArguments, EvalTaskArguments)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bitdistill.cli.hfargs import add_dataclass_arguments
+
+    add_dataclass_arguments(p, _types())
+
+
+def run(args: argparse.Namespace) -> int:
+    from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
+    from bitdistill.recover.staged import run_staged_recovery
+
+    model_args, data_args, loss_args, training_args, recover_args, task_args = parse_dataclasses(args, _types())
+    out = run_staged_recovery(model_args, data_args, loss_args, training_args, recover_args, task_args,
+                              command=command_from_args(args))
+    print(f"wrote the recovered student to {out}")
+    return 0

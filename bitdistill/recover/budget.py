@@ -1,0 +1,98 @@
+"""Process CPU-time budgets: parsing ``90m``-style values and stopping a ``transformers.Trainer`` when spent.
+
+Budgets are in **process CPU time** (user + system of all threads, ``time.process_time()``), so other jobs on
+a shared machine do not change how much work a budget buys (they only change how long it takes).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+
+from transformers import TrainerCallback
+
+from bitdistill.errors import UserError
+
+__all__ = ["CpuBudgetCallback", "parse_cpu_budget"]
+
+logger = logging.getLogger(__name__)
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_cpu_budget(text: str | float | int) -> float:
+    """``"90m"``, ``"1.5h"``, ``"600s"`` or a number of seconds -> seconds (> 0).
+
+    Raises:
+        ValueError: anything else (one line, with the accepted forms).
+    """
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([smh]?)\s*", str(text))
+        if m is None:
+            raise UserError(f"--time_budget {text!r} is not a CPU time; write e.g. 90m, 1.5h, 600s or 600")
+        value = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    if value <= 0:
+        raise UserError(f"--time_budget must be positive, got {text!r}")
+    return value
+
+
+class CpuBudgetCallback(TrainerCallback):
+    """Stops training once the process has used ``budget_s`` CPU seconds since training began.
+
+    With ``fit_schedule`` the learning-rate schedule is refit to the budget: the Trainer is started with a
+    ``max_steps`` far beyond the budget, the CPU time of optimizer steps ``measure_from``..``measure_to`` is
+    measured, and the schedule's ``num_training_steps`` (linear, cosine, ... from transformers'
+    ``get_scheduler``) becomes the number of steps the remaining budget buys, so the learning rate decays to
+    its end when the budget is spent.
+
+    Attributes:
+        used_s: CPU seconds used when training ended; ``steps`` the optimizer steps done; ``planned_steps`` the
+            refit step count (or ``None``).
+    """
+
+    def __init__(self, budget_s: float, *, fit_schedule: bool = True, measure_from: int = 1, measure_to: int = 3) -> None:
+        self.budget_s = budget_s
+        self.fit_schedule = fit_schedule
+        self.measure = (measure_from, measure_to)
+        self.start = 0.0
+        self._mark = 0.0
+        self.used_s = 0.0
+        self.planned_steps: int | None = None
+        self.steps = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.process_time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.process_time()
+        used = now - self.start
+        if used >= self.budget_s:
+            control.should_training_stop = True
+            return
+        if not self.fit_schedule or self.planned_steps is not None:
+            return
+        if state.global_step == self.measure[0]:
+            self._mark = now
+        elif state.global_step == self.measure[1]:
+            per_step = (now - self._mark) / (self.measure[1] - self.measure[0])
+            self.planned_steps = state.global_step + max(1, int((self.budget_s - used) / per_step))
+            _refit_schedule(kwargs.get("lr_scheduler"), self.planned_steps)
+            state.max_steps = self.planned_steps
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.used_s = time.process_time() - self.start
+        self.steps = state.global_step
+
+
+def _refit_schedule(scheduler, total_steps: int) -> None:
+    """Give a transformers ``LambdaLR`` schedule a new ``num_training_steps`` (its lambdas are ``functools.partial``)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if not lambdas or not all(isinstance(f, functools.partial) and "num_training_steps" in f.keywords for f in lambdas):
+        logger.warning("the learning-rate schedule cannot be refit to the CPU budget; it keeps its original length")
+        return
+    scheduler.lr_lambdas = [functools.partial(f.func, *f.args, **{**f.keywords, "num_training_steps": total_steps})
+                            for f in lambdas]

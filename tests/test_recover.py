@@ -1,0 +1,173 @@
+"""Calibrated ternary initialization, block-wise reconstruction and the staged recipe (tiny models, CPU)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from bitdistill import load_student, replace_linear_with_bitlinear, weight_quant
+from bitdistill.models import TINY_ARCHITECTURES, tiny_model
+from bitdistill.nn.bitlinear import BitLinear
+from bitdistill.recover import (
+    BlockwiseConfig,
+    calibrated_ternary,
+    capture_layer_call,
+    decoder_layers,
+    encode_ternary,
+    layer_output,
+    output_error,
+    reconstruct_blocks_in_place,
+)
+from bitdistill.recover.blockwise import block_loss, check_state_budget
+from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
+
+
+def _pair(arch: str, seed: int = 0):
+    teacher = tiny_model(arch, seed=seed)
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher)
+    replace_linear_with_bitlinear(student)
+    return teacher, student.eval()
+
+
+def _ids(n: int, seq: int = 16, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 256, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("shape", [(8, 16), (64, 128), (3, 5)])
+def test_encode_ternary_survives_bitlinear_recomputation(shape):
+    w = torch.randn(shape) * 0.03
+    codes = torch.randint(-1, 2, shape, dtype=torch.int8)
+    codes[0, 0] = 1
+    for ref in (None, w):
+        latent = encode_ternary(codes, 0.0123, ref)
+        got, gamma = weight_quant(latent)
+        assert torch.equal(got, codes)
+        assert abs(gamma.item() - 0.0123) <= 1e-6 * 0.0123
+    assert not encode_ternary(torch.zeros(shape, dtype=torch.int8), 0.5).any()
+
+
+def test_calibrated_ternary_beats_absmean_on_anisotropic_inputs():
+    w = torch.randn(32, 64) * 0.02
+    x = torch.randn(500, 64) * torch.linspace(0.05, 4.0, 64)
+    h = x.T @ x
+    fit = calibrated_ternary(w, h)
+    codes, gamma = weight_quant(w)
+    assert fit.absmean_error == pytest.approx(output_error(w, codes.double() * gamma.double(), h))
+    assert fit.error == pytest.approx(output_error(w, fit.codes.double() * fit.alpha, h))
+    assert fit.error < 0.9 * fit.absmean_error
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_decoder_layers_replay_matches_the_model(arch):
+    model = tiny_model(arch)
+    _, layers = decoder_layers(model)
+    ids = _ids(2)
+    h, call = capture_layer_call(model, ids)
+    seen = {}
+    hook = layers[-1].register_forward_hook(lambda m, i, o: seen.setdefault("out", o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+        hook.remove()
+        for layer in layers:
+            h = layer_output(layer, h, call)
+    assert torch.equal(h, seen["out"])
+
+
+def test_decoder_layers_refuses_a_model_without_a_block_list():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.config = type("C", (), {"num_hidden_layers": 3})()
+    with pytest.raises(ValueError, match="cannot find the decoder blocks"):
+        decoder_layers(model)
+
+
+def _layer_errors(student, teacher, ids) -> list[float]:
+    """Each converted layer's output error sum ||x W^T - x Q^T||^2 on the teacher's layer inputs."""
+    errs, inputs = [], {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, a[0].detach()))
+             for n, m in teacher.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    with torch.no_grad():
+        teacher(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    for name, x in inputs.items():
+        w = teacher.get_submodule(name).weight
+        q = student.get_submodule(name)
+        codes, gamma = weight_quant(q.weight)
+        errs.append(float((x @ w.T - x @ (codes.float() * gamma).T).pow(2).sum()))
+    return errs
+
+
+def test_init_lowers_layer_error_and_survives_save_and_load(tmp_path):
+    teacher, student = _pair("llama")
+    naive = copy.deepcopy(student)
+    ids = _ids(8)
+    rep = reconstruct_blocks_in_place(student, teacher, ids, BlockwiseConfig(steps=0, student_inputs=False),
+                                      progress=False)
+    assert all(b["init_error"] < b["absmean_error"] for b in rep.blocks)
+    before, after = _layer_errors(naive, teacher, ids), _layer_errors(student, teacher, ids)
+    assert sum(after) < sum(before)
+    assert all(a <= b * (1 + 1e-6) for a, b in zip(after, before, strict=True))
+    student.save_pretrained(tmp_path / "s")
+    loaded = load_student(tmp_path / "s")
+    for name, m in student.named_modules():
+        if isinstance(m, BitLinear):
+            other = loaded.get_submodule(name)
+            assert torch.equal(other.weight, m.weight)
+            assert torch.equal(weight_quant(other.weight)[0], weight_quant(m.weight)[0])
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+# Llama and GPT-2 (Conv1D layers) in the default suite; the other architectures (about 5 CPU-s each) are slow.
+@pytest.mark.parametrize("arch", [a if a in ("llama", "gpt2") else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in TINY_ARCHITECTURES])
+def test_block_reconstruction_lowers_every_blocks_error(arch):
+    teacher, student = _pair(arch)
+    ids, val = _ids(16), _ids(4, seed=2)
+    cfg = BlockwiseConfig(init="keep", steps=20, lr=1e-3, micro_batch=4, student_inputs=False)
+    rep = reconstruct_blocks_in_place(student, teacher, ids, cfg, val_ids=val, progress=False)
+    assert len(rep.blocks) == teacher.config.num_hidden_layers
+    for b in rep.blocks:
+        assert b["val_after"] < b["val_before"], b
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    teacher, fresh = _pair("qwen2")
+    ids, val = _ids(8), _ids(4, seed=2)
+    cfg = BlockwiseConfig(steps=5, micro_batch=4, student_inputs=True)
+    whole = copy.deepcopy(fresh)
+    reconstruct_blocks_in_place(whole, teacher, ids, cfg, val_ids=val, progress=False)
+    first = copy.deepcopy(fresh)
+    rep = reconstruct_blocks_in_place(first, teacher, ids, cfg, val_ids=val, work_dir=tmp_path, max_blocks=1,
+                                      progress=False)
+    assert len(rep.blocks) == 1
+    resumed = copy.deepcopy(fresh)  # a new process: the student starts from the naive copy again
+    rep = reconstruct_blocks_in_place(resumed, teacher, ids, cfg, val_ids=val, work_dir=tmp_path, progress=False)
+    assert len(rep.blocks) == teacher.config.num_hidden_layers
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(ValueError, match="other options or data"):
+        reconstruct_blocks_in_place(copy.deepcopy(fresh), teacher, ids, BlockwiseConfig(steps=6), work_dir=tmp_path,
+                                    progress=False)
+
+
+def test_block_losses_and_budget_checks():
+    t = torch.randn(2, 5, 8)
+    t[:, 0] *= 100  # a massive-activation position
+    p = t + 0.1 * torch.randn_like(t)
+    x = t - torch.randn_like(t)
+    assert block_loss("mse", t, t, x) == 0
+    token, mse = block_loss("token", p, t, x), block_loss("mse", p, t, x)
+    assert token > mse  # the massive position no longer hides the others' errors
+    assert block_loss("delta", p, t, x) > 0
+    with pytest.raises(ValueError, match="memory budget"):
+        check_state_budget(10 * 2**20, memory_budget=2**20, work_dir=None, layer_bytes=0)
+    assert parse_cpu_budget("90m") == 5400 and parse_cpu_budget("1.5h") == 5400 and parse_cpu_budget("30s") == 30
+    for bad in ("ninety", "-5m", "0"):
+        with pytest.raises(ValueError, match="time_budget"):
+            parse_cpu_budget(bad)
+    assert CpuBudgetCallback(10).budget_s == 10

@@ -1,0 +1,67 @@
+"""``bitdistill recover`` end to end on a tiny model: stage results, packing, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from run_utils import tiny_gpt2_vocab_folder
+from transformers import AutoModelForCausalLM
+
+from bitdistill import load_student
+from bitdistill.cli.main import main
+from bitdistill.export.folder import pack_pretrained
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("recover")
+    tok = shared_data / "tokenizers" / "gpt2"
+    wiki = shared_data / "wikitext-2-raw-v1"
+    (root / "train.txt").write_text((wiki / "wiki.train.prefix.raw").read_text()[:12000])
+    return {"root": root, "common": [
+        "--teacher_model_name_or_path", str(tiny_gpt2_vocab_folder(root / "teacher", "llama", tok)),
+        "--train_files", str(root / "train.txt"), "--max_seq_length", "32", "--per_device_train_batch_size", "2",
+        "--data_cache_dir", str(root / "cache"), "--seed", "0", "--disable_tqdm", "true", "--report_to", "none",
+        "--save_strategy", "no", "--calibration_tokens", "256", "--calibration_seq_length", "32",
+        "--held_out_blocks", "4", "--block_micro_batch", "4"]}
+
+
+def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
+    out = setup["root"] / "run"
+    rc = main(["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "4", "--block_init", "gptq", "--output_dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "recovery.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["init", "blocks", "e2e"]
+    for s in summary["stages"]:
+        assert f"stage {s['stage']}: held-out loss" in printed
+        assert s["held_out_perplexity"] > 1 and s["cpu_s"] > 0
+    audit = [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in audit if r.get("event") == "stage"] == ["init", "blocks", "e2e"]
+    assert "## Staged recovery" in (out / "student" / "README.md").read_text()
+    pack_pretrained(out / "student", tmp_path / "packed")
+    ids = torch.randint(0, 1000, (1, 12))
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32).eval()(ids).logits
+        student = load_student(out / "student").eval()(ids).logits
+    torch.testing.assert_close(plain, student, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("flags", "match"), [
+    (["--time_budget", "0.0001s", "--block_init", "gptq"], "first stage alone needs"),
+    (["--time_budget", "0.0001s"], "first stage alone needs"),
+    (["--time_budget", "10x"], "is not a CPU time"),
+    (["--time_budget", "1m", "--calibration_tokens", "100000"], "fewer than the"),
+    (["--time_budget", "1m", "--state_memory_mb", "0"], "memory budget"),
+    (["--time_budget", "1m", "--block_loss", "l1"], "unknown block loss"),
+])
+def test_recover_bad_input_fails_before_work(setup, capsys, flags, match):
+    out = Path(setup["root"]) / f"bad{abs(hash(tuple(flags)))}"
+    rc = main(["recover", *setup["common"], *flags, "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err, err
+    assert len([line for line in err.splitlines() if "error:" in line]) == 1
+    assert not (out / "student").exists() and not (out / "init").exists()
