@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from bitdistill.export.bitnet_arch import has_subln, subln_to_bitnet
 from bitdistill.export.packed import (
     _COPY_FILES,
     DEFAULT_MAX_SHARD_BYTES,
@@ -164,6 +165,9 @@ def pack_pretrained(
             source_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
             if torch_dtype is None and source_dtype in ("bfloat16", "float16", "float32"):
                 torch_dtype = _parse_dtype(source_dtype)
+            if has_subln(model):
+                model = subln_to_bitnet(model)
+                kind = "BitNet student with SubLN, written as transformers' BitNetForCausalLM"
         elif from_plain:
             warnings.warn(PTQ_WARNING, stacklevel=2)
             model, skipped = _load_plain(str(src), None, skip or ("lm_head",))
