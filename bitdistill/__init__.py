@@ -12,6 +12,7 @@ Importing this package imports no CUDA-only code and no Triton. The distillation
 
 import importlib
 
+from bitdistill.convert import load_causal_lm
 from bitdistill.export import (
     PackReport,
     load_packed,
@@ -102,6 +103,7 @@ __all__ = [
     "fake_quant_activation",
     "fake_quant_weight",
     "insert_subln",
+    "load_causal_lm",
     "load_for_eval",
     "load_multi_exit",
     "load_packed",
