@@ -96,7 +96,12 @@ def test_bad_inputs(setup, capsys, tmp_path):
     fails("--train_files", str(empty), match="is empty")
     gpt2 = tiny_gpt2_vocab_folder(tmp_path / "gpt2", "gpt2", setup["tok"])
     fails("--teacher_model_name_or_path", str(gpt2), "--subln", "true", match="supported: llama")
-    fails("--tokenizer_name_or_path", "tiny:llama", match="no tokenizer")
+    gguf_only = tmp_path / "gguf_only"
+    gguf_only.mkdir()
+    (gguf_only / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    for tokenizer in ([], ["--tokenizer_name_or_path", str(setup["tok"])]):  # tokenizer and teacher loading
+        fails("--teacher_model_name_or_path", str(gguf_only), *tokenizer,
+              match="holds the GGUF file m.Q4_1.gguf; pass --teacher_gguf_file m.Q4_1.gguf")
 
 
 def test_teacher_cache_cli_trains_without_teacher(setup, capsys):

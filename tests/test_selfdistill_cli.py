@@ -197,3 +197,16 @@ def test_plain_mode_gradient_accumulation_matches_a_larger_batch_and_card_has_no
     for f in (tmp_path / "b").rglob("*"):
         if f.is_file() and f.suffix in (".md", ".json", ".jsonl"):
             assert "hf_do_not_leak" not in f.read_text(), f
+
+
+def test_tiny_model_runs_without_a_tokenizer_of_its_own(setup):
+    """`tiny:<arch>` models get the byte-level tiny tokenizer (256 ids = their vocabulary)."""
+    root = setup["root"]
+    common = setup["common"][2:]  # without --tokenizer_name_or_path
+    out = root / "run_tiny"
+    rc = main(["self-distill", "--model_name_or_path", "tiny:llama", *common, "--output_dir", str(out),
+               "--max_steps", "2", "--save_strategy", "no"])
+    assert rc == 0
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(out / "model")) == 256

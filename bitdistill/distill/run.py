@@ -15,7 +15,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import PROVENANCE_FILE, AuditCallback, release_memory, write_provenance
-from bitdistill.convert import load_causal_lm, load_model
+from bitdistill.convert import check_model_source, load_causal_lm, load_model
 from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
 from bitdistill.distill.args import (
     CacheArguments,
@@ -35,6 +35,7 @@ from bitdistill.distill.warmup import QuantWarmup
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.export.memory import pack_in_memory
 from bitdistill.io import atomic_output_dir
+from bitdistill.models import tiny_tokenizer
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 
 __all__ = ["CONFIG_FILE", "build_blocks", "check_run_folder", "load_teacher", "load_tokenizer", "prepare_student",
@@ -50,16 +51,21 @@ _RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "max_steps", "num_
 
 
 def load_tokenizer(model_args: ModelArguments):
-    """The tokenizer: ``--tokenizer_name_or_path``, else the teacher's (folder, hub id or GGUF)."""
+    """The tokenizer: ``--tokenizer_name_or_path``, else the teacher's (folder, hub id or GGUF; a ``tiny:<arch>``
+    model's is the byte-level :func:`~bitdistill.models.tiny_tokenizer`)."""
     from transformers import AutoTokenizer
 
-    src = model_args.tokenizer_name_or_path
-    gguf = None
+    src, gguf = model_args.tokenizer_name_or_path, None
     if src is None:
-        src = model_args.teacher_model_name_or_path or model_args.student_model_name_or_path
-        gguf = model_args.teacher_gguf_file if model_args.teacher_model_name_or_path else model_args.student_gguf_file
-    if src is None or str(src).startswith("tiny:"):
-        raise ValueError("no tokenizer to load; pass --tokenizer_name_or_path (a tiny:<arch> model has none)")
+        teacher = model_args.teacher_model_name_or_path
+        src = teacher or model_args.student_model_name_or_path
+        gguf = model_args.teacher_gguf_file if teacher else model_args.student_gguf_file
+        if src is not None:
+            check_model_source(src, gguf, "--teacher_gguf_file" if teacher else "--student_gguf_file")
+    if src is None:
+        raise ValueError("no tokenizer to load; pass --tokenizer_name_or_path (or a teacher / student model)")
+    if str(src).startswith("tiny:"):
+        return tiny_tokenizer()
     return AutoTokenizer.from_pretrained(src, gguf_file=gguf)
 
 
@@ -68,6 +74,7 @@ def load_teacher(model_args: ModelArguments) -> nn.Module:
     src = model_args.teacher_model_name_or_path
     if src is None:
         raise ValueError("pass --teacher_model_name_or_path (or --teacher_cache to train without a teacher)")
+    check_model_source(src, model_args.teacher_gguf_file, "--teacher_gguf_file")
     if model_args.teacher_load_in_8bit or model_args.teacher_load_in_4bit:
         if not torch.cuda.is_available():
             raise ValueError("--teacher_load_in_8bit/4bit need a CUDA device (bitsandbytes); load it in "
@@ -108,6 +115,8 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
         if src is None:
             raise ValueError("pass --student_model_name_or_path (or a teacher to copy)")
         gguf = model_args.student_gguf_file if model_args.student_model_name_or_path else model_args.teacher_gguf_file
+        check_model_source(src, gguf, "--student_gguf_file" if model_args.student_model_name_or_path else
+                           "--teacher_gguf_file")
         student = load_model(src, gguf_file=gguf, dtype=model_args.model_dtype)
     if student_marker(student) is None:
         report = replace_linear_with_bitlinear(student, modules_to_not_convert=model_args.modules_to_not_convert)

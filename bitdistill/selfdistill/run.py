@@ -22,7 +22,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import redact_command
-from bitdistill.convert import load_model, parse_dtype
+from bitdistill.convert import check_model_source, load_model, parse_dtype
 from bitdistill.distill.args import DataArguments
 from bitdistill.distill.run import (
     CONFIG_FILE,
@@ -33,6 +33,7 @@ from bitdistill.distill.run import (
     setup_run,
 )
 from bitdistill.io import atomic_output_dir
+from bitdistill.models import tiny_tokenizer
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 from bitdistill.selfdistill.args import EXIT_MODES, SelfDistillArguments, SelfDistillModelArguments
 from bitdistill.selfdistill.exits import MultiExitLM
@@ -84,9 +85,12 @@ def _load_tokenizer(model_args: SelfDistillModelArguments):
 
     src, gguf = model_args.tokenizer_name_or_path, None
     if src is None:
-        if model_args.model_name_or_path is None or model_args.model_name_or_path.startswith("tiny:"):
-            raise ValueError("pass --tokenizer_name_or_path (a model built from --model_config or tiny:<arch> has none)")
+        if model_args.model_name_or_path is None:
+            raise ValueError("pass --tokenizer_name_or_path (a model built from --model_config has none)")
+        if model_args.model_name_or_path.startswith("tiny:"):
+            return tiny_tokenizer()
         src, gguf = model_args.model_name_or_path, model_args.gguf_file
+        check_model_source(src, gguf, "--gguf_file")
     return AutoTokenizer.from_pretrained(src, gguf_file=gguf)
 
 
