@@ -43,8 +43,9 @@ def _losses(output_dir: Path, step: int) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
-def test_cli_end_to_end(setup, capsys):
+def test_cli_end_to_end(setup, capsys, tmp_path, monkeypatch):
     root = setup["root"]
+    monkeypatch.chdir(tmp_path)  # TensorBoard scalars (the start evaluation's included) go to OUT, not ./runs
     out = root / "run"
     rc = main(["distill", *setup["common"], "--eval_files", str(root / "test.txt"), "--eval_max_windows", "3",
                "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2", "--eval_strategy", "steps",
@@ -55,7 +56,8 @@ def test_cli_end_to_end(setup, capsys):
     student_dir = out / "student"
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert (out / "checkpoint-2" / "distill_config.json").is_file()
-    assert list(out.glob("runs/*/events.out.tfevents.*"))
+    assert len({p.parent for p in out.glob("runs/*/events.out.tfevents.*")} - {out / "runs" / "audit"}) == 1
+    assert not (tmp_path / "runs").exists()
     metrics = json.loads((student_dir / "distill_metrics.json").read_text())
     assert math.isfinite(metrics["student_end"]["final_perplexity"])
     assert math.isfinite(metrics["teacher"]["perplexity"])

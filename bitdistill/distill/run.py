@@ -14,7 +14,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from bitdistill.audit import PROVENANCE_FILE, AuditCallback, release_memory, write_provenance
+from bitdistill.audit import (
+    PROVENANCE_FILE,
+    AuditCallback,
+    release_memory,
+    tensorboard_into_output_dir,
+    write_provenance,
+)
 from bitdistill.convert import check_model_source, load_causal_lm, load_model
 from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
 from bitdistill.distill.args import (
@@ -351,6 +357,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         loss_args=loss_args, hidden_layer_map=layer_map, attention_layers=attention_layers,
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, validation_dataset=val_ds, callbacks=run.callbacks)
+    tensorboard_into_output_dir(trainer)
 
     prov = None
     if trainer.is_world_process_zero():

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from bitdistill.audit import redact_command
+from bitdistill.audit import redact_command, tensorboard_into_output_dir
 from bitdistill.convert import check_model_source, load_model, parse_dtype
 from bitdistill.distill.args import DataArguments
 from bitdistill.distill.run import (
@@ -136,6 +136,7 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
         model=module, args=training_args, train_dataset=run.train_ds, validation_dataset=val_ds,
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, eval_exit_layers=eval_layers, callbacks=run.callbacks)
+    tensorboard_into_output_dir(trainer)
 
     if trainer.is_world_process_zero():
         all_args = {"model": dataclasses.asdict(model_args), "self_distill": dataclasses.asdict(sd_args),
