@@ -34,8 +34,8 @@ SHAPES = [(576, 1536), (1536, 576), (2048, 2048)]  # (in, out): SmolLM2 up_proj,
 def main() -> None:
     from transformers.integrations.bitnet import BitLinear as HFBitLinear
 
+    from bitdistill.cpu_ext import native_available
     from bitdistill.nn import BitLinear, PackedBitLinear
-    from bitdistill.nn.packed_cpu import native_available
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)

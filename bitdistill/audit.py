@@ -227,7 +227,7 @@ def provenance(args: dict, command: str | None = None) -> dict:
     the arguments without secrets and the command without secrets."""
     import transformers
 
-    from bitdistill import __version__
+    from bitdistill._version import __version__
 
     return {"bitdistill": __version__, "git_commit": _git_commit(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(), "device": _device(),

@@ -140,7 +140,7 @@ def packed_linear(
     x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     if x.device.type == "cpu":
-        from bitdistill.nn.packed_cpu import packed_linear_cpu
+        from bitdistill.cpu_ext import packed_linear_cpu
 
         return packed_linear_cpu(x, packed, weight_scale, bias)
     return packing.packed_linear_reference(x, packed, weight_scale, bias)

@@ -96,8 +96,8 @@ def _tree(folder: Path) -> dict[str, int]:
 
 def test_data_cache_is_reused_and_disk_use_does_not_grow(tmp_path, shared_data, monkeypatch):
     import bitdistill.data.blocks as blocks_module
-    from bitdistill.distill.args import DataArguments
-    from bitdistill.distill.run import build_blocks
+    from bitdistill.data.args import DataArguments
+    from bitdistill.runs import build_blocks
 
     tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
     text_file = shared_data / "wikitext-2-raw-v1" / "wiki.valid.raw"

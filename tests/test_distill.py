@@ -12,7 +12,6 @@ from bitdistill import load_student, replace_linear_with_bitlinear
 from bitdistill.distill.attention import QKVCapture
 from bitdistill.distill.layer_map import build_layer_map
 from bitdistill.distill.losses import logits_distillation_loss
-from bitdistill.distill.subln import insert_subln
 from bitdistill.distill.teacher_cache import (
     TeacherCache,
     cache_teacher_logits,
@@ -21,6 +20,7 @@ from bitdistill.distill.teacher_cache import (
 )
 from bitdistill.distill.warmup import QuantWarmup
 from bitdistill.models import tiny_model
+from bitdistill.nn.subln import insert_subln
 
 
 def test_layer_maps():
@@ -184,8 +184,8 @@ def test_distillation_names_are_public_and_lazy():
 
 def test_subln_marker_survives_save_and_load(tmp_path):
     from bitdistill import load_student, replace_linear_with_bitlinear, student_marker
-    from bitdistill.distill.subln import insert_subln
     from bitdistill.models import tiny_model
+    from bitdistill.nn.subln import insert_subln
 
     model = tiny_model("llama")
     replace_linear_with_bitlinear(model)

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 from bitdistill import load_packed, load_student, pack_in_memory
 from bitdistill.cli.main import main
-from bitdistill.distill.subln import insert_subln
 from bitdistill.export.bitnet_arch import subln_to_bitnet
 from bitdistill.export.folder import pack_pretrained
 from bitdistill.models import tiny_model
 from bitdistill.nn import replace_linear_with_bitlinear
+from bitdistill.nn.subln import insert_subln
 
 # A fresh interpreter that never imports bitdistill: what a user of plain transformers gets.
 HF_ONLY = textwrap.dedent("""

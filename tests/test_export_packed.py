@@ -260,7 +260,7 @@ def test_load_packed_keeps_only_packed_bytes(packed_folders):
 
 
 def test_subln_student_refused(tmp_path):
-    from bitdistill.distill.subln import insert_subln
+    from bitdistill.nn.subln import insert_subln
 
     student = _student("llama")
     insert_subln(student, init="ones")

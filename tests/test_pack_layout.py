@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bitdistill import ops
-from bitdistill.nn import BitLinear, PackedBitLinear, packed_cpu
+from bitdistill import cpu_ext, ops
+from bitdistill.nn import BitLinear, PackedBitLinear
 from bitdistill.quant.packing import pack_ternary, packed_linear_reference, unpack_ternary
 
 SHAPES = [(4, 1), (4, 7), (8, 2), (12, 33), (64, 64), (128, 31), (256, 96), (1024, 5), (36, 1000)]
@@ -47,37 +47,37 @@ def test_pack_rejects_rows_not_multiple_of_four():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(4, 1), (12, 33), (64, 96), (128, 100)])
 def test_cpu_packed_linear_matches_reference(monkeypatch, native, dtype, n, k):
-    if native and not packed_cpu.native_available():
+    if native and not cpu_ext.native_available():
         pytest.skip("no C compiler: the native kernel is unavailable")
     if not native:
-        monkeypatch.setattr(packed_cpu, "NATIVE_MAX_TOKENS", -1)
+        monkeypatch.setattr(cpu_ext, "NATIVE_MAX_TOKENS", -1)
     packed = pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8))
     scale = torch.tensor([2.7])
     for m in (1, 3, 17):
         x = (torch.randn(m, k) * 4).to(dtype)
         for bias in (None, torch.randn(n).to(dtype)):
-            got = packed_cpu.packed_linear_cpu(x, packed, scale, bias)
+            got = cpu_ext.packed_linear_cpu(x, packed, scale, bias)
             assert got.dtype == dtype
             assert torch.equal(got, packed_linear_reference(x, packed, scale, bias))
 
 
 def test_tiled_path_bounds_its_tile(monkeypatch):
-    monkeypatch.setattr(packed_cpu, "TILE_BYTES", 4 * 40 * 4)  # one packed row (4 weight rows) of K=40 per tile
+    monkeypatch.setattr(cpu_ext, "TILE_BYTES", 4 * 40 * 4)  # one packed row (4 weight rows) of K=40 per tile
     packed = pack_ternary(torch.randint(-1, 2, (16, 40), dtype=torch.int8))
     x_codes = torch.randint(-128, 128, (5, 40), dtype=torch.int8)
     expected = x_codes.float() @ unpack_ternary(packed, torch.float32).t()
-    assert torch.equal(packed_cpu._tiled_int_mm(x_codes, packed), expected)
+    assert torch.equal(cpu_ext._tiled_int_mm(x_codes, packed), expected)
 
 
 def test_native_int_mm_exact_on_extremes():
-    if not packed_cpu.native_available():
+    if not cpu_ext.native_available():
         pytest.skip("no C compiler: the native kernel is unavailable")
     k = 4099
     codes = torch.ones(8, k, dtype=torch.int8)
     codes[4:] = -1
     x = torch.full((2, k), -128, dtype=torch.int8)
     x[1] = 127
-    got = packed_cpu.packed_int_mm(x, pack_ternary(codes))
+    got = cpu_ext.packed_int_mm(x, pack_ternary(codes))
     assert torch.equal(got.long(), (x.long() @ codes.long().t()))
 
 

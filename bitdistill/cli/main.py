@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from bitdistill import __version__
+    from bitdistill._version import __version__
 
     return f"bitdistill {__version__}"
 

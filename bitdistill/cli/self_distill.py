@@ -13,7 +13,7 @@ HELP = ("Train a causal LM (pretrained or from a config, full precision or --bit
 def _types() -> tuple:
     from transformers import TrainingArguments
 
-    from bitdistill.distill.args import DataArguments
+    from bitdistill.data.args import DataArguments
     from bitdistill.selfdistill.args import SelfDistillArguments, SelfDistillModelArguments
 
     return (SelfDistillModelArguments, SelfDistillArguments, DataArguments, TrainingArguments)

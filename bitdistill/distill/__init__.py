@@ -1,50 +1,39 @@
-"""Knowledge distillation from a full-precision teacher into a BitNet b1.58 student (``bitdistill distill``)."""
+"""Knowledge distillation from a full-precision teacher into a BitNet b1.58 student (``bitdistill distill``).
 
-from bitdistill.distill.args import CacheArguments, DataArguments, LossArguments, ModelArguments
-from bitdistill.distill.attention import QKVCapture
-from bitdistill.distill.card import model_card
-from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
-from bitdistill.distill.layer_map import LAYER_MAP_STRATEGIES, build_layer_map
-from bitdistill.distill.losses import (
-    LOGIT_LOSSES,
-    attention_relation_loss,
-    cross_entropy_loss,
-    divergence,
-    hidden_state_loss,
-    logits_distillation_loss,
-    prediction_mask,
-)
-from bitdistill.distill.run import run_cache_teacher, run_distillation
-from bitdistill.distill.subln import insert_subln
-from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits, cached_logits_loss
-from bitdistill.distill.trainer import DistillationTrainer
-from bitdistill.distill.warmup import QuantWarmup
+Every name is imported on first use: importing a loss does not import ``transformers.Trainer``.
+"""
 
-__all__ = [
-    "LAYER_MAP_STRATEGIES",
-    "LOGIT_LOSSES",
-    "CacheArguments",
-    "DataArguments",
-    "DistillationTrainer",
-    "LossArguments",
-    "ModelArguments",
-    "QKVCapture",
-    "QuantWarmup",
-    "TeacherCache",
-    "attention_relation_loss",
-    "build_layer_map",
-    "cache_teacher_logits",
-    "cached_logits_loss",
-    "cross_entropy_loss",
-    "divergence",
-    "freeze_embeddings",
-    "hidden_state_loss",
-    "insert_subln",
-    "logits_distillation_loss",
-    "model_card",
-    "prediction_mask",
-    "run_cache_teacher",
-    "run_distillation",
-    "student_from_config",
-    "transfer_embeddings",
-]
+from bitdistill._lazy import lazy_getattr
+
+_WHERE = {
+    "LAYER_MAP_STRATEGIES": "bitdistill.distill.layer_map",
+    "LOGIT_LOSSES": "bitdistill.distill.losses",
+    "CacheArguments": "bitdistill.distill.args",
+    "DataArguments": "bitdistill.distill.args",
+    "DistillationTrainer": "bitdistill.distill.trainer",
+    "LossArguments": "bitdistill.distill.args",
+    "ModelArguments": "bitdistill.distill.args",
+    "QKVCapture": "bitdistill.distill.attention",
+    "QuantWarmup": "bitdistill.distill.warmup",
+    "TeacherCache": "bitdistill.distill.teacher_cache",
+    "attention_relation_loss": "bitdistill.distill.losses",
+    "build_layer_map": "bitdistill.distill.layer_map",
+    "cache_teacher_logits": "bitdistill.distill.teacher_cache",
+    "cached_logits_loss": "bitdistill.distill.teacher_cache",
+    "cross_entropy_loss": "bitdistill.distill.losses",
+    "divergence": "bitdistill.distill.losses",
+    "freeze_embeddings": "bitdistill.distill.embeddings",
+    "hidden_state_loss": "bitdistill.distill.losses",
+    "insert_subln": "bitdistill.nn.subln",
+    "logits_distillation_loss": "bitdistill.distill.losses",
+    "model_card": "bitdistill.distill.card",
+    "prediction_mask": "bitdistill.distill.losses",
+    "run_cache_teacher": "bitdistill.distill.run",
+    "run_distillation": "bitdistill.distill.run",
+    "student_from_config": "bitdistill.distill.embeddings",
+    "transfer_embeddings": "bitdistill.distill.embeddings",
+}
+
+__getattr__ = lazy_getattr(__name__, _WHERE)
+
+__all__ = sorted(_WHERE)

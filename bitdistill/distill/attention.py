@@ -2,7 +2,7 @@
 
 The hooks read the *outputs* of ``q_proj``/``k_proj``/``v_proj`` (or split a fused ``qkv_proj``), i.e. the
 states before rotary embedding, per-head norms and, for grouped-query attention, before K/V heads are
-repeated. Supported architectures: :data:`bitdistill.distill.arch.SUPPORTED_ARCHITECTURES`.
+repeated. Supported architectures: :data:`bitdistill.nn.arch.SUPPORTED_ARCHITECTURES`.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitdistill.distill.arch import arch_spec, decoder_layers
+from bitdistill.nn.arch import arch_spec, decoder_layers
 
 __all__ = ["QKVCapture", "resolve_layer_indices"]
 

@@ -14,15 +14,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from bitdistill.audit import (
-    PROVENANCE_FILE,
-    AuditCallback,
-    release_memory,
-    tensorboard_into_output_dir,
-    write_provenance,
-)
+from bitdistill.audit import release_memory, tensorboard_into_output_dir
 from bitdistill.convert import check_model_source, load_causal_lm, load_model
-from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
 from bitdistill.distill.args import (
     CacheArguments,
     DataArguments,
@@ -34,27 +27,28 @@ from bitdistill.distill.attention import resolve_layer_indices
 from bitdistill.distill.card import distill_card
 from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
 from bitdistill.distill.layer_map import build_layer_map
-from bitdistill.distill.subln import insert_subln
 from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits
-from bitdistill.distill.trainer import PROJECTOR_ATTR, DistillationTrainer, EvalEveryCallback
+from bitdistill.distill.trainer import PROJECTOR_ATTR, DistillationTrainer
 from bitdistill.distill.warmup import QuantWarmup
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.export.memory import pack_in_memory
 from bitdistill.io import atomic_output_dir
 from bitdistill.models import tiny_tokenizer
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
+from bitdistill.nn.subln import insert_subln
+from bitdistill.runs import (
+    CONFIG_FILE,
+    build_blocks,
+    check_run_folder,
+    config_dict,
+    record_provenance,
+    setup_run,
+)
 
-__all__ = ["CONFIG_FILE", "build_blocks", "check_run_folder", "load_teacher", "load_tokenizer", "prepare_student",
-           "record_provenance", "run_cache_teacher", "run_distillation", "setup_run", "tokens_per_step"]
+__all__ = ["load_teacher", "load_tokenizer", "prepare_student", "run_cache_teacher", "run_distillation"]
 
-CONFIG_FILE = "distill_config.json"
 METRICS_FILE = "distill_metrics.json"
 logger = logging.getLogger(__name__)
-# Options that may change between a run and its resumption (everything else must match).
-_RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_steps",
-                      "save_steps", "eval_steps", "eval_files", "eval_stride", "eval_max_windows", "report_to",
-                      "logging_dir", "data_cache_dir", "save_total_limit", "disable_tqdm"}
-
 
 def load_tokenizer(model_args: ModelArguments):
     """The tokenizer: ``--tokenizer_name_or_path``, else the teacher's (folder, hub id or GGUF; a ``tiny:<arch>``
@@ -155,144 +149,6 @@ def _check_pair(teacher: nn.Module | None, student: nn.Module, tokenizer, max_se
             raise ValueError(f"--max_seq_length {max_seq_length} exceeds the {who}'s context of {limit} tokens")
 
 
-def _cache_dir(data_args: DataArguments) -> str | None:
-    if data_args.data_cache_dir == "none":
-        return None
-    return data_args.data_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bitdistill", "data")
-
-
-def build_blocks(data_args: DataArguments, tokenizer) -> torch.Tensor:
-    """Training token blocks ``[N, max_seq_length]`` (including the held-out validation rows)."""
-    text = load_text(data_args.train_files or None, dataset_name=data_args.dataset_name,
-                     dataset_config_name=data_args.dataset_config_name, split=data_args.dataset_split,
-                     text_column=data_args.text_column)
-    blocks = token_blocks(text, tokenizer, data_args.max_seq_length, cache_dir=_cache_dir(data_args))
-    if data_args.max_train_blocks is not None:
-        blocks = blocks[: data_args.max_train_blocks]
-    if blocks.shape[0] <= data_args.validation_blocks:
-        raise ValueError(f"{blocks.shape[0]} blocks of {data_args.max_seq_length} tokens leave none for training "
-                         f"after holding out {data_args.validation_blocks}; give more text")
-    return blocks
-
-
-def _config_dict(model_args, data_args, loss_args, training_args) -> dict:
-    keep = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
-            "lr_scheduler_type", "warmup_steps", "seed", "data_seed", "optim", "bf16", "fp16",
-            "max_grad_norm", "adam_beta1", "adam_beta2")
-    out = {**dataclasses.asdict(model_args), **dataclasses.asdict(data_args), **dataclasses.asdict(loss_args)}
-    out.update({k: getattr(training_args, k, None) for k in keep})
-    return json.loads(json.dumps(out, default=str))
-
-
-def _check_resume(checkpoint: Path, config: dict) -> None:
-    saved_file = checkpoint / CONFIG_FILE
-    if not saved_file.is_file():
-        raise ValueError(f"{checkpoint} has no {CONFIG_FILE}; it was not written by `bitdistill distill` or `self-distill`")
-    saved = json.loads(saved_file.read_text())
-    diff = sorted(k for k in set(saved) | set(config)
-                  if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
-    if diff:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
-        raise ValueError(f"cannot resume from {checkpoint}: it was written with a different configuration ({details}); "
-                         "resume with the same options or start a new --output_dir")
-
-
-def _resolve_checkpoint(training_args, output_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    r = training_args.resume_from_checkpoint
-    if r in (None, "", "false", "False"):
-        return None
-    if r in ("true", "True", "latest"):
-        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if last is None:
-            raise FileNotFoundError(f"no checkpoint-* folder in {output_dir} to resume from")
-        return Path(last)
-    if not (Path(r) / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{r} is not a Trainer checkpoint (no trainer_state.json)")
-    return Path(r)
-
-
-def check_run_folder(training_args, config: dict, final_dir: Path) -> Path | None:
-    """Validate ``--output_dir`` before a run and return the checkpoint to resume from (``None``: a new run).
-
-    A new run refuses a folder holding checkpoints, a final model or an earlier run's provenance; a resumed
-    run must have the configuration its checkpoint was written with (see ``_RESUMABLE_CHANGES``).
-    """
-    output_dir = Path(training_args.output_dir)
-    checkpoint = _resolve_checkpoint(training_args, output_dir)
-    if checkpoint is not None:
-        _check_resume(checkpoint, config)
-    elif output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
-        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
-                              "continue, or choose another --output_dir")
-    if final_dir.exists():
-        raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
-    if checkpoint is None and training_args.process_index == 0 and (output_dir / PROVENANCE_FILE).exists():
-        raise FileExistsError(f"{output_dir / PROVENANCE_FILE} already exists (an earlier run); choose another "
-                              "--output_dir")
-    return checkpoint
-
-
-def tokens_per_step(training_args, data_args: DataArguments) -> int:
-    """Tokens one optimizer step consumes over all processes."""
-    return (training_args.per_device_train_batch_size * data_args.max_seq_length
-            * training_args.gradient_accumulation_steps * training_args.world_size)
-
-
-def record_provenance(output_dir: Path, all_args: dict, command: str | None, *, resumed: bool) -> dict:
-    """Write ``provenance.json`` (a resumed run: ``provenance-resume-<time>.json``) and return its content."""
-    name = PROVENANCE_FILE if not resumed else f"provenance-resume-{time.strftime('%Y%m%dT%H%M%S')}.json"
-    return json.loads(write_provenance(output_dir, all_args, command, name=name).read_text())
-
-
-@dataclasses.dataclass
-class RunSetup:
-    """What :func:`setup_run` prepares for a Trainer: its arguments, datasets, evaluation ids, callbacks, the audit log."""
-
-    training_args: object
-    train_ds: BlockDataset
-    val_ds: BlockDataset | None
-    ppl_ids: torch.Tensor | None
-    callbacks: list[TrainerCallback]
-    audit: AuditCallback
-    config_json: str
-
-
-def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, training_args, config: dict,
-              callbacks: list[TrainerCallback] | None) -> RunSetup:
-    """Split off the held-out blocks, tokenize the evaluation text and build the callbacks of a run.
-
-    ``RunSetup.training_args`` is a copy of ``training_args`` adjusted for block datasets: its evaluation
-    schedule (``eval_strategy="steps"`` with an integer ``eval_steps``, or ``"no"``) becomes an
-    :class:`EvalEveryCallback` calling the trainer's own ``evaluate``. The callbacks are the caller's,
-    that one, the checkpoint config writer and the audit log (last, so it sees evaluation requests).
-    """
-    strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
-    if strategy not in ("no", "steps"):
-        raise ValueError(f"--eval_strategy {strategy} is not supported here; use steps (with an integer "
-                         "--eval_steps) or no")
-    eval_steps = training_args.eval_steps if strategy == "steps" else None
-    if eval_steps is not None and (float(eval_steps) != int(eval_steps) or eval_steps < 1):
-        raise ValueError(f"--eval_steps must be a whole number of optimizer steps >= 1, got {eval_steps}")
-    training_args = copy.copy(training_args)
-    v = data_args.validation_blocks
-    train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
-    val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
-    ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
-    training_args.eval_strategy = "no"
-    training_args.remove_unused_columns = False
-    training_args.prediction_loss_only = True
-    callbacks = list(callbacks or [])
-    if eval_steps:
-        callbacks.append(EvalEveryCallback(int(eval_steps)))
-    config_json = json.dumps(config, indent=2)
-    callbacks.append(_ConfigWriter(config_json))
-    audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
-    callbacks.append(audit)
-    return RunSetup(training_args, train_ds, val_ds, ppl_ids, callbacks, audit, config_json)
-
-
 def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
                      training_args, task_args: EvalTaskArguments | None = None, *, command: str | None = None,
                      callbacks: list[TrainerCallback] | None = None) -> Path:
@@ -314,7 +170,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
-    config = _config_dict(model_args, data_args, loss_args, training_args)
+    config = config_dict(model_args, data_args, loss_args, training_args=training_args)
     checkpoint = check_run_folder(training_args, config, final_dir)
     if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
         raise ValueError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
@@ -432,19 +288,6 @@ class _WarmupCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.warmup.set_step(state.global_step)
-
-
-class _ConfigWriter(TrainerCallback):
-    """Writes the run configuration into every checkpoint (read back to validate a resume)."""
-
-    def __init__(self, config_json: str) -> None:
-        self.config_json = config_json
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / CONFIG_FILE).write_text(self.config_json)
 
 
 def _save_student(student: nn.Module, tokenizer, out: Path, card_args: tuple, metrics: dict, config_json: str,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from bitdistill.distill.args import LossArguments
 from bitdistill.distill.attention import QKVCapture
@@ -28,21 +28,9 @@ from bitdistill.distill.losses import (
 from bitdistill.distill.teacher_cache import TeacherCache, cached_logits_loss
 from bitdistill.eval.perplexity import strided_perplexity
 
-__all__ = ["DistillationTrainer", "EvalEveryCallback"]
+__all__ = ["DistillationTrainer"]
 
 PROJECTOR_ATTR = "bitdistill_projectors"
-
-
-class EvalEveryCallback(TrainerCallback):
-    """Ask the trainer to evaluate every ``steps`` optimizer steps (used for perplexity evaluations)."""
-
-    def __init__(self, steps: int) -> None:
-        self.steps = steps
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.steps > 0 and state.global_step % self.steps == 0:
-            control.should_evaluate = True
-        return control
 
 
 class DistillationTrainer(Trainer):

@@ -7,7 +7,7 @@ It holds exactly the tensors of the Hugging Face ``bitnet`` format (``linear_cla
 
     y = (X_q @ T^T) / (s_x * weight_scale) + bias
 
-through ``bitdistill.ops.packed_linear`` (CPU: :mod:`bitdistill.nn.packed_cpu`, unpacking in
+through ``bitdistill.ops.packed_linear`` (CPU: :mod:`bitdistill.cpu_ext`, unpacking in
 registers; CUDA: the Triton kernel when registered). In eager mode on CPU the forward calls the op's CPU
 implementation directly, skipping the dispatcher's per-call overhead; under ``torch.compile`` and on
 other devices it calls the op. The packed bytes are the only copy of the weight:
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from bitdistill import ops
+from bitdistill.cpu_ext import packed_linear_cpu
 from bitdistill.nn.bitlinear import BitLinear, BitRMSNorm, _check_input
-from bitdistill.nn.packed_cpu import packed_linear_cpu
 from bitdistill.quant.packing import pack_ternary, unpack_ternary
 from bitdistill.quant.reference import weight_quant
 

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
+from bitdistill.nn.marker import MARKER_FORMAT, MARKER_KEY, MARKER_VERSION, student_marker
+from bitdistill.nn.subln import attach_subln_norms
 
 __all__ = [
     "MARKER_KEY",
@@ -29,11 +31,6 @@ __all__ = [
     "replace_linear_with_bitlinear",
     "student_marker",
 ]
-
-MARKER_KEY = "bitdistill"
-MARKER_FORMAT = "bitnet-b1.58-student"
-MARKER_VERSION = 1
-
 
 def matches_module_pattern(name: str, pattern: str) -> bool:
     """Whether module ``name`` matches a skip ``pattern`` the way transformers' ``modules_to_not_convert`` does.
@@ -188,15 +185,6 @@ def _mark_config(model: nn.Module, use_rms_norm: bool, rms_norm_eps: float) -> N
     })
 
 
-def student_marker(config_or_model) -> dict | None:
-    """The BitNet-student marker of a config or model (``config.bitdistill``), or ``None`` if it is not one."""
-    config = getattr(config_or_model, "config", config_or_model)
-    marker = getattr(config, MARKER_KEY, None)
-    if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT:
-        return marker
-    return None
-
-
 def is_student_folder(path: str | Path) -> bool:
     """Whether ``path`` is a local model folder whose ``config.json`` carries the student marker."""
     cfg = Path(path) / "config.json"
@@ -229,8 +217,6 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
     replace_linear_with_bitlinear(model, modules_to_not_convert=names, use_rms_norm=marker["use_rms_norm"],
                                   rms_norm_eps=marker["rms_norm_eps"], convert_output_head=True)
     if marker.get("subln_modules"):
-        from bitdistill.distill.subln import attach_subln_norms
-
         attach_subln_norms(model, marker["subln_modules"], marker["subln_eps"])
     if marker["use_rms_norm"] or marker.get("subln_modules"):
         _load_extra_tensors(model, path, suffix=".rms_norm.weight")

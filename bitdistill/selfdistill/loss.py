@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitdistill.distill.losses import divergence
+
 __all__ = ["Bottleneck", "SelfDistillConfig", "SelfDistillModel", "self_distillation_loss"]
 
 
@@ -103,7 +105,7 @@ def self_distillation_loss(
         z, _ = _shifted(logits[i], labels)
         ce = F.cross_entropy(z, flat_labels, ignore_index=-100, reduction="sum") / count
         student = F.log_softmax(z.float() / tau, dim=-1)
-        kl_tok = (teacher.exp() * (teacher - student)).sum(-1)
+        kl_tok = divergence(student, teacher, "forward_kl")
         kl = (kl_tok * mask).sum() / count
         total = total + weights[i] * ((1 - config.alpha) * ce + config.alpha * tau**2 * kl)
         parts[f"ce_{i}"], parts[f"kl_{i}"] = ce.detach(), kl.detach()

@@ -1,6 +1,6 @@
 """``bitdistill self-distill``: build the model and its exits, train with ``SelfDistillTrainer``, save, reload.
 
-Shares the distillation machinery: token blocks and their cache (``DataArguments``), strided perplexity,
+Shares the run plumbing of ``distill`` (:mod:`bitdistill.runs`): token blocks and their cache (``DataArguments``),
 checkpoint/resume validation (a resumed run must have the same configuration) and atomic output folders.
 
 The output folder ``<output_dir>/model`` holds the causal LM as ``save_pretrained`` writes it (a
@@ -23,18 +23,18 @@ from transformers import TrainerCallback
 
 from bitdistill.audit import redact_command, tensorboard_into_output_dir
 from bitdistill.convert import check_model_source, load_model, parse_dtype
-from bitdistill.distill.args import DataArguments
-from bitdistill.distill.run import (
-    CONFIG_FILE,
-    _config_dict,
-    build_blocks,
-    check_run_folder,
-    record_provenance,
-    setup_run,
-)
+from bitdistill.data.args import DataArguments
 from bitdistill.io import atomic_output_dir
 from bitdistill.models import tiny_tokenizer
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
+from bitdistill.runs import (
+    CONFIG_FILE,
+    build_blocks,
+    check_run_folder,
+    config_dict,
+    record_provenance,
+    setup_run,
+)
 from bitdistill.selfdistill.args import EXIT_MODES, SelfDistillArguments, SelfDistillModelArguments
 from bitdistill.selfdistill.exits import MultiExitLM
 from bitdistill.selfdistill.loss import SelfDistillConfig, SelfDistillModel
@@ -105,7 +105,7 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "model"
-    config = _config_dict(model_args, data_args, sd_args, training_args)
+    config = config_dict(model_args, data_args, sd_args, training_args=training_args)
     checkpoint = check_run_folder(training_args, config, final_dir)
     if sd_args.exit_variant == "concat" and sd_args.hint_weight > 0:
         raise ValueError("feature hints need per-block exits, but --exit_variant concat has one fused classifier; "

@@ -20,9 +20,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bitdistill.distill.arch import arch_spec, decoder_layers
+from bitdistill.nn.arch import arch_spec, decoder_layers
 from bitdistill.nn.bitlinear import BitLinear, BitRMSNorm
-from bitdistill.nn.replace import MARKER_KEY, student_marker
+from bitdistill.nn.marker import MARKER_KEY, student_marker
 
 __all__ = ["SUBLN_INITS", "attach_subln_norms", "insert_subln", "subln_module_names"]
 

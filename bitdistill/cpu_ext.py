@@ -1,4 +1,4 @@
-"""Fast CPU implementation of ``bitdistill::packed_linear`` (the default implementation of the op).
+"""Native CPU backend of ``bitdistill::packed_linear`` (beside :mod:`bitdistill.cuda_ext`; the op's default implementation).
 
 Two integer paths, both exact (the accumulator ``X_q @ T^T`` is an exact integer):
 

@@ -1,0 +1,201 @@
+"""Run plumbing shared by ``bitdistill distill`` and ``self-distill``: run folder, resume checks, data, callbacks.
+
+Both trainers build their run the same way: validate ``--output_dir`` and the checkpoint to resume from
+(:func:`check_run_folder`, against the configuration :func:`config_dict` records), tokenize the training
+blocks (:func:`build_blocks`), split off the held-out blocks and build the callbacks (:func:`setup_run`), and
+write ``provenance.json`` (:func:`record_provenance`). This module sits below ``distill``/``selfdistill``
+and imports neither.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from bitdistill.audit import PROVENANCE_FILE, AuditCallback, write_provenance
+from bitdistill.data.args import DataArguments
+from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
+
+__all__ = ["CONFIG_FILE", "ConfigWriter", "EvalEveryCallback", "RunSetup", "build_blocks", "check_run_folder",
+           "config_dict", "record_provenance", "setup_run", "tokens_per_step"]
+
+CONFIG_FILE = "distill_config.json"
+# Options that may change between a run and its resumption (everything else must match).
+_RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_steps",
+                      "save_steps", "eval_steps", "eval_files", "eval_stride", "eval_max_windows", "report_to",
+                      "logging_dir", "data_cache_dir", "save_total_limit", "disable_tqdm"}
+# Training options recorded in the run configuration (a resume must keep them).
+_TRAINING_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
+                  "lr_scheduler_type", "warmup_steps", "seed", "data_seed", "optim", "bf16", "fp16",
+                  "max_grad_norm", "adam_beta1", "adam_beta2")
+
+
+def _cache_dir(data_args: DataArguments) -> str | None:
+    if data_args.data_cache_dir == "none":
+        return None
+    return data_args.data_cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "bitdistill", "data")
+
+
+def build_blocks(data_args: DataArguments, tokenizer) -> torch.Tensor:
+    """Training token blocks ``[N, max_seq_length]`` (including the held-out validation rows)."""
+    text = load_text(data_args.train_files or None, dataset_name=data_args.dataset_name,
+                     dataset_config_name=data_args.dataset_config_name, split=data_args.dataset_split,
+                     text_column=data_args.text_column)
+    blocks = token_blocks(text, tokenizer, data_args.max_seq_length, cache_dir=_cache_dir(data_args))
+    if data_args.max_train_blocks is not None:
+        blocks = blocks[: data_args.max_train_blocks]
+    if blocks.shape[0] <= data_args.validation_blocks:
+        raise ValueError(f"{blocks.shape[0]} blocks of {data_args.max_seq_length} tokens leave none for training "
+                         f"after holding out {data_args.validation_blocks}; give more text")
+    return blocks
+
+
+def config_dict(*arg_dataclasses, training_args) -> dict:
+    """The run configuration: every field of ``arg_dataclasses`` (later ones win) and the training options
+    that shape the optimization, JSON-ready. Written into every checkpoint and compared on resume."""
+    out: dict = {}
+    for args in arg_dataclasses:
+        out.update(dataclasses.asdict(args))
+    out.update({k: getattr(training_args, k, None) for k in _TRAINING_KEYS})
+    return json.loads(json.dumps(out, default=str))
+
+
+def _check_resume(checkpoint: Path, config: dict) -> None:
+    saved_file = checkpoint / CONFIG_FILE
+    if not saved_file.is_file():
+        raise ValueError(f"{checkpoint} has no {CONFIG_FILE}; it was not written by `bitdistill distill` or `self-distill`")
+    saved = json.loads(saved_file.read_text())
+    diff = sorted(k for k in set(saved) | set(config)
+                  if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
+    if diff:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
+        raise ValueError(f"cannot resume from {checkpoint}: it was written with a different configuration ({details}); "
+                         "resume with the same options or start a new --output_dir")
+
+
+def _resolve_checkpoint(training_args, output_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    r = training_args.resume_from_checkpoint
+    if r in (None, "", "false", "False"):
+        return None
+    if r in ("true", "True", "latest"):
+        last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+        if last is None:
+            raise FileNotFoundError(f"no checkpoint-* folder in {output_dir} to resume from")
+        return Path(last)
+    if not (Path(r) / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{r} is not a Trainer checkpoint (no trainer_state.json)")
+    return Path(r)
+
+
+def check_run_folder(training_args, config: dict, final_dir: Path) -> Path | None:
+    """Validate ``--output_dir`` before a run and return the checkpoint to resume from (``None``: a new run).
+
+    A new run refuses a folder holding checkpoints, a final model or an earlier run's provenance; a resumed
+    run must have the configuration its checkpoint was written with (see ``_RESUMABLE_CHANGES``).
+    """
+    output_dir = Path(training_args.output_dir)
+    checkpoint = _resolve_checkpoint(training_args, output_dir)
+    if checkpoint is not None:
+        _check_resume(checkpoint, config)
+    elif output_dir.is_dir() and any(output_dir.glob("checkpoint-*")):
+        raise FileExistsError(f"{output_dir} already holds checkpoints; pass --resume_from_checkpoint latest to "
+                              "continue, or choose another --output_dir")
+    if final_dir.exists():
+        raise FileExistsError(f"{final_dir} already exists; choose another --output_dir")
+    if checkpoint is None and training_args.process_index == 0 and (output_dir / PROVENANCE_FILE).exists():
+        raise FileExistsError(f"{output_dir / PROVENANCE_FILE} already exists (an earlier run); choose another "
+                              "--output_dir")
+    return checkpoint
+
+
+def tokens_per_step(training_args, data_args: DataArguments) -> int:
+    """Tokens one optimizer step consumes over all processes."""
+    return (training_args.per_device_train_batch_size * data_args.max_seq_length
+            * training_args.gradient_accumulation_steps * training_args.world_size)
+
+
+def record_provenance(output_dir: Path, all_args: dict, command: str | None, *, resumed: bool) -> dict:
+    """Write ``provenance.json`` (a resumed run: ``provenance-resume-<time>.json``) and return its content."""
+    name = PROVENANCE_FILE if not resumed else f"provenance-resume-{time.strftime('%Y%m%dT%H%M%S')}.json"
+    return json.loads(write_provenance(output_dir, all_args, command, name=name).read_text())
+
+
+class EvalEveryCallback(TrainerCallback):
+    """Ask the trainer to evaluate every ``steps`` optimizer steps (used for perplexity evaluations)."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.steps > 0 and state.global_step % self.steps == 0:
+            control.should_evaluate = True
+        return control
+
+
+class ConfigWriter(TrainerCallback):
+    """Writes the run configuration into every checkpoint (read back to validate a resume)."""
+
+    def __init__(self, config_json: str) -> None:
+        self.config_json = config_json
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / CONFIG_FILE).write_text(self.config_json)
+
+
+@dataclasses.dataclass
+class RunSetup:
+    """What :func:`setup_run` prepares for a Trainer: its arguments, datasets, evaluation ids, callbacks, the audit log."""
+
+    training_args: object
+    train_ds: BlockDataset
+    val_ds: BlockDataset | None
+    ppl_ids: torch.Tensor | None
+    callbacks: list[TrainerCallback]
+    audit: AuditCallback
+    config_json: str
+
+
+def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, training_args, config: dict,
+              callbacks: list[TrainerCallback] | None) -> RunSetup:
+    """Split off the held-out blocks, tokenize the evaluation text and build the callbacks of a run.
+
+    ``RunSetup.training_args`` is a copy of ``training_args`` adjusted for block datasets: its evaluation
+    schedule (``eval_strategy="steps"`` with an integer ``eval_steps``, or ``"no"``) becomes an
+    :class:`EvalEveryCallback` calling the trainer's own ``evaluate``. The callbacks are the caller's,
+    that one, the checkpoint config writer and the audit log (last, so it sees evaluation requests).
+    """
+    strategy = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy))
+    if strategy not in ("no", "steps"):
+        raise ValueError(f"--eval_strategy {strategy} is not supported here; use steps (with an integer "
+                         "--eval_steps) or no")
+    eval_steps = training_args.eval_steps if strategy == "steps" else None
+    if eval_steps is not None and (float(eval_steps) != int(eval_steps) or eval_steps < 1):
+        raise ValueError(f"--eval_steps must be a whole number of optimizer steps >= 1, got {eval_steps}")
+    training_args = copy.copy(training_args)
+    v = data_args.validation_blocks
+    train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
+    val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
+    ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
+    training_args.eval_strategy = "no"
+    training_args.remove_unused_columns = False
+    training_args.prediction_loss_only = True
+    callbacks = list(callbacks or [])
+    if eval_steps:
+        callbacks.append(EvalEveryCallback(int(eval_steps)))
+    config_json = json.dumps(config, indent=2)
+    callbacks.append(ConfigWriter(config_json))
+    audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
+    callbacks.append(audit)
+    return RunSetup(training_args, train_ds, val_ds, ppl_ids, callbacks, audit, config_json)
