@@ -52,8 +52,14 @@ def test_cli_end_to_end(setup, capsys, tmp_path, monkeypatch):
                "--eval_steps", "2", "--report_to", "tensorboard", "--ce_weight", "0.5", "--hidden_weight", "1",
                "--hidden_layer_map", "uniform+last", "--attention_weight", "1", "--attention_relation_heads", "4",
                "--subln", "true", "--quant_warmup_steps", "2", "--temperature", "2.0"])
-    assert rc == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for line in ("teacher perplexity: ", "student perplexity before training: ", "student perplexity after training: ",
+                 "packed student perplexity: ", "loading the teacher "):
+        assert f"[bitdistill distill] {line}" in captured.out, line
     student_dir = out / "student"
+    # checkpoints on the --save_steps schedule only: none for the last step (3), the student folder is the result
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert (out / "checkpoint-2" / "distill_config.json").is_file()
     assert len({p.parent for p in out.glob("runs/*/events.out.tfevents.*")} - {out / "runs" / "audit"}) == 1

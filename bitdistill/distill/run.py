@@ -176,12 +176,20 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         raise ValueError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
                          "need the live teacher (set their weights to 0 or drop --teacher_cache)")
 
+    logger.info("loading the tokenizer and tokenizing the training text")
     tokenizer = load_tokenizer(model_args)
     blocks = build_blocks(data_args, tokenizer)
+    logger.info("%d blocks of %d tokens (%d held out for validation)", blocks.shape[0], blocks.shape[1],
+                data_args.validation_blocks)
     cache = TeacherCache(loss_args.teacher_cache) if loss_args.teacher_cache else None
+    if cache is None:
+        logger.info("loading the teacher %s%s", model_args.teacher_model_name_or_path,
+                    f" ({model_args.teacher_gguf_file})" if model_args.teacher_gguf_file else "")
     teacher = None if cache is not None else load_teacher(model_args)
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=blocks[:1])
+    logger.info("student ready: %s, %.1fM parameters", type(student).__name__,
+                sum(p.numel() for p in student.parameters()) / 1e6)
     _check_pair(teacher, student, tokenizer, data_args.max_seq_length)
     if training_args.gradient_checkpointing and not getattr(student, "supports_gradient_checkpointing", False):
         raise ValueError(f"--gradient_checkpointing: {type(student).__name__} does not support gradient "
@@ -226,9 +234,13 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         r = strided_perplexity(teacher, ppl_ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
                                max_windows=data_args.eval_max_windows)
         metrics["teacher"] = {"perplexity": r.perplexity, "tokens": r.num_tokens}
+        logger.info("teacher perplexity: %.2f (%d tokens of --eval_files)", r.perplexity, r.num_tokens)
     if checkpoint is None and ppl_ids is not None:
         audit.evaluation_begins()
         metrics["student_start"] = trainer.evaluate(metric_key_prefix="start")
+        _log_perplexity("student perplexity before training", metrics["student_start"].get("start_perplexity"))
+    logger.info("training (%s)", f"{training_args.max_steps} steps" if training_args.max_steps > 0 else
+                f"{training_args.num_train_epochs} epochs")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
@@ -236,17 +248,29 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     if ppl_ids is not None:
         audit.evaluation_begins()
         metrics["student_end"] = trainer.evaluate(metric_key_prefix="final")
+        _log_perplexity("student perplexity after training", metrics["student_end"].get("final_perplexity"))
     if trainer.is_world_process_zero():
         student = trainer.accelerator.unwrap_model(trainer.model)
         card_args = (model_args, data_args, loss_args, training_args)
         _save_student(student, tokenizer, final_dir, card_args, metrics, config_json, prov, train_seconds,
                       trainer.state.global_step)
+        logger.info("saved the student to %s", final_dir)
         extra = _packed_and_task_metrics(student, teacher, tokenizer, ppl_ids, data_args, task_args)
+        packed = extra.get("packed", {})
+        if "perplexity" in packed:
+            _log_perplexity("packed student perplexity", packed["perplexity"])
+        elif "skipped" in packed:
+            logger.info("packed student not evaluated: %s", packed["skipped"])
         if extra:  # the student is already safe on disk; now its metrics and card gain these results
             metrics.update(extra)
             _write_metrics_and_card(final_dir, card_args, metrics, prov, train_seconds, trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
     return final_dir
+
+
+def _log_perplexity(what: str, value: float | None) -> None:
+    if value is not None:
+        logger.info("%s: %.2f", what, value)
 
 
 def _packed_and_task_metrics(student: nn.Module, teacher: nn.Module | None, tokenizer, ppl_ids: torch.Tensor | None,
