@@ -30,8 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "--from-plain)")
     p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="module pattern kept in floating point, plain sources only (repeatable; default lm_head)")
-    p.add_argument("--dtype", default="auto", help="dtype of unconverted tensors: auto (as stored), float32, "
-                                                   "bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="dtype of the unconverted tensors (embeddings, head, norms): auto "
+                                                   "(bfloat16; float16 for a float16 source), bfloat16, float16, or "
+                                                   "float32 (the float32 student's exact function)")
     p.add_argument("--max-shard-size", default="5GB", type=_size,
                    help="start a new safetensors shard past this size (e.g. 500MB, 2GB; default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
