@@ -154,6 +154,11 @@ class ConfigWriter(TrainerCallback):
                 (folder / CONFIG_FILE).write_text(self.config_json)
 
 
+def _accelerator_available() -> bool:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator is not None else torch.cuda.is_available()
+
+
 class ScheduledCheckpointsOnly(TrainerCallback):
     """Checkpoints on the ``--save_steps`` schedule only: no extra one when training finishes.
 
@@ -188,7 +193,8 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
               callbacks: list[TrainerCallback] | None) -> RunSetup:
     """Split off the held-out blocks, tokenize the evaluation text and build the callbacks of a run.
 
-    ``RunSetup.training_args`` is a copy of ``training_args`` adjusted for block datasets: its evaluation
+    ``RunSetup.training_args`` is a copy of ``training_args`` adjusted for block datasets (and without pinned
+    memory when there is no accelerator to copy to): its evaluation
     schedule (``eval_strategy="steps"`` with an integer ``eval_steps``, or ``"no"``) becomes an
     :class:`EvalEveryCallback` calling the trainer's own ``evaluate``. The callbacks are
     :class:`ScheduledCheckpointsOnly` (first, so the caller's can still ask for a save), the caller's, the
@@ -209,6 +215,8 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
     training_args.eval_strategy = "no"
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True
+    # Pinned memory only helps copies to an accelerator; without one torch warns on every data loader.
+    training_args.dataloader_pin_memory = training_args.dataloader_pin_memory and _accelerator_available()
     callbacks = [ScheduledCheckpointsOnly(), *(callbacks or [])]
     if eval_steps:
         callbacks.append(EvalEveryCallback(int(eval_steps)))

@@ -11,8 +11,10 @@ loads it; :func:`load_packed` loads it with :class:`bitdistill.nn.PackedBitLinea
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import shutil
@@ -413,7 +415,8 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
         raise ValueError(f"{path}: only linear_class='bitlinear', quantization_mode='offline' is supported, got "
                          f"{qc.get('linear_class')!r}/{qc.get('quantization_mode')!r}")
     torch_dtype = dtype if dtype == "auto" else _dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=None)
+    with _no_unpacking_warning():  # transformers' BitLinear unpacks; the PackedBitLinear layers below do not
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, device_map=None)
     scales = _weight_scales(path)
     for name, m in list(model.named_modules()):
         if type(m).__name__ != "BitLinear" or isinstance(m, BitLinear):
@@ -429,6 +432,33 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
             new.rms_norm = m.rms_norm
         model.set_submodule(name, new)
     return model.to(device).eval()
+
+
+_UNPACKING_WARNING = "You don't have a GPU available to load the model"
+
+
+@contextlib.contextmanager
+def _no_unpacking_warning():
+    """Drop exactly transformers' "no GPU ... slow because of weight unpacking" warning while loading.
+
+    The message is a ``warning_once``: it is dropped on the logger instance, before that method's cache, so a
+    later plain ``from_pretrained`` (whose BitLinear layers do unpack) still shows it.
+    """
+    log = logging.getLogger("transformers.quantizers.quantizer_bitnet")
+    once = getattr(log, "warning_once", None)
+    if once is None:  # transformers without warning_once: nothing to drop
+        yield
+        return
+
+    def warning_once(msg, *args, **kwargs):
+        if not str(msg).startswith(_UNPACKING_WARNING):
+            once(msg, *args, **kwargs)
+
+    log.warning_once = warning_once
+    try:
+        yield
+    finally:
+        del log.warning_once
 
 
 def _dtype(name) -> torch.dtype:
