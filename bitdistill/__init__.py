@@ -14,6 +14,9 @@ from bitdistill._lazy import lazy_getattr
 from bitdistill._version import __version__
 
 _WHERE = {
+    "BitNetConfig": "bitdistill.nn.config",
+    "bitnet_config": "bitdistill.nn.config",
+    "folder_kind": "bitdistill.nn.config",
     "AuditCallback": "bitdistill.audit",
     "write_provenance": "bitdistill.audit",
     "DistillationTrainer": "bitdistill.distill",

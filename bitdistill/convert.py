@@ -40,7 +40,7 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
-def check_model_source(src: str | Path, gguf_file: str | None, flag: str = "--gguf-file") -> None:
+def check_model_source(src: str | Path, gguf_file: str | None, flag: str = "--gguf_file") -> None:
     """Fail early, in one line, on a local ``src`` that cannot be loaded as given (hub ids pass through).
 
     A folder without ``config.json`` that holds GGUF files names them and ``flag`` (the option that selects

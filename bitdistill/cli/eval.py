@@ -8,10 +8,6 @@ import os
 import tempfile
 from pathlib import Path
 
-NAME = "eval"
-HELP = ("Evaluate a model (plain/GGUF teacher, BitNet student folder or packed folder) on lm-eval tasks, e.g. "
-        "the offline wikitext_lastword (needs pip install 'bitdistill[eval]').")
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", help="model folder, hub id, or the folder holding --gguf_file")

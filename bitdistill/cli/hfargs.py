@@ -14,15 +14,17 @@ from pathlib import Path
 __all__ = ["add_dataclass_arguments", "command_from_args", "parse_dataclasses"]
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, dataclass_types: tuple) -> None:
-    """Add every field of ``dataclass_types`` as a flag of ``parser`` (absent flags stay absent), and ``--config``."""
+def add_dataclass_arguments(parser: argparse.ArgumentParser, dataclass_types: tuple,
+                            only: frozenset[str] | None = None) -> None:
+    """Add every field of ``dataclass_types`` (or only the fields named in ``only``) as a flag of ``parser``
+    (absent flags stay absent, so the dataclass defaults apply), and ``--config``."""
     from transformers import HfArgumentParser
 
     hf = HfArgumentParser(dataclass_types)
     parser.add_argument("--config", default=argparse.SUPPRESS, metavar="FILE",
                         help="YAML or JSON file of options (the flags' names without '--'); flags override it")
     for action in hf._actions:
-        if isinstance(action, argparse._HelpAction):
+        if isinstance(action, argparse._HelpAction) or (only is not None and action.dest not in only):
             continue
         action.default = argparse.SUPPRESS
         action.required = False

@@ -1,9 +1,12 @@
 """``bitdistill`` console script.
 
-Each subcommand lives in ``bitdistill/cli/<name>.py`` and defines ``NAME``, ``HELP``,
-``add_arguments(parser)`` and ``run(args) -> int``; it only parses arguments and calls library
-functions. Errors the user can fix (bad input, missing files) print one line on stderr and exit 2;
-set ``BITDISTILL_DEBUG=1`` for the traceback.
+Each subcommand lives in ``bitdistill/cli/<name>.py`` and defines ``add_arguments(parser)`` and
+``run(args) -> int``; it only parses arguments and calls library functions. Only the chosen subcommand's
+module is imported (``COMMANDS`` holds every name and one-line help), so ``bitdistill --help`` and
+``--version`` import neither torch nor transformers. Flags are spelled with underscores everywhere
+(``--gguf_file``, as ``HfArgumentParser`` spells dataclass fields); the dashed spellings are accepted and
+not listed. Errors the user can fix (bad input, missing files) print one line on stderr and exit 2; set
+``BITDISTILL_DEBUG=1`` for the traceback.
 """
 
 from __future__ import annotations
@@ -12,21 +15,67 @@ import argparse
 import importlib
 import os
 import sys
+from collections.abc import Iterable
 
-SUBCOMMANDS = ("convert", "pack", "unpack", "distill", "cache-teacher", "self-distill", "eval")
+# name: (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("bitdistill.cli.convert",
+        'Convert a causal LM (folder, hub id, GGUF, or tiny:<arch>) into a BitNet b1.58 student folder.'),
+    "pack": ("bitdistill.cli.pack",
+        ('Pack a BitNet student folder (or, with --from_plain / --gguf_file, any causal LM) into 1.58-bit '
+         'packed safetensors that transformers loads.')),
+    "unpack": ("bitdistill.cli.unpack",
+        ('Unpack a packed bitnet folder into a float32 BitNet student folder (latent weights T*gamma) to '
+         'train on.')),
+    "distill": ("bitdistill.cli.distill",
+        ('Distill a teacher (folder, hub id, GGUF) into a BitNet b1.58 student; every option is also a key'
+         ' of --config FILE (YAML/JSON). Training options are transformers.TrainingArguments.')),
+    "cache-teacher": ("bitdistill.cli.cache_teacher",
+        ("Write the teacher's top-k log-probabilities (and the tail mass) on the training blocks to "
+         'safetensors shards; `bitdistill distill --teacher_cache DIR` then trains without the teacher.')),
+    "self-distill": ("bitdistill.cli.self_distill",
+        ('Train a causal LM (pretrained or from a config, full precision or --bitnet) with exits after its'
+         ' blocks and the self-distillation loss; every option is also a key of --config FILE (YAML/JSON).'
+         ' Data options are those of `bitdistill distill`, training options '
+         'transformers.TrainingArguments.')),
+    "eval": ("bitdistill.cli.eval",
+        ('Evaluate a model (plain/GGUF teacher, BitNet student folder or packed folder) on lm-eval tasks, '
+         "e.g. the offline wikitext_lastword (needs pip install 'bitdistill[eval]').")),
+}
+SUBCOMMANDS = tuple(COMMANDS)
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, TypeError, KeyError)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class OneSpellingFormatter(argparse.HelpFormatter):
+    """Lists ``--a_b`` but not its accepted alias ``--a-b``."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        strings = action.option_strings
+        shown = [s for s in strings if not (s.startswith("--") and "-" in s[2:] and "--" + s[2:].replace("-", "_")
+                                            in strings)]
+        if len(shown) == len(strings):
+            return super()._format_action_invocation(action)
+        action.option_strings = shown
+        try:
+            return super()._format_action_invocation(action)
+        finally:
+            action.option_strings = strings
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``bitdistill`` parser; only the subcommands in ``commands`` (default: all) get their arguments,
+    so only their modules are imported. Every subcommand is listed in ``--help`` either way."""
+    chosen = set(COMMANDS if commands is None else commands)
     parser = argparse.ArgumentParser(prog="bitdistill", description="BitNet b1.58 toolkit for Hugging Face causal LMs.")
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        module = importlib.import_module(f"bitdistill.cli.{name.replace('-', '_')}")
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
-        module.add_arguments(p)
-        p.set_defaults(_run=module.run)
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=OneSpellingFormatter)
+        if name in chosen:
+            module = importlib.import_module(module_name)
+            module.add_arguments(p)
+            p.set_defaults(_run=module.run)
     return parser
 
 
@@ -37,7 +86,9 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    args = build_parser([command] if command else []).parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except USER_ERRORS as exc:

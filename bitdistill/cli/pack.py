@@ -6,10 +6,6 @@ import argparse
 import sys
 import warnings
 
-NAME = "pack"
-HELP = ("Pack a BitNet student folder (or, with --from-plain / --gguf-file, any causal LM) into 1.58-bit "
-        "packed safetensors that transformers loads.")
-
 
 def _size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -22,18 +18,18 @@ def _size(text: str) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="student folder written by bitdistill convert/distill (or any model folder with "
-                               "--from-plain)")
+                               "--from_plain)")
     p.add_argument("out", help="output folder (written atomically)")
-    p.add_argument("--from-plain", action="store_true",
+    p.add_argument("--from_plain", "--from-plain", action="store_true",
                    help="SRC is a plain model: ternarize it post-training (quality needs distillation)")
-    p.add_argument("--gguf-file", default=None, help="GGUF file inside SRC to read the model from (implies "
-                                                     "--from-plain)")
+    p.add_argument("--gguf_file", "--gguf-file", default=None,
+                   help="GGUF file inside SRC to read the model from (implies --from_plain)")
     p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="module pattern kept in floating point, plain sources only (repeatable; default lm_head)")
     p.add_argument("--dtype", default="auto", help="dtype of the unconverted tensors (embeddings, head, norms): auto "
                                                    "(bfloat16; float16 for a float16 source), bfloat16, float16, or "
                                                    "float32 (the float32 student's exact function)")
-    p.add_argument("--max-shard-size", default="5GB", type=_size,
+    p.add_argument("--max_shard_size", "--max-shard-size", default="5GB", type=_size,
                    help="start a new safetensors shard past this size (e.g. 500MB, 2GB; default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-NAME = "self-distill"
-HELP = ("Train a causal LM (pretrained or from a config, full precision or --bitnet) with exits after its blocks "
-        "and the self-distillation loss; every option is also a key of --config FILE (YAML/JSON). Data options "
-        "are those of `bitdistill distill`, training options transformers.TrainingArguments.")
-
 
 def _types() -> tuple:
     from transformers import TrainingArguments

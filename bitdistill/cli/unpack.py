@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-NAME = "unpack"
-HELP = "Unpack a packed bitnet folder into a float32 BitNet student folder (latent weights T*gamma) to train on."
-
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="packed folder written by bitdistill pack")

@@ -12,6 +12,8 @@ the window, exactly as with one process and the equivalent batch.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from transformers import Trainer
@@ -74,18 +76,24 @@ class DistillationTrainer(Trainer):
         self.perplexity_stride = perplexity_stride
         self.perplexity_max_windows = perplexity_max_windows
         self.validation_dataset = validation_dataset
-        self.loss_is_scaled_for_ga = True
+        # compute_loss divides by the accumulation window's token count (get_batch_samples), so the Trainer must
+        # not divide by the accumulation steps again: it does not when the model "accepts loss kwargs" and a
+        # count is given (the public switch from transformers 4.46 to today; 5.19+ also has loss_is_scaled_for_ga)
+        self.model_accepts_loss_kwargs = True
         self._part_sums: dict[str, float] = {}
         self._part_micro_batches = 0
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, torch.Tensor | None]:
+        """The next ``num_batches`` micro-batches and the number of predicting positions in all of them, over all
+        processes (see the module docstring)."""
+        batch_samples = list(itertools.islice(epoch_iterator, num_batches))
         if not batch_samples or "labels" not in batch_samples[0]:
-            return None
+            return batch_samples, None
         n = sum(prediction_mask(b["labels"], b.get("attention_mask")).sum() for b in batch_samples)
         n = torch.as_tensor(n, device=device)
         if self.args.world_size > 1:
             n = self.accelerator.gather(n).sum()
-        return n
+        return batch_samples, n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         la = self.loss_args
@@ -94,6 +102,8 @@ class DistillationTrainer(Trainer):
         block_index = inputs.pop("block_index", None)
         mask = prediction_mask(labels, inputs.get("attention_mask"))
         scale = 1.0
+        if not model.training:  # an evaluation batch is normalized on its own (transformers may pass its own count)
+            num_items_in_batch = None
         if num_items_in_batch is None:
             num_items_in_batch = mask.sum().clamp(min=1)
         elif self.accelerator.num_processes > 1:

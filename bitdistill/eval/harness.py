@@ -13,7 +13,6 @@ import contextlib
 import copy
 import difflib
 import functools
-import json
 import logging
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from bitdistill.eval.lastword import METADATA_KEY, TASK_DIR, TASK_NAME, resolve_wikitext_file
-from bitdistill.nn.replace import MARKER_KEY
+from bitdistill.nn.config import folder_kind
 
 __all__ = ["EvalExtraMissing", "evaluate_tasks", "list_tasks", "load_for_eval", "local_tasks", "validate_tasks"]
 
@@ -174,13 +173,6 @@ def evaluate_tasks(
     return {task: _metrics(raw) for task, raw in out["results"].items()}
 
 
-def _config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path / 'config.json'} is not valid JSON: {exc}") from exc
-
-
 def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtype: str = "float32",
                   tokenizer: str | os.PathLike | None = None):
     """Load any model bitdistill handles, with its tokenizer, ready for :func:`evaluate_tasks`.
@@ -210,12 +202,12 @@ def load_for_eval(path: str | os.PathLike, *, gguf_file: str | None = None, dtyp
     if local and gguf_file is None and not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json); pass a folder written by "
                                 "save_pretrained / bitdistill, a hub id, or --gguf_file")
-    config = _config(folder) if local and gguf_file is None else {}
-    if (config.get("quantization_config") or {}).get("quant_method") == "bitnet":
+    found = folder_kind(folder) if local and gguf_file is None else None
+    if found == "packed":
         from bitdistill.export import load_packed
 
         model, kind = load_packed(folder, dtype=torch_dtype), "packed"
-    elif MARKER_KEY in config:
+    elif found == "student":
         from bitdistill.nn.replace import load_student
 
         model, kind = load_student(folder, dtype=torch_dtype).eval(), "student"

@@ -17,13 +17,13 @@ from bitdistill.export.packed import (
     _COPY_FILES,
     DEFAULT_MAX_SHARD_BYTES,
     PackReport,
-    is_packed_config,
     load_packed,
     save_packed,
     unpack_to_student,
 )
 from bitdistill.io import atomic_output_dir
-from bitdistill.nn.replace import MARKER_KEY, load_student, replace_linear_with_bitlinear
+from bitdistill.nn.config import MARKER_KEY, folder_kind, read_config_json
+from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear
 
 __all__ = ["PTQ_WARNING", "PackResult", "check_safetensors", "pack_pretrained", "unpack_pretrained"]
 
@@ -68,18 +68,6 @@ def check_safetensors(folder: Path) -> None:
         except Exception as exc:  # safetensors raises its own SafetensorError for bad headers/sizes
             raise ValueError(f"{path} is corrupt or truncated ({type(exc).__name__}: {exc}); re-save or "
                              "re-download it") from exc
-
-
-def _source_config(src: Path) -> dict:
-    if not src.exists():
-        raise FileNotFoundError(f"{src} does not exist; pass a model folder")
-    if not (src / "config.json").is_file():
-        raise FileNotFoundError(f"{src} is not a model folder (no config.json); pass a folder written by "
-                                "save_pretrained or bitdistill convert")
-    try:
-        return json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{src / 'config.json'} is not valid JSON ({exc})") from exc
 
 
 def _check_out(src: Path, out: Path, overwrite: bool) -> None:
@@ -147,25 +135,25 @@ def pack_pretrained(
     tokenizer = None
     if gguf_file is not None:
         if not (src_path / gguf_file).is_file():
-            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf-file names a file inside SRC")
+            raise FileNotFoundError(f"{src_path / gguf_file} does not exist; --gguf_file names a file inside SRC")
         warnings.warn(PTQ_WARNING, stacklevel=2)
         model, skipped = _load_plain(str(src), gguf_file, skip or ("lm_head",))
         tokenizer = AutoTokenizer.from_pretrained(str(src), gguf_file=gguf_file)
         kind = f"GGUF {gguf_file} (post-training ternarization)"
     else:
-        cfg = _source_config(src_path)
-        if is_packed_config(cfg):
+        found = folder_kind(src_path, required=True)
+        if found == "packed":
             raise ValueError(f"{src} is already packed (its config.json has a bitnet quantization_config); "
                              "use it as it is, or bitdistill unpack it first")
         check_safetensors(src_path)
-        is_student = isinstance(cfg.get(MARKER_KEY), dict)
-        if is_student:
+        if found == "student":
             if skip:
-                raise ValueError("--skip applies to --from-plain sources; a student's converted layers were fixed "
+                raise ValueError("--skip applies to --from_plain sources; a student's converted layers were fixed "
                                  "by bitdistill convert")
             model = load_student(src_path, dtype=torch.float32)
             skipped = {}
             kind = "BitNet student (kept layers as converted by bitdistill convert)"
+            cfg = read_config_json(src_path)
             source_dtype = cfg.get("dtype") or cfg.get("torch_dtype")
             if has_subln(model):
                 model = subln_to_bitnet(model)
@@ -176,7 +164,7 @@ def pack_pretrained(
             kind = "plain model (post-training ternarization)"
         else:
             raise ValueError(f"{src} is not a bitdistill student (no '{MARKER_KEY}' marker in config.json); pass "
-                             "--from-plain to ternarize it post-training (quality needs distillation)")
+                             "--from_plain to ternarize it post-training (quality needs distillation)")
     if torch_dtype is None:
         torch_dtype = torch.float16 if source_dtype == "float16" else torch.bfloat16
     report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,
@@ -196,8 +184,7 @@ def unpack_pretrained(src: str | Path, out: str | Path, *, overwrite: bool = Fal
     """Packed folder -> float32 BitNet student folder (for further training); returns the unpacked layer names."""
     src, out = Path(src), Path(out)
     _check_out(src, out, overwrite)
-    cfg = _source_config(src)
-    if not is_packed_config(cfg):
+    if folder_kind(src, required=True) != "packed":
         raise ValueError(f"{src} is not a packed bitnet model (no bitnet quantization_config in config.json)")
     check_safetensors(src)
     student = unpack_to_student(load_packed(src))

@@ -40,11 +40,7 @@ def pack_in_memory(student: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, BitLinear):
             packed_names.add(name)
-            rms = m.rms_norm
-            model.set_submodule(name, PackedBitLinear(
-                m.in_features, m.out_features, bias=m.bias is not None, use_rms_norm=rms is not None,
-                rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6, device=m.weight.device,
-                dtype=m.weight.dtype))
+            model.set_submodule(name, PackedBitLinear.like(m, device=m.weight.device, dtype=m.weight.dtype))
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if k.rsplit(".", 1)[0] in packed_names]
     if result.unexpected_keys or missing:

@@ -26,15 +26,12 @@ from torch import nn
 
 from bitdistill.io import atomic_output_dir
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
+from bitdistill.nn.config import MARKER_KEY, BitNetConfig, is_packed_config, read_config_json, student_marker
 from bitdistill.nn.packed import PackedBitLinear
-from bitdistill.nn.replace import (
-    MARKER_KEY,
-    matches_module_pattern,
-    replace_linear_with_bitlinear,
-    student_marker,
-)
+from bitdistill.nn.replace import matches_module_pattern, replace_linear_with_bitlinear
 from bitdistill.quant.packing import pack_ternary
 from bitdistill.quant.reference import weight_quant
+from bitdistill.state_dict import unique_tensors
 
 __all__ = [
     "DEFAULT_MAX_SHARD_BYTES",
@@ -98,14 +95,6 @@ class PackReport:
         return "\n".join(lines)
 
 
-def is_packed_config(config) -> bool:
-    """Whether a config (object or dict) describes a ``bitnet``-quantized (packed) model."""
-    qc = config.get("quantization_config") if isinstance(config, dict) else getattr(config, "quantization_config", None)
-    if qc is not None and not isinstance(qc, dict):
-        qc = qc.to_dict()
-    return isinstance(qc, dict) and qc.get("quant_method") == "bitnet"
-
-
 def _linear_names(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear-like module (nn.Linear, BitLinear, PackedBitLinear, Conv1D) by name."""
     out = {}
@@ -157,19 +146,19 @@ def pack_model(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[st
         raise ValueError(f"{type(model).__name__} has no BitLinear layer to pack; convert it with "
                          "replace_linear_with_bitlinear (or bitdistill convert) and train it first")
     packed = {name: _packed_tensors(name, m) for name, m in converted.items()}
+    state = model.state_dict(keep_vars=False)
+    unique = unique_tensors({k: t for k, t in state.items() if k.rpartition(".")[0] not in packed
+                             or k.rpartition(".")[2] not in ("weight", "weight_scale")})
     out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    for key, t in model.state_dict(keep_vars=False).items():
+    for key, t in state.items():
         module_name, _, leaf = key.rpartition(".")
         if module_name in packed and leaf == "weight":
             out[key], out[f"{module_name}.weight_scale"] = packed[module_name]
             continue
         if module_name in packed and leaf == "weight_scale":
             continue
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and ident in seen:
+        if key not in unique:
             continue
-        seen.add(ident)
         if t.is_floating_point():
             if not torch.isfinite(t).all():
                 raise ValueError(f"cannot pack: tensor {key!r} contains NaN or Inf; fix the checkpoint first")
@@ -221,12 +210,8 @@ def _model_bytes(model: nn.Module) -> tuple[int, int]:
     packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedBitLinear)}
     unpacked = {f"{n}.weight": m.out_features * m.in_features for n, m in packed.items()}
     scales = {f"{n}.weight_scale" for n in packed}
-    seen, before, bf16 = set(), 0, 0
-    for key, t in model.state_dict().items():
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and ident in seen:
-            continue
-        seen.add(ident)
+    before, bf16 = 0, 0
+    for key, t in unique_tensors(model.state_dict()).items():
         before += t.numel() * t.element_size()
         if key in scales:  # the unpacked model has no weight scales
             continue
@@ -363,18 +348,6 @@ def _public_permissions(folder: Path) -> None:
         f.chmod(0o666 & ~umask)
 
 
-def _read_config(path: Path) -> dict:
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder; pass a packed model folder written by bitdistill pack")
-    cfg = path / "config.json"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{path} is not a model folder (no config.json)")
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{cfg} is not valid JSON ({exc}); the folder is corrupt") from exc
-
-
 def _weight_scales(path: Path) -> dict[str, torch.Tensor]:
     """Every ``*.weight_scale`` tensor of the folder's safetensors, as stored (float32)."""
     from safetensors import safe_open
@@ -406,9 +379,9 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    cfg = _read_config(path)
+    cfg = read_config_json(path)
     qc = cfg.get("quantization_config") or {}
-    if qc.get("quant_method") != "bitnet":
+    if not is_packed_config(cfg):
         raise ValueError(f"{path} is not a packed bitnet model (config.json has no bitnet quantization_config); "
                          "pack it first with bitdistill pack")
     if qc.get("linear_class", "bitlinear") != "bitlinear" or qc.get("quantization_mode", "offline") != "offline":
@@ -421,10 +394,7 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
     for name, m in list(model.named_modules()):
         if type(m).__name__ != "BitLinear" or isinstance(m, BitLinear):
             continue
-        new = PackedBitLinear(m.in_features, m.out_features, bias=m.bias is not None,
-                              use_rms_norm=m.rms_norm is not None,
-                              rms_norm_eps=m.rms_norm.variance_epsilon if m.rms_norm is not None else 1e-6,
-                              device="meta")
+        new = PackedBitLinear.like(m, device="meta")
         new.weight = m.weight
         new.weight_scale = scales[f"{name}.weight_scale"].to(m.weight.device)
         new.bias = m.bias
@@ -491,9 +461,9 @@ def unpack_to_student(model: nn.Module):
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     kept = [re.escape(n) + "$" for n in qc["modules_to_not_convert"]]
     first = next(iter(packed.values()))
-    replace_linear_with_bitlinear(fresh, modules_to_not_convert=kept, use_rms_norm=first.use_rms_norm,
-                                  rms_norm_eps=first.rms_norm.variance_epsilon if first.rms_norm else 1e-6,
-                                  convert_output_head=True)
+    replace_linear_with_bitlinear(fresh, BitNetConfig(
+        modules_to_not_convert=kept, use_rms_norm=first.use_rms_norm,
+        rms_norm_eps=first.rms_norm.variance_epsilon if first.rms_norm else 1e-6, convert_output_head=True))
     state = {}
     for key, t in model.state_dict().items():
         module_name, _, leaf = key.rpartition(".")

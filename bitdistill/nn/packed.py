@@ -58,6 +58,18 @@ class PackedBitLinear(nn.Module):
             self.rms_norm.requires_grad_(False)
 
     @classmethod
+    def like(cls, layer: nn.Module, *, device=None, dtype=None) -> PackedBitLinear:
+        """An empty (zero-code) PackedBitLinear with ``layer``'s geometry: features, bias, in-layer RMSNorm and eps.
+
+        ``layer`` is any linear-like module with ``in_features``, ``out_features``, ``bias`` and ``rms_norm``
+        (``None`` or a norm with ``variance_epsilon``): our BitLinear, transformers' packed BitLinear. The one
+        place a PackedBitLinear is built from another layer; the caller fills in (or assigns) the tensors.
+        """
+        rms = getattr(layer, "rms_norm", None)
+        return cls(layer.in_features, layer.out_features, bias=layer.bias is not None, use_rms_norm=rms is not None,
+                   rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6, device=device, dtype=dtype)
+
+    @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> PackedBitLinear:
         """Pack a trained :class:`BitLinear` (its latent weight is ternarized; ``layer`` is not modified)."""
         w = layer.weight_out_in().detach()
@@ -65,8 +77,7 @@ class PackedBitLinear(nn.Module):
             raise ValueError("cannot pack a BitLinear whose weight contains NaN or Inf")
         codes, gamma = weight_quant(w)
         rms = layer.rms_norm
-        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, use_rms_norm=rms is not None,
-                  rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6, device=w.device, dtype=w.dtype)
+        new = cls.like(layer, device=w.device, dtype=w.dtype)
         new.weight.copy_(pack_ternary(codes))
         new.weight_scale.copy_((1.0 / gamma).reshape(1))
         if layer.bias is not None:

@@ -20,17 +20,29 @@ import torch
 from torch import nn
 
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
-from bitdistill.nn.marker import MARKER_FORMAT, MARKER_KEY, MARKER_VERSION, student_marker
+from bitdistill.nn.config import (
+    MARKER_KEY,
+    BitNetConfig,
+    bitnet_config,
+    folder_kind,
+    marker_from_config,
+    read_config_json,
+    student_marker,
+)
 from bitdistill.nn.subln import attach_subln_norms
 
 __all__ = [
     "MARKER_KEY",
+    "BitNetConfig",
     "ConversionReport",
     "load_student",
     "matches_module_pattern",
     "replace_linear_with_bitlinear",
     "student_marker",
 ]
+
+_UNSET = object()  # "keyword not given" (None is a valid modules_to_not_convert: convert everything)
+
 
 def matches_module_pattern(name: str, pattern: str) -> bool:
     """Whether module ``name`` matches a skip ``pattern`` the way transformers' ``modules_to_not_convert`` does.
@@ -94,32 +106,42 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 def replace_linear_with_bitlinear(
     model: nn.Module,
+    config: BitNetConfig | None = None,
     *,
-    modules_to_not_convert: Iterable[str] = ("lm_head",),
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    use_rms_norm: bool = False,
-    rms_norm_eps: float = 1e-6,
-    convert_output_head: bool = False,
+    modules_to_not_convert: Iterable[str] | None = _UNSET,
+    use_rms_norm: bool = _UNSET,
+    rms_norm_eps: float = _UNSET,
+    convert_output_head: bool = _UNSET,
 ) -> ConversionReport:
-    """Convert ``model``'s ``nn.Linear`` and ``Conv1D`` layers to BitLinear, in place.
+    """Convert ``model``'s ``nn.Linear`` and ``Conv1D`` layers to BitLinear, in place, as ``config`` says.
 
     Args:
         model: any ``nn.Module``; usually a transformers causal LM. Mutated in place.
-        modules_to_not_convert: skip patterns, matched as transformers does (module-boundary prefix,
-            regex, suffix; see :func:`matches_module_pattern`). A pattern that matches nothing warns.
+        config: a :class:`BitNetConfig` (default ``BitNetConfig()``: everything but the output head and
+            ``lm_head``). Skip patterns that match nothing warn.
         filter_fn: ``filter_fn(module, name) -> bool``; only modules for which it returns True are converted.
-        use_rms_norm: give every converted layer an in-layer RMSNorm before activation quantization.
-        rms_norm_eps: epsilon of that RMSNorm.
-        convert_output_head: also convert the output head (``model.get_output_embeddings()``),
-            which is otherwise kept full precision whatever its name (``lm_head``, ``embed_out``, ...).
+        modules_to_not_convert, use_rms_norm, rms_norm_eps, convert_output_head: a convenience for
+            ``config=BitNetConfig(...)`` with these fields (not together with ``config``).
 
     Returns:
         A :class:`ConversionReport`. Converting twice is a no-op (already-converted layers are reported).
+        The model's config records the conversion (:func:`bitdistill.nn.config.bitnet_config` reads it back).
 
     Raises:
-        ValueError: a weight to convert contains NaN/Inf.
+        ValueError: a weight to convert contains NaN/Inf; both ``config`` and keyword fields given.
     """
-    patterns = list(modules_to_not_convert or ())
+    fields = {k: v for k, v in (("modules_to_not_convert", modules_to_not_convert), ("use_rms_norm", use_rms_norm),
+                                ("rms_norm_eps", rms_norm_eps), ("convert_output_head", convert_output_head))
+              if v is not _UNSET}
+    if config is not None and fields:
+        raise ValueError(f"pass either a BitNetConfig or its fields as keywords, not both (got {', '.join(fields)})")
+    if "modules_to_not_convert" in fields:
+        fields["modules_to_not_convert"] = tuple(fields["modules_to_not_convert"] or ())
+    config = config if config is not None else BitNetConfig(**fields)
+    use_rms_norm, rms_norm_eps = config.use_rms_norm, config.rms_norm_eps
+    convert_output_head = config.convert_output_head
+    patterns = list(config.modules_to_not_convert)
     used_patterns: set[str] = set()
     heads = set() if convert_output_head else _output_head_names(model)
     report = ConversionReport()
@@ -164,31 +186,24 @@ def replace_linear_with_bitlinear(
         warnings.warn(f"replace_linear_with_bitlinear converted nothing: {type(model).__name__} has no nn.Linear or "
                       f"Conv1D layer outside the skip list ({len(report.skipped)} skipped)", stacklevel=2)
     if report.converted or report.already_converted:
-        _mark_config(model, use_rms_norm, rms_norm_eps)
+        _mark_config(model, config)
+    if config.subln_modules:
+        attach_subln_norms(model, list(config.subln_modules), config.subln_eps)
     return report
 
 
-def _mark_config(model: nn.Module, use_rms_norm: bool, rms_norm_eps: float) -> None:
-    config = getattr(model, "config", None)
-    if config is None:
+def _mark_config(model: nn.Module, config: BitNetConfig) -> None:
+    model_config = getattr(model, "config", None)
+    if model_config is None:
         return
-    kept = sorted(name for name, m in model.named_modules()
-                  if (isinstance(m, nn.Linear) or _is_conv1d(m)) and not isinstance(m, BitLinear))
-    previous = getattr(config, MARKER_KEY, None) or {}
-    setattr(config, MARKER_KEY, {
-        **previous,  # keys other steps added (e.g. SubLN's) survive a re-conversion
-        "format": MARKER_FORMAT,
-        "version": MARKER_VERSION,
-        "use_rms_norm": bool(use_rms_norm or previous.get("use_rms_norm", False)),
-        "rms_norm_eps": float(previous.get("rms_norm_eps", rms_norm_eps)),
-        "modules_to_not_convert": kept,
-    })
+    kept = [name for name, m in model.named_modules()
+            if (isinstance(m, nn.Linear) or _is_conv1d(m)) and not isinstance(m, BitLinear)]
+    setattr(model_config, MARKER_KEY, marker_from_config(config, kept, getattr(model_config, MARKER_KEY, None)))
 
 
 def is_student_folder(path: str | Path) -> bool:
     """Whether ``path`` is a local model folder whose ``config.json`` carries the student marker."""
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and MARKER_KEY in json.loads(cfg.read_text())
+    return folder_kind(path) == "student"
 
 
 def load_student(path: str | Path, **from_pretrained_kwargs):
@@ -199,26 +214,21 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
         **from_pretrained_kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (e.g. ``dtype``).
 
     Returns:
-        The model with the same layers converted, and in-layer RMSNorm weights restored when used
-        (in every layer with ``use_rms_norm``; in the ``subln_modules`` the marker lists for SubLN).
+        The model converted as its marker records (:func:`bitdistill.nn.config.bitnet_config`), and in-layer
+        RMSNorm weights restored when used (every layer with ``use_rms_norm``; the SubLN ``subln_modules``).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json); pass the folder save_pretrained wrote")
-    config = AutoConfig.from_pretrained(path)
-    marker = student_marker(config)
-    if marker is None:
+    config = bitnet_config(read_config_json(path))
+    if config is None:
         raise ValueError(f"{path} is not a bitdistill BitNet student (config.json has no '{MARKER_KEY}' marker); "
                          "convert a plain model with replace_linear_with_bitlinear instead")
     model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
-    names = [re.escape(n) + "$" for n in marker["modules_to_not_convert"]]
-    replace_linear_with_bitlinear(model, modules_to_not_convert=names, use_rms_norm=marker["use_rms_norm"],
-                                  rms_norm_eps=marker["rms_norm_eps"], convert_output_head=True)
-    if marker.get("subln_modules"):
-        attach_subln_norms(model, marker["subln_modules"], marker["subln_eps"])
-    if marker["use_rms_norm"] or marker.get("subln_modules"):
+    replace_linear_with_bitlinear(model, config)
+    if config.use_rms_norm or config.subln_modules:
         _load_extra_tensors(model, path, suffix=".rms_norm.weight")
     return model
 

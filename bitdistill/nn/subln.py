@@ -22,7 +22,7 @@ from torch import nn
 
 from bitdistill.nn.arch import arch_spec, decoder_layers
 from bitdistill.nn.bitlinear import BitLinear, BitRMSNorm
-from bitdistill.nn.marker import MARKER_KEY, student_marker
+from bitdistill.nn.config import MARKER_KEY, student_marker
 
 __all__ = ["SUBLN_INITS", "attach_subln_norms", "insert_subln", "subln_module_names"]
 

@@ -38,7 +38,8 @@ from bitdistill.runs import (
 from bitdistill.selfdistill.args import EXIT_MODES, SelfDistillArguments, SelfDistillModelArguments
 from bitdistill.selfdistill.exits import MultiExitLM
 from bitdistill.selfdistill.loss import SelfDistillConfig, SelfDistillModel
-from bitdistill.selfdistill.trainer import SelfDistillTrainer, unique_tensors
+from bitdistill.selfdistill.trainer import SelfDistillTrainer
+from bitdistill.state_dict import unique_tensors
 
 __all__ = ["EXITS_FILE", "LAYOUT_FILE", "build_self_distill_model", "load_multi_exit", "run_self_distillation"]
 

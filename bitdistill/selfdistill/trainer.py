@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, Trainer
 from bitdistill.eval.perplexity import strided_perplexities
 from bitdistill.selfdistill.exits import MultiExitLM
 from bitdistill.selfdistill.loss import SelfDistillModel
+from bitdistill.state_dict import unique_tensors
 
 __all__ = ["SelfDistillTrainer", "exit_names", "unique_tensors"]
 
@@ -53,8 +54,9 @@ class SelfDistillTrainer(Trainer):
         self.validation_dataset = validation_dataset
         self._part_sums: dict[str, float] = {}
         self._part_micro_batches = 0
-        # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the accumulation steps
-        self.loss_is_scaled_for_ga = False
+        # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the accumulation steps, which it
+        # does when the model does not "accept loss kwargs" (the public switch from transformers 4.46 to today)
+        self.model_accepts_loss_kwargs = False
 
     def _multi_exit(self) -> MultiExitLM:
         model = self.accelerator.unwrap_model(self.model)
@@ -145,15 +147,3 @@ class SelfDistillTrainer(Trainer):
         if missing or load_result.unexpected_keys:
             raise ValueError(f"the checkpoint does not match the model: missing {sorted(missing)}, "
                              f"unexpected {sorted(load_result.unexpected_keys)}")
-
-
-def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state_dict`` keeping the first name of every tensor that several names share (safetensors refuses aliases)."""
-    seen: set[tuple] = set()
-    out = {}
-    for name, t in state_dict.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() == 0 or key not in seen:
-            seen.add(key)
-            out[name] = t
-    return out

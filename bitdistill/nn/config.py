@@ -1,0 +1,179 @@
+"""``BitNetConfig``: what a BitNet conversion does, and how a converted model's ``config.json`` records it.
+
+In the spirit of torchao's ``quantize_(model, Config)``, one frozen dataclass is both the argument of
+:func:`bitdistill.replace_linear_with_bitlinear` and, once resolved against a model, the marker saved in
+its config (``config.bitdistill``)::
+
+    {"format": "bitnet-b1.58-student", "version": 1, "modules_to_not_convert": [<exact names kept>],
+     "use_rms_norm": false, "rms_norm_eps": 1e-06, "subln_modules": [...], "subln_eps": 1e-06}
+
+The marker lists the exact module names left in full precision (not the patterns the user gave), so
+:func:`bitnet_config` reads back the config that reproduces the conversion exactly. :func:`folder_kind`
+says what a local model folder holds (``plain``, ``student`` or ``packed``) from its ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = ["MARKER_FORMAT", "MARKER_KEY", "MARKER_VERSION", "BitNetConfig", "bitnet_config", "folder_kind",
+           "is_packed_config", "marker_from_config", "read_config_json", "student_marker"]
+
+MARKER_KEY = "bitdistill"
+MARKER_FORMAT = "bitnet-b1.58-student"
+MARKER_VERSION = 1
+# quantization_config["quant_method"] of a packed (Hugging Face "bitnet") checkpoint.
+PACKED_QUANT_METHOD = "bitnet"
+
+FolderKind = Literal["plain", "student", "packed"]
+
+
+@dataclass(frozen=True)
+class BitNetConfig:
+    """How to convert a model's linear layers to BitLinear.
+
+    Attributes:
+        modules_to_not_convert: skip patterns, matched as transformers does (module-boundary prefix, regex,
+            suffix; see :func:`bitdistill.nn.replace.matches_module_pattern`).
+        use_rms_norm: give every converted layer an in-layer RMSNorm before activation quantization.
+        rms_norm_eps: epsilon of that RMSNorm.
+        convert_output_head: also convert the output head (``model.get_output_embeddings()``), which is
+            otherwise kept full precision whatever its name.
+        subln_modules: converted modules that get a SubLN norm (an in-layer RMSNorm, weight 1), e.g. from
+            :func:`bitdistill.nn.subln.subln_module_names`; ``insert_subln`` also calibrates them.
+        subln_eps: epsilon of the SubLN norms.
+    """
+
+    modules_to_not_convert: tuple[str, ...] = ("lm_head",)
+    use_rms_norm: bool = False
+    rms_norm_eps: float = 1e-6
+    convert_output_head: bool = False
+    subln_modules: tuple[str, ...] = field(default=())
+    subln_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("modules_to_not_convert", "subln_modules"):
+            value = getattr(self, name)
+            value = value if isinstance(value, str) else tuple(value)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"BitNetConfig.{name} must be a sequence of strings, got {value!r}")
+            object.__setattr__(self, name, value)
+        for name in ("rms_norm_eps", "subln_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"BitNetConfig.{name} must be > 0, got {getattr(self, name)}")
+
+
+def _is_dict_config(config) -> bool:
+    return isinstance(config, dict)
+
+
+def student_marker(config_or_model) -> dict | None:
+    """The BitNet-student marker of a config, a ``config.json`` dict or a model, or ``None`` if it is not one."""
+    if _is_dict_config(config_or_model):
+        marker = config_or_model.get(MARKER_KEY)
+    else:
+        config = getattr(config_or_model, "config", config_or_model)
+        marker = getattr(config, MARKER_KEY, None)
+    if isinstance(marker, dict) and marker.get("format") == MARKER_FORMAT:
+        return marker
+    return None
+
+
+def marker_from_config(config: BitNetConfig, kept: Iterable[str], previous: dict | None = None) -> dict:
+    """The ``config.bitdistill`` marker of a model converted with ``config`` that kept the modules ``kept``.
+
+    ``previous`` (the model's marker before this conversion, if any) keeps its other keys and its in-layer
+    norm setting, so converting twice or after SubLN records the union.
+    """
+    previous = previous or {}
+    marker = {
+        **previous,
+        "format": MARKER_FORMAT,
+        "version": MARKER_VERSION,
+        "use_rms_norm": bool(config.use_rms_norm or previous.get("use_rms_norm", False)),
+        "rms_norm_eps": float(previous.get("rms_norm_eps", config.rms_norm_eps)),
+        "modules_to_not_convert": sorted(kept),
+    }
+    if config.subln_modules:
+        marker.update(subln_modules=list(config.subln_modules), subln_eps=float(config.subln_eps))
+    return marker
+
+
+def bitnet_config(source) -> BitNetConfig | None:
+    """The :class:`BitNetConfig` that reproduces a student's conversion, read from its marker; ``None`` if none.
+
+    Args:
+        source: a model, a transformers config, a ``config.json`` dict, or a local model folder.
+
+    Returns:
+        The kept modules as exact-name patterns, ``convert_output_head=True`` (the kept list decides), the
+        in-layer norm and SubLN settings as recorded.
+    """
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        source = read_config_json(path) if (path / "config.json").is_file() else {}
+    marker = student_marker(source)
+    if marker is None:
+        return None
+    return BitNetConfig(modules_to_not_convert=tuple(re.escape(n) + "$" for n in marker["modules_to_not_convert"]),
+                        use_rms_norm=bool(marker["use_rms_norm"]), rms_norm_eps=float(marker["rms_norm_eps"]),
+                        convert_output_head=True, subln_modules=tuple(marker.get("subln_modules") or ()),
+                        subln_eps=float(marker.get("subln_eps", 1e-6)))
+
+
+def read_config_json(path: str | Path) -> dict:
+    """The ``config.json`` of the model folder ``path`` as a dict; one-line errors for a missing or broken file."""
+    path = Path(path)
+    cfg = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} {'is not a folder' if path.exists() else 'does not exist'}; pass a model "
+                                "folder")
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json); pass a folder written by "
+                                "save_pretrained or bitdistill")
+    try:
+        config = json.loads(cfg.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cfg} is not valid JSON ({exc}); the folder is corrupt") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg} does not hold a JSON object; the folder is corrupt")
+    return config
+
+
+def is_packed_config(config) -> bool:
+    """Whether a config (object or dict) describes a ``bitnet``-quantized (packed) model."""
+    qc = config.get("quantization_config") if _is_dict_config(config) else getattr(config, "quantization_config", None)
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict()
+    return isinstance(qc, dict) and qc.get("quant_method") == PACKED_QUANT_METHOD
+
+
+def folder_kind(path: str | Path, *, required: bool = False) -> FolderKind | None:
+    """What the local model folder ``path`` holds, from its ``config.json``.
+
+    Args:
+        path: a model folder (or a hub id, ``tiny:<arch>``, a GGUF folder: not a kind).
+        required: raise (one line, as :func:`read_config_json`) instead of returning ``None``.
+
+    Returns:
+        ``"packed"`` (a ``bitnet`` ``quantization_config``), ``"student"`` (the bitdistill marker),
+        ``"plain"`` (any other model folder), or ``None`` when ``path`` is not a local folder with a
+        ``config.json``.
+
+    Raises:
+        ValueError: ``config.json`` is not valid JSON.
+    """
+    path = Path(str(path))
+    if not required and not (path / "config.json").is_file():
+        return None
+    config = read_config_json(path)
+    if is_packed_config(config):
+        return "packed"
+    if MARKER_KEY in config:  # a marker of an unknown format is a student load_student refuses, not a plain model
+        return "student"
+    return "plain"
