@@ -162,7 +162,7 @@ def _accelerator_available() -> bool:
 class ScheduledCheckpointsOnly(TrainerCallback):
     """Checkpoints on the ``--save_steps`` schedule only: no extra one when training finishes.
 
-    transformers saves a full checkpoint (weights plus optimizer state: about 16 bytes a parameter with fp32
+    transformers saves a full checkpoint (weights plus optimizer state: about 12 bytes a parameter with fp32
     AdamW) at the last step whatever the schedule. A finished run's result is its saved model folder, and
     checkpoints are for resuming interrupted runs, so a 6-step SmolLM2 run wrote 1.6 GB of checkpoint next to
     its 0.5 GB student. Runs on the schedule, interrupted runs and callbacks asking for a save still save.

@@ -118,8 +118,9 @@ def subln_to_bitnet(student: nn.Module) -> nn.Module:
         student: a SubLN BitNet student (Llama, Mistral or Qwen2; see :func:`has_subln`). Not modified.
 
     Returns:
-        The packed BitNet model in eval mode, ready for :func:`bitdistill.save_packed` (its folder loads in
-        plain transformers as ``BitNetForCausalLM``). Logits equal the student's up to float32 rounding.
+        The packed BitNet model in eval mode on the student's device, ready for :func:`bitdistill.save_packed`
+        (its folder loads in plain transformers as ``BitNetForCausalLM``). Logits equal the student's up to
+        float32 rounding.
 
     Raises:
         ValueError: the student has no SubLN, or its architecture / options cannot be expressed (one line).
@@ -176,4 +177,4 @@ def subln_to_bitnet(student: nn.Module) -> nn.Module:
                 if layer.bias is not None:
                     layer.bias.mul_(alpha)
     bitnet.generation_config = copy.deepcopy(student.generation_config)
-    return bitnet.eval()
+    return bitnet.to(next(student.parameters()).device).eval()
