@@ -7,6 +7,7 @@ The student folder is an ordinary ``save_pretrained`` folder whose ``config.json
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -85,7 +86,12 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch_dtype,
                                                  trust_remote_code=trust_remote_code)
     if gguf_file is not None:
-        fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch_dtype)
+        config = copy.deepcopy(model.config)
+        if getattr(config, "quantization_config", None) is not None:
+            # the weights are dequantized: a saved {"quant_method": "gguf"} would make every later load of the
+            # folder a "GGUF-quantized" model that transformers refuses to save again
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         fresh.load_state_dict(model.state_dict())
         fresh.generation_config = model.generation_config
         model = fresh

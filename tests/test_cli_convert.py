@@ -94,6 +94,8 @@ def test_convert_gguf_writes_the_tokenizer_and_eval_loads_it(tmp_path):
     assert main(["convert", str(folder), str(tmp_path / "s"), "--gguf_file", gguf]) == 0
     tok = AutoTokenizer.from_pretrained(tmp_path / "s")
     assert len(tok) == 49152
+    assert "quantization_config" not in (tmp_path / "s" / "config.json").read_text()  # dequantized: re-savable
+    load_student(tmp_path / "s").save_pretrained(tmp_path / "again")
     from bitdistill.eval.harness import load_for_eval
 
     _model, tokenizer, kind = load_for_eval(tmp_path / "s")
