@@ -173,27 +173,41 @@ def test_resume_continues_with_same_data_order_optimizer_and_scheduler(setup):
         torch.testing.assert_close(sb[k], sa[k])
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_process_with_the_same_global_batch(setup):
+def _one_vs_two_processes(setup, name: str, device_opts: list[str], parallel_opts: list[str], rel: float) -> None:
+    """Train 3 steps in one process (batch 2) and in two (batch 1 each, ``parallel_opts``); same losses, same student."""
     root, common = setup["root"], setup["common"]
     base = [a for a in common if a not in ("--per_device_train_batch_size", "2")]
     opts = [*base, "--max_steps", "3", "--learning_rate", "1e-3", "--ce_weight", "0.5", "--save_steps", "3",
-            "--gradient_accumulation_steps", "2", "--use_cpu", "true"]
-    one = root / "one"
+            "--gradient_accumulation_steps", "2", *device_opts]
+    one = root / f"{name}-one"
     assert main(["distill", *opts, "--per_device_train_batch_size", "2", "--output_dir", str(one)]) == 0
-    two = root / "two"
+    two = root / f"{name}-two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "bitdistill.cli.main", "distill", *opts, "--per_device_train_batch_size", "1",
-           "--ddp_backend", "gloo", "--output_dir", str(two)]
+           "-m", "bitdistill.cli.main", "distill", *opts, "--per_device_train_batch_size", "1", *parallel_opts,
+           "--output_dir", str(two)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "x 2 processes" in (two / "student" / "README.md").read_text()
     a, b = _losses(one, 3), _losses(two, 3)
     assert sorted(a) == sorted(b) == [1, 2, 3]
     for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-4)
+        assert b[step] == pytest.approx(a[step], rel=rel)
     sa = load_student(one / "student").state_dict()
     sb = load_student(two / "student").state_dict()
     for k in sa:
-        torch.testing.assert_close(sb[k], sa[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sb[k], sa[k], rtol=rel, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(setup):
+    _one_vs_two_processes(setup, "ddp", ["--use_cpu", "true"], ["--ddp_backend", "gloo"], rel=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDP through the Trainer needs 2 CUDA devices: "
+                    "accelerate turns FSDP on only for GPU-type distributed runs, never for CPU (gloo) ones")
+def test_fsdp_two_gpus_match_one_process(setup):
+    """The Trainer's FSDP path with BitLinear: ``pytest -m gpu tests/test_distill_e2e.py -k fsdp`` (2+ GPUs)."""
+    _one_vs_two_processes(setup, "fsdp", ["--tf32", "false"],
+                          ["--fsdp", "full_shard"], rel=1e-3)
