@@ -113,7 +113,7 @@ def main() -> None:
 
     def ternary() -> dict:
         convert_pretrained(gguf_dir, work / "ternary", gguf_file=GGUF, overwrite=True)
-        pack_pretrained(work / "ternary", work / "ternary-packed", overwrite=True)
+        pack_pretrained(work / "ternary", work / "ternary-packed", dtype="float32", overwrite=True)
         return _evaluate(work / "ternary-packed", a, ids)
 
     row(TERNARY, ternary)

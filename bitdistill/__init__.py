@@ -24,6 +24,7 @@ _WHERE = {
     "run_distillation": "bitdistill.distill",
     "evaluate_tasks": "bitdistill.eval",
     "load_for_eval": "bitdistill.eval",
+    "load_causal_lm": "bitdistill.convert",
     "strided_perplexity": "bitdistill.eval",
     "PackReport": "bitdistill.export",
     "load_packed": "bitdistill.export",

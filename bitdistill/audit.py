@@ -33,12 +33,27 @@ from transformers import TrainerCallback
 from bitdistill.io import atomic_write
 
 __all__ = ["AUDIT_LOG_FILE", "PROVENANCE_FILE", "AuditCallback", "peak_memory_mb", "provenance", "redact_args",
-           "redact_command", "release_memory", "write_provenance"]
+           "redact_command", "release_memory", "tensorboard_into_output_dir", "write_provenance"]
 
 AUDIT_LOG_FILE = "audit_log.jsonl"
 PROVENANCE_FILE = "provenance.json"
 # a name part (between underscores/dashes) that is a credential: hub_token, api_secret, db_password (not tokenizer_*)
 _SECRET = re.compile(r"(?:^|[_-])(?:token|password|secret)(?:[_-]|$)", re.IGNORECASE)
+
+
+def tensorboard_into_output_dir(trainer) -> None:
+    """Make transformers' TensorBoard callback of ``trainer`` write to ``<output_dir>/runs/<date>_<host>``.
+
+    transformers 5 chooses that folder in ``on_train_begin`` only, so an ``evaluate()`` before ``train()``
+    (the start perplexity of ``distill`` / ``self-distill``) would create its writer with no folder, in
+    ``./runs`` of the working directory. Older versions read ``args.logging_dir`` (already in the output).
+    """
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback) and getattr(cb, "logging_dir", "") is None and cb.tb_writer is None:
+            cb.logging_dir = os.path.join(trainer.args.output_dir, default_logdir())
 
 
 def release_memory() -> None:

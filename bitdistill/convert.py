@@ -7,6 +7,7 @@ The student folder is an ordinary ``save_pretrained`` folder whose ``config.json
 
 from __future__ import annotations
 
+import copy
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,7 +33,8 @@ from bitdistill.weights import (
     weight_files,
 )
 
-__all__ = ["TOKENIZER_FILES", "convert_pretrained", "load_causal_lm", "load_model", "parse_dtype"]
+__all__ = ["TOKENIZER_FILES", "check_model_source", "convert_pretrained", "load_causal_lm", "load_model",
+           "parse_dtype"]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -48,6 +50,32 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     if name not in _DTYPES:
         raise UserError(f"unknown dtype {name!r}; choose one of {', '.join(sorted(_DTYPES))}")
     return _DTYPES[name]
+
+
+def check_model_source(src: str | Path, gguf_file: str | None, flag: str = "--gguf_file") -> None:
+    """Fail early, in one line, on a local ``src`` that cannot be loaded as given (hub ids pass through).
+
+    A folder without ``config.json`` that holds GGUF files names them and ``flag`` (the option that selects
+    one); a ``gguf_file`` missing from ``src`` is named too.
+    """
+    path = Path(str(src))
+    if str(src).startswith("tiny:") or not path.exists():
+        return
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"GGUF file {gguf_file} not found in {path}; {flag} names a file inside the folder")
+        return
+    if path.is_file():
+        hint = f"pass its folder {path.parent} and {flag} {path.name}" if path.suffix == ".gguf" else \
+            "pass a model folder or a hub id"
+        raise FileNotFoundError(f"{path} is a file, not a model folder; {hint}")
+    if not (path / "config.json").is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        if ggufs:
+            raise FileNotFoundError(f"{path} has no config.json but holds the GGUF file{'s' * (len(ggufs) > 1)} "
+                                    f"{', '.join(ggufs)}; pass {flag} {ggufs[0]}")
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json); pass a folder written by "
+                                f"save_pretrained, a hub id, or a GGUF file with {flag}")
 
 
 def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str | torch.dtype = "float32",
@@ -66,11 +94,9 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
 
         return tiny_model(src.split(":", 1)[1], dtype=torch_dtype)
     check_source(src)
+    check_model_source(src, gguf_file)
     local = is_local_source(src)
-    if local and gguf_file is not None:
-        if not (Path(src) / gguf_file).is_file():
-            raise FileNotFoundError(f"{Path(src) / gguf_file} does not exist; --gguf_file names a file inside {src}")
-    elif local:
+    if local and gguf_file is None:
         read_config(src)
         tensor_index(src)
     kwargs = {"gguf_file": gguf_file, "dtype": torch_dtype, "trust_remote_code": trust_remote_code}
@@ -87,7 +113,12 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
     if local and gguf_file is None:
         validate_loaded(model, src, check_files=bool(weight_files(src)))
     if gguf_file is not None:
-        fresh = AutoModelForCausalLM.from_config(model.config, dtype=torch_dtype)
+        config = copy.deepcopy(model.config)
+        if getattr(config, "quantization_config", None) is not None:
+            # the weights are dequantized: a saved {"quant_method": "gguf"} would make every later load of the
+            # folder a "GGUF-quantized" model that transformers refuses to save again
+            del config.quantization_config
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         fresh.load_state_dict(model.state_dict())
         fresh.generation_config = model.generation_config
         model = fresh
@@ -114,7 +145,9 @@ def convert_pretrained(
     """Load ``src``, convert its linear layers to BitLinear and save the student folder ``out``.
 
     ``out`` is written atomically (temporary folder, then rename) and never overwritten unless
-    ``overwrite``. Tokenizer and generation-config files next to ``src`` are copied.
+    ``overwrite``. Tokenizer and generation-config files next to ``src`` are copied; a GGUF source's
+    tokenizer is read from the GGUF and saved, a ``tiny:<arch>`` source gets the byte-level
+    :func:`bitdistill.models.tiny_tokenizer`, so the folder works with ``eval``, ``distill`` and ``pack``.
     """
     out = Path(out)
     sources = [src] if not str(src).startswith("tiny:") and is_local_source(src) else []
@@ -122,15 +155,32 @@ def convert_pretrained(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
     model = load_causal_lm(src, gguf_file=gguf_file, dtype=dtype)
+    tokenizer = _tokenizer(str(src), gguf_file)
     report = replace_linear_with_bitlinear(model, modules_to_not_convert=modules_to_not_convert,
                                            use_rms_norm=use_rms_norm)
     if not report.converted and not report.already_converted:
         raise UserError(f"{src} has no linear layer to convert outside the skip list")
     with atomic_output_dir(out, overwrite=overwrite, sources=sources) as tmp:
         model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         src_dir = Path(str(src))
         if src_dir.is_dir():
             for name in TOKENIZER_FILES:
                 if (src_dir / name).is_file() and not (tmp / name).exists():
                     shutil.copy2(src_dir / name, tmp / name)
     return report
+
+
+def _tokenizer(src: str, gguf_file: str | None):
+    """The tokenizer to save with a converted student: a GGUF's own, tiny models' byte-level one, else ``None``
+    (folder sources have their tokenizer files copied)."""
+    if src.startswith("tiny:"):
+        from bitdistill.models import tiny_tokenizer
+
+        return tiny_tokenizer()
+    if gguf_file is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)

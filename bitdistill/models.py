@@ -1,6 +1,8 @@
 """Tiny random causal LMs built from configs: the test fixtures and the quick-start default.
 
-They need no network: each is a real transformers architecture with a few small layers.
+They need no network: each is a real transformers architecture with a few small layers and a
+256-token vocabulary, which :func:`tiny_tokenizer` (byte-level: one token per byte) fits exactly, so
+``tiny:<arch>`` models run through ``distill``, ``self-distill`` and ``eval`` with no tokenizer of their own.
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ import torch
 
 from bitdistill.errors import UserError
 
-__all__ = ["TINY_ARCHITECTURES", "tiny_config", "tiny_model"]
+__all__ = ["TINY_ARCHITECTURES", "TINY_VOCAB", "tiny_config", "tiny_model", "tiny_tokenizer"]
 
-_COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+TINY_VOCAB = 256
+
+_COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2)
 
 
@@ -42,14 +46,14 @@ def _mistral():
 
 def _gpt_neox():
     from transformers import GPTNeoXConfig
-    return GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    return GPTNeoXConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=128, rotary_pct=0.25,
                          bos_token_id=1, eos_token_id=2)
 
 
 def _gpt2():
     from transformers import GPT2Config
-    return GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
+    return GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
 
 
 _BUILDERS = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3, "mistral": _mistral,
@@ -71,3 +75,36 @@ def tiny_model(arch: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     config = tiny_config(arch)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with exactly the tiny models' 256 ids: byte ``b`` is id ``b``.
+
+    Ids 0, 1 and 2 (the control bytes NUL, SOH and STX, which text does not contain) are the special tokens
+    ``<pad>``, ``<s>`` (``bos_token_id=1``) and ``<|endoftext|>`` (``eos_token_id=2``) of the tiny configs;
+    ``<|endoftext|>`` is the name Qwen2's tokenizer class expects, so transformers adds no 257th token when it
+    picks that class for a saved tiny Qwen2 folder. Any UTF-8 text round-trips through ``encode``/``decode``.
+    Built in memory (the ``tokenizers`` library), no files.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {_byte_char(b): b for b in range(TINY_VOCAB)}
+    specials = {"<pad>": 0, "<s>": 1, "<|endoftext|>": 2}
+    for char, idx in list(vocab.items()):
+        if idx in specials.values():
+            del vocab[char]
+    vocab.update(specials)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                                   eos_token="<|endoftext|>")
+
+
+def _byte_char(b: int) -> str:
+    """GPT-2's printable stand-in for byte ``b`` (what the ByteLevel pre-tokenizer emits)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    if b in printable:
+        return chr(b)
+    return chr(256 + sum(1 for x in range(b) if x not in printable))

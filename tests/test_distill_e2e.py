@@ -43,19 +43,27 @@ def _losses(output_dir: Path, step: int) -> dict[int, float]:
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
-def test_cli_end_to_end(setup, capsys):
+def test_cli_end_to_end(setup, capsys, tmp_path, monkeypatch):
     root = setup["root"]
+    monkeypatch.chdir(tmp_path)  # TensorBoard scalars (the start evaluation's included) go to OUT, not ./runs
     out = root / "run"
     rc = main(["distill", *setup["common"], "--eval_files", str(root / "test.txt"), "--eval_max_windows", "3",
                "--output_dir", str(out), "--max_steps", "3", "--save_steps", "2", "--eval_strategy", "steps",
                "--eval_steps", "2", "--report_to", "tensorboard", "--ce_weight", "0.5", "--hidden_weight", "1",
                "--hidden_layer_map", "uniform+last", "--attention_weight", "1", "--attention_relation_heads", "4",
                "--subln", "true", "--quant_warmup_steps", "2", "--temperature", "2.0"])
-    assert rc == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for line in ("teacher perplexity: ", "student perplexity before training: ", "student perplexity after training: ",
+                 "packed student perplexity: ", "loading the teacher "):
+        assert f"[bitdistill distill] {line}" in captured.out, line
     student_dir = out / "student"
+    # checkpoints on the --save_steps schedule only: none for the last step (3), the student folder is the result
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
     assert (out / "checkpoint-2" / "distill_config.json").is_file()
-    assert list(out.glob("runs/*/events.out.tfevents.*"))
+    assert len({p.parent for p in out.glob("runs/*/events.out.tfevents.*")} - {out / "runs" / "audit"}) == 1
+    assert not (tmp_path / "runs").exists()
     metrics = json.loads((student_dir / "distill_metrics.json").read_text())
     assert math.isfinite(metrics["student_end"]["final_perplexity"])
     assert math.isfinite(metrics["teacher"]["perplexity"])
@@ -96,7 +104,12 @@ def test_bad_inputs(setup, capsys, tmp_path):
     fails("--train_files", str(empty), match="is empty")
     gpt2 = tiny_gpt2_vocab_folder(tmp_path / "gpt2", "gpt2", setup["tok"])
     fails("--teacher_model_name_or_path", str(gpt2), "--subln", "true", match="supported: llama")
-    fails("--tokenizer_name_or_path", "tiny:llama", match="no tokenizer")
+    gguf_only = tmp_path / "gguf_only"
+    gguf_only.mkdir()
+    (gguf_only / "m.Q4_1.gguf").write_bytes(b"GGUF")
+    for tokenizer in ([], ["--tokenizer_name_or_path", str(setup["tok"])]):  # tokenizer and teacher loading
+        fails("--teacher_model_name_or_path", str(gguf_only), *tokenizer,
+              match="holds the GGUF file m.Q4_1.gguf; pass --teacher_gguf_file m.Q4_1.gguf")
 
 
 def test_teacher_cache_cli_trains_without_teacher(setup, capsys):

@@ -44,7 +44,7 @@ def folders(tmp_path_factory, shared_data) -> dict[str, Path]:
     LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
     tok.save_pretrained(root / "teacher")
     convert_pretrained(root / "teacher", root / "student")
-    assert main(["pack", str(root / "student"), str(root / "packed")]) == 0
+    assert main(["pack", str(root / "student"), str(root / "packed"), "--dtype", "float32"]) == 0
     return {"teacher": root / "teacher", "student": root / "student", "packed": root / "packed"}
 
 

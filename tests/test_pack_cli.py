@@ -45,7 +45,10 @@ def test_pack_student_prints_summary(student_dir, tmp_path, capsys):
     assert main(["pack", str(student_dir), str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
     assert "source: BitNet student" in out and "packed 14 linear layers" in out and "bits/weight" in out
-    assert "kept lm_head" in out and "MiB before" in out
+    assert "kept lm_head" in out and "other tensors in bfloat16" in out and "the same model in bf16" in out
+    tensors = load_file(str(tmp_path / "p" / "model.safetensors"))  # default: unconverted tensors in bf16
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.0.mlp.up_proj.weight"].dtype == torch.uint8
     assert json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]["quant_method"] == "bitnet"
     assert _digest(student_dir) == before
 
@@ -218,3 +221,16 @@ def test_packed_model_output_equals_tiny_model_with_plain_pack(tmp_path, capsys)
     qc = json.loads((tmp_path / "p" / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.mlp.down_proj" in qc["modules_to_not_convert"]
     assert "model.layers.0.mlp.down_proj" not in qc["modules_to_not_convert"]
+
+
+def test_bf16_baseline_counts_packed_layers_unpacked(student_dir, tmp_path):
+    """The summary's bf16 size is the unpacked model's, whether packing a student or re-packing a packed model."""
+    from bitdistill import load_packed, load_student, save_packed
+    from bitdistill.export.folder import pack_pretrained
+
+    student = load_student(student_dir)
+    bf16 = sum(p.numel() * 2 for p in student.parameters())
+    first = pack_pretrained(student_dir, tmp_path / "p", dtype="float32").report
+    again = save_packed(load_packed(tmp_path / "p"), tmp_path / "p2")
+    assert first.bf16_bytes == again.bf16_bytes == bf16
+    assert first.bytes_after == again.bytes_after and first.float_dtype == again.float_dtype == "float32"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,9 +37,13 @@ def test_every_package_is_listed_in_pyproject():
 
 
 def test_regular_install_ships_kernels_as_bitdistill_kernels(tmp_path):
+    # setuptools builds in the source tree (build/, *.egg-info): build from a copy, so the checkout stays clean
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
+                                                             ".*_cache", "benchmarks", "tests", "runs"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(ROOT)], check=True, capture_output=True)
+                    "--target", str(target), str(src)], check=True, capture_output=True)
     out = _run("import bitdistill.kernels as k; print(k.__file__)", cwd=str(tmp_path),
                env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert Path(out).resolve() == (target / "bitdistill" / "kernels" / "__init__.py").resolve()

@@ -197,3 +197,20 @@ def test_plain_mode_gradient_accumulation_matches_a_larger_batch_and_card_has_no
     for f in (tmp_path / "b").rglob("*"):
         if f.is_file() and f.suffix in (".md", ".json", ".jsonl"):
             assert "hf_do_not_leak" not in f.read_text(), f
+
+
+def test_tiny_model_runs_without_a_tokenizer_of_its_own(setup, tmp_path, monkeypatch):
+    """`tiny:<arch>` models get the byte-level tiny tokenizer (256 ids = their vocabulary); TensorBoard scalars,
+    the start evaluation's included, land in the output folder, not in ./runs."""
+    from transformers import AutoTokenizer
+
+    root = setup["root"]
+    monkeypatch.chdir(tmp_path)
+    out = root / "run_tiny"
+    rc = main(["self-distill", "--model_name_or_path", "tiny:llama", *setup["common"][2:], "--output_dir", str(out),
+               "--max_steps", "2", "--save_strategy", "no", "--eval_files", str(root / "test.txt"),
+               "--eval_max_windows", "2", "--report_to", "tensorboard"])
+    assert rc == 0
+    assert len(AutoTokenizer.from_pretrained(out / "model")) == 256
+    assert _metrics(out / "model")["start"]
+    assert list(out.glob("runs/*/events.out.tfevents.*")) and not (tmp_path / "runs").exists()

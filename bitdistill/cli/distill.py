@@ -20,9 +20,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bitdistill.cli.console import show_progress
     from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
     from bitdistill.distill.run import run_distillation
 
+    show_progress("distill")
     model_args, data_args, loss_args, training_args, task_args = parse_dataclasses(args, _types())
     out = run_distillation(model_args, data_args, loss_args, training_args, task_args,
                            command=command_from_args(args))

@@ -6,6 +6,8 @@ import argparse
 import sys
 import warnings
 
+from bitdistill.errors import UserError
+
 
 def _size(text: str) -> int:
     units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -34,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="GGUF file inside SRC to read the model from (implies --from_plain)")
     p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="module pattern kept in floating point, plain sources only (repeatable; default lm_head)")
-    p.add_argument("--dtype", default="auto", help="dtype of unconverted tensors: auto (as stored), float32, "
-                                                   "bfloat16, float16")
+    p.add_argument("--dtype", default="auto", help="dtype of the unconverted tensors (embeddings, head, norms): auto "
+                                                   "(bfloat16; float16 for a float16 source), bfloat16, float16, or "
+                                                   "float32 (the float32 student's exact function)")
     p.add_argument("--max_shard_size", "--max-shard-size", default="5GB", type=_size,
                    help="start a new safetensors shard past this size (e.g. 500MB, 2GB; default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "gguf":
         return _run_gguf(args, PTQ_WARNING)
     if args.gguf_type != "tq2_0" or args.strict:
-        raise ValueError("--gguf_type and --strict apply to --format gguf only")
+        raise UserError("--gguf_type and --strict apply to --format gguf only")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = pack_pretrained(args.src, args.out, from_plain=args.from_plain, gguf_file=args.gguf_file,
@@ -68,7 +71,7 @@ def _run_gguf(args: argparse.Namespace, ptq_warning: str) -> int:
     from bitdistill.export.gguf import pack_gguf
 
     if args.max_shard_size != _size("5GB"):
-        raise ValueError("--max_shard_size applies to safetensors output; a GGUF is one file")
+        raise UserError("--max_shard_size applies to safetensors output; a GGUF is one file")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = pack_gguf(args.src, args.out, gguf_type=args.gguf_type, strict=args.strict,

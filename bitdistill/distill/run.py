@@ -13,8 +13,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from bitdistill.audit import release_memory
-from bitdistill.convert import load_causal_lm, load_model
+from bitdistill.audit import release_memory, tensorboard_into_output_dir
+from bitdistill.convert import check_model_source, load_causal_lm, load_model
 from bitdistill.data.tokenizer_check import check_tokenizer
 from bitdistill.distill.args import (
     CacheArguments,
@@ -34,6 +34,7 @@ from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.export.memory import pack_in_memory
 from bitdistill.io import atomic_output_dir, atomic_write
+from bitdistill.models import tiny_tokenizer
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 from bitdistill.nn.subln import insert_subln
 from bitdistill.runs import (
@@ -52,16 +53,21 @@ METRICS_FILE = "distill_metrics.json"
 logger = logging.getLogger(__name__)
 
 def load_tokenizer(model_args: ModelArguments):
-    """The tokenizer: ``--tokenizer_name_or_path``, else the teacher's (folder, hub id or GGUF)."""
+    """The tokenizer: ``--tokenizer_name_or_path``, else the teacher's (folder, hub id or GGUF; a ``tiny:<arch>``
+    model's is the byte-level :func:`~bitdistill.models.tiny_tokenizer`)."""
     from transformers import AutoTokenizer
 
-    src = model_args.tokenizer_name_or_path
-    gguf = None
+    src, gguf = model_args.tokenizer_name_or_path, None
     if src is None:
-        src = model_args.teacher_model_name_or_path or model_args.student_model_name_or_path
-        gguf = model_args.teacher_gguf_file if model_args.teacher_model_name_or_path else model_args.student_gguf_file
-    if src is None or str(src).startswith("tiny:"):
-        raise UserError("no tokenizer to load; pass --tokenizer_name_or_path (a tiny:<arch> model has none)")
+        teacher = model_args.teacher_model_name_or_path
+        src = teacher or model_args.student_model_name_or_path
+        gguf = model_args.teacher_gguf_file if teacher else model_args.student_gguf_file
+        if src is not None:
+            check_model_source(src, gguf, "--teacher_gguf_file" if teacher else "--student_gguf_file")
+    if src is None:
+        raise UserError("no tokenizer to load; pass --tokenizer_name_or_path (or a teacher / student model)")
+    if str(src).startswith("tiny:"):
+        return tiny_tokenizer()
     return AutoTokenizer.from_pretrained(src, gguf_file=gguf)
 
 
@@ -70,6 +76,7 @@ def load_teacher(model_args: ModelArguments) -> nn.Module:
     src = model_args.teacher_model_name_or_path
     if src is None:
         raise UserError("pass --teacher_model_name_or_path (or --teacher_cache to train without a teacher)")
+    check_model_source(src, model_args.teacher_gguf_file, "--teacher_gguf_file")
     if model_args.teacher_load_in_8bit or model_args.teacher_load_in_4bit:
         if not torch.cuda.is_available():
             raise UserError("--teacher_load_in_8bit/4bit need a CUDA device (bitsandbytes); load it in "
@@ -110,6 +117,8 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
         if src is None:
             raise UserError("pass --student_model_name_or_path (or a teacher to copy)")
         gguf = model_args.student_gguf_file if model_args.student_model_name_or_path else model_args.teacher_gguf_file
+        check_model_source(src, gguf, "--student_gguf_file" if model_args.student_model_name_or_path else
+                           "--teacher_gguf_file")
         student = load_model(src, gguf_file=gguf, dtype=model_args.model_dtype)
     if student_marker(student) is None:
         report = replace_linear_with_bitlinear(student, modules_to_not_convert=model_args.modules_to_not_convert)
@@ -191,12 +200,20 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     config = config_dict(model_args, data_args, loss_args, training_args=training_args)
     checkpoint = check_run_folder(training_args, config, final_dir)
 
+    logger.info("loading the tokenizer and tokenizing the training text")
     tokenizer = load_tokenizer(model_args)
     blocks = build_blocks(data_args, tokenizer)
+    logger.info("%d blocks of %d tokens (%d held out for validation)", blocks.shape[0], blocks.shape[1],
+                data_args.validation_blocks)
     cache = TeacherCache(loss_args.teacher_cache) if loss_args.teacher_cache else None
+    if cache is None:
+        logger.info("loading the teacher %s%s", model_args.teacher_model_name_or_path,
+                    f" ({model_args.teacher_gguf_file})" if model_args.teacher_gguf_file else "")
     teacher = None if cache is not None else load_teacher(model_args)
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=blocks[:1])
+    logger.info("student ready: %s, %.1fM parameters", type(student).__name__,
+                sum(p.numel() for p in student.parameters()) / 1e6)
     _check_pair(teacher, student, tokenizer, data_args.max_seq_length, model_args)
     if training_args.gradient_checkpointing and not getattr(student, "supports_gradient_checkpointing", False):
         raise UserError(f"--gradient_checkpointing: {type(student).__name__} does not support gradient "
@@ -229,6 +246,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, validation_dataset=val_ds, callbacks=run.callbacks)
     trainer.checkpoint_files = run.checkpoint_files
+    tensorboard_into_output_dir(trainer)
 
     prov = None
     if trainer.is_world_process_zero():
@@ -241,9 +259,13 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         r = strided_perplexity(teacher, ppl_ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
                                max_windows=data_args.eval_max_windows)
         metrics["teacher"] = {"perplexity": r.perplexity, "tokens": r.num_tokens}
+        logger.info("teacher perplexity: %.2f (%d tokens of --eval_files)", r.perplexity, r.num_tokens)
     if checkpoint is None and ppl_ids is not None:
         audit.evaluation_begins()
         metrics["student_start"] = trainer.evaluate(metric_key_prefix="start")
+        _log_perplexity("student perplexity before training", metrics["student_start"].get("start_perplexity"))
+    logger.info("training (%s)", f"{training_args.max_steps} steps" if training_args.max_steps > 0 else
+                f"{training_args.num_train_epochs} epochs")
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - started
@@ -251,17 +273,29 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     if ppl_ids is not None:
         audit.evaluation_begins()
         metrics["student_end"] = trainer.evaluate(metric_key_prefix="final")
+        _log_perplexity("student perplexity after training", metrics["student_end"].get("final_perplexity"))
     if trainer.is_world_process_zero():
         student = trainer.accelerator.unwrap_model(trainer.model)
         card_args = (model_args, data_args, loss_args, training_args)
         _save_student(student, tokenizer, final_dir, card_args, metrics, config_json, prov, train_seconds,
                       trainer.state.global_step)
+        logger.info("saved the student to %s", final_dir)
         extra = _packed_and_task_metrics(student, teacher, tokenizer, ppl_ids, data_args, task_args)
+        packed = extra.get("packed", {})
+        if "perplexity" in packed:
+            _log_perplexity("packed student perplexity", packed["perplexity"])
+        elif "skipped" in packed:
+            logger.info("packed student not evaluated: %s", packed["skipped"])
         if extra:  # the student is already safe on disk; now its metrics and card gain these results
             metrics.update(extra)
             _write_metrics_and_card(final_dir, card_args, metrics, prov, train_seconds, trainer.state.global_step)
     trainer.accelerator.wait_for_everyone()
     return final_dir
+
+
+def _log_perplexity(what: str, value: float | None) -> None:
+    if value is not None:
+        logger.info("%s: %.2f", what, value)
 
 
 def _packed_and_task_metrics(student: nn.Module, teacher: nn.Module | None, tokenizer, ppl_ids: torch.Tensor | None,

@@ -82,7 +82,8 @@ def packed_quantization_config(model: nn.Module) -> dict:
     if len(norms) != 1:
         raise UserError("converted layers disagree on the in-layer RMSNorm (use_rms_norm / eps), e.g. a SubLN "
                         "student (norms before o_proj/down_proj only); the bitnet format has one setting for "
-                        "all layers, so transformers could not load it faithfully")
+                        "all layers (a SubLN student packs as BitNetForCausalLM: bitdistill pack, or "
+                        "bitdistill.export.bitnet_arch.subln_to_bitnet before save_packed)")
     (use_rms_norm, eps), = norms
     qc = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
           "modules_to_not_convert": kept}

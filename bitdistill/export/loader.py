@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 import re
 from pathlib import Path
 
@@ -38,8 +40,9 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
     check_packed_config(read_config(path), path)
     index = tensor_index(path)
     torch_dtype = dtype if dtype == "auto" else _dtype(dtype)
-    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, model=True, dtype=torch_dtype,
-                              device_map=None)
+    with _no_unpacking_warning():  # transformers' BitLinear unpacks; the PackedBitLinear layers below do not
+        model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, model=True, dtype=torch_dtype,
+                                  device_map=None)
     packed: list[str] = []
     scales = read_tensors(path, [k for k in index if k.endswith(".weight_scale")])
     for name, m in list(model.named_modules()):
@@ -59,6 +62,33 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
         packed.append(name)
     validate_loaded(model, path, packed_modules=packed)
     return model.to(device).eval()
+
+
+_UNPACKING_WARNING = "You don't have a GPU available to load the model"
+
+
+@contextlib.contextmanager
+def _no_unpacking_warning():
+    """Drop exactly transformers' "no GPU ... slow because of weight unpacking" warning while loading.
+
+    The message is a ``warning_once``: it is dropped on the logger instance, before that method's cache, so a
+    later plain ``from_pretrained`` (whose BitLinear layers do unpack) still shows it.
+    """
+    log = logging.getLogger("transformers.quantizers.quantizer_bitnet")
+    once = getattr(log, "warning_once", None)
+    if once is None:  # transformers without warning_once: nothing to drop
+        yield
+        return
+
+    def warning_once(msg, *args, **kwargs):
+        if not str(msg).startswith(_UNPACKING_WARNING):
+            once(msg, *args, **kwargs)
+
+    log.warning_once = warning_once
+    try:
+        yield
+    finally:
+        del log.warning_once
 
 
 def _dtype(name) -> torch.dtype:

@@ -41,7 +41,9 @@ class PackReport:
         packed_weight_bytes: bytes of their packed codes plus scales on disk.
         bytes_before: bytes of the input model's tensors (tied tensors counted once).
         bytes_after: bytes of all tensors written.
-        bf16_bytes: bytes the same model takes with every tensor in bf16 (the usual baseline).
+        bf16_bytes: bytes the same model takes with every tensor in bf16, packed layers counted unpacked
+            (the usual baseline: its bf16 safetensors).
+        float_dtype: dtype of the floating-point tensors written besides the scales (``""`` if mixed).
         files: the safetensors files written.
     """
 
@@ -52,6 +54,7 @@ class PackReport:
     bytes_before: int = 0
     bytes_after: int = 0
     bf16_bytes: int = 0
+    float_dtype: str = ""
     files: list[str] = field(default_factory=list)
 
     @property
@@ -64,10 +67,12 @@ class PackReport:
         lines = [f"packed {len(self.packed)} linear layers ({self.ternary_weights:,} ternary weights, "
                  f"{self.bits_per_weight:.3f} bits/weight); kept {len(self.kept)} in floating point"]
         lines += [f"  kept {name}: {reason}" for name, reason in self.kept.items()]
-        lines.append(f"tensor bytes: {self.bytes_before / mib:.2f} MiB before -> {self.bytes_after / mib:.2f} MiB "
-                     f"after ({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller; "
-                     f"{self.bf16_bytes / max(self.bytes_after, 1):.2f}x smaller than bf16 at "
-                     f"{self.bf16_bytes / mib:.2f} MiB)")
+        rest = self.bytes_after - self.packed_weight_bytes
+        rest_dtype = f" in {self.float_dtype}" if self.float_dtype else ""
+        lines.append(f"tensor bytes: {self.bytes_after / mib:.2f} MiB written ({self.packed_weight_bytes / mib:.2f} MiB "
+                     f"packed layers + {rest / mib:.2f} MiB other tensors{rest_dtype}); the same model in bf16: "
+                     f"{self.bf16_bytes / mib:.2f} MiB ({self.bf16_bytes / max(self.bytes_after, 1):.2f}x the written "
+                     f"size); the input as loaded: {self.bytes_before / mib:.2f} MiB")
         return "\n".join(lines)
 
 
@@ -136,11 +141,20 @@ def _nbytes(tensors) -> int:
 
 
 def _model_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes as the model holds them, bytes in bf16), each tensor counted once."""
+    """(bytes as the model holds them, bytes in bf16), each tensor counted once; in the second, packed
+    weights count as ``out * in`` bf16 values and their scales not at all (what the unpacked model takes)."""
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, PackedBitLinear)}
+    unpacked = {f"{n}.weight": m.out_features * m.in_features for n, m in packed.items()}
+    scales = {f"{n}.weight_scale" for n in packed}
     before, bf16 = 0, 0
-    for t in unique_tensors(model.state_dict()).values():
+    for key, t in unique_tensors(model.state_dict()).items():
         before += t.numel() * t.element_size()
-        bf16 += t.numel() * (2 if t.is_floating_point() else t.element_size())
+        if key in scales:  # the unpacked model has no weight scales
+            continue
+        if key in unpacked or t.is_floating_point():
+            bf16 += 2 * unpacked.get(key, t.numel())
+        else:
+            bf16 += t.numel() * t.element_size()
     return before, bf16
 
 
@@ -217,7 +231,7 @@ def save_packed(
     new_config.quantization_config = qc
     float_dtypes = {t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith("weight_scale")}
     if len(float_dtypes) == 1:
-        new_config.dtype = str(next(iter(float_dtypes))).removeprefix("torch.")
+        new_config.dtype = report.float_dtype = str(next(iter(float_dtypes))).removeprefix("torch.")
 
     with atomic_output_dir(out_dir, overwrite=overwrite, sources=sources) as tmp:
         save_torch_state_dict({k: t.detach().cpu() for k, t in tensors.items()}, tmp, max_shard_size=max_shard_bytes)

@@ -14,6 +14,8 @@ the hidden dimension. Defaults follow the paper's released code: ``alpha = 0.1``
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -43,6 +45,10 @@ class SelfDistillConfig:
             raise UserError(f"temperature must be > 0, got {self.temperature}")
         if self.hint_weight < 0:
             raise UserError(f"hint_weight must be >= 0, got {self.hint_weight}")
+
+    def to_json_string(self) -> str:
+        """The coefficients as JSON (what transformers' TensorBoard callback records as the model config)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, default=list)
 
 
 class Bottleneck(nn.Module):

@@ -21,12 +21,13 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from bitdistill.audit import redact_command
-from bitdistill.convert import load_model, parse_dtype
+from bitdistill.audit import redact_command, tensorboard_into_output_dir
+from bitdistill.convert import check_model_source, load_model, parse_dtype
 from bitdistill.data.args import DataArguments
 from bitdistill.data.tokenizer_check import check_tokenizer
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir
+from bitdistill.models import tiny_tokenizer
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 from bitdistill.runs import (
     CONFIG_FILE,
@@ -99,9 +100,12 @@ def _load_tokenizer(model_args: SelfDistillModelArguments):
 
     src, gguf = model_args.tokenizer_name_or_path, None
     if src is None:
-        if model_args.model_name_or_path is None or model_args.model_name_or_path.startswith("tiny:"):
-            raise UserError("pass --tokenizer_name_or_path (a model built from --model_config or tiny:<arch> has none)")
+        if model_args.model_name_or_path is None:
+            raise UserError("pass --tokenizer_name_or_path (a model built from --model_config has none)")
+        if model_args.model_name_or_path.startswith("tiny:"):
+            return tiny_tokenizer()
         src, gguf = model_args.model_name_or_path, model_args.gguf_file
+        check_model_source(src, gguf, "--gguf_file")
     return AutoTokenizer.from_pretrained(src, gguf_file=gguf)
 
 
@@ -150,6 +154,7 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
         perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, eval_exit_layers=eval_layers, callbacks=run.callbacks)
     trainer.checkpoint_files = run.checkpoint_files
+    tensorboard_into_output_dir(trainer)
 
     if trainer.is_world_process_zero():
         all_args = {"model": dataclasses.asdict(model_args), "self_distill": dataclasses.asdict(sd_args),
