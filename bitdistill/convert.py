@@ -93,8 +93,8 @@ def load_causal_lm(src: str | Path, *, gguf_file: str | None = None, dtype: str 
         from bitdistill.models import tiny_model
 
         return tiny_model(src.split(":", 1)[1], dtype=torch_dtype)
+    check_model_source(src, gguf_file)  # first: it names the GGUF flag where a folder only holds GGUF files
     check_source(src)
-    check_model_source(src, gguf_file)
     local = is_local_source(src)
     if local and gguf_file is None:
         read_config(src)

@@ -72,11 +72,13 @@ def test_convert_tiny_writes_its_tokenizer(tmp_path):
 
 
 def test_gguf_folder_without_the_flag_names_the_file(tmp_path):
-    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(FileNotFoundError, match=re.escape("holds the GGUF file m.gguf; pass --gguf_file m.gguf")):
-        convert_pretrained(tmp_path, tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match=re.escape(f"pass its folder {tmp_path} and --gguf_file m.gguf")):
-        convert_pretrained(tmp_path / "m.gguf", tmp_path / "out")
+        convert_pretrained(src, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"pass its folder {src} and --gguf_file m.gguf")):
+        convert_pretrained(src / "m.gguf", tmp_path / "out")
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     audit = [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in audit if r.get("event") == "stage"] == ["init", "blocks", "e2e"]
     assert "## Staged recovery" in (out / "student" / "README.md").read_text()
-    pack_pretrained(out / "student", tmp_path / "packed")
+    pack_pretrained(out / "student", tmp_path / "packed", dtype="float32")  # float32: the student's exact function
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
         plain = AutoModelForCausalLM.from_pretrained(tmp_path / "packed", dtype=torch.float32).eval()(ids).logits
