@@ -49,10 +49,12 @@ def tensorboard_into_output_dir(trainer) -> None:
     ``./runs`` of the working directory. Older versions read ``args.logging_dir`` (already in the output).
     """
     from transformers.integrations import TensorBoardCallback
-    from transformers.integrations.integration_utils import default_logdir
 
     for cb in trainer.callback_handler.callbacks:
         if isinstance(cb, TensorBoardCallback) and getattr(cb, "logging_dir", "") is None and cb.tb_writer is None:
+            # only versions whose callback has its own logging_dir (5.x) get here; older ones lack default_logdir
+            from transformers.integrations.integration_utils import default_logdir
+
             cb.logging_dir = os.path.join(trainer.args.output_dir, default_logdir())
 
 
