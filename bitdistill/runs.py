@@ -24,6 +24,7 @@ from bitdistill.checkpoints import clean_partial_checkpoints, latest_checkpoint,
 from bitdistill.data.args import DataArguments
 from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
 from bitdistill.errors import UserError
+from bitdistill.weights import read_json
 
 __all__ = ["CONFIG_FILE", "EvalEveryCallback", "RunSetup", "ScheduledCheckpointsOnly", "build_blocks",
            "check_eval_schedule", "check_run_folder", "config_dict", "record_provenance", "setup_run",
@@ -75,11 +76,7 @@ def _check_resume(checkpoint: Path, config: dict) -> None:
     if not saved_file.is_file():
         raise UserError(f"{checkpoint} has no {CONFIG_FILE}; it was not written by `bitdistill distill` or "
                         "`self-distill` (or is incomplete): resume from another checkpoint")
-    try:
-        saved = json.loads(saved_file.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{saved_file} is not valid JSON ({exc}); the checkpoint is damaged: resume from another "
-                        "one") from exc
+    saved = read_json(saved_file, "the checkpoint is damaged: resume from another one")
     diff = sorted(k for k in set(saved) | set(config)
                   if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
     if diff:

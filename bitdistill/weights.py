@@ -22,9 +22,21 @@ from torch import nn
 
 from bitdistill.errors import UserError
 
-__all__ = ["CONFIG_FILE", "INDEX_FILE", "TensorInfo", "check_shapes", "check_source", "from_local_folder", "is_local_source",
-           "read_config",
-           "read_tensors", "tensor_index", "validate_loaded", "weight_files"]
+__all__ = [
+    "CONFIG_FILE",
+    "INDEX_FILE",
+    "TensorInfo",
+    "check_shapes",
+    "check_source",
+    "from_local_folder",
+    "is_local_source",
+    "read_config",
+    "read_json",
+    "read_tensors",
+    "tensor_index",
+    "validate_loaded",
+    "weight_files",
+]
 
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
@@ -58,13 +70,18 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not cfg.is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no {CONFIG_FILE}); pass a folder written by "
                                 "save_pretrained or bitdistill")
-    try:
-        out = json.loads(cfg.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UserError(f"{cfg} is not valid JSON ({exc}); the folder is corrupt: re-save or re-download it") from exc
+    out = read_json(cfg, "the folder is corrupt: re-save or re-download it")
     if not isinstance(out, dict):
         raise UserError(f"{cfg} holds a JSON {type(out).__name__}, not an object; the folder is corrupt")
     return out
+
+
+def read_json(path: Path, fix: str):
+    """The JSON document in ``path``; a file that is not UTF-8 JSON is a :class:`UserError` naming it and ``fix``."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON ({exc}); {fix}") from exc
 
 
 def weight_files(folder: str | os.PathLike) -> list[str]:
