@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Bench, _quantile
+from harness import Bench, _quantile, recorded_command
 from smollm2 import DEFAULT_WORK, TOKENIZER, gguf_file, prepare, wiki_windows
 
 
@@ -180,6 +180,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     run_id = uuid.uuid4().hex[:12]
+    command = recorded_command("benchmarks/bench_decode_cpu.py", sys.argv[1:])
     prompt = wiki_windows(1, args.prompt_tokens)
     bench = Bench("decode_cpu")
     agree = {}
@@ -208,7 +209,7 @@ def main() -> None:
                       vs_llama_cpp=rate[name] / rate["llama.cpp (bitdistill GGUF)"],
                       same_tokens_as_load_packed=agree[model_name][name], file_mib=_size(path) / 2**20,
                       rss_added_mib=rss / 2**20, load_avg_1min=statistics.median(loads), repeats=args.repeats,
-                      run=run_id, command=" ".join(["python", "benchmarks/bench_decode_cpu.py", *sys.argv[1:]]))
+                      run=run_id, command=command)
             print(f"{model_name} {name}: {rate[name]:.1f} tok/s ({rate[name] / rate['transformers bf16']:.2f}x bf16, "
                   f"{rate[name] / rate['llama.cpp (bitdistill GGUF)']:.2f}x llama.cpp)", flush=True)
         del impls
@@ -222,7 +223,7 @@ def main() -> None:
             "the int8 head is approximate). file_mib: the weights file(s); rss_added_mib: resident memory the "
             "implementation added when loaded and warmed up (mmapped GGUF pages included once touched). "
             "load_avg_1min: the machine's median load during the rounds (2 cores shared with other jobs). "
-            f"Command: `python benchmarks/bench_decode_cpu.py {' '.join(sys.argv[1:])}`.")
+            f"Command: `{command}`.")
     print(bench.write(["model", "impl", "new_tokens", "tokens_per_s", "spread", "vs_bf16", "vs_llama_cpp",
                        "same_tokens_as_load_packed", "file_mib", "rss_added_mib", "load_avg_1min"],
                       title="Decode speed on CPU: bf16, packed, fast in-torch path and llama.cpp", note=note))

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Bench
+from harness import Bench, recorded_command
 from smollm2 import wiki_windows
 
 
@@ -112,7 +112,7 @@ def main() -> None:
                   **common)
     for row in bench.rows:
         print(row["measure"], f"{row['value']:.4g}", row["detail"])
-    command = " ".join(["python", "benchmarks/bench_gguf_agreement.py", *sys.argv[1:]])
+    command = recorded_command("benchmarks/bench_gguf_agreement.py", sys.argv[1:])
     note = (f"Run `{run_id}`. Student: {args.name} (`{args.student.name}`), packed, then exported to GGUF "
             f"(TQ2_0; {report.ternary_share:.1%} of ternary weights stay ternary, the rest Q8_0 of the same ternary "
             "values). Greedy: prompts from wiki.test.raw, llama.cpp with its default float16 KV cache. Perplexity on "

@@ -34,7 +34,8 @@ from bitdistill.errors import UserError
 from bitdistill.io import atomic_write
 from bitdistill.quant.reference import MAX_EXACT_K, activation_quant
 
-__all__ = ["NATIVE_MAX_TOKENS", "TILE_BYTES", "native_available", "packed_int_mm", "packed_linear_cpu"]
+__all__ = ["NATIVE_MAX_TOKENS", "TILE_BYTES", "SharedInputPackedLinears", "native_available", "packed_int_mm",
+           "packed_linear_cpu"]
 
 NATIVE_MAX_TOKENS = 4096
 TILE_BYTES = 1 << 21
@@ -77,6 +78,10 @@ def _build() -> ctypes.CDLL | bool:
     fn = lib.bitdistill_packed_linear_f32
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                    ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.bitdistill_packed_linears
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
@@ -157,3 +162,47 @@ def packed_linear_cpu(
     if bias is not None:
         y = y.add_(bias.float())
     return y.to(x.dtype)
+
+
+class SharedInputPackedLinears:
+    """Packed linears that share one input (q/k/v, gate/up), computed by one native call.
+
+    ``y_i = packed_linear_cpu(x, packed_i, weight_scale_i, bias_i)`` for every ``i``, bit for bit, but the
+    input is quantized once, bfloat16 is read and written by the kernel (no float32 copies) and the call
+    costs one ``ctypes`` crossing. Built once per group; the tensors are referenced, not copied (biases
+    are kept as float32). Without the native kernel each output comes from :func:`packed_linear_cpu`.
+
+    Args:
+        weights: ``(packed uint8 [N_i / 4, K], weight_scale [1], bias [N_i] or None)`` per linear, all with
+            the same ``K``.
+    """
+
+    def __init__(self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
+        if not weights or len({p.shape[1] for p, _, _ in weights}) != 1:
+            raise ValueError("SharedInputPackedLinears needs one or more packed weights with the same in_features")
+        self.weights = weights
+        self.in_features = weights[0][0].shape[1]
+        self.out_features = [p.shape[0] * 4 for p, _, _ in weights]
+        self._packed = [p.contiguous() for p, _, _ in weights]
+        self._bias = [None if b is None else b.detach().float().contiguous() for _, _, b in weights]
+        n = len(weights)
+        self._args = (
+            (ctypes.c_void_p * n)(*[p.data_ptr() for p in self._packed]),
+            (ctypes.c_int64 * n)(*[p.shape[0] for p in self._packed]),
+            (ctypes.c_float * n)(*[float(s.reshape(())) for _, s, _ in weights]),
+            (ctypes.c_void_p * n)(*[None if b is None else b.data_ptr() for b in self._bias]),
+        )
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x [M, K]`` (CPU float32 or bfloat16) -> ``[y_1 [M, N_1], ...]`` in ``x``'s dtype."""
+        m = x.shape[0]
+        if x.dtype not in (torch.float32, torch.bfloat16) or m > NATIVE_MAX_TOKENS or not native_available():
+            return [packed_linear_cpu(x, p, s, b) for p, s, b in self.weights]
+        x = x.detach().contiguous()
+        outs = [torch.empty((m, n), dtype=x.dtype) for n in self.out_features]
+        ptrs = (ctypes.c_void_p * len(outs))(*[o.data_ptr() for o in outs])
+        status = _lib.bitdistill_packed_linears(x.data_ptr(), int(x.dtype == torch.bfloat16), m, self.in_features,
+                                                len(outs), *self._args, ptrs, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("bitdistill native packed kernel could not allocate its scratch buffers")
+        return outs

@@ -8,6 +8,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -51,7 +52,7 @@ static void row4(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
 
 /* Below this many packed bytes times tokens a call runs on one thread: a GEMV of a small layer is
  * faster alone than with the fork/join of a parallel region (and far faster when cores are shared). */
-#define PARALLEL_MIN_WORK (1 << 22)
+#define PARALLEL_MIN_WORK (1 << 16)
 
 int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_t *packed, int64_t P,
                              int32_t *out, int nthreads) {
@@ -115,6 +116,77 @@ int bitdistill_packed_linear_f32(const float *x, int64_t M, int64_t K, const uin
     }
     free(xq);
     free(scale);
+    free(acc);
+    return status;
+}
+
+/* bfloat16 <-> float32 exactly as torch converts them (widening is exact; narrowing rounds to nearest
+ * even, NaN -> 0x7FC0). */
+static inline float bf16_to_f32(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    if (isnan(f)) return 0x7FC0;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* Several BitLinear forwards that share one input (q/k/v, gate/up): the input [M, K] (float32, or bfloat16
+ * when x_bf16) is quantized once, then weight i (packed[i]: uint8 [P[i], K], weight_scale[i], bias[i] float32
+ * [4 P[i]] or NULL) writes out[i] [M, 4 P[i]] in the input's dtype. Each output equals
+ * bitdistill_packed_linear_f32 on the float32 input followed by torch's cast to the input dtype. */
+int bitdistill_packed_linears(const void *x, int x_bf16, int64_t M, int64_t K, int n, const uint8_t *const *packed,
+                              const int64_t *P, const float *weight_scale, const float *const *bias, void *const *out,
+                              int nthreads) {
+    int64_t max_n = 1;
+    for (int i = 0; i < n; i++) max_n = 4 * P[i] > max_n ? 4 * P[i] : max_n;
+    int8_t *xq = (int8_t *)malloc((size_t)(M * K > 0 ? M * K : 1));
+    float *scale = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
+    float *row = (float *)malloc(sizeof(float) * (size_t)(K > 0 ? K : 1));
+    int32_t *acc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * max_n > 0 ? M * max_n : 1));
+    if (xq == NULL || scale == NULL || row == NULL || acc == NULL) {
+        free(xq); free(scale); free(row); free(acc);
+        return 1;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        if (x_bf16) {
+            const uint16_t *xm = (const uint16_t *)x + m * K;
+            for (int64_t k = 0; k < K; k++) row[k] = bf16_to_f32(xm[k]);
+        } else {
+            memcpy(row, (const float *)x + m * K, sizeof(float) * (size_t)K);
+        }
+        float amax = 0.0f;
+        for (int64_t k = 0; k < K; k++) { float a = fabsf(row[k]); if (a > amax) amax = a; }
+        float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
+        for (int64_t k = 0; k < K; k++) {
+            float q = nearbyintf(row[k] * s);
+            q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
+            xq[m * K + k] = (int8_t)q;
+        }
+        scale[m] = s;
+    }
+    int status = 0;
+    for (int i = 0; i < n && status == 0; i++) {
+        const int64_t N = 4 * P[i];
+        status = bitdistill_packed_int_mm(xq, M, K, packed[i], P[i], acc, nthreads);
+        for (int64_t m = 0; m < M && status == 0; m++) {
+            float denom = scale[m] * weight_scale[i];
+            for (int64_t j = 0; j < N; j++) {
+                float y = (float)acc[m * N + j] / denom;
+                if (bias[i]) y = y + bias[i][j];
+                if (x_bf16) ((uint16_t *)out[i])[m * N + j] = f32_to_bf16(y);
+                else ((float *)out[i])[m * N + j] = y;
+            }
+        }
+    }
+    free(xq);
+    free(scale);
+    free(row);
     free(acc);
     return status;
 }

@@ -258,10 +258,38 @@ def _llama_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "bitnet"])
+def _subln_student(eps: float):
+    """A tied Llama SubLN student (norm weights away from 1) whose rms_norm_eps is 1e-5."""
+    from bitdistill import insert_subln
+
+    model = _student(tie_word_embeddings=True, rms_norm_eps=1e-5)
+    insert_subln(model, eps=eps, init="ones")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rms_norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def test_packed_bitnet_model_exports_as_bitnet(tmp_path, tokenizer_dir):
+    """`bitdistill pack` turns a SubLN student into BitNetForCausalLM; that packed model exports as bitnet too."""
+    from bitdistill.export.bitnet_arch import subln_to_bitnet
+
+    report = gguf_export.save_gguf(subln_to_bitnet(_subln_student(1e-6)), tmp_path / "b.gguf",
+                                   tokenizer=_tokenizer(tokenizer_dir))
+    assert report.arch == "bitnet" and report.ternary_share == 1.0
+    names = set(_reader_tensors(tmp_path / "b.gguf"))
+    assert {"blk.1.attn_sub_norm.weight", "blk.1.ffn_sub_norm.weight"} <= names
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3", "bitnet", "bitnet_packed"])
 def test_llama_cpp_greedy_equals_load_packed(arch, tmp_path, tokenizer_dir):
     _llama_cpp()
-    if arch == "bitnet":
+    if arch == "bitnet_packed":  # SubLN eps != rms_norm_eps: the BitNet mapping rescales v/up, still exact
+        from bitdistill.export.bitnet_arch import subln_to_bitnet
+
+        model = reference = subln_to_bitnet(_subln_student(1e-6))
+    elif arch == "bitnet":
         from bitdistill.nn.bitlinear import BitRMSNorm
 
         model = _student(tie_word_embeddings=True, rms_norm_eps=1e-5)

@@ -126,3 +126,26 @@ def test_packed_module_compiles():
     x = torch.randn(3, 32)
     compiled = torch.compile(packed, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), packed(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 5])
+def test_shared_input_linears_equal_separate_calls(dtype, m):
+    """One native call for linears sharing an input: every output bit-equal to its own packed_linear."""
+    k = 100
+    weights = [(pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8)), torch.tensor([s]),
+                None if b is None else b.to(dtype)) for n, s, b in
+               [(64, 2.7, torch.randn(64)), (12, 0.3, None), (40, 11.0, torch.randn(40))]]
+    x = (torch.randn(m, k) * 4).to(dtype)
+    before = x.clone()
+    outs = cpu_ext.SharedInputPackedLinears(weights)(x)
+    assert torch.equal(x, before)
+    for got, (p, s, b) in zip(outs, weights, strict=True):
+        assert got.dtype == dtype and torch.equal(got, packed_linear_reference(x, p, s, b))
+
+
+def test_shared_input_linears_refuses_mixed_in_features():
+    a = pack_ternary(torch.zeros(4, 8, dtype=torch.int8))
+    b = pack_ternary(torch.zeros(4, 9, dtype=torch.int8))
+    with pytest.raises(ValueError, match="same in_features"):
+        cpu_ext.SharedInputPackedLinears([(a, torch.ones(1), None), (b, torch.ones(1), None)])

@@ -59,7 +59,10 @@ PRE_TOKENIZERS = {
 # transformers model_type -> (llama.cpp architecture name, permute q/k rows for interleaved RoPE)
 _ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
           "qwen3": ("qwen3", False), "phi3": ("phi3", False)}
-_SUBLN_RENAME = {"self_attn.o_proj.rms_norm": "self_attn.inner_attn_ln", "mlp.down_proj.rms_norm": "mlp.ffn_layernorm"}
+# SubLN norm weights -> the names gguf's bitnet tensor map knows: a SubLN student's in-layer norms, and the
+# sub-norm modules of transformers' BitNetForCausalLM (what `bitdistill pack` writes for a SubLN student).
+_SUBLN_RENAME = {"self_attn.o_proj.rms_norm": "self_attn.inner_attn_ln", "mlp.down_proj.rms_norm": "mlp.ffn_layernorm",
+                 "self_attn.attn_sub_norm": "self_attn.inner_attn_ln", "mlp.ffn_sub_norm": "mlp.ffn_layernorm"}
 
 
 def require_gguf():
@@ -156,12 +159,14 @@ def _norm_layout(model: nn.Module, converted: dict[str, nn.Module]) -> bool:
 
 
 def _check_bitnet(model: nn.Module, converted: dict[str, nn.Module]) -> None:
-    """Refuse a SubLN student whose graph differs from llama.cpp's ``bitnet`` one (one line each)."""
+    """Refuse a SubLN student (or packed ``BitNetForCausalLM``) whose graph differs from llama.cpp's ``bitnet``
+    one (one line each)."""
     cfg = model.config
     why = None
     eps = {float(m.rms_norm.variance_epsilon) for m in converted.values() if m.rms_norm is not None}
+    eps |= {float(m.variance_epsilon) for n, m in model.named_modules() if n.endswith(("attn_sub_norm", "ffn_sub_norm"))}
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if cfg.model_type != "llama":
+    if cfg.model_type not in ("llama", "bitnet"):
         why = f"llama.cpp's bitnet graph is a Llama block; this SubLN student is {cfg.model_type!r}"
     elif eps != {float(cfg.rms_norm_eps)}:
         why = (f"its SubLN eps {sorted(eps)} differs from rms_norm_eps {cfg.rms_norm_eps} (llama.cpp's bitnet "
@@ -338,14 +343,14 @@ def save_gguf(
     model_type = getattr(cfg, "model_type", None)
     converted = _converted(model)
     subln = _norm_layout(model, converted)
-    if subln:
+    if subln or model_type == "bitnet":
         _check_bitnet(model, converted)
         arch, permute = "bitnet", False
     elif model_type in _ARCHS:
         arch, permute = _ARCHS[model_type]
     else:
         raise UserError(f"llama.cpp has no mapping here for model_type {model_type!r}; the GGUF export supports "
-                         f"{', '.join(_ARCHS)} (and Llama SubLN students as bitnet)")
+                         f"{', '.join(_ARCHS)} (and Llama SubLN students, or their packed BitNetForCausalLM, as bitnet)")
     ternary_q = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
     model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)

@@ -9,6 +9,9 @@ layers, norms and MLPs compute exactly what they compute under ``generate``) wit
 * the rotary cos/sin table computed once for every position (the same values the model computes per step),
 * one ``scaled_dot_product_attention`` call per layer (grouped-query attention without ``repeat_kv``),
 * logits for the last position only,
+* the packed projections that share an input (q/k/v, gate/up) in one native call on CPU, their input
+  quantized once and bfloat16 read and written by the kernel
+  (:class:`bitdistill.cpu_ext.SharedInputPackedLinears`; same bits as the layers' own forward),
 * optionally (``int8_head=True``, approximate) an int8 output head: per-row absmax int8 weights with
   float scales through ``torch._weight_int8pack_mm`` (half the bytes of a bf16 head).
 
@@ -22,11 +25,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bitdistill.cpu_ext import SharedInputPackedLinears, native_available
 from bitdistill.errors import UserError
+from bitdistill.nn.packed import PackedBitLinear
 
 __all__ = ["FAST_DECODE_ARCHS", "FastDecoder", "generate_fast"]
 
 FAST_DECODE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+def _shared_input(modules: list[nn.Module]) -> SharedInputPackedLinears | None:
+    """One native call for ``modules`` when all are plain packed layers (no in-layer norm) on CPU, else None."""
+    if not all(isinstance(m, PackedBitLinear) and m.rms_norm is None and m.weight.device.type == "cpu"
+               for m in modules) or not native_available():
+        return None
+    return SharedInputPackedLinears([(m.weight, m.weight_scale, m.bias) for m in modules])
+
+
+class _Linears:
+    """``modules`` applied to one input: one native call where :func:`_shared_input` allows, else each module."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.native = _shared_input(modules)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``x [..., K]`` -> ``[y_i [..., N_i]]``."""
+        if self.native is None or x.dtype not in (torch.float32, torch.bfloat16):
+            return [m(x) for m in self.modules]
+        outs = self.native(x.reshape(-1, x.shape[-1]))
+        return [y.view(*x.shape[:-1], y.shape[-1]) for y in outs]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +95,9 @@ class FastDecoder:
             :func:`bitdistill.load_packed` or :func:`bitdistill.load_student`.
         max_length: the longest prompt + generation this decoder holds (its KV cache size).
         int8_head: use an int8-weight output head (approximate; see :class:`_Int8Head`).
+
+    The decoder reads the model's packed weights and scales when it is built; build a new one after
+    changing them.
     """
 
     def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool = False) -> None:
@@ -89,6 +120,7 @@ class FastDecoder:
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.scaling = attn.scaling
         self.fused_qkv = hasattr(attn, "qkv_proj")
+        self.gqa = self.n_kv != self.n_heads
         param = self.inner.embed_tokens.weight
         self.dtype, self.device = param.dtype, param.device
         shape = (1, self.n_kv, max_length, self.head_dim)
@@ -99,37 +131,51 @@ class FastDecoder:
             cos, sin = self.inner.rotary_emb(param[:1][None], positions)
         self.cos, self.sin = cos[:, None], sin[:, None]  # [1, 1, max_length, rot]
         self.head = _Int8Head(model.lm_head.weight) if int8_head else model.lm_head
+        self.qkv, self.o, self.mlp_in, self.down = [], [], [], []
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.qkv.append(_Linears([attn.qkv_proj] if self.fused_qkv else [attn.q_proj, attn.k_proj, attn.v_proj]))
+            self.o.append(_Linears([attn.o_proj]))
+            split_mlp = all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+            self.mlp_in.append(_Linears([mlp.gate_proj, mlp.up_proj]) if split_mlp else None)
+            self.down.append(_Linears([mlp.down_proj]) if split_mlp else None)
 
-    def _attention(self, layer: nn.Module, i: int, h: torch.Tensor, pos: int) -> torch.Tensor:
+    def _attention(self, layer: nn.Module, i: int, h: torch.Tensor, pos: int, cos: torch.Tensor,
+                   sin: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
         t = h.shape[1]
         if self.fused_qkv:
-            qkv = attn.qkv_proj(h)
+            (qkv,) = self.qkv[i](h)
             q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                  self.n_kv * self.head_dim], dim=-1)
         else:
-            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+            q, k, v = self.qkv[i](h)
         q = q.view(1, t, -1, self.head_dim)
         k = k.view(1, t, -1, self.head_dim)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(1, t, -1, self.head_dim).transpose(1, 2)
-        cos, sin = self.cos[:, :, pos:pos + t], self.sin[:, :, pos:pos + t]
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
         self.k_cache[i][:, :, pos:pos + t] = k
         self.v_cache[i][:, :, pos:pos + t] = v
         keys, values = self.k_cache[i][:, :, :pos + t], self.v_cache[i][:, :, :pos + t]
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, scale=self.scaling,
-                                             enable_gqa=self.n_kv != self.n_heads)
-        return attn.o_proj(out.transpose(1, 2).reshape(1, t, -1))
+        out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, scale=self.scaling, enable_gqa=self.gqa)
+        return self.o[i](out.transpose(1, 2).reshape(1, t, -1))[0]
+
+    def _mlp(self, layer: nn.Module, i: int, h: torch.Tensor) -> torch.Tensor:
+        if self.mlp_in[i] is None:  # fused gate_up (phi3): the module itself
+            return layer.mlp(h)
+        gate, up = self.mlp_in[i](h)
+        return self.down[i](layer.mlp.act_fn(gate) * up)[0]
 
     def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Run ``ids [1, T]`` at positions ``pos..pos+T-1``; returns the last position's logits ``[1, vocab]``."""
         h = self.inner.embed_tokens(ids)
+        cos, sin = self.cos[:, :, pos:pos + ids.shape[1]], self.sin[:, :, pos:pos + ids.shape[1]]
         for i, layer in enumerate(self.layers):
-            h = h + self._attention(layer, i, layer.input_layernorm(h), pos)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + self._attention(layer, i, layer.input_layernorm(h), pos, cos, sin)
+            h = h + self._mlp(layer, i, layer.post_attention_layernorm(h))
         return self.head(self.inner.norm(h[:, -1:]))[:, -1]
 
     @torch.no_grad()
