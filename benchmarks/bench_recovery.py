@@ -7,7 +7,8 @@ recipe, one child process trains a student:
 * ``e2e`` — today's best end-to-end recipe (benchmarks/results/distill_smollm2.md): logits KD (forward KL) +
   MiniLMv2 attention relation on the last block (6 relation heads) + SubLN, lr 1e-3 linear, batch 2 x 128 tokens,
   from the naively ternarized teacher (``bitdistill distill``, stopped by the CPU budget, schedule fit to it);
-* ``staged`` — ``bitdistill recover`` with its defaults (calibrated init, block-wise reconstruction, then KD).
+* ``staged`` — ``bitdistill recover`` with its defaults (joint block-wise reconstruction on the student's own
+  inputs, then the e2e recipe above from the reconstructed student, same flags).
 
 Each trained student is then scored (not counted in the budget): perplexity on the first 40 non-overlapping
 512-token windows of wiki.test.raw, ``wikitext_lastword`` accuracy (lm-eval, first ``--lastword-limit``
@@ -48,7 +49,7 @@ COMMON = ["--max_seq_length", "128", "--per_device_train_batch_size", "2", "--lr
           "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
 E2E = ["--learning_rate", "0.001", "--logits_weight", "1", "--logits_loss", "forward_kl", "--attention_weight", "1",
        "--attention_layers", "-1", "--attention_relation_heads", "6", "--subln", "true"]
-STAGED = ["--learning_rate", "0.00025", "--logits_weight", "1", "--logits_loss", "forward_kl"]
+STAGED = E2E  # the e2e stage of the staged recipe is the e2e recipe (its losses, SubLN, learning rate)
 
 
 def _gguf() -> Path:
@@ -182,13 +183,14 @@ def write_report(limit: int) -> Path:
                      f"{r.get('wall_s', 0) / 60:.1f} |")
     staged = [r for r in rows if r["recipe"] == "staged"]
     if staged:
-        lines += ["", "Staged runs, per stage (held-out = the last 4 x 512 tokens of the training text):", "",
+        lines += ["", "Staged runs, per stage (held-out = the last 4 x 256 tokens of the training text, which no stage trains on):", "",
                   "| budget | stage | held-out ppl | cumulative CPU min |", "|---|---|---|---|"]
         for r in sorted(staged, key=lambda r: r["budget_cpu_min"]):
             for s in r.get("stages", []):
                 lines.append(f"| {r['budget_cpu_min']} | {s['stage']} | {s['held_out_perplexity']:.1f} | "
                              f"{s['cpu_s'] / 60:.1f} |")
-    lines += ["", "Commands (per row, in the JSONL as `command`):", ""]
+    lines += ["", "Where the curve stands against the targets, and why: [docs/distill.md, The budget curve]"
+              "(../../docs/distill.md#the-budget-curve).", "", "Commands (per row, in the JSONL as `command`):", ""]
     for r in order:
         if r.get("command"):
             lines.append(f"- {r['recipe']} {r['budget_cpu_min']}: `{r['command']}`")

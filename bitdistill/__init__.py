@@ -70,6 +70,8 @@ _WHERE = {
     "calibrated_ternary": "bitdistill.recover",
     "encode_ternary": "bitdistill.recover",
     "reconstruct_blocks_in_place": "bitdistill.recover",
+    "JointConfig": "bitdistill.recover",
+    "reconstruct_jointly_in_place": "bitdistill.recover",
     "RecoverArguments": "bitdistill.recover.staged",
     "run_staged_recovery": "bitdistill.recover.staged",
 }

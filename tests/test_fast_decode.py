@@ -32,6 +32,23 @@ def test_same_tokens_as_generate(arch):
     assert torch.equal(generate_fast(student, ids, 16), _greedy(student, ids, 16))
 
 
+def test_packed_subln_student_as_bitnet():
+    """`bitdistill pack` writes a SubLN student as BitNetForCausalLM; fast decoding follows its sub-norms."""
+    from bitdistill import insert_subln
+    from bitdistill.export.bitnet_arch import subln_to_bitnet
+
+    student = _student("llama")
+    insert_subln(student, eps=1e-5, init="ones")
+    with torch.no_grad():
+        for name, p in student.named_parameters():
+            if "rms_norm" in name:
+                p.uniform_(0.5, 1.5)
+    bitnet = subln_to_bitnet(student)
+    assert bitnet.config.model_type == "bitnet"
+    ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(generate_fast(bitnet, ids, 16), _greedy(bitnet, ids, 16))
+
+
 def test_decoder_is_reusable_and_int8_head_is_close():
     packed = pack_in_memory(_student("llama"))
     decoder = FastDecoder(packed, 32)

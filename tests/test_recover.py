@@ -19,7 +19,9 @@ from bitdistill.recover import (
     encode_ternary,
     layer_output,
     output_error,
+    JointConfig,
     reconstruct_blocks_in_place,
+    reconstruct_jointly_in_place,
 )
 from bitdistill.recover.blockwise import block_loss, check_state_budget
 from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
@@ -133,6 +135,39 @@ def test_block_reconstruction_lowers_every_blocks_error(arch):
     assert len(rep.blocks) == teacher.config.num_hidden_layers
     for b in rep.blocks:
         assert b["val_after"] < b["val_before"], b
+
+
+@pytest.mark.parametrize("arch", [a if a in ("llama", "gpt2") else pytest.param(a, marks=pytest.mark.slow)
+                                  for a in TINY_ARCHITECTURES])
+@pytest.mark.parametrize("inputs", ["teacher", "student"])
+def test_joint_reconstruction_lowers_the_block_error_and_touches_only_blocks(arch, inputs):
+    teacher, student = _pair(arch)
+    before_teacher = copy.deepcopy(teacher.state_dict())
+    _, layers = decoder_layers(student)
+    block_keys = {f"{decoder_layers(student)[0]}.{k}" for k in layers.state_dict()}
+    before = copy.deepcopy(student.state_dict())
+    rep = reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(lr=2e-3, micro_batch=4, inputs=inputs),
+                                       steps=10, val_ids=_ids(4, seed=2))
+    assert rep.steps == 10 and len(rep.losses) == 10
+    assert rep.val_after < rep.val_before
+    after = student.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and changed <= block_keys  # embeddings, final norm and head untouched
+    assert all(torch.equal(teacher.state_dict()[k], v) for k, v in before_teacher.items())
+
+
+def test_joint_reconstruction_budget_and_bad_options():
+    teacher, student = _pair("llama")
+    rep = reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(micro_batch=2), budget_cpu_s=0.5)
+    assert rep.steps >= 1 and rep.planned_steps >= rep.steps
+    with pytest.raises(ValueError, match="either a CPU budget or a number of steps"):
+        reconstruct_jointly_in_place(student, teacher, _ids(8))
+    with pytest.raises(ValueError, match="unknown block inputs"):
+        reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(inputs="mixed"), steps=1)
+    with pytest.raises(ValueError, match="lr > 0"):
+        reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(lr=0.0), steps=1)
+    with pytest.raises(ValueError, match="N >= micro_batch"):
+        reconstruct_jointly_in_place(student, teacher, _ids(2), JointConfig(micro_batch=4), steps=1)
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):

@@ -55,7 +55,8 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     (["--time_budget", "0.0001s"], "first stage alone needs"),
     (["--time_budget", "10x"], "is not a CPU time"),
     (["--time_budget", "1m", "--calibration_tokens", "100000"], "fewer than the"),
-    (["--time_budget", "1m", "--state_memory_mb", "0"], "memory budget"),
+    (["--time_budget", "1m", "--block_mode", "sequential", "--state_memory_mb", "0"], "memory budget"),
+    (["--time_budget", "1m", "--block_mode", "parallel"], "unknown --block_mode"),
     (["--time_budget", "1m", "--block_loss", "l1"], "unknown block loss"),
 ])
 def test_recover_bad_input_fails_before_work(setup, capsys, flags, match):
@@ -65,3 +66,31 @@ def test_recover_bad_input_fails_before_work(setup, capsys, flags, match):
     assert rc == 2 and match in err, err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1
     assert not (out / "student").exists() and not (out / "init").exists()
+
+
+def test_recover_resumes_after_the_block_stage_with_subln(setup, capsys, monkeypatch):
+    """A run that dies in the e2e stage resumes from its saved block stage (not redone, its CPU time counted)."""
+    from bitdistill.recover import staged
+
+    out = setup["root"] / "resume"
+    argv = ["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "3", "--subln", "true",
+            "--output_dir", str(out)]
+    real = staged.run_distillation
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed in the e2e stage")
+
+    monkeypatch.setattr(staged, "run_distillation", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(argv)
+    first = [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in first] == ["blocks"] and not (out / "student").exists()
+    capsys.readouterr()
+    monkeypatch.setattr(staged, "run_distillation", real)
+    assert main(argv) == 0
+    assert "block stage already finished" in capsys.readouterr().out
+    summary = json.loads((out / "recovery.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["blocks", "e2e"]
+    assert summary["stages"][0] == {k: v for k, v in first[0].items() if k not in ("event", "time")}
+    assert summary["stages"][1]["cpu_s"] > summary["stages"][0]["cpu_s"]
+    assert load_student(out / "student").model.layers[0].self_attn.o_proj.rms_norm is not None  # SubLN kept

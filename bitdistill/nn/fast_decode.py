@@ -15,7 +15,9 @@ layers, norms and MLPs compute exactly what they compute under ``generate``) wit
 * optionally (``int8_head=True``, approximate) an int8 output head: per-row absmax int8 weights with
   float scales through ``torch._weight_int8pack_mm`` (half the bytes of a bf16 head).
 
-Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` and ``phi3`` (fused ``qkv_proj``; partial rotary).
+Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3`` (fused ``qkv_proj``; partial rotary) and
+``bitnet`` (transformers' ``BitNetForCausalLM``, what ``bitdistill pack`` makes of a SubLN student: sub-norms
+before ``o_proj`` and ``down_proj``).
 Greedy tokens equal ``model.generate(do_sample=False)`` (tested) unless ``int8_head`` is chosen.
 """
 
@@ -31,7 +33,7 @@ from bitdistill.nn.packed import PackedBitLinear
 
 __all__ = ["FAST_DECODE_ARCHS", "FastDecoder", "generate_fast"]
 
-FAST_DECODE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+FAST_DECODE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "bitnet")
 
 
 def _shared_input(modules: list[nn.Module]) -> SharedInputPackedLinears | None:
@@ -161,13 +163,19 @@ class FastDecoder:
         self.v_cache[i][:, :, pos:pos + t] = v
         keys, values = self.k_cache[i][:, :, :pos + t], self.v_cache[i][:, :, :pos + t]
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, scale=self.scaling, enable_gqa=self.gqa)
-        return self.o[i](out.transpose(1, 2).reshape(1, t, -1))[0]
+        out = out.transpose(1, 2).reshape(1, t, -1)
+        if hasattr(attn, "attn_sub_norm"):  # BitNetForCausalLM (a packed SubLN student)
+            out = attn.attn_sub_norm(out)
+        return self.o[i](out)[0]
 
     def _mlp(self, layer: nn.Module, i: int, h: torch.Tensor) -> torch.Tensor:
         if self.mlp_in[i] is None:  # fused gate_up (phi3): the module itself
             return layer.mlp(h)
         gate, up = self.mlp_in[i](h)
-        return self.down[i](layer.mlp.act_fn(gate) * up)[0]
+        mid = layer.mlp.act_fn(gate) * up
+        if hasattr(layer.mlp, "ffn_sub_norm"):
+            mid = layer.mlp.ffn_sub_norm(mid)
+        return self.down[i](mid)[0]
 
     def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Run ``ids [1, T]`` at positions ``pos..pos+T-1``; returns the last position's logits ``[1, vocab]``."""

@@ -7,6 +7,7 @@ from bitdistill.recover.blockwise import (
     block_loss,
     reconstruct_blocks_in_place,
 )
+from bitdistill.recover.joint import JointConfig, JointReport, reconstruct_jointly_in_place
 from bitdistill.recover.layers import capture_layer_call, decoder_layers, layer_output
 from bitdistill.recover.ternary import (
     TernaryFit,
@@ -19,6 +20,8 @@ from bitdistill.recover.ternary import (
 __all__ = [
     "BlockwiseConfig",
     "BlockwiseReport",
+    "JointConfig",
+    "JointReport",
     "TernaryFit",
     "block_loss",
     "calibrated_ternary",
@@ -29,4 +32,5 @@ __all__ = [
     "layer_output",
     "output_error",
     "reconstruct_blocks_in_place",
+    "reconstruct_jointly_in_place",
 ]

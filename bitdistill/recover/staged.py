@@ -6,7 +6,9 @@
    search on the layer's inputs, :mod:`bitdistill.recover.ternary`), block by block on the student's own
    inputs; no gradient steps.
 2. **blocks** — each decoder block is trained to map the hidden states entering it to the teacher block's
-   output (:mod:`bitdistill.recover.blockwise`), with ``block_fraction`` of the budget (stages 1 and 2 together).
+   output, with ``block_fraction`` of the budget (stages 1 and 2 together): by default all blocks at once on
+   their own local targets (``block_mode joint``, :mod:`bitdistill.recover.joint`), or one block at a time
+   (``block_mode sequential``, :mod:`bitdistill.recover.blockwise`; resumable per block).
 3. **e2e** — the existing distillation trainer (``run_distillation``) from the reconstructed student, until
    the budget is spent (its learning-rate schedule refit to the budget, :class:`~bitdistill.recover.budget.CpuBudgetCallback`).
 
@@ -23,7 +25,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,15 +37,17 @@ from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
 from bitdistill.distill.run import load_teacher, load_tokenizer, prepare_student, run_distillation
 from bitdistill.errors import UserError
-from bitdistill.io import atomic_output_dir
+from bitdistill.io import atomic_output_dir, atomic_write
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
+from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
 from bitdistill.recover.layers import decoder_layers
 from bitdistill.runs import build_blocks
 
 __all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
 
 STAGES = ("init", "blocks", "e2e")
+BLOCK_MODES = ("joint", "sequential")
 RESULT_FILE = "recovery.json"
 
 
@@ -56,10 +59,15 @@ class RecoverArguments:
         "help": "Process CPU time for the whole recipe, counted from when the teacher is loaded (90m, 1.5h, 600s)."})
     block_fraction: float = field(default=0.5, metadata={
         "help": "Share of the budget for calibrated init + block-wise reconstruction; the e2e stage gets the rest."})
+    block_mode: str = field(default="joint", metadata={
+        "help": "joint: every block trained at once on its local target, on all the training text; sequential: "
+                "one block at a time on cached states of calibration_tokens tokens (resumable per block)."})
     calibration_tokens: int = field(default=8192, metadata={
-        "help": "Most tokens of the training text (the first ones) for the init and block stages; fewer (down to "
-                "one micro-batch of blocks) when the init stage would otherwise take over half the block share."})
-    calibration_seq_length: int = field(default=512, metadata={"help": "Sequence length of the calibration blocks."})
+        "help": "Most tokens of the training text (the first ones) for the init stage and the sequential block "
+                "stage; fewer (down to one micro-batch of blocks) when the init stage would otherwise take over "
+                "half the block share."})
+    calibration_seq_length: int = field(default=256, metadata={
+        "help": "Sequence length of the block stage's (and init's) token blocks and of the held-out blocks."})
     held_out_blocks: int = field(default=4, metadata={
         "help": "Blocks of calibration_seq_length tokens at the end of the training text, never trained on, that "
                 "report each stage's held-out loss and perplexity."})
@@ -68,8 +76,10 @@ class RecoverArguments:
                 "(calibrated ternary rounding, stage 'init')."})
     block_steps: int | None = field(default=None, metadata={
         "help": "Adam steps per block (default: as many as the block share of the budget allows; 0: none)."})
-    block_lr: float = field(default=1e-3, metadata={"help": "Adam learning rate of the block stage (cosine per block)."})
-    block_micro_batch: int = field(default=4, metadata={"help": "Sequences per block step."})
+    block_lr: float = field(default=1e-3, metadata={
+        "help": "Adam learning rate of the block stage (joint: warm-up then linear decay to the end of the stage; "
+                "sequential: cosine per block)."})
+    block_micro_batch: int = field(default=2, metadata={"help": "Sequences per block step."})
     block_loss: str = field(default="token", metadata={"help": f"Block loss: {', '.join(BLOCK_LOSSES)}."})
     block_student_inputs: bool = field(default=True, metadata={
         "help": "Train each block on the student's own previous-block outputs (false: the teacher's)."})
@@ -138,8 +148,11 @@ class _Clock:
             self.excluded += time.process_time() - t
 
 
-def _calibration(recover_args: RecoverArguments, data_args: DataArguments, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(calibration [N, S], held_out [H, S])`` blocks of the training text; a one-line error when it is too short."""
+def _calibration(recover_args: RecoverArguments, data_args: DataArguments,
+                 tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(calibration [N, S], training [T, S], held_out [H, S])`` blocks of the training text: the first
+    ``calibration_tokens``, everything but the held-out blocks, the last ``held_out_blocks``; a one-line error
+    when it is too short."""
     s = recover_args.calibration_seq_length
     mb = recover_args.block_micro_batch
     n = math.ceil(recover_args.calibration_tokens / s / mb) * mb
@@ -150,20 +163,22 @@ def _calibration(recover_args: RecoverArguments, data_args: DataArguments, token
         raise UserError(f"the training text has {blocks.shape[0] * s} tokens in {s}-token blocks, fewer than the "
                          f"{n * s} calibration + {h * s} held-out tokens asked; give more text or lower "
                          "--calibration_tokens / --held_out_blocks")
-    return blocks[:n], blocks[blocks.shape[0] - h:]
+    return blocks[:n], blocks[:blocks.shape[0] - h], blocks[blocks.shape[0] - h:]
 
 
 def _check_args(recover_args: RecoverArguments, model_args: ModelArguments, loss_args: LossArguments) -> float:
     budget = parse_cpu_budget(recover_args.time_budget)
+    if recover_args.block_mode not in BLOCK_MODES:
+        raise UserError(f"unknown --block_mode {recover_args.block_mode!r}; choose one of {', '.join(BLOCK_MODES)}")
     if not 0 < recover_args.block_fraction <= 1:
         raise UserError(f"--block_fraction must be in (0, 1], got {recover_args.block_fraction}")
     if recover_args.calibration_tokens < 1 or recover_args.held_out_blocks < 1:
         raise UserError("--calibration_tokens and --held_out_blocks must be >= 1")
     BlockwiseConfig(init=recover_args.block_init, steps=recover_args.block_steps, lr=recover_args.block_lr,
                     micro_batch=recover_args.block_micro_batch, loss=recover_args.block_loss).check()
-    if model_args.subln or model_args.student_config or model_args.quant_warmup_steps:
-        raise UserError("the staged recipe starts from a converted copy of the teacher; drop --subln, "
-                         "--student_config and --quant_warmup_steps")
+    if model_args.student_config or model_args.quant_warmup_steps:
+        raise UserError("the staged recipe starts from a converted copy of the teacher; drop --student_config "
+                         "and --quant_warmup_steps")
     if loss_args.teacher_cache:
         raise UserError("the staged recipe needs the live teacher; drop --teacher_cache")
     return budget
@@ -173,6 +188,16 @@ def _append_audit(output_dir: Path, result: StageResult) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     with open(output_dir / "audit_log.jsonl", "a") as f:
         f.write(json.dumps({"event": "stage", "time": time.time(), **dataclasses.asdict(result)}) + "\n")
+
+
+def _atomic_json(path: Path, obj: dict) -> None:
+    atomic_write(path, json.dumps(obj, indent=1, default=str))
+
+
+def _load_stage2(folder: Path) -> nn.Module:
+    from bitdistill.convert import load_model
+
+    return load_model(folder).eval()
 
 
 def _save_student(student: nn.Module, tokenizer, folder: Path) -> None:
@@ -209,7 +234,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     if final.exists():
         raise FileExistsError(f"{final} already exists; choose another --output_dir")
     tokenizer = load_tokenizer(model_args)
-    cal, held = _calibration(recover_args, data_args, tokenizer)
+    cal, train, held = _calibration(recover_args, data_args, tokenizer)
     teacher = load_teacher(model_args)
     decoder_layers(teacher)
     share = budget * recover_args.block_fraction
@@ -224,7 +249,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                          "for this teacher and calibration size; raise the budget or lower --calibration_tokens")
     clock = _Clock()
     torch.manual_seed(training_args.seed)
-    student = prepare_student(model_args, teacher)
+    student = prepare_student(model_args, teacher, calibration_input_ids=cal[:8])
     student.eval()
     results: list[StageResult] = []
 
@@ -248,12 +273,31 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         finish("init", student, {"blocks": rep.blocks})
     block_budget = budget * recover_args.block_fraction - clock.used()
     steps = recover_args.block_steps
-    if steps != 0 and block_budget > 0:
+    stage2 = out / "stage2_student"
+    joint_file = out / "blocks" / "joint.json"
+    if recover_args.block_mode == "joint" and stage2.exists() and joint_file.is_file():
+        done = json.loads(joint_file.read_text())  # resumed after the block stage: its result and CPU time
+        clock.excluded -= done["cpu_s"]
+        student = _load_stage2(stage2)
+        results.append(StageResult(**done["result"]))
+        log(f"block stage already finished in {stage2}: {results[-1].line()}")
+    elif recover_args.block_mode == "joint" and steps != 0 and block_budget > 0:
+        cfg = JointConfig(lr=recover_args.block_lr, micro_batch=recover_args.block_micro_batch,
+                          loss=recover_args.block_loss, seed=training_args.seed,
+                          inputs="student" if recover_args.block_student_inputs else "teacher")
+        rep = reconstruct_jointly_in_place(student, teacher, train, cfg, steps=steps,
+                                           budget_cpu_s=None if steps is not None else block_budget,
+                                           val_ids=val, log=log)
+        finish("blocks", student, {"steps": rep.steps, "planned_steps": rep.planned_steps, "val_before": rep.val_before,
+                                   "val_after": rep.val_after, "train_tokens": rep.steps * recover_args.block_micro_batch
+                                   * recover_args.calibration_seq_length})
+        joint_file.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_json(joint_file, {"cpu_s": rep.cpu_s, "result": dataclasses.asdict(results[-1])})
+    elif steps != 0 and block_budget > 0:
         rep = reconstruct_blocks_in_place(student, teacher, cal, BlockwiseConfig(init="keep", steps=steps, **base),
                                           val_ids=val, budget_cpu_s=block_budget, work_dir=out / "blocks",
                                           memory_budget=mem, progress=not training_args.disable_tqdm, log=log)
         finish("blocks", student, {"blocks": rep.blocks})
-    stage2 = out / "stage2_student"
     if not stage2.exists():
         t = time.process_time()
         _save_student(student, tokenizer, stage2)
@@ -285,19 +329,16 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         import shutil
 
         shutil.copytree(stage2, final)
-    block_tokens = sum(b["steps"] for r in results if r.stage == "blocks" for b in r.detail["blocks"]) * (
-        recover_args.block_micro_batch * recover_args.calibration_seq_length)
+    block_tokens = sum(r.detail["train_tokens"] if "train_tokens" in r.detail else sum(b["steps"] for b in r.detail["blocks"])
+                       * recover_args.block_micro_batch * recover_args.calibration_seq_length
+                       for r in results if r.stage == "blocks")
     e2e_tokens = sum(r.detail.get("train_tokens", 0) for r in results if r.stage == "e2e")
     summary = {"budget_cpu_s": budget, "teacher_held_out_loss": teacher_loss, "calibration_tokens": cal.numel(),
                "train_tokens": block_tokens + e2e_tokens, "block_train_tokens": block_tokens,
                "e2e_train_tokens": e2e_tokens,
                "stages": [dataclasses.asdict(r) for r in results], "recover_args": dataclasses.asdict(recover_args)}
-    tmp = out / f".{RESULT_FILE}.tmp"
-    tmp.write_text(json.dumps(summary, indent=1, default=str))
-    os.replace(tmp, out / RESULT_FILE)
+    _atomic_json(out / RESULT_FILE, summary)
     card = final / "README.md"
     text = card.read_text() if card.is_file() else ""
-    tmp = final / ".README.md.tmp"
-    tmp.write_text(text + _card_section(results, budget))
-    os.replace(tmp, card)
+    atomic_write(card, text + _card_section(results, budget))
     return final

@@ -1,0 +1,214 @@
+"""Joint local reconstruction: every decoder block of a student trained at once against the teacher's block.
+
+Block-wise reconstruction one block at a time (:mod:`bitdistill.recover.blockwise`) gives each block
+``budget / n_blocks`` of the CPU: at 10 CPU-minutes that is a handful of Adam steps per block of
+SmolLM2-135M, too few to move it. Here every step trains **all** blocks on one micro-batch, each on its own
+local target, so every block gets as many optimizer steps as end-to-end KD would take, at a lower cost per
+step (no output head, no vocabulary-wide loss). For a micro-batch with teacher hidden states
+``X_0 .. X_L`` (``X_{i+1} = teacher_block_i(X_i)``)::
+
+    loss = (1 / L) * sum_i  block_loss(student_block_i(Z_i), X_{i+1})
+    Z_i  = X_i                        (inputs="teacher": each block learns the teacher's map)
+    Z_i  = stop_grad(student_block_{i-1}(Z_{i-1})), Z_0 = X_0   (inputs="student": on the inputs it will see)
+
+``block_loss`` is one of :data:`bitdistill.recover.blockwise.BLOCK_LOSSES` (default ``token``: per-token
+squared error over the token's squared target norm, so a few massive-activation positions cannot dominate).
+Gradients never cross blocks, so the blocks are independent problems solved in one pass. Only the decoder
+blocks' parameters train (latent weights through the straight-through estimator, norms, biases); the
+learning rate warms up for ``warmup`` steps, then decays linearly to 0 at the step the CPU budget is planned
+to end (planned from the measured CPU time of the first steps).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from bitdistill.errors import UserError
+from bitdistill.recover.blockwise import BLOCK_LOSSES, block_loss
+from bitdistill.recover.layers import capture_layer_call, decoder_layers, layer_output
+
+__all__ = ["JOINT_INPUTS", "JointConfig", "JointReport", "reconstruct_jointly_in_place"]
+
+JOINT_INPUTS = ("teacher", "student")
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """Options of :func:`reconstruct_jointly_in_place`.
+
+    Attributes:
+        lr: Adam peak learning rate.
+        warmup: linear warm-up steps.
+        micro_batch: sequences per step.
+        loss: block loss (see :func:`bitdistill.recover.blockwise.block_loss`).
+        inputs: ``teacher`` or ``student`` block inputs (see the module docstring).
+        seed: seed of the batch order.
+    """
+
+    lr: float = 1e-3
+    warmup: int = 5
+    micro_batch: int = 1
+    loss: str = "token"
+    inputs: str = "teacher"
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.loss not in BLOCK_LOSSES:
+            raise UserError(f"unknown block loss {self.loss!r}; choose one of {', '.join(BLOCK_LOSSES)}")
+        if self.inputs not in JOINT_INPUTS:
+            raise UserError(f"unknown block inputs {self.inputs!r}; choose one of {', '.join(JOINT_INPUTS)}")
+        if self.micro_batch < 1 or self.lr <= 0 or self.warmup < 0:
+            raise UserError("joint reconstruction needs micro_batch >= 1, lr > 0 and warmup >= 0")
+
+
+@dataclass
+class JointReport:
+    """``steps`` taken (``planned_steps`` from the CPU budget), ``losses`` (mean block loss per step),
+    ``val_before`` / ``val_after`` (mean block loss on the held-out blocks, teacher inputs), ``cpu_s``."""
+
+    steps: int = 0
+    planned_steps: int = 0
+    losses: list[float] = field(default_factory=list)
+    val_before: float = float("nan")
+    val_after: float = float("nan")
+    cpu_s: float = 0.0
+
+
+def _teacher_states(teacher_layers: nn.ModuleList, teacher: nn.Module, ids: torch.Tensor):
+    with torch.no_grad():
+        x, call = capture_layer_call(teacher, ids)
+        states = [x]
+        for layer in teacher_layers:
+            states.append(layer_output(layer, states[-1], call))
+    return states, call
+
+
+def _local_loss(student_layers: nn.ModuleList, states: list[torch.Tensor], call, cfg: JointConfig) -> torch.Tensor:
+    total = 0.0
+    z = states[0]
+    for i, layer in enumerate(student_layers):
+        inp = states[i] if cfg.inputs == "teacher" else z.detach()
+        z = layer_output(layer, inp, call)
+        total = total + block_loss(cfg.loss, z, states[i + 1], states[i])
+    return total / len(student_layers)
+
+
+def _held_out(student_layers, teacher_layers, teacher, val_ids, cfg: JointConfig) -> float:
+    if val_ids is None:
+        return float("nan")
+    teacher_cfg = JointConfig(**{**cfg.__dict__, "inputs": "teacher"})
+    with torch.no_grad():
+        losses = []
+        for i in range(0, val_ids.shape[0], cfg.micro_batch):
+            states, call = _teacher_states(teacher_layers, teacher, val_ids[i:i + cfg.micro_batch])
+            losses.append(_local_loss(student_layers, states, call, teacher_cfg).item())
+    return sum(losses) / len(losses)
+
+
+def _train(s_layers, t_layers, teacher, input_ids, cfg: JointConfig, params, budget_cpu_s, steps, start,
+           report: JointReport, log) -> tuple[int, int]:
+    """The Adam loop; returns ``(steps taken, planned steps)``."""
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    planned = steps if steps is not None else 10**9
+    mark = None
+    step = 0
+    while step < planned:
+        if budget_cpu_s is not None and time.process_time() - start >= budget_cpu_s:
+            break
+        while len(order) < cfg.micro_batch:
+            order += torch.randperm(input_ids.shape[0], generator=gen).tolist()
+        batch, order = input_ids[order[:cfg.micro_batch]], order[cfg.micro_batch:]
+        factor = min((step + 1) / (cfg.warmup + 1), max(0.0, (planned - step) / max(1, planned - cfg.warmup)))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * factor
+        states, call = _teacher_states(t_layers, teacher, batch)
+        loss = _local_loss(s_layers, states, call, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        report.losses.append(loss.item())
+        if budget_cpu_s is not None and step == 1:
+            mark = time.process_time()
+        elif budget_cpu_s is not None and step == 3:
+            per_step = (time.process_time() - mark) / 2
+            planned = step + max(1, int((budget_cpu_s - (time.process_time() - start)) / per_step))
+        if log is not None and step % 10 == 0:
+            log(f"joint reconstruction step {step}/{planned if planned < 10**9 else '?'}: loss {loss.item():.4f}")
+    return step, planned
+
+
+def reconstruct_jointly_in_place(
+    student: nn.Module,
+    teacher: nn.Module,
+    input_ids: torch.Tensor,
+    cfg: JointConfig | None = None,
+    *,
+    budget_cpu_s: float | None = None,
+    steps: int | None = None,
+    val_ids: torch.Tensor | None = None,
+    log: Callable[[str], None] | None = None,
+) -> JointReport:
+    """Train every decoder block of ``student`` against ``teacher``'s, all at once (see the module docstring).
+
+    Args:
+        student: a BitNet student of the teacher's architecture and depth (e.g. a converted copy of it);
+            its decoder blocks are modified in place, nothing else.
+        teacher: the full-precision teacher (not modified).
+        input_ids: ``[N, S]`` training token blocks, visited in a seeded random order (repeated if needed).
+        cfg: options (default :class:`JointConfig`).
+        budget_cpu_s: process CPU seconds for the training steps (the schedule is planned to end there; the
+            held-out reports are not counted), or
+        steps: a fixed number of steps (exactly one of the two).
+        val_ids: ``[V, S]`` held-out blocks for ``val_before`` / ``val_after``.
+        log: called with a line every 10 steps and at the end.
+
+    Returns:
+        A :class:`JointReport`.
+    """
+    cfg = cfg or JointConfig()
+    cfg.check()
+    if (budget_cpu_s is None) == (steps is None):
+        raise UserError("give joint reconstruction either a CPU budget or a number of steps")
+    if input_ids.dim() != 2 or input_ids.shape[0] < cfg.micro_batch:
+        raise UserError(f"joint reconstruction needs [N, S] token blocks with N >= micro_batch {cfg.micro_batch}, "
+                         f"got {tuple(input_ids.shape)}")
+    _, s_layers = decoder_layers(student)
+    _, t_layers = decoder_layers(teacher)
+    if len(s_layers) != len(t_layers):
+        raise UserError(f"student and teacher have {len(s_layers)} and {len(t_layers)} decoder blocks; joint "
+                         "reconstruction needs a student of the teacher's depth")
+    report = JointReport()
+    was = student.training
+    student.eval()  # no dropout: the targets are deterministic
+    report.val_before = _held_out(s_layers, t_layers, teacher, val_ids, cfg)
+    start = time.process_time()  # the held-out reports are not part of the budget
+    params = [p for p in s_layers.parameters() if p.is_floating_point()]
+    was_grad = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        step, planned = _train(s_layers, t_layers, teacher, input_ids, cfg, params, budget_cpu_s, steps, start, report,
+                               log)
+    finally:
+        for p, w in zip(params, was_grad, strict=True):
+            p.requires_grad_(w)
+    report.steps = step
+    report.planned_steps = planned if planned < 10**9 else step
+    report.cpu_s = time.process_time() - start
+    report.val_after = _held_out(s_layers, t_layers, teacher, val_ids, cfg)
+    student.train(was)
+    if log is not None:
+        log(f"joint reconstruction: {step} steps, held-out block loss {report.val_before:.4f} -> "
+            f"{report.val_after:.4f}, CPU {report.cpu_s / 60:.1f} min")
+    if not math.isfinite(report.val_after) and val_ids is not None:
+        raise FloatingPointError("joint reconstruction diverged (non-finite held-out loss); lower --block_lr")
+    return report
