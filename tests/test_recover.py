@@ -13,13 +13,13 @@ from bitdistill.models import TINY_ARCHITECTURES, tiny_model
 from bitdistill.nn.bitlinear import BitLinear
 from bitdistill.recover import (
     BlockwiseConfig,
+    JointConfig,
     calibrated_ternary,
     capture_layer_call,
     decoder_layers,
     encode_ternary,
     layer_output,
     output_error,
-    JointConfig,
     reconstruct_blocks_in_place,
     reconstruct_jointly_in_place,
 )
