@@ -87,37 +87,14 @@ int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_
  * (s = (1 / max(max|x|, 1e-5)) * 127, as torch evaluates 127 / t, q = clamp(rint(x * s), -128, 127), round half to even, as torch),
  * the packed integer product, then y = acc / (s * weight_scale) + bias, all in float32 exactly as
  * the torch reference orders them. x: [M, K]; bias: [N] or NULL; out: float32 [M, N]. */
+int bitdistill_packed_linears(const void *x, int x_bf16, int64_t M, int64_t K, int n, const uint8_t *const *packed,
+                              const int64_t *P, const float *weight_scale, const float *const *bias, void *const *out,
+                              int nthreads);
+
 int bitdistill_packed_linear_f32(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t P,
                                  float weight_scale, const float *bias, float *out, int nthreads) {
-    const int64_t N = 4 * P;
-    int8_t *xq = (int8_t *)malloc((size_t)(M * K > 0 ? M * K : 1));
-    float *scale = (float *)malloc(sizeof(float) * (size_t)(M > 0 ? M : 1));
-    int32_t *acc = (int32_t *)malloc(sizeof(int32_t) * (size_t)(M * N > 0 ? M * N : 1));
-    if (xq == NULL || scale == NULL || acc == NULL) { free(xq); free(scale); free(acc); return 1; }
-    for (int64_t m = 0; m < M; m++) {
-        const float *xm = x + m * K;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < K; k++) { float a = fabsf(xm[k]); if (a > amax) amax = a; }
-        float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
-        for (int64_t k = 0; k < K; k++) {
-            float q = nearbyintf(xm[k] * s);
-            q = q < -128.0f ? -128.0f : (q > 127.0f ? 127.0f : q);
-            xq[m * K + k] = (int8_t)q;
-        }
-        scale[m] = s;
-    }
-    int status = bitdistill_packed_int_mm(xq, M, K, packed, P, acc, nthreads);
-    for (int64_t m = 0; m < M && status == 0; m++) {
-        float denom = scale[m] * weight_scale;
-        for (int64_t n = 0; n < N; n++) {
-            float y = (float)acc[m * N + n] / denom;
-            out[m * N + n] = bias ? y + bias[n] : y;
-        }
-    }
-    free(xq);
-    free(scale);
-    free(acc);
-    return status;
+    void *outs[1] = {out};
+    return bitdistill_packed_linears(x, 0, M, K, 1, &packed, &P, &weight_scale, &bias, outs, nthreads);
 }
 
 /* bfloat16 <-> float32 exactly as torch converts them (widening is exact; narrowing rounds to nearest
