@@ -221,7 +221,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     """Run the staged recipe and save the student to ``<output_dir>/student``; returns that folder.
 
     ``training_args`` (``transformers.TrainingArguments``) drives the e2e stage (its ``max_steps`` is replaced
-    by the budget). Stages 1 and 2 resume per block from ``<output_dir>/init`` and ``<output_dir>/blocks``.
+    by the budget). Stage 1 and a sequential stage 2 resume per block from ``<output_dir>/init`` and
+    ``<output_dir>/blocks``; a finished joint stage 2 (``<output_dir>/blocks/joint.json``) is reused.
 
     Raises:
         ValueError / FileExistsError: bad options, a budget too small for the init stage, calibration text
