@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitdistill.convert import load_model
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
 from bitdistill.distill.run import load_teacher, load_tokenizer, prepare_student, run_distillation
@@ -194,12 +195,6 @@ def _atomic_json(path: Path, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=1, default=str))
 
 
-def _load_stage2(folder: Path) -> nn.Module:
-    from bitdistill.convert import load_model
-
-    return load_model(folder).eval()
-
-
 def _save_student(student: nn.Module, tokenizer, folder: Path) -> None:
     with atomic_output_dir(folder) as tmp:
         student.save_pretrained(tmp)
@@ -279,7 +274,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     if recover_args.block_mode == "joint" and stage2.exists() and joint_file.is_file():
         done = json.loads(joint_file.read_text())  # resumed after the block stage: its result and CPU time
         clock.excluded -= done["cpu_s"]
-        student = _load_stage2(stage2)
+        student = load_model(stage2).eval()
         results.append(StageResult(**done["result"]))
         log(f"block stage already finished in {stage2}: {results[-1].line()}")
     elif recover_args.block_mode == "joint" and steps != 0 and block_budget > 0:
@@ -315,8 +310,6 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         e2e_training.max_steps = 10**6
         cb = CpuBudgetCallback(remaining)
         run_distillation(e2e_model, e2e_data, loss_args, e2e_training, task_args, command=command, callbacks=[cb])
-        from bitdistill.convert import load_model
-
         trained = load_model(final)
         loss = held_out_loss(trained, held)
         e2e_tokens = (cb.steps * training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
