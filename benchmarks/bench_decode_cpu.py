@@ -10,8 +10,9 @@ each implementation per round, ``--repeats`` rounds), so load from other process
 
 Implementations: ``transformers bf16`` (the baseline), ``transformers packed`` (transformers' own
 ``BitLinear`` on the packed folder; fewer tokens, it is ~20x slower), ``load_packed`` (``generate``),
-``load_packed fast`` (:class:`bitdistill.FastDecoder`: static KV cache, exact), ``load_packed fast int8
-head`` (approximate head), ``llama.cpp (bitdistill GGUF)`` (llama-cpp-python on ``bitdistill pack
+``load_packed fast`` (:class:`bitdistill.FastDecoder`, its default native backend: the whole decoder stack in
+one C call per token), ``load_packed fast torch-ops`` (its ``torch`` backend: the model's own modules with a
+static KV cache, bit-equal to ``generate``), ``load_packed fast int8 head`` (native, approximate head), ``llama.cpp (bitdistill GGUF)`` (llama-cpp-python on ``bitdistill pack
 --format gguf`` of the same packed folder) and, for SmolLM2, ``llama.cpp TQ2_0 of teacher`` (llama.cpp's
 own quantizer on the teacher, for reference). Each row: tokens/s (median over rounds), the spread
 ``(p80 - p20) / median``, ratios against transformers bf16 and llama.cpp on our GGUF in the same run,
@@ -155,9 +156,12 @@ def implementations(paths: dict[str, Path], prompt: torch.Tensor, n: int, n_slow
 
     add("load_packed", paths["packed"], load, n)
     length = prompt.shape[1] + n
-    add("load_packed fast", paths["packed"], lambda: _fast_generate(FastDecoder(packed["model"], length), prompt, n), n)
+    add("load_packed fast", paths["packed"],
+        lambda: _fast_generate(FastDecoder(packed["model"], length, backend="native"), prompt, n), n)
+    add("load_packed fast torch-ops", paths["packed"],
+        lambda: _fast_generate(FastDecoder(packed["model"], length, backend="torch"), prompt, n), n)
     add("load_packed fast int8 head", paths["packed"],
-        lambda: _fast_generate(FastDecoder(packed["model"], length, int8_head=True), prompt, n), n)
+        lambda: _fast_generate(FastDecoder(packed["model"], length, int8_head=True, backend="native"), prompt, n), n)
 
     def llama(path):
         return llama_cpp.Llama(model_path=str(path), n_ctx=length + 8, n_threads=threads, n_batch=64, verbose=False)
@@ -225,7 +229,8 @@ def main() -> None:
             "ratio to transformers bf16 / to llama.cpp on bitdistill's GGUF of the same packed folder, in the same "
             "run. same_tokens_as_load_packed: 1 if the row's generated tokens equal load_packed's (over the shorter "
             "length; llama.cpp quantizes activations per 256-block, so its tokens may differ on an untrained model; "
-            "the int8 head is approximate). file_mib: the weights file(s); rss_added_mib: resident memory the "
+            "the int8 head is approximate; the native fast path reduces in another order than torch, last-bit "
+            "differences). file_mib: the weights file(s); rss_added_mib: resident memory the "
             "implementation added when loaded and warmed up (mmapped GGUF pages included once touched). "
             "load_avg_1min: the machine's median load during the rounds (2 cores shared with other jobs). "
             f"Command: `{command}`.")

@@ -4,11 +4,13 @@ For a trained student folder: pack it, export it with ``bitdistill pack --format
 fallback for rows that are not a multiple of 256), then on wiki.test.raw (reporting only, never tuned on):
 
 * greedy-token agreement: ``--prompts`` prompts of ``--prompt-tokens`` tokens, ``--new-tokens`` greedy tokens
-  each from ``load_packed`` (via :class:`bitdistill.FastDecoder`, equal to ``generate``) and from llama.cpp
-  (llama-cpp-python, default settings: float16 KV cache); the share of equal tokens and the tokens
-  generated before the first difference;
-* perplexity on ``--windows`` non-overlapping ``--window`` token windows: ``load_packed``, llama.cpp, and
-  ``load_packed`` with the approximate int8 output head.
+  each from ``load_packed`` (:class:`bitdistill.FastDecoder`'s ``torch`` backend, equal to ``generate``), from
+  llama.cpp (llama-cpp-python, default settings: float16 KV cache) and from the native fast path
+  (``FastDecoder``'s default ``native`` backend); the share of tokens equal to ``load_packed``'s and the
+  tokens generated before the first difference;
+* perplexity on ``--windows`` non-overlapping ``--window`` token windows: ``load_packed``, llama.cpp,
+  ``load_packed`` with the approximate int8 output head, and the native fast path (fed one token at a time,
+  as it decodes).
 
 Run from the repository root::
 
@@ -72,21 +74,23 @@ def main() -> None:
                           n_threads=args.threads, n_batch=args.window, logits_all=True, verbose=False)
 
     prompts = wiki_windows(args.prompts * 4, args.prompt_tokens)[::4]  # spread over the text
-    decoder = FastDecoder(model, args.prompt_tokens + args.new_tokens)
-    equal, first_diff = 0, []
+    decoder = FastDecoder(model, args.prompt_tokens + args.new_tokens, backend="torch")
+    native = FastDecoder(model, max(args.window, args.prompt_tokens + args.new_tokens), backend="native")
+    equal, first_diff = {"llama.cpp": 0, "native fast path": 0}, {"llama.cpp": [], "native fast path": []}
     for prompt in prompts:
         ours = decoder.generate(prompt[None], args.new_tokens)[0, args.prompt_tokens:].tolist()
-        theirs = []
+        theirs = {"llama.cpp": [], "native fast path": native.generate(prompt[None], args.new_tokens)[0, args.prompt_tokens:].tolist()}
         for token in llm.generate(prompt.tolist(), top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
-            theirs.append(token)
-            if len(theirs) == args.new_tokens:
+            theirs["llama.cpp"].append(token)
+            if len(theirs["llama.cpp"]) == args.new_tokens:
                 break
-        equal += sum(a == b for a, b in zip(ours, theirs, strict=True))
-        first_diff.append(next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b),
-                               args.new_tokens))
+        for name, tokens in theirs.items():
+            equal[name] += sum(a == b for a, b in zip(ours, tokens, strict=True))
+            first_diff[name].append(next((i for i, (a, b) in enumerate(zip(ours, tokens, strict=True)) if a != b),
+                                         args.new_tokens))
 
     windows = wiki_windows(args.windows, args.window)
-    nll = {"load_packed": 0.0, "llama.cpp": 0.0, "load_packed int8 head": 0.0}
+    nll = {"load_packed": 0.0, "llama.cpp": 0.0, "load_packed int8 head": 0.0, "native fast path": 0.0}
     int8 = _Int8Head(model.lm_head.weight)
     with torch.no_grad():
         for w in windows:
@@ -96,6 +100,7 @@ def main() -> None:
             llm.reset()
             llm.eval(w.tolist())
             nll["llama.cpp"] += _nll_sum(torch.from_numpy(np.array(llm.scores[: args.window])), w)
+            nll["native fast path"] += _nll_sum(torch.cat([native.step(w[None, i:i + 1], i) for i in range(len(w))]), w)
     count = args.windows * (args.window - 1)
     ppl = {k: math.exp(v / count) for k, v in nll.items()}
 
@@ -104,8 +109,10 @@ def main() -> None:
     total = args.prompts * args.new_tokens
     common = dict(model=args.name, run=run_id, gguf_type="tq2_0", ternary_share=report.ternary_share,
                   gguf_mib=report.file_bytes / 2**20, load_avg_1min=os.getloadavg()[0])
-    bench.add(measure="greedy tokens equal (llama.cpp vs load_packed)", value=equal / total,
-              detail=f"{equal}/{total} tokens; first difference after {sorted(first_diff)} tokens", **common)
+    for name in equal:
+        bench.add(measure=f"greedy tokens equal ({name} vs load_packed)", value=equal[name] / total,
+                  detail=f"{equal[name]}/{total} tokens; first difference after {sorted(first_diff[name])} tokens",
+                  **common)
     for name, value in ppl.items():
         bench.add(measure=f"perplexity {name}", value=value,
                   detail=f"{args.windows}x{args.window} tokens; ratio to load_packed {value / ppl['load_packed']:.4f}",

@@ -5,7 +5,7 @@ Two integer paths, both exact (the accumulator ``X_q @ T^T`` is an exact integer
 * **native** (up to ``NATIVE_MAX_TOKENS`` tokens): a small C kernel (``packed_cpu.c``) reads the packed
   ``uint8 [N/4, K]`` bytes directly, unpacks them in AVX2 registers and multiplies them with the int8
   activation codes (``vpmaddubsw``), int32 accumulation; each packed row is read once and reused for
-  every token; OpenMP over rows for large layers, one thread below 4M packed-bytes×tokens. Activation quantization
+  every token; OpenMP over rows for large layers, one thread below 64K packed-bytes×tokens. Activation quantization
   and the epilogue run in the same call (same float32 operations as the reference, so results are
   bit-identical). It allocates no weight-sized memory. It is compiled with the system C compiler on first use into
   ``$BITDISTILL_CACHE`` (default ``~/.cache/bitdistill``) and loaded with ``ctypes``; set
@@ -15,6 +15,9 @@ Two integer paths, both exact (the accumulator ``X_q @ T^T`` is an exact integer
   float32 products are exact for ``K < 2**17`` (:data:`bitdistill.quant.reference.MAX_EXACT_K`).
 
 Neither path keeps any copy of the weight besides the packed bytes.
+
+The same C file runs a whole Llama-family decoder stack per call for batch-1 decoding
+(:class:`NativeDecoderStack`, used by :class:`bitdistill.FastDecoder`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import shutil
 import subprocess
 import threading
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,8 +38,8 @@ from bitdistill.errors import UserError
 from bitdistill.io import atomic_write
 from bitdistill.quant.reference import MAX_EXACT_K, activation_quant
 
-__all__ = ["NATIVE_MAX_TOKENS", "TILE_BYTES", "SharedInputPackedLinears", "native_available", "packed_int_mm",
-           "packed_linear_cpu"]
+__all__ = ["NATIVE_MAX_TOKENS", "TILE_BYTES", "NativeDecoderStack", "NativeLayer", "NativeLinear", "NativeNorm",
+           "SharedInputPackedLinears", "native_available", "packed_int_mm", "packed_linear_cpu"]
 
 NATIVE_MAX_TOKENS = 4096
 TILE_BYTES = 1 << 21
@@ -82,6 +86,9 @@ def _build() -> ctypes.CDLL | bool:
     fn = lib.bitdistill_packed_linears
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    fn = lib.bitdistill_decode
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
     fn.restype = ctypes.c_int
     return lib
 
@@ -206,3 +213,145 @@ class SharedInputPackedLinears:
         if status != 0:
             raise MemoryError("bitdistill native packed kernel could not allocate its scratch buffers")
         return outs
+
+
+@dataclass(frozen=True)
+class NativeLinear:
+    """One packed BitLinear: ``packed`` uint8 ``[N / 4, K]``, ``weight_scale`` ``[1]``, ``bias`` ``[N]`` or None."""
+
+    packed: torch.Tensor
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class NativeNorm:
+    """A LlamaRMSNorm: ``weight [n]`` in the model dtype and its ``eps``."""
+
+    weight: torch.Tensor
+    eps: float
+
+
+@dataclass(frozen=True)
+class NativeLayer:
+    """One Llama-family decoder layer for :class:`NativeDecoderStack`.
+
+    ``qkv``: q, k, v projections, or one fused ``[q; k; v]`` projection; ``mlp_in``: gate and up, or one fused
+    ``[gate; up]``. ``q_norm``/``k_norm`` (per head, Qwen3) and ``attn_sub_norm``/``ffn_sub_norm`` (before
+    ``o_proj``/``down_proj``, BitNet) are optional.
+    """
+
+    input_norm: NativeNorm
+    post_norm: NativeNorm
+    qkv: tuple[NativeLinear, ...]
+    o: NativeLinear
+    mlp_in: tuple[NativeLinear, ...]
+    down: NativeLinear
+    q_norm: NativeNorm | None = None
+    k_norm: NativeNorm | None = None
+    attn_sub_norm: NativeNorm | None = None
+    ffn_sub_norm: NativeNorm | None = None
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("packed", ctypes.c_void_p), ("P", ctypes.c_int64), ("scale", ctypes.c_float),
+                ("bias", ctypes.c_void_p)]
+
+
+class _Norm(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("eps", ctypes.c_float)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [*[(n, _Norm) for n in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_sub_norm",
+                                       "ffn_sub_norm")],
+                ("qkv", _Linear * 3), ("n_qkv", ctypes.c_int32), ("o", _Linear), ("mlp_in", _Linear * 2),
+                ("n_mlp_in", ctypes.c_int32), ("down", _Linear), ("k_cache", ctypes.c_void_p),
+                ("v_cache", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [*[(n, ctypes.c_int64) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "intermediate",
+                                               "rot", "max_len")],
+                ("scaling", ctypes.c_float), ("bf16", ctypes.c_int32), ("act", ctypes.c_int32),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("final_norm", _Norm),
+                ("layers", ctypes.POINTER(_Layer))]
+
+
+ACTIVATIONS = ("silu", "relu2")
+
+
+class NativeDecoderStack:
+    """A Llama-family decoder stack (every layer plus the final norm) in one native call per step, batch 1.
+
+    Each call runs ``T`` new tokens at positions ``pos..pos+T-1`` through every layer, writes their keys and
+    values into this object's static cache (``[n_kv, max_length, head_dim]`` per layer, in the model dtype)
+    and returns the final norm of the last token's hidden state. The math is the eager model's, in float32,
+    rounded to the model dtype wherever torch rounds (see ``bitdistill_decode`` in ``packed_cpu.c``); the
+    projections are exact, while reductions (RMSNorm, attention) differ from torch's kernels in summation
+    order, i.e. in the last float32 bits before rounding. The tensors are referenced, not copied.
+
+    Args:
+        layers: the decoder layers, in order.
+        final_norm: the norm after the last layer.
+        n_heads, n_kv, head_dim: attention heads, key/value heads (grouped-query when fewer) and head size.
+        scaling: the attention score scale (``head_dim ** -0.5`` for Llama).
+        act: the MLP activation, one of :data:`ACTIVATIONS` (SiLU, or ReLU squared for BitNet).
+        cos, sin: ``[max_length, rot]`` rotary tables in the model dtype (``rot <= head_dim``: partial rotary).
+        dtype: float32 or bfloat16, the dtype of every norm weight, table and hidden state.
+    """
+
+    def __init__(self, layers: list[NativeLayer], *, final_norm: NativeNorm, n_heads: int, n_kv: int, head_dim: int,
+                 scaling: float, act: str, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> None:
+        if not native_available():
+            raise UserError("the native CPU kernel is not available (no C compiler, or BITDISTILL_NATIVE_CPU=0); "
+                            "install gcc or decode without the native stack")
+        if dtype not in (torch.float32, torch.bfloat16) or act not in ACTIVATIONS or n_heads % n_kv:
+            raise ValueError(f"NativeDecoderStack: unsupported dtype {dtype}, act {act!r} or heads {n_heads}/{n_kv}")
+        self.dtype = dtype
+        self.max_length, rot = cos.shape
+        self.hidden = final_norm.weight.shape[0]
+        self._keep: list[torch.Tensor] = []  # every tensor whose address the C structs hold
+        self.k_cache = [torch.zeros(n_kv, self.max_length, head_dim, dtype=dtype) for _ in layers]
+        self.v_cache = [torch.zeros(n_kv, self.max_length, head_dim, dtype=dtype) for _ in layers]
+        self._layers = (_Layer * len(layers))(*[self._layer(layer, k, v) for layer, k, v in
+                                                 zip(layers, self.k_cache, self.v_cache, strict=True)])
+        self._model = _Model(n_layers=len(layers), hidden=self.hidden, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
+                             intermediate=layers[0].down.packed.shape[1], rot=rot, max_len=self.max_length,
+                             scaling=scaling, bf16=int(dtype == torch.bfloat16), act=ACTIVATIONS.index(act),
+                             cos=self._ptr(cos), sin=self._ptr(sin), final_norm=self._norm(final_norm),
+                             layers=self._layers)
+
+    def _ptr(self, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> int | None:
+        if t is None:
+            return None
+        t = t.detach().to(dtype or self.dtype).contiguous()
+        self._keep.append(t)
+        return t.data_ptr()
+
+    def _norm(self, norm: NativeNorm | None) -> _Norm:
+        return _Norm() if norm is None else _Norm(self._ptr(norm.weight), norm.eps)
+
+    def _linear(self, lin: NativeLinear) -> _Linear:
+        return _Linear(self._ptr(lin.packed, torch.uint8), lin.packed.shape[0], float(lin.weight_scale.reshape(())),
+                       self._ptr(lin.bias, torch.float32))
+
+    def _layer(self, layer: NativeLayer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> _Layer:
+        return _Layer(*[self._norm(getattr(layer, n)) for n in ("input_norm", "post_norm", "q_norm", "k_norm",
+                                                               "attn_sub_norm", "ffn_sub_norm")],
+                      (_Linear * 3)(*[self._linear(lin) for lin in layer.qkv]), len(layer.qkv), self._linear(layer.o),
+                      (_Linear * 2)(*[self._linear(lin) for lin in layer.mlp_in]), len(layer.mlp_in),
+                      self._linear(layer.down), k_cache.data_ptr(), v_cache.data_ptr())
+
+    def __call__(self, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """``h [T, hidden]`` (the embedded new tokens) at positions ``pos..pos+T-1`` -> ``[hidden]``."""
+        t = h.shape[0]
+        if h.dim() != 2 or h.shape[1] != self.hidden or not 0 <= pos <= pos + t <= self.max_length or t == 0:
+            raise ValueError(f"NativeDecoderStack: h {tuple(h.shape)} at position {pos} does not fit hidden "
+                             f"{self.hidden}, max_length {self.max_length}")
+        h = h.detach().to(self.dtype).contiguous()
+        out = torch.empty(self.hidden, dtype=self.dtype)
+        if _lib.bitdistill_decode(ctypes.byref(self._model), h.data_ptr(), t, pos, out.data_ptr(),
+                                  torch.get_num_threads()):
+            raise MemoryError("bitdistill native decoder could not allocate its scratch buffers")
+        return out

@@ -1,9 +1,10 @@
-"""FastDecoder: the same greedy tokens as ``generate`` for packed and student models; refusals."""
+"""FastDecoder: the same greedy tokens as ``generate`` for packed and student models, on both backends; refusals."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers.activations import ACT2FN
 
 from bitdistill import FastDecoder, generate_fast, replace_linear_with_bitlinear
 from bitdistill.export.memory import pack_in_memory
@@ -23,13 +24,51 @@ def _greedy(model, ids, n):
         return model.generate(ids, do_sample=False, max_new_tokens=n, min_new_tokens=n)
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "phi3"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_same_tokens_as_generate(arch):
     student = _student(arch)
     packed = pack_in_memory(student)
     ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
-    assert torch.equal(generate_fast(packed, ids, 16), _greedy(packed, ids, 16))
+    expected = _greedy(packed, ids, 16)
+    assert FastDecoder(packed, 24).backend == "native"
+    assert torch.equal(generate_fast(packed, ids, 16), expected)
+    assert torch.equal(generate_fast(packed, ids, 16, backend="torch"), expected)
+    assert FastDecoder(student, 24).backend == "torch"  # latent weights: the model's own modules
     assert torch.equal(generate_fast(student, ids, 16), _greedy(student, ids, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_native_stack_matches_the_eager_model(arch, dtype):
+    """Native logits equal the torch backend's up to summation order: float32 to ~1e-6, bfloat16 to 2 ulps."""
+    packed = pack_in_memory(_student(arch)).to(dtype)
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(5))
+    native, eager = FastDecoder(packed, 16, backend="native"), FastDecoder(packed, 16, backend="torch")
+    prefill = native.step(ids[:, :8], 0)  # 8 tokens in one call (causal attention inside the stack) ...
+    ref = eager.step(ids[:, :8], 0)
+    step = native.step(ids[:, 8:], 8)  # ... then one more against the cached keys and values
+    step_ref = eager.step(ids[:, 8:], 8)
+    tol = 1e-5 if dtype == torch.float32 else 2 * 2.0 ** -7
+    for got, want in ((prefill, ref), (step, step_ref)):
+        assert got.dtype == want.dtype and got.shape == want.shape == (1, packed.config.vocab_size)
+        assert torch.isfinite(got).all()
+        assert (got.float() - want.float()).abs().max() <= tol * want.float().abs().max()
+    with torch.no_grad():
+        full = packed(ids).logits[:, -1]
+    assert (step.float() - full.float()).abs().max() <= tol * full.float().abs().max()
+
+
+def test_native_prefill_equals_token_by_token():
+    packed = pack_in_memory(_student("qwen3"))
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(6))
+    at_once = FastDecoder(packed, 8).step(ids, 0)
+    one_by_one = FastDecoder(packed, 8)
+    for i in range(ids.shape[1]):
+        last = one_by_one.step(ids[:, i:i + 1], i)
+    assert torch.allclose(at_once, last, atol=1e-5, rtol=0)
 
 
 def test_packed_subln_student_as_bitnet():
@@ -46,7 +85,12 @@ def test_packed_subln_student_as_bitnet():
     bitnet = subln_to_bitnet(student)
     assert bitnet.config.model_type == "bitnet"
     ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(4))
+    assert FastDecoder(bitnet, 24).backend == "native"
     assert torch.equal(generate_fast(bitnet, ids, 16), _greedy(bitnet, ids, 16))
+    assert torch.equal(generate_fast(bitnet, ids, 16, backend="torch"), _greedy(bitnet, ids, 16))
+    for layer in bitnet.model.layers:  # BitNet's own default activation
+        layer.mlp.act_fn = ACT2FN["relu2"]
+    assert torch.equal(generate_fast(bitnet, ids, 16, backend="native"), _greedy(bitnet, ids, 16))
 
 
 def test_decoder_is_reusable_and_int8_head_is_close():
@@ -76,3 +120,13 @@ def test_refusals():
     neox = tiny_model("gpt_neox")
     with pytest.raises(ValueError, match="not 'gpt_neox'"):
         FastDecoder(neox, 16)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        FastDecoder(packed, 16, backend="cuda")
+    with pytest.raises(ValueError, match="backend='native' is not possible: layer 0 has projections that are not"):
+        FastDecoder(_student("llama"), 16, backend="native")
+    with pytest.raises(ValueError, match=r"float32 or bfloat16 models on CPU, not torch\.float16 on cpu"):
+        FastDecoder(pack_in_memory(_student("llama")).half(), 16, backend="native")
+    packed.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    with pytest.raises(ValueError, match="layer 1 has an MLP activation"):
+        FastDecoder(packed, 16, backend="native")
+    assert FastDecoder(packed, 16).backend == "torch"  # auto: falls back to the model's own modules

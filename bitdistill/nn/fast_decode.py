@@ -2,23 +2,30 @@
 
 ``transformers``' ``generate`` spends most of a small model's per-token time outside the matmuls: cache
 objects that grow by concatenation, mask construction, rotary tables recomputed per step, logits
-processors, thousands of small ops. :class:`FastDecoder` runs the model's own modules (so the packed
-layers, norms and MLPs compute exactly what they compute under ``generate``) with
+processors, thousands of small ops. :class:`FastDecoder` has two backends.
 
-* a static KV cache (preallocated ``[1, n_kv_heads, max_length, head_dim]`` per layer, written in place),
-* the rotary cos/sin table computed once for every position (the same values the model computes per step),
-* one ``scaled_dot_product_attention`` call per layer (grouped-query attention without ``repeat_kv``),
-* logits for the last position only,
-* the packed projections that share an input (q/k/v, gate/up) in one native call on CPU, their input
-  quantized once and bfloat16 read and written by the kernel
-  (:class:`bitdistill.cpu_ext.SharedInputPackedLinears`; same bits as the layers' own forward),
-* optionally (``int8_head=True``, approximate) an int8 output head: per-row absmax int8 weights with
-  float scales through ``torch._weight_int8pack_mm`` (half the bytes of a bf16 head).
+* ``native`` (the default where it applies: a packed model on CPU in float32 or bfloat16, every projection a
+  plain packed layer): the whole decoder stack, one step at a time, in one C call
+  (:class:`bitdistill.cpu_ext.NativeDecoderStack`): RMSNorms, the packed projections (shared inputs
+  quantized once), rotary, a static KV cache, attention, the MLP and every residual add, in float32 rounded
+  to the model dtype wherever torch rounds. Then the model's own output head on the last position.
+  The projections are exact; the reductions (RMSNorm mean square, attention) run in another summation
+  order than torch's kernels, so logits can differ from the eager model's in the last bits (tested:
+  close logits, the same greedy tokens as ``generate`` on the test models; measured on SmolLM2 in
+  ``benchmarks/results/decode_cpu.md``).
+* ``torch``: the model's own modules (so the layers compute exactly what they compute under
+  ``generate``) with a static KV cache (``[1, n_kv_heads, max_length, head_dim]`` per layer, written in
+  place), the rotary table computed once, one ``scaled_dot_product_attention`` call per layer, logits for
+  the last position only, and the packed projections that share an input in one native call
+  (:class:`bitdistill.cpu_ext.SharedInputPackedLinears`; same bits as the layers' own forward). Used for
+  student models (latent weights), other devices and dtypes, or when asked (``backend="torch"``).
 
-Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3`` (fused ``qkv_proj``; partial rotary) and
-``bitnet`` (transformers' ``BitNetForCausalLM``, what ``bitdistill pack`` makes of a SubLN student: sub-norms
-before ``o_proj`` and ``down_proj``).
-Greedy tokens equal ``model.generate(do_sample=False)`` (tested) unless ``int8_head`` is chosen.
+Either backend can use an int8 output head (``int8_head=True``, approximate): per-row absmax int8 weights with
+float scales through ``torch._weight_int8pack_mm`` (half the bytes of a bf16 head).
+
+Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3`` (fused ``qkv_proj`` / ``gate_up_proj``; partial
+rotary) and ``bitnet`` (transformers' ``BitNetForCausalLM``, what ``bitdistill pack`` makes of a SubLN student:
+sub-norms before ``o_proj`` and ``down_proj``, ReLU-squared or SiLU).
 """
 
 from __future__ import annotations
@@ -27,13 +34,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bitdistill.cpu_ext import SharedInputPackedLinears, native_available
+from bitdistill.cpu_ext import (
+    NativeDecoderStack,
+    NativeLayer,
+    NativeLinear,
+    NativeNorm,
+    SharedInputPackedLinears,
+    native_available,
+)
 from bitdistill.errors import UserError
 from bitdistill.nn.packed import PackedBitLinear
 
-__all__ = ["FAST_DECODE_ARCHS", "FastDecoder", "generate_fast"]
+__all__ = ["FAST_DECODE_ARCHS", "FAST_DECODE_BACKENDS", "FastDecoder", "generate_fast"]
 
 FAST_DECODE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "bitnet")
+FAST_DECODE_BACKENDS = ("auto", "native", "torch")
+_RMS_NORMS = {f"{n}RMSNorm" for n in ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "BitNet")}
 
 
 def _shared_input(modules: list[nn.Module]) -> SharedInputPackedLinears | None:
@@ -42,6 +58,68 @@ def _shared_input(modules: list[nn.Module]) -> SharedInputPackedLinears | None:
                for m in modules) or not native_available():
         return None
     return SharedInputPackedLinears([(m.weight, m.weight_scale, m.bias) for m in modules])
+
+
+def _native_linear(module: nn.Module) -> NativeLinear:
+    return NativeLinear(module.weight, module.weight_scale, module.bias)
+
+
+def _native_norm(module: nn.Module | None) -> NativeNorm | None:
+    return None if module is None else NativeNorm(module.weight, float(module.variance_epsilon))
+
+
+def _activation(mlp: nn.Module) -> str | None:
+    act = getattr(mlp, "act_fn", None) or getattr(mlp, "activation_fn", None)
+    if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":  # transformers 5 wraps F.silu
+        return "silu"
+    return "relu2" if type(act).__name__ == "ReLUSquaredActivation" else None
+
+
+def _native_unsupported(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run on the native stack (None: it can)."""
+    param = model.model.embed_tokens.weight
+    if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.bfloat16):
+        return f"the native stack runs float32 or bfloat16 models on CPU, not {param.dtype} on {param.device.type}"
+    if not native_available():
+        return "the native CPU kernel is not available (no C compiler, or BITDISTILL_NATIVE_CPU=0)"
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [getattr(m, n) for m, names in ((attn, ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")),
+                                                  (mlp, ("gate_up_proj", "gate_proj", "up_proj", "down_proj")))
+                   for n in names if hasattr(m, n)]
+        if not all(isinstance(m, PackedBitLinear) and m.rms_norm is None for m in linears):
+            return f"layer {i} has projections that are not plain packed layers (a student: load it packed)"
+        norms = [layer.input_layernorm, layer.post_attention_layernorm,
+                 *[getattr(m, n) for m, n in ((attn, "q_norm"), (attn, "k_norm"), (attn, "attn_sub_norm"),
+                                              (mlp, "ffn_sub_norm")) if hasattr(m, n)]]
+        if not all(type(n).__name__ in _RMS_NORMS for n in norms):
+            return f"layer {i} has a norm the native stack does not implement"
+        if _activation(mlp) is None:
+            return f"layer {i} has an MLP activation the native stack does not implement (SiLU, ReLU squared)"
+    return None
+
+
+def _native_stack(model: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> NativeDecoderStack:
+    """The native stack of ``model`` (checked by :func:`_native_unsupported`); ``cos``/``sin`` ``[max_length, rot]``."""
+    cfg, inner = model.config, model.model
+    layers = []
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = [attn.qkv_proj] if hasattr(attn, "qkv_proj") else [attn.q_proj, attn.k_proj, attn.v_proj]
+        mlp_in = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
+        layers.append(NativeLayer(
+            input_norm=_native_norm(layer.input_layernorm), post_norm=_native_norm(layer.post_attention_layernorm),
+            qkv=tuple(_native_linear(m) for m in qkv), o=_native_linear(attn.o_proj),
+            mlp_in=tuple(_native_linear(m) for m in mlp_in), down=_native_linear(mlp.down_proj),
+            q_norm=_native_norm(getattr(attn, "q_norm", None)), k_norm=_native_norm(getattr(attn, "k_norm", None)),
+            attn_sub_norm=_native_norm(getattr(attn, "attn_sub_norm", None)),
+            ffn_sub_norm=_native_norm(getattr(mlp, "ffn_sub_norm", None))))
+    attn = inner.layers[0].self_attn
+    n_heads = cfg.num_attention_heads
+    return NativeDecoderStack(layers, final_norm=_native_norm(inner.norm), n_heads=n_heads,
+                              n_kv=getattr(cfg, "num_key_value_heads", None) or n_heads, head_dim=attn.head_dim,
+                              scaling=float(attn.scaling), act=_activation(inner.layers[0].mlp), cos=cos, sin=sin,
+                              dtype=inner.embed_tokens.weight.dtype)
 
 
 class _Linears:
@@ -97,12 +175,16 @@ class FastDecoder:
             :func:`bitdistill.load_packed` or :func:`bitdistill.load_student`.
         max_length: the longest prompt + generation this decoder holds (its KV cache size).
         int8_head: use an int8-weight output head (approximate; see :class:`_Int8Head`).
+        backend: ``"native"`` (the whole stack in C; a packed model on CPU), ``"torch"`` (the model's modules),
+            or ``"auto"``: native where it applies, else torch. The chosen one is ``self.backend``.
 
     The decoder reads the model's packed weights and scales when it is built; build a new one after
     changing them.
     """
 
-    def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool = False) -> None:
+    def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool = False, backend: str = "auto") -> None:
+        if backend not in FAST_DECODE_BACKENDS:
+            raise UserError(f"backend must be one of {', '.join(FAST_DECODE_BACKENDS)}, got {backend!r}")
         cfg = model.config
         if cfg.model_type not in FAST_DECODE_ARCHS:
             raise UserError(f"fast decoding supports {', '.join(FAST_DECODE_ARCHS)}, not {cfg.model_type!r}; "
@@ -125,15 +207,24 @@ class FastDecoder:
         self.gqa = self.n_kv != self.n_heads
         param = self.inner.embed_tokens.weight
         self.dtype, self.device = param.dtype, param.device
-        shape = (1, self.n_kv, max_length, self.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         positions = torch.arange(max_length, device=self.device)[None]
         with torch.no_grad():
             cos, sin = self.inner.rotary_emb(param[:1][None], positions)
         self.cos, self.sin = cos[:, None], sin[:, None]  # [1, 1, max_length, rot]
         self.head = _Int8Head(model.lm_head.weight) if int8_head else model.lm_head
-        self.qkv, self.o, self.mlp_in, self.down = [], [], [], []
+        reason = "backend='torch' was asked for" if backend == "torch" else _native_unsupported(model)
+        if backend == "native" and reason is not None:
+            raise UserError(f"backend='native' is not possible: {reason}; use backend='auto' or 'torch'")
+        self.backend = "torch" if reason is not None else "native"
+        self.native = _native_stack(model, cos[0], sin[0]) if reason is None else None
+        self.k_cache, self.v_cache, self.qkv, self.o, self.mlp_in, self.down = [], [], [], [], [], []
+        if self.native is None:
+            self._build_torch_backend()
+
+    def _build_torch_backend(self) -> None:
+        shape = (1, self.n_kv, self.max_length, self.head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             self.qkv.append(_Linears([attn.qkv_proj] if self.fused_qkv else [attn.q_proj, attn.k_proj, attn.v_proj]))
@@ -179,6 +270,8 @@ class FastDecoder:
 
     def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
         """Run ``ids [1, T]`` at positions ``pos..pos+T-1``; returns the last position's logits ``[1, vocab]``."""
+        if self.native is not None:
+            return self.head(self.native(self.inner.embed_tokens(ids)[0], pos)[None, None])[:, -1]
         h = self.inner.embed_tokens(ids)
         cos, sin = self.cos[:, :, pos:pos + ids.shape[1]], self.sin[:, :, pos:pos + ids.shape[1]]
         for i, layer in enumerate(self.layers):
@@ -208,11 +301,11 @@ class FastDecoder:
 
 
 def generate_fast(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, int8_head: bool = False,
-                  eos_token_id: int | None = None) -> torch.Tensor:
+                  eos_token_id: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Greedy decoding with a static KV cache (see :class:`FastDecoder`); returns ``[1, T + n]`` token ids.
 
     Builds a decoder sized for this call; reuse a :class:`FastDecoder` to decode repeatedly without
     rebuilding the cache.
     """
-    decoder = FastDecoder(model, input_ids.shape[-1] + max_new_tokens, int8_head=int8_head)
+    decoder = FastDecoder(model, input_ids.shape[-1] + max_new_tokens, int8_head=int8_head, backend=backend)
     return decoder.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id)
