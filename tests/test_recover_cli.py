@@ -26,7 +26,7 @@ def setup(tmp_path_factory, shared_data):
         "--train_files", str(root / "train.txt"), "--max_seq_length", "32", "--per_device_train_batch_size", "2",
         "--data_cache_dir", str(root / "cache"), "--seed", "0", "--disable_tqdm", "true", "--report_to", "none",
         "--save_strategy", "no", "--calibration_tokens", "256", "--calibration_seq_length", "32",
-        "--held_out_blocks", "4", "--block_micro_batch", "4"]}
+        "--held_out_blocks", "4", "--block_micro_batch", "4", "--block_fraction", "0.5"]}
 
 
 def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
