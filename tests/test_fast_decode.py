@@ -130,3 +130,7 @@ def test_refusals():
     with pytest.raises(ValueError, match="layer 1 has an MLP activation"):
         FastDecoder(packed, 16, backend="native")
     assert FastDecoder(packed, 16).backend == "torch"  # auto: falls back to the model's own modules
+    packed = pack_in_memory(_student("llama"))
+    packed.model.layers[0].input_layernorm.weight.data = packed.model.layers[0].input_layernorm.weight.data.double()
+    with pytest.raises(ValueError, match="layer 0 has a norm the native stack does not implement, or one not in"):
+        FastDecoder(packed, 16, backend="native")

@@ -82,6 +82,9 @@ def _native_unsupported(model: nn.Module) -> str | None:
         return f"the native stack runs float32 or bfloat16 models on CPU, not {param.dtype} on {param.device.type}"
     if not native_available():
         return "the native CPU kernel is not available (no C compiler, or BITDISTILL_NATIVE_CPU=0)"
+    if type(model.model.norm).__name__ not in _RMS_NORMS or model.model.norm.weight.dtype != param.dtype:
+        return "the final norm is not an RMSNorm the native stack implements, in the model's dtype"
+    act = _activation(model.model.layers[0].mlp)
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         linears = [getattr(m, n) for m, names in ((attn, ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj")),
@@ -92,10 +95,11 @@ def _native_unsupported(model: nn.Module) -> str | None:
         norms = [layer.input_layernorm, layer.post_attention_layernorm,
                  *[getattr(m, n) for m, n in ((attn, "q_norm"), (attn, "k_norm"), (attn, "attn_sub_norm"),
                                               (mlp, "ffn_sub_norm")) if hasattr(m, n)]]
-        if not all(type(n).__name__ in _RMS_NORMS for n in norms):
-            return f"layer {i} has a norm the native stack does not implement"
-        if _activation(mlp) is None:
-            return f"layer {i} has an MLP activation the native stack does not implement (SiLU, ReLU squared)"
+        if not all(type(n).__name__ in _RMS_NORMS and n.weight.dtype == param.dtype for n in norms):
+            return f"layer {i} has a norm the native stack does not implement, or one not in the model's dtype"
+        if _activation(mlp) is None or _activation(mlp) != act:
+            return (f"layer {i} has an MLP activation the native stack does not implement (SiLU or ReLU squared, "
+                    "the same in every layer)")
     return None
 
 
