@@ -135,6 +135,7 @@ def test_signal_removes_temp_folder(tmp_path, sig):
     script = textwrap.dedent(f"""
         import os, signal, sys
         from bitdistill.io import atomic_output_dir
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a foreground process (not a background job)
         try:
             with atomic_output_dir({str(tmp_path / "out")!r}) as tmp:
                 (tmp / "big").write_bytes(b"x" * 1000)

@@ -205,7 +205,12 @@ def test_interrupted_pack_is_one_line_and_leaves_nothing(how, status, word, stud
         os.kill(os.getpid(), signal.SIGINT if how == "sigint" else signal.SIGTERM)
 
     monkeypatch.setattr(writer, "save_torch_state_dict", interrupted)
-    err = _fail(["pack", str(student), str(tmp_path / "out")], capsys, status=status)
+    # Python's own SIGINT handler, as in a foreground process (a background job starts with SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        err = _fail(["pack", str(student), str(tmp_path / "out")], capsys, status=status)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert word in err
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
