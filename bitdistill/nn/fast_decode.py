@@ -97,7 +97,7 @@ def _native_unsupported(model: nn.Module) -> str | None:
                                               (mlp, "ffn_sub_norm")) if hasattr(m, n)]]
         if not all(type(n).__name__ in _RMS_NORMS and n.weight.dtype == param.dtype for n in norms):
             return f"layer {i} has a norm the native stack does not implement, or one not in the model's dtype"
-        if _activation(mlp) is None or _activation(mlp) != act:
+        if act is None or _activation(mlp) != act:
             return (f"layer {i} has an MLP activation the native stack does not implement (SiLU or ReLU squared, "
                     "the same in every layer)")
     return None
