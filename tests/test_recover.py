@@ -206,3 +206,49 @@ def test_block_losses_and_budget_checks():
         with pytest.raises(ValueError, match="time_budget"):
             parse_cpu_budget(bad)
     assert CpuBudgetCallback(10).budget_s == 10
+
+
+def _run_budgeted(monkeypatch, cost, refits: int) -> tuple[CpuBudgetCallback, float, int]:
+    """Drive a CpuBudgetCallback with a fake CPU clock whose step ``k`` costs ``cost(k)`` seconds and a real
+    linear schedule; returns the callback, the last learning-rate factor used and the step training stopped at."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, get_scheduler
+
+    import bitdistill.recover.budget as budget
+
+    clock = [0.0]
+    monkeypatch.setattr(budget.time, "process_time", lambda: clock[0])
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=10**6)
+    cb = CpuBudgetCallback(1000.0, refits=refits)
+    state, control = SimpleNamespace(global_step=0, max_steps=10**6), TrainerControl()
+    cb.on_train_begin(None, state, control)
+    lr = 1.0
+    while not control.should_training_stop and state.global_step < state.max_steps:
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        state.global_step += 1
+        clock[0] += cost(state.global_step)
+        cb.on_step_end(None, state, control, lr_scheduler=sched)
+    cb.on_train_end(None, state, control)
+    return cb, lr, state.global_step
+
+
+@pytest.mark.parametrize("drift", [0.5, -0.3])
+def test_cpu_budget_refits_the_schedule_when_step_cost_drifts(monkeypatch, drift):
+    """Steps that get dearer (or cheaper) over the run: the refit plan still ends the schedule, with the budget."""
+    def cost(k):  # 1 s a step at the start, 1 + drift at step 1000
+        return 1.0 + drift * min(k, 1000) / 1000
+
+    cb, lr, steps = _run_budgeted(monkeypatch, cost, refits=9)
+    used = sum(cost(k) for k in range(1, steps + 1))
+    assert cb.planned_steps is not None and abs(steps - cb.planned_steps) <= 0.01 * steps
+    assert lr < 0.05  # the learning rate decayed (almost) to its end
+    assert used > 0.97 * 1000  # and the budget was used
+    once, lr_once, steps_once = _run_budgeted(monkeypatch, cost, refits=0)
+    if drift > 0:  # planned once from the first steps: the budget runs out with the rate still high
+        assert steps_once < 0.9 * once.planned_steps and lr_once > 0.1
+    else:  # the plan is reached with budget left over
+        assert sum(cost(k) for k in range(1, steps_once + 1)) < 0.9 * 1000
