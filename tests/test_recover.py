@@ -252,3 +252,25 @@ def test_cpu_budget_refits_the_schedule_when_step_cost_drifts(monkeypatch, drift
         assert steps_once < 0.9 * once.planned_steps and lr_once > 0.1
     else:  # the plan is reached with budget left over
         assert sum(cost(k) for k in range(1, steps_once + 1)) < 0.9 * 1000
+
+
+def test_joint_stage_refits_its_plan_when_step_cost_drifts(monkeypatch):
+    """The joint block stage plans with the same StepPlan: steps that get dearer still end the schedule with
+    the budget. A fake CPU clock is advanced by each training step's loss: step k costs 1 + k / 100 s, so
+    the first plan (from steps 2-3, 1.025 s a step) is 58 steps, and 60 s buy 49."""
+    import bitdistill.recover.joint as joint
+
+    clock, calls = [0.0], [0]
+    local_loss = joint._local_loss
+
+    def dearer(*args, **kwargs):
+        calls[0] += 1
+        clock[0] += 1.0 + calls[0] / 100
+        return local_loss(*args, **kwargs)
+
+    monkeypatch.setattr(joint.time, "process_time", lambda: clock[0])
+    monkeypatch.setattr(joint, "_local_loss", dearer)
+    teacher, student = _pair("llama")
+    rep = reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(micro_batch=2), budget_cpu_s=60.0)
+    assert 47 <= rep.steps <= 49 and abs(rep.steps - rep.planned_steps) <= 1
+    assert rep.cpu_s > 58.0

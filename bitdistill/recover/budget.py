@@ -1,4 +1,5 @@
-"""Process CPU-time budgets: parsing ``90m``-style values and stopping a ``transformers.Trainer`` when spent.
+"""Process CPU-time budgets: parsing ``90m``-style values, planning the steps a budget buys, and stopping a
+``transformers.Trainer`` when spent.
 
 Budgets are in **process CPU time** (user + system of all threads, ``time.process_time()``), so other jobs on
 a shared machine do not change how much work a budget buys (they only change how long it takes).
@@ -15,7 +16,7 @@ from transformers import TrainerCallback
 
 from bitdistill.errors import UserError
 
-__all__ = ["CpuBudgetCallback", "parse_cpu_budget"]
+__all__ = ["CpuBudgetCallback", "StepPlan", "parse_cpu_budget"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +41,55 @@ def parse_cpu_budget(text: str | float | int) -> float:
     return value
 
 
+class StepPlan:
+    """How many optimizer steps a CPU budget buys, planned from the measured step cost and refit as it drifts.
+
+    The CPU time of steps ``measure_from``..``measure_to`` gives the first plan; a step's cost drifts over a run
+    (in a 90-CPU-minute SmolLM2 run the average step cost about 10% more than the first ones: it ended at 641
+    of 707 planned steps, its learning rate still at 9% of the peak; a joint block stage sharing the machine
+    with another job during its first steps used 9.3 of its 12.6 CPU-minutes), so the plan is refit ``refits``
+    more times, each after another ``1 / (refits + 1)`` of the first plan, from the mean cost of all steps
+    since ``measure_from``.
+
+    Attributes:
+        planned_steps: the current plan (``None`` before ``measure_to``).
+    """
+
+    def __init__(self, budget_s: float, *, measure_from: int = 1, measure_to: int = 3, refits: int = 9) -> None:
+        if not 0 <= measure_from < measure_to:
+            raise ValueError(f"need 0 <= measure_from < measure_to, got {measure_from}, {measure_to}")
+        self.budget_s = budget_s
+        self.measure = (measure_from, measure_to)
+        self.refits = refits
+        self.planned_steps: int | None = None
+        self._mark = 0.0
+        self._first_plan = 0
+        self._next_refit = -1
+
+    def update(self, step: int, used_s: float) -> int | None:
+        """Call after optimizer step ``step`` (1-based) with the CPU seconds used so far; returns the new
+        planned total when the plan was (re)made at this step, else ``None``."""
+        if step == self.measure[0]:
+            self._mark = used_s
+            return None
+        if step != self.measure[1] and (self.planned_steps is None or step != self._next_refit):
+            return None
+        per_step = (used_s - self._mark) / (step - self.measure[0])
+        self.planned_steps = step + max(1, int((self.budget_s - used_s) / max(per_step, 1e-9)))
+        if step == self.measure[1]:
+            self._first_plan = self.planned_steps
+        every = max(1, self._first_plan // (self.refits + 1))
+        self._next_refit = step + every if step + every < self.planned_steps else -1
+        return self.planned_steps
+
+
 class CpuBudgetCallback(TrainerCallback):
     """Stops training once the process has used ``budget_s`` CPU seconds since training began.
 
     With ``fit_schedule`` the learning-rate schedule is refit to the budget: the Trainer is started with a
-    ``max_steps`` far beyond the budget, the CPU time of optimizer steps ``measure_from``..``measure_to`` is
-    measured, and the schedule's ``num_training_steps`` (linear, cosine, ... from transformers'
-    ``get_scheduler``) becomes the number of steps the remaining budget buys, so the learning rate decays to
-    its end when the budget is spent. A step's cost drifts over a run (in a 90-CPU-minute SmolLM2 run the
-    average step cost about 10% more than the first ones: it ended at 641 of 707 planned steps, its learning
-    rate still at 9% of the peak), so the plan is refit ``refits`` more times, each after another
-    ``1 / (refits + 1)`` of the planned steps, from the mean cost of all steps since ``measure_from``.
+    ``max_steps`` far beyond the budget, and the schedule's ``num_training_steps`` (linear, cosine, ... from
+    transformers' ``get_scheduler``) becomes the number of steps the remaining budget buys, as a
+    :class:`StepPlan` measures and refits it, so the learning rate decays to its end when the budget is spent.
 
     Attributes:
         used_s: CPU seconds used when training ended; ``steps`` the optimizer steps done; ``planned_steps`` the
@@ -61,41 +100,26 @@ class CpuBudgetCallback(TrainerCallback):
                  refits: int = 9) -> None:
         self.budget_s = budget_s
         self.fit_schedule = fit_schedule
-        self.measure = (measure_from, measure_to)
-        self.refits = refits
-        self._next_refit = 0
-        self._first_plan = 0
+        self.plan = StepPlan(budget_s, measure_from=measure_from, measure_to=measure_to, refits=refits)
         self.start = 0.0
-        self._mark = 0.0
         self.used_s = 0.0
-        self.planned_steps: int | None = None
         self.steps = 0
+
+    @property
+    def planned_steps(self) -> int | None:
+        return self.plan.planned_steps
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.process_time()
 
     def on_step_end(self, args, state, control, **kwargs):
-        now = time.process_time()
-        used = now - self.start
+        used = time.process_time() - self.start
         if used >= self.budget_s:
             control.should_training_stop = True
             return
-        if not self.fit_schedule:
-            return
-        step = state.global_step
-        if step == self.measure[0]:
-            self._mark = now
-            return
-        if step != self.measure[1] and (self.planned_steps is None or step != self._next_refit):
-            return
-        per_step = (now - self._mark) / (step - self.measure[0])
-        self.planned_steps = step + max(1, int((self.budget_s - used) / per_step))
-        _refit_schedule(kwargs.get("lr_scheduler"), self.planned_steps)
-        state.max_steps = self.planned_steps
-        if step == self.measure[1]:
-            self._first_plan = self.planned_steps
-        every = max(1, self._first_plan // (self.refits + 1))
-        self._next_refit = step + every if step + every < self.planned_steps else -1
+        if self.fit_schedule and (planned := self.plan.update(state.global_step, used)) is not None:
+            _refit_schedule(kwargs.get("lr_scheduler"), planned)
+            state.max_steps = planned
 
     def on_train_end(self, args, state, control, **kwargs):
         self.used_s = time.process_time() - self.start

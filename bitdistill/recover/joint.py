@@ -16,7 +16,8 @@ squared error over the token's squared target norm, so a few massive-activation 
 Gradients never cross blocks, so the blocks are independent problems solved in one pass. Only the decoder
 blocks' parameters train (latent weights through the straight-through estimator, norms, biases); the
 learning rate warms up for ``warmup`` steps, then decays linearly to 0 at the step the CPU budget is planned
-to end (planned from the measured CPU time of the first steps).
+to end (planned from the measured CPU time of the steps so far and refit as it drifts:
+:class:`~bitdistill.recover.budget.StepPlan`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import nn
 
 from bitdistill.errors import UserError
 from bitdistill.recover.blockwise import BLOCK_LOSSES, block_loss
+from bitdistill.recover.budget import StepPlan
 from bitdistill.recover.layers import capture_layer_call, decoder_layers, layer_output
 
 __all__ = ["JOINT_INPUTS", "JointConfig", "JointReport", "reconstruct_jointly_in_place"]
@@ -118,7 +120,7 @@ def _train(s_layers, t_layers, teacher, input_ids, cfg: JointConfig, params, bud
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     planned = steps if steps is not None else 10**9
-    mark = None
+    plan = StepPlan(budget_cpu_s) if budget_cpu_s is not None else None
     step = 0
     while step < planned:
         if budget_cpu_s is not None and time.process_time() - start >= budget_cpu_s:
@@ -136,11 +138,8 @@ def _train(s_layers, t_layers, teacher, input_ids, cfg: JointConfig, params, bud
         opt.step()
         step += 1
         report.losses.append(loss.item())
-        if budget_cpu_s is not None and step == 1:
-            mark = time.process_time()
-        elif budget_cpu_s is not None and step == 3:
-            per_step = (time.process_time() - mark) / 2
-            planned = step + max(1, int((budget_cpu_s - (time.process_time() - start)) / per_step))
+        if plan is not None and (refit := plan.update(step, time.process_time() - start)) is not None:
+            planned = refit
         if log is not None and step % 10 == 0:
             log(f"joint reconstruction step {step}/{planned if planned < 10**9 else '?'}: loss {loss.item():.4f}")
     return step, planned
