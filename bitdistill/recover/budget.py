@@ -47,7 +47,7 @@ class StepPlan:
     The CPU time of steps ``measure_from``..``measure_to`` gives the first plan; a step's cost drifts over a run
     (in a 90-CPU-minute SmolLM2 run the average step cost about 10% more than the first ones: it ended at 641
     of 707 planned steps, its learning rate still at 9% of the peak; a joint block stage sharing the machine
-    with another job during its first steps used 9.3 of its 12.6 CPU-minutes), so the plan is refit ``refits``
+    with another job during its first steps used 9.3 of its 13 CPU-minutes), so the plan is refit ``refits``
     more times, each after another ``1 / (refits + 1)`` of the first plan, from the mean cost of all steps
     since ``measure_from``.
 
