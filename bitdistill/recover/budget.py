@@ -72,7 +72,7 @@ class StepPlan:
         if step == self.measure[0]:
             self._mark = used_s
             return None
-        if step != self.measure[1] and (self.planned_steps is None or step != self._next_refit):
+        if step not in (self.measure[1], self._next_refit):  # _next_refit is -1 until the first plan
             return None
         per_step = (used_s - self._mark) / (step - self.measure[0])
         self.planned_steps = step + max(1, int((self.budget_s - used_s) / max(per_step, 1e-9)))
