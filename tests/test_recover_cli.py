@@ -31,16 +31,18 @@ def setup(tmp_path_factory, shared_data):
 
 def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     out = setup["root"] / "run"
-    rc = main(["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "4", "--block_init", "gptq", "--output_dir", str(out)])
+    rc = main(["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "4", "--block_init", "gptq",
+               "--context_fraction", "0.25", "--output_dir", str(out)])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     summary = json.loads((out / "recovery.json").read_text())
-    assert [s["stage"] for s in summary["stages"]] == ["init", "blocks", "e2e"]
+    assert [s["stage"] for s in summary["stages"]] == ["init", "blocks", "e2e", "context"]
+    assert [s["detail"]["seq_length"] for s in summary["stages"][2:]] == [32, 128]  # the teacher's context: 128
     for s in summary["stages"]:
         assert f"stage {s['stage']}: held-out loss" in printed
         assert s["held_out_perplexity"] > 1 and s["cpu_s"] > 0
     audit = [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in audit if r.get("event") == "stage"] == ["init", "blocks", "e2e"]
+    assert [r["stage"] for r in audit if r.get("event") == "stage"] == ["init", "blocks", "e2e", "context"]
     assert "## Staged recovery" in (out / "student" / "README.md").read_text()
     pack_pretrained(out / "student", tmp_path / "packed", dtype="float32")  # float32: the student's exact function
     ids = torch.randint(0, 1000, (1, 12))
@@ -58,6 +60,8 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     (["--time_budget", "1m", "--block_mode", "sequential", "--state_memory_mb", "0"], "memory budget"),
     (["--time_budget", "1m", "--block_mode", "parallel"], "unknown --block_mode"),
     (["--time_budget", "1m", "--block_loss", "l1"], "unknown block loss"),
+    (["--time_budget", "1m", "--context_length", "256"], "exceeds the teacher's context of 128"),
+    (["--time_budget", "1m", "--context_fraction", "1"], "--context_fraction in [0, 1)"),
 ])
 def test_recover_bad_input_fails_before_work(setup, capsys, flags, match):
     out = Path(setup["root"]) / f"bad{abs(hash(tuple(flags)))}"
@@ -68,29 +72,45 @@ def test_recover_bad_input_fails_before_work(setup, capsys, flags, match):
     assert not (out / "student").exists() and not (out / "init").exists()
 
 
-def test_recover_resumes_after_the_block_stage_with_subln(setup, capsys, monkeypatch):
-    """A run that dies in the e2e stage resumes from its saved block stage (not redone, its CPU time counted)."""
+def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, monkeypatch):
+    """A run that dies in the e2e stage resumes from its saved block stage, one that dies in the context stage
+    from its saved e2e stage (neither redone, their CPU time counted)."""
     from bitdistill.recover import staged
 
     out = setup["root"] / "resume"
     argv = ["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "3", "--subln", "true",
-            "--output_dir", str(out)]
+            "--context_fraction", "0.25", "--output_dir", str(out)]
     real = staged.run_distillation
 
-    def crash(*args, **kwargs):
-        raise RuntimeError("killed in the e2e stage")
+    def crash_at(seq_length):
+        def run(model_args, data_args, *args, **kwargs):
+            if data_args.max_seq_length == seq_length:
+                raise RuntimeError(f"killed at {seq_length} tokens")
+            return real(model_args, data_args, *args, **kwargs)
+        return run
 
-    monkeypatch.setattr(staged, "run_distillation", crash)
-    with pytest.raises(RuntimeError, match="killed"):
+    def stages():
+        return [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()
+                if json.loads(line).get("event") == "stage"]
+
+    monkeypatch.setattr(staged, "run_distillation", crash_at(32))
+    with pytest.raises(RuntimeError, match="killed at 32"):
         main(argv)
-    first = [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in first] == ["blocks"] and not (out / "student").exists()
-    capsys.readouterr()
+    assert [r["stage"] for r in stages()] == ["blocks"] and not (out / "student").exists()
+    monkeypatch.setattr(staged, "run_distillation", crash_at(128))
+    with pytest.raises(RuntimeError, match="killed at 128"):
+        main(argv)
+    assert "block stage already finished" in capsys.readouterr().out
+    first = stages()
+    assert [r["stage"] for r in first] == ["blocks", "e2e"] and not (out / "student").exists()
     monkeypatch.setattr(staged, "run_distillation", real)
     assert main(argv) == 0
-    assert "block stage already finished" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "block stage already finished" in printed and "e2e stage already finished" in printed
     summary = json.loads((out / "recovery.json").read_text())
-    assert [s["stage"] for s in summary["stages"]] == ["blocks", "e2e"]
-    assert summary["stages"][0] == {k: v for k, v in first[0].items() if k not in ("event", "time")}
-    assert summary["stages"][1]["cpu_s"] > summary["stages"][0]["cpu_s"]
+    assert [s["stage"] for s in summary["stages"]] == ["blocks", "e2e", "context"]
+    for kept, logged in zip(summary["stages"][:2], first, strict=True):
+        assert kept == {k: v for k, v in logged.items() if k not in ("event", "time")}
+    cpu = [s["cpu_s"] for s in summary["stages"]]
+    assert cpu[0] < cpu[1] < cpu[2]
     assert load_student(out / "student").model.layers[0].self_attn.o_proj.rms_norm is not None  # SubLN kept

@@ -10,7 +10,12 @@
    their own local targets (``block_mode joint``, :mod:`bitdistill.recover.joint`), or one block at a time
    (``block_mode sequential``, :mod:`bitdistill.recover.blockwise`; resumable per block).
 3. **e2e** — the existing distillation trainer (``run_distillation``) from the reconstructed student, until
-   the budget is spent (its learning-rate schedule refit to the budget, :class:`~bitdistill.recover.budget.CpuBudgetCallback`).
+   the budget is spent, or ``1 - context_fraction`` of what is left of it when stage 4 runs (its learning-rate
+   schedule refit to the budget, :class:`~bitdistill.recover.budget.CpuBudgetCallback`).
+4. **context** — context extension: the same trainer from stage 3's student on blocks of ``context_length``
+   tokens (longer than ``--max_seq_length``), at ``context_learning_rate``, for the rest of the budget.
+   Stage 3 trains on short blocks because the number of steps decides at these budgets; the student then
+   learns to use the longer context the teacher uses.
 
 The budget is process CPU time from the moment the teacher is loaded; loading models and the held-out
 evaluations that report each stage are not counted. After each stage its held-out loss and perplexity (on
@@ -50,6 +55,7 @@ __all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_l
 STAGES = ("init", "blocks", "e2e")
 BLOCK_MODES = ("joint", "sequential")
 RESULT_FILE = "recovery.json"
+LONG_BUDGET_S = 60 * 60  # from here the defaults give the block stage 0.3 of the budget and run the context stage
 
 
 @dataclass
@@ -58,9 +64,10 @@ class RecoverArguments:
 
     time_budget: str = field(default="90m", metadata={
         "help": "Process CPU time for the whole recipe, counted from when the teacher is loaded (90m, 1.5h, 600s)."})
-    block_fraction: float = field(default=0.15, metadata={
+    block_fraction: float | None = field(default=None, metadata={
         "help": "Share of the budget for calibrated init + block-wise reconstruction; the e2e stage gets the rest "
-                "(0.15: the best of 0.5, 0.15 on held-out blocks at 10 CPU-minutes; see docs/distill.md)."})
+                "(default: 0.15 below 60 CPU-minutes, 0.3 from 60, the best shares on held-out blocks at 10, 30 "
+                "and 90; see docs/distill.md)."})
     block_mode: str = field(default="joint", metadata={
         "help": "joint: every block trained at once on its local target, on all the training text; sequential: "
                 "one block at a time on cached states of calibration_tokens tokens (resumable per block)."})
@@ -87,6 +94,27 @@ class RecoverArguments:
         "help": "Train each block on the student's own previous-block outputs (false: the teacher's)."})
     state_memory_mb: int | None = field(default=None, metadata={
         "help": "Memory allowed for the cached hidden states (default: half the available memory)."})
+    context_length: int | None = field(default=None, metadata={
+        "help": "Context extension: the last context_fraction of the e2e stage trains on blocks of this many tokens "
+                "(stage 'context'; default: 512, or the teacher's context if shorter); 0, or not above "
+                "--max_seq_length: none."})
+    context_fraction: float | None = field(default=None, metadata={
+        "help": "Share of the e2e stage's budget for the context stage (default: 0 below 60 CPU-minutes, 0.25 from "
+                "60; see docs/distill.md)."})
+    context_learning_rate: float = field(default=2e-4, metadata={
+        "help": "Peak learning rate of the context stage (linear decay to its end)."})
+
+    def resolved_block_fraction(self, budget_s: float) -> float:
+        """``block_fraction``, or its default for a budget of ``budget_s`` CPU seconds."""
+        if self.block_fraction is not None:
+            return self.block_fraction
+        return 0.3 if budget_s >= LONG_BUDGET_S else 0.15
+
+    def resolved_context_fraction(self, budget_s: float) -> float:
+        """``context_fraction``, or its default for a budget of ``budget_s`` CPU seconds."""
+        if self.context_fraction is not None:
+            return self.context_fraction
+        return 0.25 if budget_s >= LONG_BUDGET_S else 0.0
 
 
 @dataclass
@@ -172,8 +200,13 @@ def _check_args(recover_args: RecoverArguments, model_args: ModelArguments, loss
     budget = parse_cpu_budget(recover_args.time_budget)
     if recover_args.block_mode not in BLOCK_MODES:
         raise UserError(f"unknown --block_mode {recover_args.block_mode!r}; choose one of {', '.join(BLOCK_MODES)}")
-    if not 0 < recover_args.block_fraction <= 1:
+    if recover_args.block_fraction is not None and not 0 < recover_args.block_fraction <= 1:
         raise UserError(f"--block_fraction must be in (0, 1], got {recover_args.block_fraction}")
+    if (recover_args.context_length or 0) < 0 or not 0 <= recover_args.resolved_context_fraction(budget) < 1:
+        raise UserError(f"--context_length must be >= 0 and --context_fraction in [0, 1), got "
+                         f"{recover_args.context_length} and {recover_args.context_fraction}")
+    if not recover_args.context_learning_rate > 0:
+        raise UserError(f"--context_learning_rate must be > 0, got {recover_args.context_learning_rate}")
     if recover_args.calibration_tokens < 1 or recover_args.held_out_blocks < 1:
         raise UserError("--calibration_tokens and --held_out_blocks must be >= 1")
     BlockwiseConfig(init=recover_args.block_init, steps=recover_args.block_steps, lr=recover_args.block_lr,
@@ -206,9 +239,33 @@ def _card_section(results: list[StageResult], budget: float) -> str:
     rows = "\n".join(f"| {r.stage} | {r.held_out_loss:.4f} | {r.held_out_perplexity:.2f} | {r.cpu_s / 60:.1f} |"
                      for r in results)
     return ("\n\n## Staged recovery\n\nTrained with `bitdistill recover` (calibrated ternary initialization, block-wise "
-            f"reconstruction, end-to-end KD) in a budget of {budget / 60:.0f} CPU-minutes. Held-out: the last blocks "
+            f"reconstruction, end-to-end KD, context extension) in a budget of {budget / 60:.0f} CPU-minutes. Held-out: the last blocks "
             "of the training text, never trained on. CPU: cumulative process CPU time at the end of the stage.\n\n"
             "| stage | held-out loss | held-out perplexity | CPU minutes |\n|---|---|---|---|\n" + rows + "\n")
+
+
+def _e2e_stage(name: str, start: Path, budget_s: float, model_args: ModelArguments, data_args: DataArguments,
+               loss_args: LossArguments, training_args, task_args: EvalTaskArguments | None, held: torch.Tensor,
+               clock: _Clock, command: str | None) -> tuple[StageResult, float]:
+    """One KD stage (``run_distillation``) from the student folder ``start`` into ``<training_args.output_dir>/student``,
+    its schedule fit to ``budget_s`` CPU seconds of training (loading and saving around it are not counted).
+    Returns the stage's result and its training CPU seconds."""
+    model = dataclasses.replace(model_args, student_model_name_or_path=str(start), student_gguf_file=None)
+    held_tokens = (held.shape[0] + 1) * held.shape[1]  # + 1: the two block grids' tails differ by < a block
+    data = dataclasses.replace(data_args, validation_blocks=max(
+        data_args.validation_blocks, math.ceil(held_tokens / data_args.max_seq_length)))
+    training = copy.copy(training_args)
+    training.max_steps = 10**6
+    cb = CpuBudgetCallback(budget_s)
+    t = time.process_time()
+    folder = run_distillation(model, data, loss_args, training, task_args, command=command, callbacks=[cb])
+    clock.excluded += time.process_time() - t - cb.used_s
+    loss = clock.excluding(lambda: held_out_loss(load_model(folder), held))
+    tokens = (cb.steps * training.per_device_train_batch_size * training.gradient_accumulation_steps
+              * training.world_size * data.max_seq_length)
+    return StageResult(name, loss, math.exp(loss), clock.used(), {
+        "steps": cb.steps, "planned_steps": cb.planned_steps, "train_tokens": tokens,
+        "seq_length": data.max_seq_length}), cb.used_s
 
 
 def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
@@ -218,7 +275,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
 
     ``training_args`` (``transformers.TrainingArguments``) drives the e2e stage (its ``max_steps`` is replaced
     by the budget). Stage 1 and a sequential stage 2 resume per block from ``<output_dir>/init`` and
-    ``<output_dir>/blocks``; a finished joint stage 2 (``<output_dir>/blocks/joint.json``) is reused.
+    ``<output_dir>/blocks``; a finished joint stage 2 (``<output_dir>/blocks/joint.json``) and, when stage 4 runs,
+    a finished stage 3 (``<output_dir>/e2e/e2e.json``) are reused.
 
     Raises:
         ValueError / FileExistsError: bad options, a budget too small for the init stage, calibration text
@@ -234,14 +292,23 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     cal, train, held = _calibration(recover_args, data_args, tokenizer)
     teacher = load_teacher(model_args)
     decoder_layers(teacher)
-    share = budget * recover_args.block_fraction
+    limit = getattr(teacher.config, "max_position_embeddings", None)
+    context_length = recover_args.context_length
+    if context_length is None:
+        context_length = min(512, limit or 512)
+    elif limit is not None and context_length > limit:
+        raise UserError(f"--context_length {context_length} exceeds the teacher's context of {limit} tokens; lower "
+                         "it (0 turns the context stage off)")
+    context_fraction = recover_args.resolved_context_fraction(budget)
+    context = context_length > data_args.max_seq_length and context_fraction > 0
+    share = budget * recover_args.resolved_block_fraction(budget)
     per = recover_args.block_micro_batch
     scales = 5 if recover_args.block_init == "gptq" else 0
     while cal.shape[0] > per and estimate_init_cpu_s(teacher, cal.numel(), scales) > share / 2:
         cal = cal[: cal.shape[0] - per]
     estimate = estimate_init_cpu_s(teacher, cal.numel(), scales)
     if estimate >= share:
-        raise UserError(f"--time_budget {recover_args.time_budget} leaves {budget * recover_args.block_fraction:.3g} "
+        raise UserError(f"--time_budget {recover_args.time_budget} leaves {share:.3g} "
                          f"CPU-s for init + blocks, but the first stage alone needs about {estimate:.2g} CPU-s "
                          "for this teacher and calibration size; raise the budget or lower --calibration_tokens")
     clock = _Clock()
@@ -268,7 +335,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         rep = reconstruct_blocks_in_place(student, teacher, cal, BlockwiseConfig(init="gptq", steps=0, **base),
                                           val_ids=val, work_dir=out / "init", memory_budget=mem, progress=False)
         finish("init", student, {"blocks": rep.blocks})
-    block_budget = budget * recover_args.block_fraction - clock.used()
+    block_budget = share - clock.used()
     steps = recover_args.block_steps
     stage2 = out / "stage2_student"
     joint_file = out / "blocks" / "joint.json"
@@ -300,34 +367,47 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         _save_student(student, tokenizer, stage2)
         clock.excluded += time.process_time() - t
     del student
-    remaining = budget - clock.used()
-    used_before_e2e = clock.used()
-    if remaining > 0:
-        e2e_model = dataclasses.replace(model_args, student_model_name_or_path=str(stage2), student_gguf_file=None)
-        held_tokens = (held.shape[0] + 1) * held.shape[1]  # + 1: the two block grids' tails differ by < a block
-        e2e_data = dataclasses.replace(data_args, validation_blocks=max(
-            data_args.validation_blocks, math.ceil(held_tokens / data_args.max_seq_length)))
+    if not context:
+        log("no context stage: " + (f"--context_length {context_length} is not above --max_seq_length "
+                                     f"{data_args.max_seq_length}" if context_fraction else
+                                     "its share is 0 (the default below 60 CPU-minutes)"))
+    short_out = out / "e2e" if context else out
+    short_file = out / "e2e" / "e2e.json"
+    if context and short_file.is_file() and (short_out / "student").is_dir():
+        done = json.loads(short_file.read_text())  # resumed after the e2e stage: its result and CPU time
+        clock.excluded -= done["cpu_s"]
+        results.append(StageResult(**done["result"]))
+        log(f"e2e stage already finished in {short_out / 'student'}: {results[-1].line()}")
+    elif budget - clock.used() > 0:
+        short_budget = (budget - clock.used()) * (1 - context_fraction if context else 1)
         e2e_training = copy.copy(training_args)
-        e2e_training.max_steps = 10**6
-        cb = CpuBudgetCallback(remaining)
-        run_distillation(e2e_model, e2e_data, loss_args, e2e_training, task_args, command=command, callbacks=[cb])
-        trained = load_model(final)
-        loss = held_out_loss(trained, held)
-        e2e_tokens = (cb.steps * training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                      * training_args.world_size * data_args.max_seq_length)
-        r = StageResult("e2e", loss, math.exp(loss), used_before_e2e + cb.used_s,
-                        {"steps": cb.steps, "planned_steps": cb.planned_steps, "train_tokens": e2e_tokens})
+        e2e_training.output_dir = str(short_out)
+        r, cpu_s = _e2e_stage("e2e", stage2, short_budget, model_args, data_args, loss_args, e2e_training, task_args,
+                              held, clock, command)
         results.append(r)
         log(r.line())
         _append_audit(out, r)
-    else:
+        if context:
+            _atomic_json(short_file, {"cpu_s": cpu_s, "result": dataclasses.asdict(r)})
+    if context and budget - clock.used() > 0:
+        long_data = dataclasses.replace(data_args, max_seq_length=context_length)
+        long_training = copy.copy(training_args)
+        long_training.learning_rate = recover_args.context_learning_rate
+        long_training.per_device_train_batch_size = max(1, round(
+            training_args.per_device_train_batch_size * data_args.max_seq_length / context_length))
+        r, _ = _e2e_stage("context", short_out / "student", budget - clock.used(), model_args, long_data, loss_args,
+                          long_training, task_args, held, clock, command)
+        results.append(r)
+        log(r.line())
+        _append_audit(out, r)
+    if not final.exists():
         import shutil
 
-        shutil.copytree(stage2, final)
+        shutil.copytree(short_out / "student" if (short_out / "student").is_dir() else stage2, final)
     block_tokens = sum(r.detail["train_tokens"] if "train_tokens" in r.detail else sum(b["steps"] for b in r.detail["blocks"])
                        * recover_args.block_micro_batch * recover_args.calibration_seq_length
                        for r in results if r.stage == "blocks")
-    e2e_tokens = sum(r.detail.get("train_tokens", 0) for r in results if r.stage == "e2e")
+    e2e_tokens = sum(r.detail.get("train_tokens", 0) for r in results if r.stage in ("e2e", "context"))
     summary = {"budget_cpu_s": budget, "teacher_held_out_loss": teacher_loss, "calibration_tokens": cal.numel(),
                "train_tokens": block_tokens + e2e_tokens, "block_train_tokens": block_tokens,
                "e2e_train_tokens": e2e_tokens,
