@@ -11,9 +11,11 @@ A failure is a :class:`bitdistill.errors.UserError` naming the tensor and the fi
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -250,25 +252,58 @@ def check_source(src: str | os.PathLike, what: str = "model") -> None:
                                  "config.json (for a GGUF file: its folder and --gguf_file NAME)")
 
 
-def from_local_folder(load, folder: str | os.PathLike, *, model: bool = False, **kwargs):
+@contextmanager
+def _held_records(logger_name: str):
+    """Hold back every record the named logger emits inside the block and yield the list they are kept in; if the
+    block raises, they are emitted after all."""
+    held: list[logging.LogRecord] = []
+
+    class _Hold(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            held.append(record)
+            return False
+
+    log, hold = logging.getLogger(logger_name), _Hold()
+    log.addFilter(hold)
+    try:
+        yield held
+    except BaseException:
+        log.removeFilter(hold)
+        for record in held:
+            log.handle(record)
+        raise
+    finally:
+        log.removeFilter(hold)
+
+
+def from_local_folder(load, folder: str | os.PathLike, *, model: bool = False, extra_suffixes: tuple[str, ...] = (),
+                      **kwargs):
     """``load(folder, **kwargs)`` (a transformers ``from_pretrained``) with its failures on a local folder as one
     :class:`UserError` naming the folder: an unknown ``model_type``, a config transformers rejects, weights of the
     wrong shape, a pickled ``.bin`` that ``weights_only`` loading refuses. Call it after :func:`read_config` and :func:`tensor_index` have vetted the files.
 
     With ``model`` (``load`` is a model's ``from_pretrained``), a tensor transformers reports missing (it would be
     left initialized at random) is a :class:`UserError` too. transformers' own report is used because checkpoint
-    names may differ from the model's (its conversion mappings rename some on load).
+    names may differ from the model's (its conversion mappings rename some on load). When every tensor it reports
+    unexpected ends with one of ``extra_suffixes`` (tensors the caller loads itself after converting the model),
+    its warning about them is dropped; any other warning is passed on.
     """
     try:
         if not model:
             return load(folder, **kwargs)
-        loaded, info = load(folder, output_loading_info=True, **kwargs)
+        with _held_records("transformers.modeling_utils") as held:
+            loaded, info = load(folder, output_loading_info=True, **kwargs)
     except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
         if isinstance(exc, (UserError, RecursionError, NotImplementedError)):  # ours, or programming errors
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"transformers cannot load {folder} ({type(exc).__name__}: {first}); check its config.json "
                         "and weights (a newer transformers may be needed for its model_type)") from exc
+    unexpected = list(info.get("unexpected_keys") or ())
+    ours = bool(unexpected) and bool(extra_suffixes) and all(k.endswith(extra_suffixes) for k in unexpected)
+    for record in held:  # transformers' report of the tensors the caller loads itself is noise; the rest is not
+        if not (ours and any(x in record.getMessage() for x in extra_suffixes)):
+            logging.getLogger(record.name).handle(record)
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise UserError(f"tensor {missing[0]!r} is missing from the weights in {folder} ({len(missing)} missing); the "

@@ -195,3 +195,37 @@ def test_subln_marker_survives_save_and_load(tmp_path):
     assert student_marker(loaded)["subln_modules"] == student_marker(model)["subln_modules"] == names
     replace_linear_with_bitlinear(loaded)  # converting again (a no-op) keeps what SubLN recorded
     assert student_marker(loaded)["subln_modules"] == names
+
+
+def test_load_student_reports_only_tensors_it_does_not_load_itself(tmp_path):
+    """transformers reports a SubLN student's norm weights as unexpected (load_student loads them after converting
+    the model): that warning is dropped, while a tensor foreign to the model is still reported."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    from bitdistill import load_student, replace_linear_with_bitlinear
+    from bitdistill.models import tiny_model
+    from bitdistill.nn.subln import insert_subln
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    model = tiny_model("llama")
+    replace_linear_with_bitlinear(model)
+    insert_subln(model, init="ones")
+    model.save_pretrained(tmp_path)
+    seen, keep = [], Keep()
+    logging.getLogger("transformers").addHandler(keep)  # transformers' root logger does not propagate
+    try:
+        load_student(tmp_path)
+        assert not any("rms_norm" in m for m in seen), seen
+        weights = next(tmp_path.glob("*.safetensors"))
+        tensors = load_file(weights)
+        tensors["model.foreign.weight"] = torch.ones(3)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        load_student(tmp_path)
+        assert any("model.foreign.weight" in m for m in seen), seen
+    finally:
+        logging.getLogger("transformers").removeHandler(keep)

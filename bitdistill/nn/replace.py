@@ -234,11 +234,13 @@ def load_student(path: str | Path, **from_pretrained_kwargs):
                         "convert a plain model with replace_linear_with_bitlinear instead")
     tensor_index(path)
     check_shapes(path, from_local_folder(AutoConfig.from_pretrained, path))
-    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, model=True, **from_pretrained_kwargs)
+    extra = ".rms_norm.weight" if config.use_rms_norm or config.subln_modules else None
+    model = from_local_folder(AutoModelForCausalLM.from_pretrained, path, model=True,
+                              extra_suffixes=(extra,) if extra else (), **from_pretrained_kwargs)
     validate_loaded(model, path, check_files=bool(weight_files(path)))  # before conversion: names tensor and file
     replace_linear_with_bitlinear(model, config)
-    if config.use_rms_norm or config.subln_modules:
-        _load_extra_tensors(model, path, suffix=".rms_norm.weight")
+    if extra:
+        _load_extra_tensors(model, path, suffix=extra)
     validate_loaded(model, path, check_files=bool(weight_files(path)))
     return model
 
