@@ -254,8 +254,8 @@ def check_source(src: str | os.PathLike, what: str = "model") -> None:
 
 @contextmanager
 def _held_records(logger_name: str):
-    """Hold back every record the named logger emits inside the block and yield the list they are kept in; if the
-    block raises, they are emitted after all."""
+    """Hold back every record the named logger emits inside the block; yields the list they are kept in, from
+    which the block may remove records (dropping them). The rest are emitted when the block ends, however it ends."""
     held: list[logging.LogRecord] = []
 
     class _Hold(logging.Filter):
@@ -267,13 +267,10 @@ def _held_records(logger_name: str):
     log.addFilter(hold)
     try:
         yield held
-    except BaseException:
+    finally:
         log.removeFilter(hold)
         for record in held:
             log.handle(record)
-        raise
-    finally:
-        log.removeFilter(hold)
 
 
 def from_local_folder(load, folder: str | os.PathLike, *, model: bool = False, extra_suffixes: tuple[str, ...] = (),
@@ -285,25 +282,24 @@ def from_local_folder(load, folder: str | os.PathLike, *, model: bool = False, e
     With ``model`` (``load`` is a model's ``from_pretrained``), a tensor transformers reports missing (it would be
     left initialized at random) is a :class:`UserError` too. transformers' own report is used because checkpoint
     names may differ from the model's (its conversion mappings rename some on load). When every tensor it reports
-    unexpected ends with one of ``extra_suffixes`` (tensors the caller loads itself after converting the model),
-    its warning about them is dropped; any other warning is passed on.
+    unexpected ends with one of ``extra_suffixes`` (tensors the caller loads itself after converting the model)
+    and none is missing or mismatched, its report of them is dropped; any other warning is passed on.
     """
     try:
         if not model:
             return load(folder, **kwargs)
         with _held_records("transformers.modeling_utils") as held:
             loaded, info = load(folder, output_loading_info=True, **kwargs)
+            unexpected = list(info.get("unexpected_keys") or ())
+            if (extra_suffixes and unexpected and all(k.endswith(extra_suffixes) for k in unexpected)
+                    and not info.get("missing_keys") and not info.get("mismatched_keys")):
+                held[:] = [r for r in held if not any(x in r.getMessage() for x in extra_suffixes)]
     except (ValueError, KeyError, RuntimeError, OSError, pickle.UnpicklingError) as exc:
         if isinstance(exc, (UserError, RecursionError, NotImplementedError)):  # ours, or programming errors
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"transformers cannot load {folder} ({type(exc).__name__}: {first}); check its config.json "
                         "and weights (a newer transformers may be needed for its model_type)") from exc
-    unexpected = list(info.get("unexpected_keys") or ())
-    ours = bool(unexpected) and bool(extra_suffixes) and all(k.endswith(extra_suffixes) for k in unexpected)
-    for record in held:  # transformers' report of the tensors the caller loads itself is noise; the rest is not
-        if not (ours and any(x in record.getMessage() for x in extra_suffixes)):
-            logging.getLogger(record.name).handle(record)
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         raise UserError(f"tensor {missing[0]!r} is missing from the weights in {folder} ({len(missing)} missing); the "

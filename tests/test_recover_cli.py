@@ -72,9 +72,29 @@ def test_recover_bad_input_fails_before_work(setup, capsys, flags, match):
     assert not (out / "student").exists() and not (out / "init").exists()
 
 
+def test_recover_refuses_text_too_short_for_the_context_stage(setup, capsys, shared_data):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
+    words = (shared_data / "wikitext-2-raw-v1" / "wiki.train.prefix.raw").read_text().split()
+    text = " ".join(words[:230])
+    while len(tok(text).input_ids) > 240:  # 192-255 tokens: the 6 blocks of 32 asked, one block of 128
+        text = text.rsplit(" ", 1)[0]
+    short = setup["root"] / "short.txt"
+    short.write_text(text)
+    out = setup["root"] / "short-run"
+    rc = main(["recover", *setup["common"], "--train_files", str(short), "--calibration_tokens", "64",
+               "--held_out_blocks", "2", "--time_budget", "1m", "--context_fraction", "0.25", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "the context stage needs" in err, err
+    assert not (out / "student").exists() and not (out / "stage2_student").exists()
+
+
 def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, monkeypatch):
-    """A run that dies in the e2e stage resumes from its saved block stage, one that dies in the context stage
-    from its saved e2e stage (neither redone, their CPU time counted)."""
+    """A run killed in the middle of the e2e stage resumes from its saved block stage, one killed in the context
+    stage from its saved e2e stage (neither redone, their CPU time counted; the killed stage starts over)."""
+    from transformers import TrainerCallback
+
     from bitdistill.recover import staged
 
     out = setup["root"] / "resume"
@@ -82,23 +102,27 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
             "--context_fraction", "0.25", "--output_dir", str(out)]
     real = staged.run_distillation
 
-    def crash_at(seq_length):
-        def run(model_args, data_args, *args, **kwargs):
-            if data_args.max_seq_length == seq_length:
-                raise RuntimeError(f"killed at {seq_length} tokens")
-            return real(model_args, data_args, *args, **kwargs)
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError(f"killed at step 2 of {args.output_dir}")
+
+    def kill_in(stage):
+        def run(model_args, data_args, *args, callbacks=None, **kwargs):
+            extra = [Kill()] if data_args.max_seq_length == {"e2e": 32, "context": 128}[stage] else []
+            return real(model_args, data_args, *args, callbacks=[*(callbacks or []), *extra], **kwargs)
         return run
 
     def stages():
         return [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()
                 if json.loads(line).get("event") == "stage"]
 
-    monkeypatch.setattr(staged, "run_distillation", crash_at(32))
-    with pytest.raises(RuntimeError, match="killed at 32"):
+    monkeypatch.setattr(staged, "run_distillation", kill_in("e2e"))
+    with pytest.raises(RuntimeError, match=r"killed at step 2 of .*e2e"):
         main(argv)
-    assert [r["stage"] for r in stages()] == ["blocks"] and not (out / "student").exists()
-    monkeypatch.setattr(staged, "run_distillation", crash_at(128))
-    with pytest.raises(RuntimeError, match="killed at 128"):
+    assert [r["stage"] for r in stages()] == ["blocks"] and (out / "e2e" / "provenance.json").is_file()
+    monkeypatch.setattr(staged, "run_distillation", kill_in("context"))
+    with pytest.raises(RuntimeError, match=r"killed at step 2 of .*context"):
         main(argv)
     assert "block stage already finished" in capsys.readouterr().out
     first = stages()
@@ -112,5 +136,8 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     for kept, logged in zip(summary["stages"][:2], first, strict=True):
         assert kept == {k: v for k, v in logged.items() if k not in ("event", "time")}
     cpu = [s["cpu_s"] for s in summary["stages"]]
-    assert cpu[0] < cpu[1] < cpu[2]
-    assert load_student(out / "student").model.layers[0].self_attn.o_proj.rms_norm is not None  # SubLN kept
+    assert cpu[0] < cpu[1] < cpu[2] and cpu[2] - cpu[1] < cpu[1] - cpu[0]  # the context stage got its quarter
+    assert summary["recover_args"]["context_fraction"] == 0.25 and summary["recover_args"]["context_length"] == 128
+    student = load_student(out / "student")
+    assert student.model.layers[0].self_attn.o_proj.rms_norm is not None  # SubLN kept
+    assert (out / "student" / "README.md").read_text().count("## Staged recovery") == 1

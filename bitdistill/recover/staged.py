@@ -30,6 +30,8 @@ import copy
 import dataclasses
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,8 +54,10 @@ from bitdistill.runs import build_blocks
 
 __all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
 
-STAGES = ("init", "blocks", "e2e")
 BLOCK_MODES = ("joint", "sequential")
+CARD_HEADING = "\n\n## Staged recovery"
+STAGE_NAMES = {"init": "calibrated ternary initialization", "blocks": "block-wise reconstruction",
+               "e2e": "end-to-end KD", "context": "context extension"}
 RESULT_FILE = "recovery.json"
 LONG_BUDGET_S = 60 * 60  # from here the defaults give the block stage 0.3 of the budget and run the context stage
 
@@ -238,24 +242,27 @@ def _save_student(student: nn.Module, tokenizer, folder: Path) -> None:
 def _card_section(results: list[StageResult], budget: float) -> str:
     rows = "\n".join(f"| {r.stage} | {r.held_out_loss:.4f} | {r.held_out_perplexity:.2f} | {r.cpu_s / 60:.1f} |"
                      for r in results)
-    return ("\n\n## Staged recovery\n\nTrained with `bitdistill recover` (calibrated ternary initialization, block-wise "
-            f"reconstruction, end-to-end KD, context extension) in a budget of {budget / 60:.0f} CPU-minutes. Held-out: the last blocks "
+    stages = ", ".join(STAGE_NAMES[r.stage] for r in results)
+    return (f"{CARD_HEADING}\n\nTrained with `bitdistill recover` "
+            f"({stages}) in a budget of {budget / 60:.0f} CPU-minutes. Held-out: the last blocks "
             "of the training text, never trained on. CPU: cumulative process CPU time at the end of the stage.\n\n"
             "| stage | held-out loss | held-out perplexity | CPU minutes |\n|---|---|---|---|\n" + rows + "\n")
 
 
 def _e2e_stage(name: str, start: Path, budget_s: float, model_args: ModelArguments, data_args: DataArguments,
                loss_args: LossArguments, training_args, task_args: EvalTaskArguments | None, held: torch.Tensor,
-               clock: _Clock, command: str | None) -> tuple[StageResult, float]:
-    """One KD stage (``run_distillation``) from the student folder ``start`` into ``<training_args.output_dir>/student``,
-    its schedule fit to ``budget_s`` CPU seconds of training (loading and saving around it are not counted).
-    Returns the stage's result and its training CPU seconds."""
+               clock: _Clock, command: str | None, folder: Path) -> tuple[StageResult, float]:
+    """One KD stage (``run_distillation``) from the student folder ``start`` into ``<folder>/student``, its
+    schedule fit to ``budget_s`` CPU seconds of training (loading and saving around it are not counted); what a
+    killed attempt left in ``folder`` is removed first. Returns the stage's result and its training CPU seconds."""
     model = dataclasses.replace(model_args, student_model_name_or_path=str(start), student_gguf_file=None)
     held_tokens = (held.shape[0] + 1) * held.shape[1]  # + 1: the two block grids' tails differ by < a block
     data = dataclasses.replace(data_args, validation_blocks=max(
         data_args.validation_blocks, math.ceil(held_tokens / data_args.max_seq_length)))
     training = copy.copy(training_args)
     training.max_steps = 10**6
+    training.output_dir = str(folder)
+    shutil.rmtree(folder, ignore_errors=True)
     cb = CpuBudgetCallback(budget_s)
     t = time.process_time()
     folder = run_distillation(model, data, loss_args, training, task_args, command=command, callbacks=[cb])
@@ -301,6 +308,14 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                          "it (0 turns the context stage off)")
     context_fraction = recover_args.resolved_context_fraction(budget)
     context = context_length > data_args.max_seq_length and context_fraction > 0
+    long_data = dataclasses.replace(data_args, max_seq_length=context_length)
+    if context:
+        need = math.ceil((held.shape[0] + 1) * held.shape[1] / context_length) + 1  # validation blocks + one
+        have = (train.shape[0] + held.shape[0]) * held.shape[1] // context_length
+        if have < need:
+            raise UserError(f"the training text has {have} blocks of {context_length} tokens, fewer than the {need} "
+                             "the context stage needs (its held-out tail and one to train on); give more text or "
+                             "lower --context_length (0: no context stage)")
     share = budget * recover_args.resolved_block_fraction(budget)
     per = recover_args.block_micro_batch
     scales = 5 if recover_args.block_init == "gptq" else 0
@@ -369,41 +384,33 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     del student
     if not context:
         log("no context stage: " + (f"--context_length {context_length} is not above --max_seq_length "
-                                     f"{data_args.max_seq_length}" if context_fraction else
-                                     "its share is 0 (the default below 60 CPU-minutes)"))
-    short_out = out / "e2e" if context else out
-    short_file = out / "e2e" / "e2e.json"
-    if context and short_file.is_file() and (short_out / "student").is_dir():
-        done = json.loads(short_file.read_text())  # resumed after the e2e stage: its result and CPU time
+                                     f"{data_args.max_seq_length}" if context_fraction else "its share is 0"))
+    e2e_file = out / "e2e" / "e2e.json"
+    if e2e_file.is_file():
+        done = json.loads(e2e_file.read_text())  # resumed after the e2e stage: its result and CPU time
         clock.excluded -= done["cpu_s"]
         results.append(StageResult(**done["result"]))
-        log(f"e2e stage already finished in {short_out / 'student'}: {results[-1].line()}")
+        log(f"e2e stage already finished in {out / 'e2e'}: {results[-1].line()}")
     elif budget - clock.used() > 0:
-        short_budget = (budget - clock.used()) * (1 - context_fraction if context else 1)
-        e2e_training = copy.copy(training_args)
-        e2e_training.output_dir = str(short_out)
-        r, cpu_s = _e2e_stage("e2e", stage2, short_budget, model_args, data_args, loss_args, e2e_training, task_args,
-                              held, clock, command)
+        r, cpu_s = _e2e_stage("e2e", stage2, (budget - clock.used()) * (1 - context_fraction if context else 1),
+                              model_args, data_args, loss_args, training_args, None if context else task_args,
+                              held, clock, command, out / "e2e")
+        _atomic_json(e2e_file, {"cpu_s": cpu_s, "result": dataclasses.asdict(r)})
         results.append(r)
         log(r.line())
         _append_audit(out, r)
-        if context:
-            _atomic_json(short_file, {"cpu_s": cpu_s, "result": dataclasses.asdict(r)})
+    last = out / "e2e" / "student" if e2e_file.is_file() else stage2
     if context and budget - clock.used() > 0:
-        long_data = dataclasses.replace(data_args, max_seq_length=context_length)
         long_training = copy.copy(training_args)
         long_training.learning_rate = recover_args.context_learning_rate
-        long_training.per_device_train_batch_size = max(1, round(
+        long_training.per_device_train_batch_size = max(1, math.ceil(
             training_args.per_device_train_batch_size * data_args.max_seq_length / context_length))
-        r, _ = _e2e_stage("context", short_out / "student", budget - clock.used(), model_args, long_data, loss_args,
-                          long_training, task_args, held, clock, command)
+        r, _ = _e2e_stage("context", last, budget - clock.used(), model_args, long_data, loss_args, long_training,
+                          task_args, held, clock, command, out / "context")
         results.append(r)
         log(r.line())
         _append_audit(out, r)
-    if not final.exists():
-        import shutil
-
-        shutil.copytree(short_out / "student" if (short_out / "student").is_dir() else stage2, final)
+        last = out / "context" / "student"
     block_tokens = sum(r.detail["train_tokens"] if "train_tokens" in r.detail else sum(b["steps"] for b in r.detail["blocks"])
                        * recover_args.block_micro_batch * recover_args.calibration_seq_length
                        for r in results if r.stage == "blocks")
@@ -411,9 +418,12 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     summary = {"budget_cpu_s": budget, "teacher_held_out_loss": teacher_loss, "calibration_tokens": cal.numel(),
                "train_tokens": block_tokens + e2e_tokens, "block_train_tokens": block_tokens,
                "e2e_train_tokens": e2e_tokens,
-               "stages": [dataclasses.asdict(r) for r in results], "recover_args": dataclasses.asdict(recover_args)}
-    _atomic_json(out / RESULT_FILE, summary)
-    card = final / "README.md"
-    text = card.read_text() if card.is_file() else ""
+               "stages": [dataclasses.asdict(r) for r in results], "recover_args": {
+                   **dataclasses.asdict(recover_args), "block_fraction": recover_args.resolved_block_fraction(budget),
+                   "context_fraction": context_fraction if context else 0.0, "context_length": context_length}}
+    card = last / "README.md"
+    text = card.read_text().split(CARD_HEADING)[0] if card.is_file() else ""
     atomic_write(card, text + _card_section(results, budget))
+    os.replace(last, final)  # the last stage's student, its card complete, becomes the result in one rename
+    _atomic_json(out / RESULT_FILE, summary)
     return final
