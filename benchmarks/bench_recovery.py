@@ -219,7 +219,8 @@ def write_report(limit: int) -> Path:
               "(../../docs/distill.md#the-budget-curve).", "", "Commands (per row, in the JSONL as `command`):", ""]
     for r in order:
         if r.get("command"):
-            lines.append(f"- {r['recipe']} {r['budget_cpu_min']} (seed {r['seed']}): `{r['command']}`")
+            lines.append(f"- {r['recipe']} {r['budget_cpu_min']} (seed {r['seed']}, git {str(r.get('git_sha'))[:7]}): "
+                         f"`{r['command']}`")
     seeds = sorted({r["seed"] for r in rows if r["recipe"] != "teacher"} - {0})
     lines += ["", f"Reproduce: `python benchmarks/bench_recovery.py --budgets 10 30 90 --recipes e2e staged "
               f"--lastword-limit {limit}`" + (f"; the other seeds: `... --budgets 10 --seeds {' '.join(map(str, seeds))}`"
