@@ -308,7 +308,6 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                          "it (0 turns the context stage off)")
     context_fraction = recover_args.resolved_context_fraction(budget)
     context = context_length > data_args.max_seq_length and context_fraction > 0
-    long_data = dataclasses.replace(data_args, max_seq_length=context_length)
     if context:
         need = math.ceil((held.shape[0] + 1) * held.shape[1] / context_length) + 1  # validation blocks + one
         have = (train.shape[0] + held.shape[0]) * held.shape[1] // context_length
@@ -316,7 +315,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
             raise UserError(f"the training text has {have} blocks of {context_length} tokens, fewer than the {need} "
                              "the context stage needs (its held-out tail and one to train on); give more text or "
                              "lower --context_length (0: no context stage)")
-    share = budget * recover_args.resolved_block_fraction(budget)
+    block_fraction = recover_args.resolved_block_fraction(budget)
+    share = budget * block_fraction
     per = recover_args.block_micro_batch
     scales = 5 if recover_args.block_init == "gptq" else 0
     while cal.shape[0] > per and estimate_init_cpu_s(teacher, cal.numel(), scales) > share / 2:
@@ -332,12 +332,21 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     student.eval()
     results: list[StageResult] = []
 
-    def finish(stage: str, model: nn.Module, detail: dict) -> None:
-        loss = clock.excluding(lambda: held_out_loss(model, held))
-        r = StageResult(stage, loss, math.exp(loss), clock.used(), detail)
+    def record(r: StageResult) -> None:
         results.append(r)
         log(r.line())
         _append_audit(out, r)
+
+    def reuse(marker: Path, what: str, folder: Path) -> None:
+        """A stage a killed run finished (``marker``: its result and training CPU time) counts as done."""
+        done = json.loads(marker.read_text())
+        clock.excluded -= done["cpu_s"]
+        results.append(StageResult(**done["result"]))
+        log(f"{what} stage already finished in {folder}: {results[-1].line()}")
+
+    def finish(stage: str, model: nn.Module, detail: dict) -> None:
+        loss = clock.excluding(lambda: held_out_loss(model, held))
+        record(StageResult(stage, loss, math.exp(loss), clock.used(), detail))
 
     teacher_loss = clock.excluding(lambda: held_out_loss(teacher, held))
     log(f"teacher: held-out loss {teacher_loss:.4f}, perplexity {math.exp(teacher_loss):.2f}")
@@ -355,11 +364,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     stage2 = out / "stage2_student"
     joint_file = out / "blocks" / "joint.json"
     if recover_args.block_mode == "joint" and stage2.exists() and joint_file.is_file():
-        done = json.loads(joint_file.read_text())  # resumed after the block stage: its result and CPU time
-        clock.excluded -= done["cpu_s"]
+        reuse(joint_file, "block", stage2)
         student = load_model(stage2).eval()
-        results.append(StageResult(**done["result"]))
-        log(f"block stage already finished in {stage2}: {results[-1].line()}")
     elif recover_args.block_mode == "joint" and steps != 0 and block_budget > 0:
         cfg = JointConfig(lr=recover_args.block_lr, micro_batch=recover_args.block_micro_batch,
                           loss=recover_args.block_loss, seed=training_args.seed,
@@ -387,29 +393,23 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                                      f"{data_args.max_seq_length}" if context_fraction else "its share is 0"))
     e2e_file = out / "e2e" / "e2e.json"
     if e2e_file.is_file():
-        done = json.loads(e2e_file.read_text())  # resumed after the e2e stage: its result and CPU time
-        clock.excluded -= done["cpu_s"]
-        results.append(StageResult(**done["result"]))
-        log(f"e2e stage already finished in {out / 'e2e'}: {results[-1].line()}")
+        reuse(e2e_file, "e2e", out / "e2e")
     elif budget - clock.used() > 0:
         r, cpu_s = _e2e_stage("e2e", stage2, (budget - clock.used()) * (1 - context_fraction if context else 1),
                               model_args, data_args, loss_args, training_args, None if context else task_args,
                               held, clock, command, out / "e2e")
         _atomic_json(e2e_file, {"cpu_s": cpu_s, "result": dataclasses.asdict(r)})
-        results.append(r)
-        log(r.line())
-        _append_audit(out, r)
+        record(r)
     last = out / "e2e" / "student" if e2e_file.is_file() else stage2
     if context and budget - clock.used() > 0:
         long_training = copy.copy(training_args)
         long_training.learning_rate = recover_args.context_learning_rate
         long_training.per_device_train_batch_size = max(1, math.ceil(
             training_args.per_device_train_batch_size * data_args.max_seq_length / context_length))
+        long_data = dataclasses.replace(data_args, max_seq_length=context_length)
         r, _ = _e2e_stage("context", last, budget - clock.used(), model_args, long_data, loss_args, long_training,
                           task_args, held, clock, command, out / "context")
-        results.append(r)
-        log(r.line())
-        _append_audit(out, r)
+        record(r)
         last = out / "context" / "student"
     block_tokens = sum(r.detail["train_tokens"] if "train_tokens" in r.detail else sum(b["steps"] for b in r.detail["blocks"])
                        * recover_args.block_micro_batch * recover_args.calibration_seq_length
@@ -419,7 +419,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                "train_tokens": block_tokens + e2e_tokens, "block_train_tokens": block_tokens,
                "e2e_train_tokens": e2e_tokens,
                "stages": [dataclasses.asdict(r) for r in results], "recover_args": {
-                   **dataclasses.asdict(recover_args), "block_fraction": recover_args.resolved_block_fraction(budget),
+                   **dataclasses.asdict(recover_args), "block_fraction": block_fraction,
                    "context_fraction": context_fraction if context else 0.0, "context_length": context_length}}
     card = last / "README.md"
     text = card.read_text().split(CARD_HEADING)[0] if card.is_file() else ""
