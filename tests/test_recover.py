@@ -276,14 +276,15 @@ def test_joint_stage_refits_its_plan_when_step_cost_drifts(monkeypatch):
     assert rep.cpu_s > 58.0
 
 
-def test_staged_defaults_depend_on_the_budget():
-    """Long budgets (from 60 CPU-minutes) give the block stage 0.3 and run the context stage; explicit values win."""
+def test_staged_block_share_depends_on_the_budget():
+    """Long budgets (from 60 CPU-minutes) give the block stage 0.3, short ones 0.15; an explicit share wins. The
+    context stage is off unless asked for."""
     from bitdistill.recover.staged import RecoverArguments
 
     short, long = 30 * 60, 90 * 60
     default = RecoverArguments()
-    assert (default.resolved_block_fraction(short), default.resolved_context_fraction(short)) == (0.15, 0.0)
-    assert (default.resolved_block_fraction(long), default.resolved_context_fraction(long)) == (0.3, 0.25)
-    given = RecoverArguments(block_fraction=0.5, context_fraction=0.1)
+    assert (default.resolved_block_fraction(short), default.resolved_block_fraction(long)) == (0.15, 0.3)
+    assert default.context_fraction == 0.0
+    given = RecoverArguments(block_fraction=0.5)
     for budget in (short, long):
-        assert (given.resolved_block_fraction(budget), given.resolved_context_fraction(budget)) == (0.5, 0.1)
+        assert given.resolved_block_fraction(budget) == 0.5

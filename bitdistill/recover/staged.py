@@ -12,10 +12,10 @@
 3. **e2e** — the existing distillation trainer (``run_distillation``) from the reconstructed student, until
    the budget is spent, or ``1 - context_fraction`` of what is left of it when stage 4 runs (its learning-rate
    schedule refit to the budget, :class:`~bitdistill.recover.budget.CpuBudgetCallback`).
-4. **context** — context extension: the same trainer from stage 3's student on blocks of ``context_length``
-   tokens (longer than ``--max_seq_length``), at ``context_learning_rate``, for the rest of the budget.
-   Stage 3 trains on short blocks because the number of steps decides at these budgets; the student then
-   learns to use the longer context the teacher uses.
+4. **context** — optional context extension (``context_fraction`` above 0; off by default): the same trainer
+   from stage 3's student on blocks of ``context_length`` tokens (longer than ``--max_seq_length``), at
+   ``context_learning_rate``, for the rest of the budget. At the same budget it measured worse than giving
+   those CPU seconds to stage 3 (docs/distill.md).
 
 The budget is process CPU time from the moment the teacher is loaded; loading models and the held-out
 evaluations that report each stage are not counted. After each stage its held-out loss and perplexity (on
@@ -59,7 +59,7 @@ CARD_HEADING = "\n\n## Staged recovery"
 STAGE_NAMES = {"init": "calibrated ternary initialization", "blocks": "block-wise reconstruction",
                "e2e": "end-to-end KD", "context": "context extension"}
 RESULT_FILE = "recovery.json"
-LONG_BUDGET_S = 60 * 60  # from here the defaults give the block stage 0.3 of the budget and run the context stage
+LONG_BUDGET_S = 60 * 60  # from here the default block share is 0.3
 
 
 @dataclass
@@ -99,12 +99,12 @@ class RecoverArguments:
     state_memory_mb: int | None = field(default=None, metadata={
         "help": "Memory allowed for the cached hidden states (default: half the available memory)."})
     context_length: int | None = field(default=None, metadata={
-        "help": "Context extension: the last context_fraction of the e2e stage trains on blocks of this many tokens "
-                "(stage 'context'; default: 512, or the teacher's context if shorter); 0, or not above "
-                "--max_seq_length: none."})
-    context_fraction: float | None = field(default=None, metadata={
-        "help": "Share of the e2e stage's budget for the context stage (default: 0 below 60 CPU-minutes, 0.25 from "
-                "60; see docs/distill.md)."})
+        "help": "Context extension: with --context_fraction above 0, the last context_fraction of the e2e stage "
+                "trains on blocks of this many tokens (stage 'context'; default: 512, or the teacher's context if "
+                "shorter); 0, or not above --max_seq_length: none."})
+    context_fraction: float = field(default=0.0, metadata={
+        "help": "Share of the e2e stage's budget for the context stage (default 0: off; at the same budget it "
+                "measured worse than more e2e steps, see docs/distill.md)."})
     context_learning_rate: float = field(default=2e-4, metadata={
         "help": "Peak learning rate of the context stage (linear decay to its end)."})
 
@@ -113,12 +113,6 @@ class RecoverArguments:
         if self.block_fraction is not None:
             return self.block_fraction
         return 0.3 if budget_s >= LONG_BUDGET_S else 0.15
-
-    def resolved_context_fraction(self, budget_s: float) -> float:
-        """``context_fraction``, or its default for a budget of ``budget_s`` CPU seconds."""
-        if self.context_fraction is not None:
-            return self.context_fraction
-        return 0.25 if budget_s >= LONG_BUDGET_S else 0.0
 
 
 @dataclass
@@ -206,7 +200,7 @@ def _check_args(recover_args: RecoverArguments, model_args: ModelArguments, loss
         raise UserError(f"unknown --block_mode {recover_args.block_mode!r}; choose one of {', '.join(BLOCK_MODES)}")
     if recover_args.block_fraction is not None and not 0 < recover_args.block_fraction <= 1:
         raise UserError(f"--block_fraction must be in (0, 1], got {recover_args.block_fraction}")
-    if (recover_args.context_length or 0) < 0 or not 0 <= recover_args.resolved_context_fraction(budget) < 1:
+    if (recover_args.context_length or 0) < 0 or not 0 <= recover_args.context_fraction < 1:
         raise UserError(f"--context_length must be >= 0 and --context_fraction in [0, 1), got "
                          f"{recover_args.context_length} and {recover_args.context_fraction}")
     if not recover_args.context_learning_rate > 0:
@@ -306,7 +300,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     elif limit is not None and context_length > limit:
         raise UserError(f"--context_length {context_length} exceeds the teacher's context of {limit} tokens; lower "
                          "it (0 turns the context stage off)")
-    context_fraction = recover_args.resolved_context_fraction(budget)
+    context_fraction = recover_args.context_fraction
     context = context_length > data_args.max_seq_length and context_fraction > 0
     if context:
         need = math.ceil((held.shape[0] + 1) * held.shape[1] / context_length) + 1  # validation blocks + one
