@@ -9,8 +9,7 @@ recipe, one child process trains a student:
   from the naively ternarized teacher (``bitdistill distill``, stopped by the CPU budget, schedule fit to it);
 * ``staged`` — ``bitdistill recover`` with its defaults (joint block-wise reconstruction on the student's own
   inputs, then the e2e recipe above from the reconstructed student, same flags; from 60 CPU-minutes the block
-  stage gets 0.3 of the budget instead of 0.15 and the last quarter of the e2e stage trains on 512-token blocks,
-  stage ``context``).
+  stage gets 0.3 of the budget instead of 0.15).
 
 Each trained student is then scored (not counted in the budget): perplexity on the first 40 non-overlapping
 512-token windows of wiki.test.raw, ``wikitext_lastword`` accuracy (lm-eval, first ``--lastword-limit``
@@ -190,14 +189,17 @@ def write_report(limit: int) -> Path:
              "nothing is tuned on it). `lastword_acc`: lm-eval `wikitext_lastword`, first "
              f"{limit} examples. Budget: process CPU minutes (user + system, 2 threads) after the teacher is loaded; "
              "`cpu_min` is what the run used, `wall_min` what it took on the shared machine (load average at start "
-             "and end in the JSONL). `ppl / teacher` is the ratio against the teacher row of the same file.", "",
-             "| recipe | budget_cpu_min | seed | ppl | ppl / teacher | lastword_acc | train_tokens | cpu_min | wall_min |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "and end in the JSONL). `ppl / teacher` is the ratio against the teacher row of the same file. "
+             "`tokens / cpu_min` is the training throughput the run got: it varies between runs on a shared machine, "
+             "so rows compare best when it is close.", "",
+             "| recipe | budget_cpu_min | seed | ppl | ppl / teacher | lastword_acc | train_tokens | tokens / cpu_min "
+             "| cpu_min | wall_min |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(rows, key=lambda r: (r["recipe"] != "teacher", r["recipe"], r["budget_cpu_min"], r["seed"]))
     for r in order:
         lines.append(f"| {r['recipe']} | {r['budget_cpu_min']} | {r['seed']} | {r['ppl']:.1f} | {r['ppl'] / t_ppl:.2f} | "
-                     f"{r['lastword_acc']:.3f} | {r['train_tokens']} | {r.get('cpu_s', 0) / 60:.1f} | "
-                     f"{r.get('wall_s', 0) / 60:.1f} |")
+                     f"{r['lastword_acc']:.3f} | {r['train_tokens']} | {_per_cpu_min(r)} | "
+                     f"{r.get('cpu_s', 0) / 60:.1f} | {r.get('wall_s', 0) / 60:.1f} |")
     cells = _cells(rows)
     if any(len(v) > 1 for v in cells.values()):
         lines += ["", "Over seeds (geometric mean of the perplexities; min-max in brackets):", "",
@@ -209,8 +211,7 @@ def write_report(limit: int) -> Path:
     staged = [r for r in rows if r["recipe"] == "staged"]
     if staged:
         lines += ["", "Staged runs, per stage (held-out = the last 4 x 256 tokens of the training text, which no stage trains on):", "",
-                  "| budget | stage | held-out ppl | cumulative CPU min |", "|---|---|---|---|"]
-        lines[-2:] = ["| budget | seed | stage | held-out ppl | cumulative CPU min |", "|---|---|---|---|---|"]
+                  "| budget | seed | stage | held-out ppl | cumulative CPU min |", "|---|---|---|---|---|"]
         for r in sorted(staged, key=lambda r: (r["budget_cpu_min"], r["seed"])):
             for s in r.get("stages", []):
                 lines.append(f"| {r['budget_cpu_min']} | {r['seed']} | {s['stage']} | {s['held_out_perplexity']:.1f} | "
@@ -237,6 +238,11 @@ def write_report(limit: int) -> Path:
     md = RESULTS / f"{NAME}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def _per_cpu_min(row: dict) -> str:
+    """Training tokens per CPU minute of a trained row ("" for the teacher)."""
+    return f"{row['train_tokens'] / (row['cpu_s'] / 60):.0f}" if row.get("cpu_s") else ""
 
 
 def _gmean(xs: list[float]) -> float:
