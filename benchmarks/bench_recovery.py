@@ -256,6 +256,8 @@ def _plot(rows: list[dict], t_ppl: float) -> Path | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        print(f"warning: matplotlib is not installed, so {NAME}.png is not regenerated and the report has no plot; "
+              "pip install matplotlib", file=sys.stderr)
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     cells = _cells(rows)
