@@ -34,7 +34,7 @@ def test_load_packed_drops_only_the_unpacking_warning(tmp_path):
         AutoModelForCausalLM.from_pretrained({str(tmp_path / "packed")!r})  # transformers' BitLinear does unpack
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"TORCH_COMPILE_DISABLE": "1", "PATH": "/usr/bin:/bin"})
+                          env={"TORCH_COMPILE_DISABLE": "1", "PYTHONDONTWRITEBYTECODE": "1", "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     before, _, after = proc.stderr.partition("PLAIN")
     assert UNPACKING not in before and UNPACKING in after
