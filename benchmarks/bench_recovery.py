@@ -99,12 +99,14 @@ def child_train(recipe: str, budget_min: float, out: Path, seed: int) -> dict:
         from bitdistill.cli import distill
         from bitdistill.distill.run import run_distillation
         from bitdistill.recover.budget import CpuBudgetCallback
+        from bitdistill.runs import tokens_per_step
 
         model_args, data_args, loss_args, training_args, task_args = parse_dataclasses(args, distill._types())
         training_args.max_steps = 10**6
         cb = CpuBudgetCallback(budget_min * 60)
         run_distillation(model_args, data_args, loss_args, training_args, task_args, callbacks=[cb])
-        info = {"cpu_s": cb.used_s, "steps": cb.steps, "train_tokens": cb.steps * 2 * 128}
+        info = {"cpu_s": cb.used_s, "steps": cb.steps,
+                "train_tokens": cb.steps * tokens_per_step(training_args, data_args)}
     else:
         from bitdistill.cli import recover
         from bitdistill.recover.staged import run_staged_recovery

@@ -38,6 +38,9 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     summary = json.loads((out / "recovery.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["init", "blocks", "e2e", "context"]
     assert [s["detail"]["seq_length"] for s in summary["stages"][2:]] == [32, 128]  # the teacher's context: 128
+    e2e, context = summary["stages"][2:]  # tokens a step: 2 x 32, then 1 x 128 (the same tokens, at least a block)
+    assert e2e["detail"]["train_tokens"] == e2e["detail"]["steps"] * 2 * 32
+    assert context["detail"]["train_tokens"] == context["detail"]["steps"] * 128
     for s in summary["stages"]:
         assert f"stage {s['stage']}: held-out loss" in printed
         assert s["held_out_perplexity"] > 1 and s["cpu_s"] > 0

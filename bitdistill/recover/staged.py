@@ -50,7 +50,7 @@ from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstr
 from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
 from bitdistill.recover.layers import decoder_layers
-from bitdistill.runs import build_blocks
+from bitdistill.runs import build_blocks, tokens_per_step
 
 __all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
 
@@ -262,10 +262,8 @@ def _e2e_stage(name: str, start: Path, budget_s: float, model_args: ModelArgumen
     folder = run_distillation(model, data, loss_args, training, task_args, command=command, callbacks=[cb])
     clock.excluded += time.process_time() - t - cb.used_s
     loss = clock.excluding(lambda: held_out_loss(load_model(folder), held))
-    tokens = (cb.steps * training.per_device_train_batch_size * training.gradient_accumulation_steps
-              * training.world_size * data.max_seq_length)
     return StageResult(name, loss, math.exp(loss), clock.used(), {
-        "steps": cb.steps, "planned_steps": cb.planned_steps, "train_tokens": tokens,
+        "steps": cb.steps, "planned_steps": cb.planned_steps, "train_tokens": cb.steps * tokens_per_step(training, data),
         "seq_length": data.max_seq_length}), cb.used_s
 
 
