@@ -263,8 +263,8 @@ def _e2e_stage(name: str, start: Path, budget_s: float, model_args: ModelArgumen
     clock.excluded += time.process_time() - t - cb.used_s
     loss = clock.excluding(lambda: held_out_loss(load_model(folder), held))
     return StageResult(name, loss, math.exp(loss), clock.used(), {
-        "steps": cb.steps, "planned_steps": cb.planned_steps, "train_tokens": cb.steps * tokens_per_step(training, data),
-        "seq_length": data.max_seq_length}), cb.used_s
+        "steps": cb.steps, "planned_steps": cb.planned_steps,
+        "train_tokens": cb.steps * tokens_per_step(training, data), "seq_length": data.max_seq_length}), cb.used_s
 
 
 def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
