@@ -78,6 +78,50 @@ def test_cpu_ops_are_the_reference():
                                packing.packed_linear_reference(x, packed, (1 / g).reshape(1)))
 
 
+@pytest.mark.parametrize("m,k,n", [(0, 8, 4), (1, 7, 3), (5, 100, 9), (33, 576, 192),
+                                   (2, reference.MAX_EXACT_K + 8, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_cpu_int8_ternary_linear_equals_the_reference_bit_for_bit(m, k, n, dtype, with_bias):
+    """The CPU kernel's int32 product (``torch._int_mm`` where exact here) gives the reference's output exactly."""
+    g = torch.Generator().manual_seed(m * 1000 + k + n)
+    xc = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    xc[:, :1] = 127  # the extreme codes BitLinear produces
+    wc = torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=g)
+    xs = torch.rand(m, 1, generator=g) + 0.5
+    gamma = torch.tensor(0.037)
+    b = torch.randn(n, generator=g) if with_bias else None
+    got = ops.int8_ternary_linear(xc, xs, wc, gamma, b, dtype)
+    assert got.dtype == dtype
+    assert torch.equal(got, ops._int8_ternary_linear_reference(xc, xs, wc, gamma, b, dtype))
+
+
+def test_cpu_int8_ternary_linear_uses_the_int8_gemm_only_when_the_probe_finds_it_exact(monkeypatch):
+    calls = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or real(a, b))
+    xc, xs = ops.activation_quant(torch.randn(4, 64))
+    wc, gamma = ops.weight_quant(torch.randn(8, 64))
+    expected = ops._int8_ternary_linear_reference(xc, xs, wc, gamma, None, torch.float32)
+    monkeypatch.setattr(ops, "cpu_int_mm_exact", lambda: False)
+    assert torch.equal(ops.int8_ternary_linear(xc, xs, wc, gamma, None, torch.float32), expected)
+    assert calls == []
+    monkeypatch.setattr(ops, "cpu_int_mm_exact", lambda: True)
+    assert torch.equal(ops.int8_ternary_linear(xc, xs, wc, gamma, None, torch.float32), expected)
+    assert calls == [(4, 64)]
+
+
+def test_cpu_int_mm_probe_rejects_a_saturating_int8_gemm(monkeypatch):
+    """A GEMM that saturates 16-bit partial sums (as reported on some AVX2 CPUs) keeps the float32 path."""
+    ops.cpu_int_mm_exact.cache_clear()
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: (a.float() @ b.float()).clamp(-32768, 32767).int())
+    try:
+        assert ops.cpu_int_mm_exact() is False
+    finally:
+        monkeypatch.undo()
+        ops.cpu_int_mm_exact.cache_clear()
+
+
 def test_opcheck_all_ops():
     x = torch.randn(3, 40)
     w = torch.randn(8, 40)
