@@ -6,7 +6,9 @@ Run from the repository root::
 
 For each transformer shape (tokens x in -> out, float32) it measures, in the same run:
 
-- time of one forward+backward (median of repeats), as a ratio to ``nn.Linear``;
+- time of one forward+backward (median of repeats), as a ratio to ``nn.Linear``; ``BitLinear`` forms the
+  forward's exact integer product with the int8 GEMM (``torch._int_mm``) where that is exact on this CPU,
+  ``BitLinear, float32 product`` with a float32 matmul (``BITDISTILL_BACKEND=reference``; same output);
 - saved-activation memory: bytes autograd keeps between forward and backward, parameters excluded
   (counted with ``torch.autograd.graph.saved_tensors_hooks``), as a ratio to ``nn.Linear``;
 - peak memory: growth of the process's resident high-water mark over one forward+backward, each
@@ -53,7 +55,24 @@ class NaiveFakeQuantLinear(nn.Linear):
         return F.linear(xq, wq, self.bias)
 
 
-IMPLS = {"nn.Linear": nn.Linear, "naive fake-quant": NaiveFakeQuantLinear, "BitLinear": BitLinear}
+class Float32ProductBitLinear(BitLinear):
+    """BitLinear with the forward's integer product ``X_q @ T^T`` formed as a float32 matmul
+    (``BITDISTILL_BACKEND=reference``) instead of the int8 GEMM: the same output bit for bit, the old speed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        before = os.environ.get("BITDISTILL_BACKEND")
+        os.environ["BITDISTILL_BACKEND"] = "reference"
+        try:
+            return super().forward(x)
+        finally:
+            if before is None:
+                del os.environ["BITDISTILL_BACKEND"]
+            else:
+                os.environ["BITDISTILL_BACKEND"] = before
+
+
+IMPLS = {"nn.Linear": nn.Linear, "naive fake-quant": NaiveFakeQuantLinear,
+         "BitLinear, float32 product": Float32ProductBitLinear, "BitLinear": BitLinear}
 
 
 def make(impl: str, m: int, k: int, n: int):

@@ -17,7 +17,8 @@ first CUDA call). The environment variable ``BITDISTILL_BACKEND`` picks the back
 * ``triton``: Triton (an error if it is not installed);
 * ``cuda``: the CUDA C++ extension for ``packed_linear`` at every token count (an error naming how
   to build it if it is missing), Triton for the other ops;
-* ``reference``: the pure-torch reference on every device.
+* ``reference``: the pure-torch reference on every device (on CPU: ``int8_ternary_linear``'s float32 product
+  instead of ``torch._int_mm``, the same result).
 
 Inputs the kernels do not take (dtypes other than float32/bfloat16/float16) run the reference on CUDA too.
 :func:`_packed_linear_backend` is the single place where the packed inference backend is chosen.
@@ -125,7 +126,7 @@ def _(x_codes, x_scale, w_codes, gamma, bias, out_dtype):
     # ``X_q @ T^T`` in int32 is the exact product the reference forms in float32 (or float64 for long K),
     # 4-10x faster on CPUs with int8 dot-product instructions; the int32 -> float32 cast rounds it like the
     # reference's float64 -> float32 one, so the result is the same bit for bit.
-    if x_codes.shape[0] == 0 or not cpu_int_mm_exact():
+    if x_codes.shape[0] == 0 or _requested() == "reference" or not cpu_int_mm_exact():
         return _int8_ternary_linear_reference(x_codes, x_scale, w_codes, gamma, bias, out_dtype)
     y = torch._int_mm(x_codes, w_codes.t()).float().div_(x_scale * (1.0 / gamma))
     if bias is not None:

@@ -96,7 +96,7 @@ def test_cpu_int8_ternary_linear_equals_the_reference_bit_for_bit(m, k, n, dtype
     assert torch.equal(got, ops._int8_ternary_linear_reference(xc, xs, wc, gamma, b, dtype))
 
 
-def test_cpu_int8_ternary_linear_uses_the_int8_gemm_only_when_the_probe_finds_it_exact(monkeypatch):
+def test_cpu_int8_ternary_linear_uses_the_int8_gemm_only_when_exact_and_not_told_reference(monkeypatch):
     calls = []
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or real(a, b))
@@ -107,6 +107,9 @@ def test_cpu_int8_ternary_linear_uses_the_int8_gemm_only_when_the_probe_finds_it
     assert torch.equal(ops.int8_ternary_linear(xc, xs, wc, gamma, None, torch.float32), expected)
     assert calls == []
     monkeypatch.setattr(ops, "cpu_int_mm_exact", lambda: True)
+    assert torch.equal(ops.int8_ternary_linear(xc, xs, wc, gamma, None, torch.float32), expected)
+    assert calls == [(4, 64)]
+    monkeypatch.setenv("BITDISTILL_BACKEND", "reference")
     assert torch.equal(ops.int8_ternary_linear(xc, xs, wc, gamma, None, torch.float32), expected)
     assert calls == [(4, 64)]
 
