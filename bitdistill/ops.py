@@ -106,7 +106,8 @@ def cpu_int_mm_exact() -> bool:
 
     oneDNN's int8 GEMM is exact on CPUs with VNNI/AMX; builds without a CPU ``_int_mm``, or CPUs whose
     kernel saturates 16-bit partial sums (reported on AVX2-only CPUs), fail this probe and keep the float32
-    path. The probe uses the extreme values BitLinear can produce (codes +-127, ternary +-1, all alike).
+    path. The probe uses the extreme values BitLinear can produce (codes +-127, ternary +-1, all alike), and
+    an odd shape (one token, 7 -> 3 features), so a build that restricts shapes keeps the float32 path too.
     """
     if not hasattr(torch, "_int_mm"):
         return False
@@ -114,11 +115,11 @@ def cpu_int_mm_exact() -> bool:
     x[1::2] = -127
     w = torch.ones((16, 4096), dtype=torch.int8)
     w[1::2] = -1
+    cases = [(x, w), (x[:1, :7], w[:3, :7])]
     try:
-        got = torch._int_mm(x, w.t())
+        return all(torch.equal(torch._int_mm(a, b.t()).to(torch.int64), a.long() @ b.long().t()) for a, b in cases)
     except (RuntimeError, NotImplementedError):
         return False
-    return torch.equal(got.to(torch.int64), x.long() @ w.long().t())
 
 
 @int8_ternary_linear.register_kernel("cpu")
