@@ -94,7 +94,12 @@ def int8_ternary_linear(
 
 
 def _int8_ternary_linear_reference(x_codes, x_scale, w_codes, gamma, bias, out_dtype):
-    y = reference.int_matmul(x_codes, w_codes).div_(x_scale * (1.0 / gamma))  # the packed format's order
+    return _dequant_int_product(reference.int_matmul(x_codes, w_codes), x_scale, gamma, bias, out_dtype)
+
+
+def _dequant_int_product(acc, x_scale, gamma, bias, out_dtype):
+    """``acc [M, N]`` (float32 holding ``X_q @ T^T``) ``* gamma / s_x + bias`` in ``out_dtype``."""
+    y = acc.div_(x_scale * (1.0 / gamma))  # the packed format's order
     if bias is not None:
         y = y.add_(bias.float())
     return y.to(out_dtype)
@@ -125,14 +130,11 @@ def cpu_int_mm_exact() -> bool:
 @int8_ternary_linear.register_kernel("cpu")
 def _(x_codes, x_scale, w_codes, gamma, bias, out_dtype):
     # ``X_q @ T^T`` in int32 is the exact product the reference forms in float32 (or float64 for long K),
-    # 4-10x faster on CPUs with int8 dot-product instructions; the int32 -> float32 cast rounds it like the
-    # reference's float64 -> float32 one, so the result is the same bit for bit.
+    # several times faster on CPUs with int8 dot-product instructions; the int32 -> float32 cast rounds it like
+    # the reference's float64 -> float32 one, so the result is the same bit for bit.
     if x_codes.shape[0] == 0 or _requested() == "reference" or not cpu_int_mm_exact():
         return _int8_ternary_linear_reference(x_codes, x_scale, w_codes, gamma, bias, out_dtype)
-    y = torch._int_mm(x_codes, w_codes.t()).float().div_(x_scale * (1.0 / gamma))
-    if bias is not None:
-        y = y.add_(bias.float())
-    return y.to(out_dtype)
+    return _dequant_int_product(torch._int_mm(x_codes, w_codes.t()).float(), x_scale, gamma, bias, out_dtype)
 
 
 @int8_ternary_linear.register_fake
