@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +61,8 @@ class Float32ProductBitLinear(BitLinear):
     (``BITDISTILL_BACKEND=reference``) instead of the int8 GEMM: the same output bit for bit, the old speed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        before = os.environ.get("BITDISTILL_BACKEND")
-        os.environ["BITDISTILL_BACKEND"] = "reference"
-        try:
+        with mock.patch.dict(os.environ, {"BITDISTILL_BACKEND": "reference"}):
             return super().forward(x)
-        finally:
-            if before is None:
-                del os.environ["BITDISTILL_BACKEND"]
-            else:
-                os.environ["BITDISTILL_BACKEND"] = before
 
 
 IMPLS = {"nn.Linear": nn.Linear, "naive fake-quant": NaiveFakeQuantLinear,

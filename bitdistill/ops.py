@@ -109,22 +109,22 @@ def _dequant_int_product(acc, x_scale, gamma, bias, out_dtype):
 def cpu_int_mm_exact() -> bool:
     """Whether ``torch._int_mm`` on this CPU returns the exact int32 product of int8 operands.
 
-    oneDNN's int8 GEMM is exact on CPUs with VNNI/AMX; builds without a CPU ``_int_mm``, or CPUs whose
-    kernel saturates 16-bit partial sums (reported on AVX2-only CPUs), fail this probe and keep the float32
-    path. The probe uses the extreme values BitLinear can produce (codes +-127, ternary +-1, all alike), and
-    an odd shape (one token, 7 -> 3 features), so a build that restricts shapes keeps the float32 path too.
+    oneDNN's int8 GEMM is exact on CPUs with VNNI/AMX; CPUs whose kernel saturates 16-bit partial sums
+    (reported on AVX2-only CPUs) fail this probe and keep the float32 path. The probe uses the extreme values
+    BitLinear can produce (codes +-127, ternary +-1, all alike), and an odd shape (one token, 7 -> 3
+    features): a build whose CPU ``_int_mm`` refuses a shape raises ``RuntimeError`` here, once, and keeps the
+    float32 path rather than failing inside a forward.
     """
-    if not hasattr(torch, "_int_mm"):
-        return False
     x = torch.full((17, 4096), 127, dtype=torch.int8)
     x[1::2] = -127
     w = torch.ones((16, 4096), dtype=torch.int8)
     w[1::2] = -1
     cases = [(x, w), (x[:1, :7], w[:3, :7])]
     try:
-        return all(torch.equal(torch._int_mm(a, b.t()).to(torch.int64), a.long() @ b.long().t()) for a, b in cases)
-    except (RuntimeError, NotImplementedError):
+        products = [(torch._int_mm(a, b.t()), a.long() @ b.long().t()) for a, b in cases]
+    except RuntimeError:  # NotImplementedError (no CPU kernel) is a RuntimeError too
         return False
+    return all(torch.equal(got.to(torch.int64), want) for got, want in products)
 
 
 @int8_ternary_linear.register_kernel("cpu")
