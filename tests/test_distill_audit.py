@@ -279,3 +279,28 @@ def test_checkpointing_with_frozen_embeddings_gives_the_same_gradients(use_reent
     for name, g in plain.items():
         assert ckpt[name] is not None, name
         torch.testing.assert_close(ckpt[name], g, rtol=0, atol=0, msg=name)
+
+
+def test_bf16_mixed_precision_covers_the_teacher_forward(setup, monkeypatch):
+    """With ``--bf16`` the student's forward runs under accelerate's autocast, and so does the teacher's."""
+    import bitdistill.distill.run as run_mod
+
+    calls: list[tuple[bool, bool, torch.dtype]] = []
+    real = run_mod.load_teacher
+
+    def recording(model_args):
+        teacher = real(model_args)
+        emb = teacher.get_input_embeddings()  # inside forward, where accelerate's autocast wraps the student's
+        emb.register_forward_pre_hook(lambda m, args: calls.append(
+            (m is emb, torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+        return teacher  # the default student is a copy, hook included: its calls record m is emb == False
+
+    monkeypatch.setattr(run_mod, "load_teacher", recording)
+    out = setup["root"] / "bf16"
+    argv = ["--teacher_model_name_or_path", str(setup["teachers"]["llama"]), *setup["common"], "--max_steps", "1",
+            "--bf16", "true", "--use_cpu", "true", "--output_dir", str(out)]
+    run_mod.run_distillation(*_parse(argv))
+    teacher_calls = [c for c in calls if c[0]]
+    student_calls = [c for c in calls if not c[0]]
+    assert teacher_calls and student_calls
+    assert all(c[1:] == (True, torch.bfloat16) for c in calls), calls

@@ -156,6 +156,21 @@ def test_joint_reconstruction_lowers_the_block_error_and_touches_only_blocks(arc
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in before_teacher.items())
 
 
+def test_joint_reconstruction_bf16_autocasts_only_the_training_steps():
+    teacher, student = _pair("llama")
+    seen: dict[str, list[bool]] = {"student": [], "teacher": []}
+    for name, model in (("student", student), ("teacher", teacher)):
+        decoder_layers(model)[1][0].register_forward_pre_hook(
+            lambda m, args, name=name: seen[name].append(torch.is_autocast_enabled("cpu")))
+    rep = reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(lr=2e-3, micro_batch=4, bf16=True),
+                                       steps=6, val_ids=_ids(4, seed=2))
+    assert rep.val_after < rep.val_before
+    # one held-out micro-batch before and after (float32), the 6 training steps in between (bf16); the teacher's
+    # first block is entered twice a pass (capturing its inputs, then computing its output)
+    assert seen["student"] == [False] + [True] * 6 + [False]
+    assert seen["teacher"] == [False] * 2 + [True] * 12 + [False] * 2
+
+
 def test_joint_reconstruction_budget_and_bad_options():
     teacher, student = _pair("llama")
     rep = reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(micro_batch=2), budget_cpu_s=0.5)

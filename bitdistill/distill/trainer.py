@@ -129,7 +129,8 @@ class DistillationTrainer(AtomicCheckpointMixin, Trainer):
                                                      num_items_in_batch, kind=la.logits_loss,
                                                      temperature=la.temperature, beta=la.jsd_beta, alpha=la.skew_alpha)
         elif la.logits_weight > 0 or need_hidden or s_cap is not None:
-            with torch.no_grad():
+            # the student's forward runs under accelerate's mixed precision (--bf16 / --fp16); so does the teacher's
+            with torch.no_grad(), self.accelerator.autocast():
                 if t_cap is not None:
                     with t_cap:
                         t_out = self.teacher(**inputs, output_hidden_states=need_hidden)

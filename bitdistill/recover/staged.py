@@ -360,7 +360,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         student = load_model(stage2).eval()
     elif recover_args.block_mode == "joint" and steps != 0 and block_budget > 0:
         cfg = JointConfig(lr=recover_args.block_lr, micro_batch=recover_args.block_micro_batch,
-                          loss=recover_args.block_loss, seed=training_args.seed,
+                          loss=recover_args.block_loss, seed=training_args.seed, bf16=training_args.bf16,
                           inputs="student" if recover_args.block_student_inputs else "teacher")
         rep = reconstruct_jointly_in_place(student, teacher, train, cfg, steps=steps,
                                            budget_cpu_s=None if steps is not None else block_budget,
