@@ -27,7 +27,7 @@ from bitdistill.errors import UserError
 from bitdistill.weights import read_json
 
 __all__ = ["CONFIG_FILE", "EvalEveryCallback", "RunSetup", "ScheduledCheckpointsOnly", "build_blocks",
-           "check_eval_schedule", "check_run_folder", "config_dict", "record_provenance", "setup_run",
+           "check_eval_schedule", "check_run_folder", "config_changes", "config_dict", "record_provenance", "setup_run",
            "tokens_per_step"]
 
 CONFIG_FILE = "distill_config.json"
@@ -71,16 +71,21 @@ def config_dict(*arg_dataclasses, training_args) -> dict:
     return json.loads(json.dumps(out, default=str))
 
 
+def config_changes(saved: dict, config: dict) -> str:
+    """The options a resumed run may not change that differ between ``saved`` and ``config`` (both from
+    :func:`config_dict`), as ``"key: old -> new, ..."``; empty when none do."""
+    diff = sorted(k for k in set(saved) | set(config)
+                  if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
+    return ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
+
+
 def _check_resume(checkpoint: Path, config: dict) -> None:
     saved_file = checkpoint / CONFIG_FILE
     if not saved_file.is_file():
         raise UserError(f"{checkpoint} has no {CONFIG_FILE}; it was not written by `bitdistill distill` or "
                         "`self-distill` (or is incomplete): resume from another checkpoint")
     saved = read_json(saved_file, "the checkpoint is damaged: resume from another one")
-    diff = sorted(k for k in set(saved) | set(config)
-                  if k not in _RESUMABLE_CHANGES and saved.get(k) != config.get(k))
-    if diff:
-        details = ", ".join(f"{k}: {saved.get(k)!r} -> {config.get(k)!r}" for k in diff)
+    if details := config_changes(saved, config):
         raise UserError(f"cannot resume from {checkpoint}: it was written with a different configuration ({details}); "
                         "resume with the same options or start a new --output_dir")
 

@@ -50,7 +50,8 @@ from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstr
 from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
 from bitdistill.recover.layers import decoder_layers
-from bitdistill.runs import build_blocks, tokens_per_step
+from bitdistill.runs import build_blocks, config_changes, config_dict, tokens_per_step
+from bitdistill.weights import read_json
 
 __all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
 
@@ -59,6 +60,7 @@ CARD_HEADING = "\n\n## Staged recovery"
 STAGE_NAMES = {"init": "calibrated ternary initialization", "blocks": "block-wise reconstruction",
                "e2e": "end-to-end KD", "context": "context extension"}
 RESULT_FILE = "recovery.json"
+RECOVER_CONFIG_FILE = "recover_config.json"  # the options a rerun must keep to reuse finished stages
 LONG_BUDGET_S = 60 * 60  # from here the default block share is 0.3
 
 
@@ -287,6 +289,13 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     final = out / "student"
     if final.exists():
         raise FileExistsError(f"{final} already exists; choose another --output_dir")
+    config = config_dict(model_args, data_args, loss_args, recover_args, training_args=training_args)
+    config_file = out / RECOVER_CONFIG_FILE
+    if config_file.is_file():
+        saved = read_json(config_file, "remove it (and the stages' folders) or choose another --output_dir")
+        if changes := config_changes(saved, config):
+            raise UserError(f"{out} holds a staged run started with other options ({changes}); rerun it with the "
+                            "same options or choose another --output_dir")
     tokenizer = load_tokenizer(model_args)
     cal, train, held = _calibration(recover_args, data_args, tokenizer)
     teacher = load_teacher(model_args)
@@ -318,6 +327,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         raise UserError(f"--time_budget {recover_args.time_budget} leaves {share:.3g} "
                          f"CPU-s for init + blocks, but the first stage alone needs about {estimate:.2g} CPU-s "
                          "for this teacher and calibration size; raise the budget or lower --calibration_tokens")
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_json(config_file, config)
     clock = _Clock()
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=cal[:8])
