@@ -53,8 +53,8 @@ class JointConfig:
         loss: block loss (see :func:`bitdistill.recover.blockwise.block_loss`).
         inputs: ``teacher`` or ``student`` block inputs (see the module docstring).
         seed: seed of the batch order.
-        bf16: run the training steps' block forwards under bfloat16 autocast (a different, faster
-            computation: on CPUs with bfloat16 GEMMs a step costs less CPU time).
+        bf16: run the training steps' block forwards under bfloat16 autocast (a different computation; on
+            SmolLM2-135M on a 2-core CPU with bfloat16 GEMMs a step was no faster, docs/distill.md).
     """
 
     lr: float = 1e-3
