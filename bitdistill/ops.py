@@ -40,12 +40,15 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import logging
 import os
 from collections.abc import Callable
 
 import torch
 
 from bitdistill.quant import packing, reference
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKENDS",
@@ -122,9 +125,13 @@ def cpu_int_mm_exact() -> bool:
     cases = [(x, w), (x[:1, :7], w[:3, :7])]
     try:
         products = [(torch._int_mm(a, b.t()), a.long() @ b.long().t()) for a, b in cases]
-    except RuntimeError:  # NotImplementedError (no CPU kernel) is a RuntimeError too
-        return False
-    return all(torch.equal(got.to(torch.int64), want) for got, want in products)
+        exact = all(torch.equal(got.to(torch.int64), want) for got, want in products)
+    except RuntimeError as exc:  # NotImplementedError (no CPU kernel) is a RuntimeError too
+        logger.info("torch._int_mm refused the probe on this CPU (%s)", exc)
+        exact = False
+    if not exact:
+        logger.info("BitLinear's CPU integer product stays a float32 matmul: same numbers, no int8 GEMM speed-up")
+    return exact
 
 
 @int8_ternary_linear.register_kernel("cpu")

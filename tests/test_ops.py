@@ -114,10 +114,17 @@ def test_cpu_int8_ternary_linear_uses_the_int8_gemm_only_when_exact_and_not_told
     assert calls == [(4, 64)]
 
 
-def test_cpu_int_mm_probe_rejects_a_saturating_int8_gemm(monkeypatch):
-    """A GEMM that saturates 16-bit partial sums (as reported on some AVX2 CPUs) keeps the float32 path."""
+def _refusing_int_mm(a, b):
+    raise NotImplementedError("_int_mm: no CPU kernel for this shape")
+
+
+@pytest.mark.parametrize("int_mm", [lambda a, b: (a.float() @ b.float()).clamp(-32768, 32767).int(), _refusing_int_mm],
+                         ids=["saturating", "refusing"])
+def test_cpu_int_mm_probe_rejects_a_saturating_int8_gemm(monkeypatch, int_mm):
+    """A GEMM that saturates 16-bit partial sums (as reported on some AVX2 CPUs), or a build whose CPU
+    ``_int_mm`` refuses a shape, keeps the float32 path."""
     ops.cpu_int_mm_exact.cache_clear()
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: (a.float() @ b.float()).clamp(-32768, 32767).int())
+    monkeypatch.setattr(torch, "_int_mm", int_mm)
     try:
         assert ops.cpu_int_mm_exact() is False
     finally:

@@ -327,8 +327,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         raise UserError(f"--time_budget {recover_args.time_budget} leaves {share:.3g} "
                          f"CPU-s for init + blocks, but the first stage alone needs about {estimate:.2g} CPU-s "
                          "for this teacher and calibration size; raise the budget or lower --calibration_tokens")
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(config_file, config)
+    _atomic_json(config_file, config)  # creates the folder
     clock = _Clock()
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=cal[:8])
