@@ -125,13 +125,13 @@ def cpu_int_mm_exact() -> bool:
     cases = [(x, w), (x[:1, :7], w[:3, :7])]
     try:
         products = [(torch._int_mm(a, b.t()), a.long() @ b.long().t()) for a, b in cases]
-        exact = all(torch.equal(got.to(torch.int64), want) for got, want in products)
+        why = None if all(torch.equal(got.to(torch.int64), want) for got, want in products) else "gave inexact sums"
     except RuntimeError as exc:  # NotImplementedError (no CPU kernel) is a RuntimeError too
-        logger.info("torch._int_mm refused the probe on this CPU (%s)", exc)
-        exact = False
-    if not exact:
-        logger.info("BitLinear's CPU integer product stays a float32 matmul: same numbers, no int8 GEMM speed-up")
-    return exact
+        why = f"refused the probe ({exc})"
+    if why is not None:
+        logger.info("BitLinear's CPU integer product stays a float32 matmul (same numbers, no int8 GEMM speed-up): "
+                    "torch._int_mm %s", why)
+    return why is None
 
 
 @int8_ternary_linear.register_kernel("cpu")
