@@ -303,3 +303,14 @@ def test_staged_block_share_depends_on_the_budget():
     given = RecoverArguments(block_fraction=0.5)
     for budget in (short, long):
         assert given.resolved_block_fraction(budget) == 0.5
+
+
+def test_staged_block_lr_defaults_to_the_block_modes_own():
+    """The joint stage's default learning rate is 3e-3 (measured, docs/distill.md), the sequential one's 1e-3 (its
+    per-block cosine schedule was not re-measured); an explicit --block_lr wins in both modes."""
+    from bitdistill.recover.staged import RecoverArguments
+
+    assert RecoverArguments().resolved_block_lr() == JointConfig().lr == 3e-3
+    assert RecoverArguments(block_mode="sequential").resolved_block_lr() == BlockwiseConfig().lr == 1e-3
+    for mode in ("joint", "sequential"):
+        assert RecoverArguments(block_mode=mode, block_lr=5e-4).resolved_block_lr() == 5e-4

@@ -126,7 +126,7 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     assert [r["stage"] for r in stages()] == ["blocks"] and (out / "e2e" / "provenance.json").is_file()
     assert main([*argv, "--block_lr", "5e-4"]) == 2  # other options would reuse a block stage they did not train
     err = capsys.readouterr().err
-    assert "started with other options (block_lr: 0.001 -> 0.0005)" in err and "--output_dir" in err, err
+    assert "started with other options (block_lr: 0.003 -> 0.0005)" in err and "--output_dir" in err, err
     assert [r["stage"] for r in stages()] == ["blocks"]
     monkeypatch.setattr(staged, "run_distillation", kill_in("context"))
     with pytest.raises(RuntimeError, match=r"killed at step 2 of .*context"):

@@ -91,9 +91,10 @@ class RecoverArguments:
                 "(calibrated ternary rounding, stage 'init')."})
     block_steps: int | None = field(default=None, metadata={
         "help": "Adam steps per block (default: as many as the block share of the budget allows; 0: none)."})
-    block_lr: float = field(default=1e-3, metadata={
+    block_lr: float | None = field(default=None, metadata={
         "help": "Adam learning rate of the block stage (joint: warm-up then linear decay to the end of the stage; "
-                "sequential: cosine per block)."})
+                "sequential: cosine per block). Default: the mode's own, 3e-3 for joint (the best of 3e-4 to 1e-2 "
+                "on held-out blocks, docs/distill.md), 1e-3 for sequential (not re-measured)."})
     block_micro_batch: int = field(default=2, metadata={"help": "Sequences per block step."})
     block_loss: str = field(default="token", metadata={"help": f"Block loss: {', '.join(BLOCK_LOSSES)}."})
     block_student_inputs: bool = field(default=True, metadata={
@@ -109,6 +110,12 @@ class RecoverArguments:
                 "measured worse than more e2e steps, see docs/distill.md)."})
     context_learning_rate: float = field(default=2e-4, metadata={
         "help": "Peak learning rate of the context stage (linear decay to its end)."})
+
+    def resolved_block_lr(self) -> float:
+        """``block_lr``, or the default learning rate of ``block_mode``."""
+        if self.block_lr is not None:
+            return self.block_lr
+        return JointConfig().lr if self.block_mode == "joint" else BlockwiseConfig().lr
 
     def resolved_block_fraction(self, budget_s: float) -> float:
         """``block_fraction``, or its default for a budget of ``budget_s`` CPU seconds."""
@@ -284,6 +291,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
             shorter than asked, a teacher without a discoverable block structure, too little memory or disk
             for the cached hidden states, an existing final student (each before any work).
     """
+    recover_args = dataclasses.replace(recover_args, block_lr=recover_args.resolved_block_lr())  # saved resolved
     budget = _check_args(recover_args, model_args, loss_args)
     out = Path(training_args.output_dir)
     final = out / "student"
