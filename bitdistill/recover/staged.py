@@ -93,7 +93,7 @@ class RecoverArguments:
         "help": "Adam steps per block (default: as many as the block share of the budget allows; 0: none)."})
     block_lr: float | None = field(default=None, metadata={
         "help": "Adam learning rate of the block stage (joint: warm-up then linear decay to the end of the stage; "
-                "sequential: cosine per block). Default: the mode's own, 3e-3 for joint (the best of 3e-4 to 1e-2 "
+                "sequential: cosine per block). Default: the mode's own, 3e-3 for joint (measured from 3e-4 to 1e-2 "
                 "on held-out blocks, docs/distill.md), 1e-3 for sequential (not re-measured)."})
     block_micro_batch: int = field(default=2, metadata={"help": "Sequences per block step."})
     block_loss: str = field(default="token", metadata={"help": f"Block loss: {', '.join(BLOCK_LOSSES)}."})
