@@ -125,20 +125,15 @@ def child_train(recipe: str, budget_min: float, out: Path, seed: int) -> dict:
     return info
 
 
-def held_out_blocks() -> torch.Tensor:
-    """``[4, 256]``: the staged recipe's held-out blocks (the last 4 x 256 tokens of the training text, with
-    ``bitdistill recover``'s defaults), which no stage of it trains on. The e2e recipe is not told to hold them out:
-    at 90 CPU-minutes it sees about 0.65 epochs (324k of the text's 498k tokens) and may have seen some of them,
-    so its number can only flatter it."""
-    from transformers import AutoTokenizer
-
+def held_out_blocks(tokenizer) -> torch.Tensor:
+    """``[4, 256]``: the staged recipe's held-out blocks (the last 4 x 256 tokens of the training text, split as
+    ``bitdistill recover`` splits it with its defaults), which no stage of it trains on. The e2e recipe is not told
+    to hold them out: at 90 CPU-minutes it sees about 0.65 epochs (324k of the text's 498k tokens) and may have seen
+    some of them, so its number can only flatter it."""
     from bitdistill.data.args import DataArguments
-    from bitdistill.recover.staged import RecoverArguments
-    from bitdistill.runs import build_blocks
+    from bitdistill.recover.staged import RecoverArguments, _calibration
 
-    rec = RecoverArguments()
-    data = DataArguments(train_files=TRAIN, max_seq_length=rec.calibration_seq_length)
-    return build_blocks(data, AutoTokenizer.from_pretrained(TOKENIZER))[-rec.held_out_blocks:]
+    return _calibration(RecoverArguments(), DataArguments(train_files=TRAIN), tokenizer)[2]
 
 
 def evaluate(folder: Path | None, limit: int) -> dict:
@@ -158,7 +153,7 @@ def evaluate(folder: Path | None, limit: int) -> dict:
         model, tok, _ = load_for_eval(folder, tokenizer=TOKENIZER)
     ids = tokenize_text(load_text([WIKI / "wiki.test.raw"]), AutoTokenizer.from_pretrained(TOKENIZER))
     ppl = strided_perplexity(model, ids, max_length=512, max_windows=PPL_WINDOWS)
-    held = math.exp(held_out_loss(model, held_out_blocks()))
+    held = math.exp(held_out_loss(model, held_out_blocks(tok)))
     task = evaluate_tasks(model, tok, ["wikitext_lastword"], limit=limit, batch_size=8, data_dir=WIKI)
     conts = {}
     with torch.no_grad():
