@@ -139,7 +139,6 @@ def held_out_blocks(tokenizer) -> torch.Tensor:
 def evaluate(folder: Path | None, limit: int) -> dict:
     """Perplexity, wikitext_lastword accuracy and greedy continuations of a student folder (or the teacher)."""
     import torch
-    from transformers import AutoTokenizer
 
     from bitdistill.data import load_text, tokenize_text
     from bitdistill.eval import evaluate_tasks, load_for_eval, strided_perplexity
@@ -151,7 +150,7 @@ def evaluate(folder: Path | None, limit: int) -> dict:
         model, tok, _ = load_for_eval(g.parent, gguf_file=g.name, tokenizer=TOKENIZER)
     else:
         model, tok, _ = load_for_eval(folder, tokenizer=TOKENIZER)
-    ids = tokenize_text(load_text([WIKI / "wiki.test.raw"]), AutoTokenizer.from_pretrained(TOKENIZER))
+    ids = tokenize_text(load_text([WIKI / "wiki.test.raw"]), tok)
     ppl = strided_perplexity(model, ids, max_length=512, max_windows=PPL_WINDOWS)
     held = math.exp(held_out_loss(model, held_out_blocks(tok)))
     task = evaluate_tasks(model, tok, ["wikitext_lastword"], limit=limit, batch_size=8, data_dir=WIKI)
