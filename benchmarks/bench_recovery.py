@@ -88,7 +88,12 @@ def _shown(argv: list[str], out: Path) -> str:
 
 
 def child_train(recipe: str, budget_min: float, out: Path, seed: int) -> dict:
-    """Train one student in this (fresh) process; returns what the row needs from training."""
+    """Train one student in this (fresh) process; returns what the row needs from training. The heap is tuned
+    as the console script tunes it for its training commands (:func:`bitdistill.allocator.keep_freed_memory`),
+    so both recipes train as fast as a user's run and neither pays more for page faults than the other."""
+    from bitdistill.allocator import keep_freed_memory
+
+    allocator = keep_freed_memory()
     import torch
 
     from bitdistill.cli.hfargs import parse_dataclasses
@@ -120,7 +125,7 @@ def child_train(recipe: str, budget_min: float, out: Path, seed: int) -> dict:
         summary = json.loads((out / "recovery.json").read_text())
         info = {"cpu_s": summary["stages"][-1]["cpu_s"], "stages": summary["stages"],
                 "train_tokens": summary["train_tokens"]}
-    info.update(wall_s=time.time() - t0, loadavg_start=load0, loadavg_end=os.getloadavg()[0],
+    info.update(allocator=allocator, wall_s=time.time() - t0, loadavg_start=load0, loadavg_end=os.getloadavg()[0],
                 command=_shown(argv, out))
     return info
 
@@ -211,16 +216,19 @@ def write_report(limit: int) -> Path:
              "`tokens / cpu_min` is the training throughput the run got: it varies between runs on a shared machine, "
              "so rows compare best when it is close. `held-out ppl`: the last 4 x 256 tokens of the training text, "
              "which no stage of the staged recipe trains on (the e2e recipe may have seen some of them, which can "
-             "only flatter it); recorded from 2026-12-02 on, the number to compare flags by.", "",
+             "only flatter it); recorded from 2026-12-02 on, the number to compare flags by. `heap`: `kept` when the "
+             "training process kept freed memory (`bitdistill.allocator.keep_freed_memory`, what the console script "
+             "does from 2026-12-02 on), `glibc` for glibc's defaults, under which the e2e arm of a pair paid up to "
+             "30% more CPU per step in page faults than the staged arm (docs/distill.md, The budget curve).", "",
              "| recipe | budget_cpu_min | seed | ppl | ppl / teacher | held-out ppl | lastword_acc | train_tokens "
-             "| tokens / cpu_min | cpu_min | wall_min |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tokens / cpu_min | cpu_min | wall_min | heap |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = sorted(rows, key=lambda r: (r["recipe"] != "teacher", r["recipe"], r["budget_cpu_min"], r["seed"]))
     for r in order:
         held = f"{r['held_out_ppl']:.1f}" if "held_out_ppl" in r else ""
         lines.append(f"| {r['recipe']} | {r['budget_cpu_min']} | {r['seed']} | {r['ppl']:.1f} | {r['ppl'] / t_ppl:.2f} | "
                      f"{held} | {r['lastword_acc']:.3f} | {r['train_tokens']} | {_per_cpu_min(r)} | "
-                     f"{r.get('cpu_s', 0) / 60:.1f} | {r.get('wall_s', 0) / 60:.1f} |")
+                     f"{r.get('cpu_s', 0) / 60:.1f} | {r.get('wall_s', 0) / 60:.1f} | {_heap(r)} |")
     cells = _cells(rows)
     if any(len(v) > 1 for v in cells.values()):
         lines += ["", "Over seeds (geometric mean of the perplexities; min-max in brackets):", "",
@@ -259,6 +267,13 @@ def write_report(limit: int) -> Path:
     md = RESULTS / f"{NAME}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def _heap(row: dict) -> str:
+    """How the training process's allocator ran: ``kept`` (freed memory kept), ``glibc`` (defaults), "" (teacher)."""
+    if row["recipe"] == "teacher":
+        return ""
+    return "kept" if row.get("allocator") else "glibc"
 
 
 def _per_cpu_min(row: dict) -> str:

@@ -8,7 +8,8 @@ module is imported (``COMMANDS`` holds every name and one-line help), so ``bitdi
 not listed. Errors the user can fix (:class:`bitdistill.errors.UserError`, missing or existing files, a full disk or a
 read-only location) print one line on stderr and exit 2; Ctrl-C prints one line and exits 130 (SIGTERM: 143),
 after every output being written has been removed. Programming errors keep their traceback. Set
-``BITDISTILL_DEBUG=1`` for the traceback of a user error too.
+``BITDISTILL_DEBUG=1`` for the traceback of a user error too. The training commands keep freed heap memory in
+the process (:func:`bitdistill.allocator.keep_freed_memory`; faster, same results).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import threading
 from collections.abc import Iterable
 
+from bitdistill.allocator import keep_freed_memory
 from bitdistill.errors import Terminated, UserError, user_error_from_os
 
 # name: (module, one-line help)
@@ -53,6 +55,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
          '`distill` option and --config FILE.')),
 }
 SUBCOMMANDS = tuple(COMMANDS)
+# Commands that train: they keep freed heap memory (bitdistill.allocator) for speed.
+TRAINING_COMMANDS = ("distill", "recover", "self-distill", "cache-teacher")
 
 USER_ERRORS = (UserError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     args = build_parser([command] if command else []).parse_args(argv)
     debug = bool(os.environ.get("BITDISTILL_DEBUG"))
+    if args.command in TRAINING_COMMANDS:
+        keep_freed_memory()
     previous = signal.signal(signal.SIGTERM, _sigterm) if threading.current_thread() is threading.main_thread() \
         else None
     try:
