@@ -17,6 +17,7 @@ _WHERE = {
     "BitNetConfig": "bitdistill.nn.config",
     "bitnet_config": "bitdistill.nn.config",
     "folder_kind": "bitdistill.nn.config",
+    "keep_freed_memory": "bitdistill.allocator",
     "AuditCallback": "bitdistill.audit",
     "write_provenance": "bitdistill.audit",
     "DistillationTrainer": "bitdistill.distill",
