@@ -218,7 +218,8 @@ def write_report(limit: int) -> Path:
              "which no stage of the staged recipe trains on (the e2e recipe may have seen some of them, which can "
              "only flatter it); recorded from 2026-12-02 on, the number to compare flags by. `heap`: `kept` when the "
              "training process kept freed memory (`bitdistill.allocator.keep_freed_memory`, what the console script "
-             "does from 2026-12-02 on), `glibc` for glibc's defaults, under which the e2e arm of a pair paid up to "
+             "does from 2026-12-02 on), `default` when it was left alone (not glibc, or set by the environment), `glibc` for "
+             "the earlier rows, which ran on glibc's defaults, under which the e2e arm of a pair paid up to "
              "30% more CPU per step in page faults than the staged arm (docs/distill.md, The budget curve).", "",
              "| recipe | budget_cpu_min | seed | ppl | ppl / teacher | held-out ppl | lastword_acc | train_tokens "
              "| tokens / cpu_min | cpu_min | wall_min | heap |",
@@ -270,10 +271,13 @@ def write_report(limit: int) -> Path:
 
 
 def _heap(row: dict) -> str:
-    """How the training process's allocator ran: ``kept`` (freed memory kept), ``glibc`` (defaults), "" (teacher)."""
+    """How the training process's allocator ran: ``kept`` (freed memory kept), ``default`` (not tuned: not glibc, or
+    the environment set it), ``glibc`` (rows from before 2026-12-02, which all ran on glibc's defaults), "" (teacher)."""
     if row["recipe"] == "teacher":
         return ""
-    return "kept" if row.get("allocator") else "glibc"
+    if "allocator" not in row:
+        return "glibc"
+    return "kept" if row["allocator"] else "default"
 
 
 def _per_cpu_min(row: dict) -> str:
