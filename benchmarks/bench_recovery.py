@@ -219,8 +219,8 @@ def write_report(limit: int) -> Path:
              "only flatter it); recorded from 2026-12-02 on, the number to compare flags by. `heap`: `kept` when the "
              "training process kept freed memory (`bitdistill.allocator.keep_freed_memory`, what the console script "
              "does from 2026-12-02 on), `default` when it was left alone (not glibc, or set by the environment), `glibc` for "
-             "the earlier rows, which ran on glibc's defaults, under which the e2e arm of a pair paid up to "
-             "30% more CPU per step in page faults than the staged arm (docs/distill.md, The budget curve).", "",
+             "the earlier rows, which ran on glibc's defaults, under which the e2e arm of a pair paid 27-42% "
+             "more CPU per step than the staged arm's e2e stage, mostly in page faults (docs/distill.md, The budget curve).", "",
              "| recipe | budget_cpu_min | seed | ppl | ppl / teacher | held-out ppl | lastword_acc | train_tokens "
              "| tokens / cpu_min | cpu_min | wall_min | heap |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +14,18 @@ import pytest
 from run_utils import tiny_gpt2_vocab_folder
 
 import bitdistill.cli.main as cli_main
-from bitdistill.allocator import KEEP_FREED_MEMORY
+from bitdistill import allocator
+from bitdistill.allocator import KEEP_FREED_MEMORY, OPT_OUT, keep_freed_memory, user_chose_allocator
 
 REPO = Path(__file__).resolve().parents[1]
-glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
+glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                            reason="mallopt tuning is glibc-only")
 
 # Three rounds of 100 x 1 MiB blocks, each written and freed; prints what keep_freed_memory() returned and the
-# minor page faults of the third round. Under glibc's defaults the freed heap top is trimmed after every round,
-# so each round faults its 100 MiB in again (25,600 pages); kept, the third round faults almost nothing.
+# minor page faults of the third round. Under glibc's defaults the first round's blocks are mapped, and freeing
+# them raises the mmap threshold to ~1 MiB and the trim threshold to ~2 MiB, so later rounds come from the heap
+# and its freed top (100 MiB) is trimmed after each: every round faults its 25,600 pages in again. Kept, the
+# third round faults almost nothing.
 _PROBE = """
 import ctypes, json, resource
 from bitdistill.allocator import keep_freed_memory
@@ -42,8 +46,13 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 """
 
 
+def _clean_env() -> dict[str, str]:
+    """This process's environment without any allocator choice (so the default, tuning, applies)."""
+    return {k: v for k, v in os.environ.items() if not user_chose_allocator({k: v})}
+
+
 def _probe(env_extra: dict[str, str]) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = _clean_env()
     out = subprocess.run([sys.executable, "-c", _PROBE], env={**env, **env_extra}, capture_output=True, text=True,
                          check=True, cwd=REPO).stdout
     return json.loads(out)
@@ -54,17 +63,51 @@ def test_kept_memory_is_reused_without_page_faults():
     kept = _probe({})
     assert kept["applied"] == KEEP_FREED_MEMORY
     assert kept["faults"] < 1000
-    default = _probe({"GLIBC_TUNABLES": ""})  # the user's own allocator settings win: nothing is changed
+    default = _probe({OPT_OUT: "0"})  # the user's opt-out wins: nothing is changed
     assert default["applied"] is None
     assert default["faults"] > 20000
 
 
-@pytest.mark.parametrize("name", ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                                  "GLIBC_TUNABLES"])
-def test_user_allocator_settings_are_left_alone(name, monkeypatch):
-    from bitdistill.allocator import keep_freed_memory
+@pytest.mark.parametrize("env", [{OPT_OUT: "0"}, {"MALLOC_MMAP_THRESHOLD_": "131072"}, {"MALLOC_TRIM_THRESHOLD_": "0"},
+                                 {"MALLOC_TOP_PAD_": "0"}, {"MALLOC_MMAP_MAX_": "0"},
+                                 {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"},
+                                 {"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}])
+def test_user_allocator_choices_are_left_alone(env, monkeypatch):
+    assert user_chose_allocator(env)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert keep_freed_memory() is None
 
-    monkeypatch.setenv(name, "131072")
+
+def test_unrelated_settings_do_not_opt_out():
+    assert not user_chose_allocator({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX2", OPT_OUT: "1", "LD_PRELOAD": "libx.so"})
+
+
+def test_other_platforms_and_c_libraries_are_a_no_op(monkeypatch):
+    for k in [k for k in os.environ if user_chose_allocator({k: os.environ[k]})]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(allocator.sys, "platform", "darwin")
+    assert keep_freed_memory() is None
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: object())  # no gnu_get_libc_version: musl
+    assert keep_freed_memory() is None
+
+
+def test_a_refused_setting_is_skipped_not_raised(monkeypatch):
+    for k in [k for k in os.environ if user_chose_allocator({k: os.environ[k]})]:
+        monkeypatch.delenv(k)
+    monkeypatch.setattr(allocator.sys, "platform", "linux")
+
+    class FakeGlibc:
+        gnu_get_libc_version = None
+
+        @staticmethod
+        def mallopt(param: int, value) -> int:
+            return 0 if param == -3 else 1  # refuses M_MMAP_THRESHOLD, as a 32-bit glibc refuses 32 MiB
+
+    monkeypatch.setattr(allocator.ctypes, "CDLL", lambda name: FakeGlibc())
+    assert keep_freed_memory() == {k: v for k, v in KEEP_FREED_MEMORY.items() if k != "M_MMAP_THRESHOLD"}
+    monkeypatch.setattr(FakeGlibc, "mallopt", staticmethod(lambda param, value: 0))
     assert keep_freed_memory() is None
 
 
@@ -74,7 +117,9 @@ def test_only_training_commands_tune_the_allocator(command, monkeypatch):
     monkeypatch.setattr(cli_main, "keep_freed_memory", lambda: calls.append(command))
     monkeypatch.setattr(cli_main, "build_parser", lambda commands: _Parser(command))
     assert cli_main.main([command]) == 0
-    assert calls == ([command] if command in cli_main.TRAINING_COMMANDS else [])
+    training = {"distill", "recover", "self-distill", "cache-teacher"}
+    assert set(cli_main.TRAINING_COMMANDS) == training
+    assert calls == ([command] if command in training else [])
 
 
 class _Parser:
@@ -90,14 +135,14 @@ class _Parser:
 @pytest.mark.slow
 @glibc
 def test_kept_memory_trains_the_same_student_bit_for_bit(tmp_path, shared_data):
-    """`bitdistill distill` with the allocator tuned (the default) and with it left alone (GLIBC_TUNABLES set):
+    """`bitdistill distill` with the allocator tuned (the default) and with it left alone (the opt-out set):
     the students' safetensors are identical byte for byte."""
     tok = shared_data / "tokenizers" / "gpt2"
     (tmp_path / "train.txt").write_text((shared_data / "wikitext-2-raw-v1" / "wiki.train.prefix.raw").read_text()[:6000])
     teacher = tiny_gpt2_vocab_folder(tmp_path / "teacher", "llama", tok)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env = _clean_env()
     files = []
-    for name, extra in (("kept", {}), ("glibc", {"GLIBC_TUNABLES": ""})):
+    for name, extra in (("kept", {}), ("glibc", {OPT_OUT: "0"})):
         out = tmp_path / name
         cmd = [sys.executable, "-m", "bitdistill.cli.main", "distill", "--teacher_model_name_or_path", str(teacher),
                "--train_files", str(tmp_path / "train.txt"), "--max_seq_length", "32",

@@ -9,7 +9,8 @@ not listed. Errors the user can fix (:class:`bitdistill.errors.UserError`, missi
 read-only location) print one line on stderr and exit 2; Ctrl-C prints one line and exits 130 (SIGTERM: 143),
 after every output being written has been removed. Programming errors keep their traceback. Set
 ``BITDISTILL_DEBUG=1`` for the traceback of a user error too. The training commands keep freed heap memory in
-the process (:func:`bitdistill.allocator.keep_freed_memory`; faster, same results).
+the process (:func:`bitdistill.allocator.keep_freed_memory`; faster, same results; ``BITDISTILL_KEEP_FREED_MEMORY=0``
+leaves the allocator alone). :func:`main` called in-process (tests) does so for the calling process too.
 """
 
 from __future__ import annotations
