@@ -32,6 +32,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subln", action="store_true")
     a = p.parse_args()
 
@@ -44,6 +46,7 @@ def main() -> None:
     from bitdistill.runs import build_blocks
 
     torch.set_num_threads(2)
+    torch.manual_seed(a.seed)
     argv = bench_recovery.train_argv("staged", a.budget, Path("runs/probe-joint"))
     model_args, data_args = parse_dataclasses(build_parser().parse_args(argv), recover._types())[:2]
     model_args.subln = a.subln
@@ -60,7 +63,8 @@ def main() -> None:
     student = prepare_student(model_args, teacher, calibration_input_ids=train[:8])
     before = math.exp(held_out_loss(student, held))
     rep = reconstruct_jointly_in_place(student, teacher, train, JointConfig(lr=a.lr, micro_batch=a.micro_batch,
-                                                                            inputs=a.inputs),
+                                                                            inputs=a.inputs, warmup=a.warmup,
+                                                                            seed=a.seed),
                                        budget_cpu_s=a.budget * 60, val_ids=held[:2, :256])
     print(json.dumps({**vars(a), "teacher_ppl": math.exp(held_out_loss(teacher, held)), "naive_ppl": before,
                       "steps": rep.steps, "cpu_s": rep.cpu_s, "block_loss": [rep.val_before, rep.val_after],

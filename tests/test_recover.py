@@ -298,19 +298,32 @@ def test_staged_block_share_depends_on_the_budget():
 
     short, long = 30 * 60, 90 * 60
     default = RecoverArguments()
-    assert (default.resolved_block_fraction(short), default.resolved_block_fraction(long)) == (0.15, 0.3)
+    assert (default.resolved(short).block_fraction, default.resolved(long).block_fraction) == (0.15, 0.3)
     assert default.context_fraction == 0.0
     given = RecoverArguments(block_fraction=0.5)
     for budget in (short, long):
-        assert given.resolved_block_fraction(budget) == 0.5
+        assert given.resolved(budget).block_fraction == 0.5
 
 
-def test_staged_block_lr_defaults_to_the_block_modes_own():
-    """The joint stage's default learning rate is 3e-3 (measured, docs/distill.md), the sequential one's 1e-3 (its
-    per-block cosine schedule was not re-measured); an explicit --block_lr wins in both modes."""
-    from bitdistill.recover.staged import RecoverArguments
+def test_staged_block_steps_depend_on_the_mode_and_the_budget():
+    """The joint stage takes 1 x 128-token steps at 1e-2 below 30 CPU-minutes and 2 x calibration_seq_length
+    steps at 3e-3 from 30 (both measured, docs/distill.md); the sequential one 2 blocks of calibration_seq_length
+    at 1e-3 at every budget (not re-measured). Given options win; ``resolved`` does not change its input."""
+    from bitdistill.recover.staged import SHORT_BUDGET_S, RecoverArguments
 
-    assert RecoverArguments().resolved_block_lr() == JointConfig().lr == 3e-3
-    assert RecoverArguments(block_mode="sequential").resolved_block_lr() == BlockwiseConfig().lr == 1e-3
-    for mode in ("joint", "sequential"):
-        assert RecoverArguments(block_mode=mode, block_lr=5e-4).resolved_block_lr() == 5e-4
+    def shape(args: RecoverArguments, budget: float) -> tuple:
+        r = args.resolved(budget)
+        return r.block_micro_batch, r.block_seq_length, r.block_lr
+
+    joint, sequential = RecoverArguments(), RecoverArguments(block_mode="sequential")
+    assert shape(joint, 10 * 60) == shape(joint, SHORT_BUDGET_S - 1) == (1, 128, 1e-2)
+    assert shape(joint, SHORT_BUDGET_S) == shape(joint, 90 * 60) == (2, 256, JointConfig().lr) == (2, 256, 3e-3)
+    assert shape(RecoverArguments(calibration_seq_length=512), 90 * 60) == (2, 512, 3e-3)
+    assert shape(RecoverArguments(calibration_seq_length=32), 10 * 60) == (1, 32, 1e-2)  # never longer than those
+    for budget in (10 * 60, 90 * 60):
+        assert shape(sequential, budget) == (2, None, BlockwiseConfig().lr) == (2, None, 1e-3)
+        for mode in ("joint", "sequential"):
+            given = RecoverArguments(block_mode=mode, block_lr=5e-4, block_micro_batch=3)
+            assert shape(given, budget)[::2] == (3, 5e-4)
+        assert shape(RecoverArguments(block_seq_length=64), budget)[1] == 64
+    assert joint.block_micro_batch is None and joint.block_lr is None  # the input is not changed

@@ -32,12 +32,15 @@ def setup(tmp_path_factory, shared_data):
 def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     out = setup["root"] / "run"
     rc = main(["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "4", "--block_init", "gptq",
-               "--context_fraction", "0.25", "--output_dir", str(out)])
+               "--block_seq_length", "16", "--context_fraction", "0.25", "--output_dir", str(out)])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     summary = json.loads((out / "recovery.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["init", "blocks", "e2e", "context"]
     assert [s["detail"]["seq_length"] for s in summary["stages"][2:]] == [32, 128]  # the teacher's context: 128
+    blocks = summary["stages"][1]["detail"]  # 4 steps of 4 x 16 tokens (--block_micro_batch, --block_seq_length)
+    assert blocks["steps"] == 4 and blocks["train_tokens"] == 4 * 4 * 16
+    assert summary["recover_args"]["block_seq_length"] == 16
     e2e, context = summary["stages"][2:]  # tokens a step: 2 x 32, then 1 x 128 (the same tokens, at least a block)
     assert e2e["detail"]["train_tokens"] == e2e["detail"]["steps"] * 2 * 32
     assert context["detail"]["train_tokens"] == context["detail"]["steps"] * 128
@@ -65,6 +68,8 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     (["--time_budget", "1m", "--block_loss", "l1"], "unknown block loss"),
     (["--time_budget", "1m", "--context_length", "256"], "exceeds the teacher's context of 128"),
     (["--time_budget", "1m", "--context_fraction", "1"], "--context_fraction in [0, 1)"),
+    (["--time_budget", "1m", "--block_seq_length", "1"], "--block_seq_length must be at least 2"),
+    (["--time_budget", "1m", "--block_mode", "sequential", "--block_seq_length", "16"], "drop it with --block_mode"),
 ])
 def test_recover_bad_input_fails_before_work(setup, capsys, flags, match):
     out = Path(setup["root"]) / f"bad{abs(hash(tuple(flags)))}"
@@ -73,6 +78,25 @@ def test_recover_bad_input_fails_before_work(setup, capsys, flags, match):
     assert rc == 2 and match in err, err
     assert len([line for line in err.splitlines() if "error:" in line]) == 1
     assert not (out / "student").exists() and not (out / "init").exists()
+
+
+def test_joint_training_blocks_are_the_training_text_before_the_held_out_tail(setup, shared_data):
+    """The joint stage's ``[T, block_seq_length]`` blocks hold the tokens of the ``[N, calibration_seq_length]``
+    blocks that are not held out, in order, whatever the two lengths."""
+    from transformers import AutoTokenizer
+
+    from bitdistill.data.args import DataArguments
+    from bitdistill.recover.staged import RecoverArguments, _calibration
+
+    tok = AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "gpt2")
+    data = DataArguments(train_files=[str(setup["root"] / "train.txt")])
+    base = RecoverArguments(calibration_tokens=64, calibration_seq_length=32, held_out_blocks=3, block_micro_batch=1)
+    _, train, held = _calibration(base, data, tok)
+    for length in (16, 24, 100):
+        _, blocks, held2 = _calibration(RecoverArguments(**{**base.__dict__, "block_seq_length": length}), data, tok)
+        assert blocks.shape[1] == length and torch.equal(held2, held)
+        assert torch.equal(blocks.reshape(-1), train.reshape(-1)[: blocks.numel()])
+        assert train.numel() - blocks.numel() < length
 
 
 def test_recover_refuses_text_too_short_for_the_context_stage(setup, capsys, shared_data):
@@ -126,7 +150,7 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     assert [r["stage"] for r in stages()] == ["blocks"] and (out / "e2e" / "provenance.json").is_file()
     assert main([*argv, "--block_lr", "5e-4"]) == 2  # other options would reuse a block stage they did not train
     err = capsys.readouterr().err
-    assert "started with other options (block_lr: 0.003 -> 0.0005)" in err and "--output_dir" in err, err
+    assert "started with other options (block_lr: 0.01 -> 0.0005)" in err and "--output_dir" in err, err
     assert [r["stage"] for r in stages()] == ["blocks"]
     monkeypatch.setattr(staged, "run_distillation", kill_in("context"))
     with pytest.raises(RuntimeError, match=r"killed at step 2 of .*context"):

@@ -62,6 +62,8 @@ STAGE_NAMES = {"init": "calibrated ternary initialization", "blocks": "block-wis
 RESULT_FILE = "recovery.json"
 RECOVER_CONFIG_FILE = "recover_config.json"  # the options a rerun must keep to reuse finished stages
 LONG_BUDGET_S = 60 * 60  # from here the default block share is 0.3
+SHORT_BUDGET_S = 30 * 60  # below this the joint block stage takes short steps (1 x 128 tokens at SHORT_BLOCK_LR)
+SHORT_BLOCK_LR = 1e-2
 
 
 @dataclass
@@ -82,7 +84,11 @@ class RecoverArguments:
                 "stage; fewer (down to one micro-batch of blocks) when the init stage would otherwise take over "
                 "half the block share."})
     calibration_seq_length: int = field(default=256, metadata={
-        "help": "Sequence length of the block stage's (and init's) token blocks and of the held-out blocks."})
+        "help": "Sequence length of the init stage's and the sequential block stage's token blocks and of the "
+                "held-out blocks."})
+    block_seq_length: int | None = field(default=None, metadata={
+        "help": "Sequence length of the joint block stage's training blocks (default: 128 below 30 CPU-minutes, "
+                "or calibration_seq_length if shorter; else calibration_seq_length)."})
     held_out_blocks: int = field(default=4, metadata={
         "help": "Blocks of calibration_seq_length tokens at the end of the training text, never trained on, that "
                 "report each stage's held-out loss and perplexity."})
@@ -93,9 +99,10 @@ class RecoverArguments:
         "help": "Adam steps per block (default: as many as the block share of the budget allows; 0: none)."})
     block_lr: float | None = field(default=None, metadata={
         "help": "Adam learning rate of the block stage (joint: warm-up then linear decay to the end of the stage; "
-                "sequential: cosine per block). Default: the mode's own, 3e-3 for joint (measured from 3e-4 to 1e-2 "
-                "on held-out blocks, docs/distill.md), 1e-3 for sequential (not re-measured)."})
-    block_micro_batch: int = field(default=2, metadata={"help": "Sequences per block step."})
+                "sequential: cosine per block). Default: joint 1e-2 below 30 CPU-minutes and 3e-3 from 30 (measured "
+                "on held-out blocks, docs/distill.md), sequential 1e-3 (not re-measured)."})
+    block_micro_batch: int | None = field(default=None, metadata={
+        "help": "Sequences per block step (default: 1 below 30 CPU-minutes in the joint mode, else 2)."})
     block_loss: str = field(default="token", metadata={"help": f"Block loss: {', '.join(BLOCK_LOSSES)}."})
     block_student_inputs: bool = field(default=True, metadata={
         "help": "Train each block on the student's own previous-block outputs (false: the teacher's)."})
@@ -111,17 +118,21 @@ class RecoverArguments:
     context_learning_rate: float = field(default=2e-4, metadata={
         "help": "Peak learning rate of the context stage (linear decay to its end)."})
 
-    def resolved_block_lr(self) -> float:
-        """``block_lr``, or the default learning rate of ``block_mode``."""
-        if self.block_lr is not None:
-            return self.block_lr
-        return JointConfig().lr if self.block_mode == "joint" else BlockwiseConfig().lr
+    def resolved(self, budget_s: float) -> RecoverArguments:
+        """A copy with every option left at ``None`` set to its default for a budget of ``budget_s`` CPU seconds
+        (``block_fraction``, ``block_lr``, ``block_micro_batch``, ``block_seq_length``); given options are kept.
 
-    def resolved_block_fraction(self, budget_s: float) -> float:
-        """``block_fraction``, or its default for a budget of ``budget_s`` CPU seconds."""
-        if self.block_fraction is not None:
-            return self.block_fraction
-        return 0.3 if budget_s >= LONG_BUDGET_S else 0.15
+        A short joint block stage (below :data:`SHORT_BUDGET_S`) takes many small steps: at 10 CPU-minutes its
+        share buys 11 steps of 2 x 256 tokens, too few for Adam to move the blocks, or 29-36 steps of 1 x 128
+        tokens, which leave a start 100-1000x better on held-out blocks (docs/distill.md)."""
+        short = self.block_mode == "joint" and budget_s < SHORT_BUDGET_S
+        fraction = 0.3 if budget_s >= LONG_BUDGET_S else 0.15
+        lr = (SHORT_BLOCK_LR if short else JointConfig().lr) if self.block_mode == "joint" else BlockwiseConfig().lr
+        seq = (min(128, self.calibration_seq_length) if short else self.calibration_seq_length) \
+            if self.block_mode == "joint" else None
+        given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        return dataclasses.replace(self, **{"block_fraction": fraction, "block_lr": lr,
+                                            "block_micro_batch": 1 if short else 2, "block_seq_length": seq, **given})
 
 
 @dataclass
@@ -187,9 +198,9 @@ class _Clock:
 
 def _calibration(recover_args: RecoverArguments, data_args: DataArguments,
                  tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(calibration [N, S], training [T, S], held_out [H, S])`` blocks of the training text: the first
-    ``calibration_tokens``, everything but the held-out blocks, the last ``held_out_blocks``; a one-line error
-    when it is too short."""
+    """``(calibration [N, S], training [T, B], held_out [H, S])`` token blocks of the training text: the first
+    ``calibration_tokens``, everything but the held-out blocks (cut into blocks of ``B = block_seq_length``), the
+    last ``held_out_blocks`` (``S = calibration_seq_length``); a one-line error when it is too short."""
     s = recover_args.calibration_seq_length
     mb = recover_args.block_micro_batch
     n = math.ceil(recover_args.calibration_tokens / s / mb) * mb
@@ -200,7 +211,9 @@ def _calibration(recover_args: RecoverArguments, data_args: DataArguments,
         raise UserError(f"the training text has {blocks.shape[0] * s} tokens in {s}-token blocks, fewer than the "
                          f"{n * s} calibration + {h * s} held-out tokens asked; give more text or lower "
                          "--calibration_tokens / --held_out_blocks")
-    return blocks[:n], blocks[:blocks.shape[0] - h], blocks[blocks.shape[0] - h:]
+    train = blocks[:blocks.shape[0] - h].reshape(-1)
+    b = recover_args.block_seq_length or s
+    return blocks[:n], train[: train.numel() // b * b].reshape(-1, b), blocks[blocks.shape[0] - h:]
 
 
 def _check_args(recover_args: RecoverArguments, model_args: ModelArguments, loss_args: LossArguments) -> float:
@@ -216,6 +229,11 @@ def _check_args(recover_args: RecoverArguments, model_args: ModelArguments, loss
         raise UserError(f"--context_learning_rate must be > 0, got {recover_args.context_learning_rate}")
     if recover_args.calibration_tokens < 1 or recover_args.held_out_blocks < 1:
         raise UserError("--calibration_tokens and --held_out_blocks must be >= 1")
+    if recover_args.block_seq_length is not None and recover_args.block_seq_length < 2:
+        raise UserError(f"--block_seq_length must be at least 2 tokens, got {recover_args.block_seq_length}")
+    if recover_args.block_seq_length is not None and recover_args.block_mode != "joint":
+        raise UserError("--block_seq_length sets the joint block stage's sequences; drop it with --block_mode "
+                        "sequential (its blocks are --calibration_seq_length tokens)")
     BlockwiseConfig(init=recover_args.block_init, steps=recover_args.block_steps, lr=recover_args.block_lr,
                     micro_batch=recover_args.block_micro_batch, loss=recover_args.block_loss).check()
     if model_args.student_config or model_args.quant_warmup_steps:
@@ -291,7 +309,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
             shorter than asked, a teacher without a discoverable block structure, too little memory or disk
             for the cached hidden states, an existing final student (each before any work).
     """
-    recover_args = dataclasses.replace(recover_args, block_lr=recover_args.resolved_block_lr())  # saved resolved
+    recover_args = recover_args.resolved(parse_cpu_budget(recover_args.time_budget))  # saved resolved
     budget = _check_args(recover_args, model_args, loss_args)
     out = Path(training_args.output_dir)
     final = out / "student"
@@ -324,7 +342,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
             raise UserError(f"the training text has {have} blocks of {context_length} tokens, fewer than the {need} "
                              "the context stage needs (its held-out tail and one to train on); give more text or "
                              "lower --context_length (0: no context stage)")
-    block_fraction = recover_args.resolved_block_fraction(budget)
+    block_fraction = recover_args.block_fraction
     share = budget * block_fraction
     per = recover_args.block_micro_batch
     scales = 5 if recover_args.block_init == "gptq" else 0
@@ -385,7 +403,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                                            val_ids=val, log=log)
         finish("blocks", student, {"steps": rep.steps, "planned_steps": rep.planned_steps, "val_before": rep.val_before,
                                    "val_after": rep.val_after, "train_tokens": rep.steps * recover_args.block_micro_batch
-                                   * recover_args.calibration_seq_length})
+                                   * train.shape[1]})
         joint_file.parent.mkdir(parents=True, exist_ok=True)
         _atomic_json(joint_file, {"cpu_s": rep.cpu_s, "result": dataclasses.asdict(results[-1])})
     elif steps != 0 and block_budget > 0:
