@@ -1,0 +1,38 @@
+"""``benchmarks/bench_recovery.py``'s held-out blocks: the staged recipe's own, at every budget."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitdistill.data.args import DataArguments
+from bitdistill.recover.staged import RecoverArguments, _calibration
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_recovery.py"
+
+
+@pytest.fixture(scope="module")
+def bench(shared_data):
+    spec = importlib.util.spec_from_file_location("bench_recovery", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_held_out_blocks_are_the_recipes_at_every_budget(bench):
+    """The benchmark scores every student on the blocks `bitdistill recover` holds out with its defaults, and those
+    do not move with the budget (the block stage's step shape does)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(bench.TOKENIZER)
+    held = bench.held_out_blocks(tok)
+    assert held.shape == (4, 256)
+    data = DataArguments(train_files=[str(f) for f in bench.TRAIN])
+    for minutes in (10, 30, 90):
+        args = RecoverArguments().resolved(minutes * 60)
+        _, train, held_there = _calibration(args, data, tok)
+        assert torch.equal(held_there, held)
+        assert train.shape[1] == args.block_seq_length == (128 if minutes < 30 else 256)
