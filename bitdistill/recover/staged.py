@@ -200,7 +200,8 @@ def _calibration(recover_args: RecoverArguments, data_args: DataArguments,
                  tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(calibration [N, S], training [T, B], held_out [H, S])`` token blocks of the training text: the first
     ``calibration_tokens``, everything but the held-out blocks (cut into blocks of ``B = block_seq_length``), the
-    last ``held_out_blocks`` (``S = calibration_seq_length``); a one-line error when it is too short."""
+    last ``held_out_blocks`` (``S = calibration_seq_length``); a one-line error when it is too short.
+    ``recover_args`` is resolved (:meth:`RecoverArguments.resolved`)."""
     s = recover_args.calibration_seq_length
     mb = recover_args.block_micro_batch
     n = math.ceil(recover_args.calibration_tokens / s / mb) * mb
@@ -342,8 +343,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
             raise UserError(f"the training text has {have} blocks of {context_length} tokens, fewer than the {need} "
                              "the context stage needs (its held-out tail and one to train on); give more text or "
                              "lower --context_length (0: no context stage)")
-    block_fraction = recover_args.block_fraction
-    share = budget * block_fraction
+    share = budget * recover_args.block_fraction
     per = recover_args.block_micro_batch
     scales = 5 if recover_args.block_init == "gptq" else 0
     while cal.shape[0] > per and estimate_init_cpu_s(teacher, cal.numel(), scales) > share / 2:
@@ -447,7 +447,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                "train_tokens": block_tokens + e2e_tokens, "block_train_tokens": block_tokens,
                "e2e_train_tokens": e2e_tokens,
                "stages": [dataclasses.asdict(r) for r in results], "recover_args": {
-                   **dataclasses.asdict(recover_args), "block_fraction": block_fraction,
+                   **dataclasses.asdict(recover_args),
                    "context_fraction": context_fraction if context else 0.0, "context_length": context_length}}
     card = last / "README.md"
     text = card.read_text().split(CARD_HEADING)[0] if card.is_file() else ""
