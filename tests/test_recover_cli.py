@@ -69,6 +69,8 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     (["--time_budget", "1m", "--context_length", "256"], "exceeds the teacher's context of 128"),
     (["--time_budget", "1m", "--context_fraction", "1"], "--context_fraction in [0, 1)"),
     (["--time_budget", "1m", "--block_seq_length", "1"], "--block_seq_length must be at least 2"),
+    (["--time_budget", "1m", "--block_seq_length", "256"], "--block_seq_length 256 exceeds the teacher's context"),
+    (["--time_budget", "1m", "--block_micro_batch", "20", "--block_seq_length", "128"], "fewer than one block step"),
     (["--time_budget", "1m", "--block_mode", "sequential", "--block_seq_length", "16"], "drop it with --block_mode"),
 ])
 def test_recover_bad_input_fails_before_work(setup, capsys, flags, match):

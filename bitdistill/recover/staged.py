@@ -214,6 +214,10 @@ def _calibration(recover_args: RecoverArguments, data_args: DataArguments,
                          "--calibration_tokens / --held_out_blocks")
     train = blocks[:blocks.shape[0] - h].reshape(-1)
     b = recover_args.block_seq_length or s
+    if recover_args.block_mode == "joint" and train.numel() // b < mb:
+        raise UserError(f"the training text before the held-out blocks has {train.numel()} tokens, fewer than one "
+                         f"block step of {mb} x {b} (--block_micro_batch x --block_seq_length); give more text or "
+                         "lower those")
     return blocks[:n], train[: train.numel() // b * b].reshape(-1, b), blocks[blocks.shape[0] - h:]
 
 
@@ -328,6 +332,9 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     teacher = load_teacher(model_args)
     decoder_layers(teacher)
     limit = getattr(teacher.config, "max_position_embeddings", None)
+    for flag, length in (("--calibration_seq_length", held.shape[1]), ("--block_seq_length", train.shape[1])):
+        if limit is not None and length > limit:
+            raise UserError(f"{flag} {length} exceeds the teacher's context of {limit} tokens; lower it")
     context_length = recover_args.context_length
     if context_length is None:
         context_length = min(512, limit or 512)
@@ -338,7 +345,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     context = context_length > data_args.max_seq_length and context_fraction > 0
     if context:
         need = math.ceil((held.shape[0] + 1) * held.shape[1] / context_length) + 1  # validation blocks + one
-        have = (train.shape[0] + held.shape[0]) * held.shape[1] // context_length
+        have = (train.numel() + held.numel()) // context_length
         if have < need:
             raise UserError(f"the training text has {have} blocks of {context_length} tokens, fewer than the {need} "
                              "the context stage needs (its held-out tail and one to train on); give more text or "
