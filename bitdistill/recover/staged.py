@@ -62,8 +62,9 @@ STAGE_NAMES = {"init": "calibrated ternary initialization", "blocks": "block-wis
 RESULT_FILE = "recovery.json"
 RECOVER_CONFIG_FILE = "recover_config.json"  # the options a rerun must keep to reuse finished stages
 LONG_BUDGET_S = 60 * 60  # from here the default block share is 0.3
-SHORT_BUDGET_S = 30 * 60  # below this the joint block stage takes short steps (1 x 128 tokens at SHORT_BLOCK_LR)
-SHORT_BLOCK_LR = 1e-2
+SHORT_BUDGET_S = 30 * 60  # below this the joint block stage takes short steps: one sequence of
+SHORT_BLOCK_SEQ_LENGTH = 128  # this many tokens (at most calibration_seq_length)
+SHORT_BLOCK_LR = 1e-2  # at this learning rate
 
 
 @dataclass
@@ -125,14 +126,18 @@ class RecoverArguments:
         A short joint block stage (below :data:`SHORT_BUDGET_S`) takes many small steps: at 10 CPU-minutes its
         share buys 11 steps of 2 x 256 tokens, too few for Adam to move the blocks, or 29-36 steps of 1 x 128
         tokens, which leave a start 100-1000x better on held-out blocks (docs/distill.md)."""
-        short = self.block_mode == "joint" and budget_s < SHORT_BUDGET_S
-        fraction = 0.3 if budget_s >= LONG_BUDGET_S else 0.15
-        lr = (SHORT_BLOCK_LR if short else JointConfig().lr) if self.block_mode == "joint" else BlockwiseConfig().lr
-        seq = (min(128, self.calibration_seq_length) if short else self.calibration_seq_length) \
-            if self.block_mode == "joint" else None
+        joint = self.block_mode == "joint"
+        short = joint and budget_s < SHORT_BUDGET_S
+        defaults = {"block_fraction": 0.3 if budget_s >= LONG_BUDGET_S else 0.15, "block_micro_batch": 1 if short else 2}
+        if short:
+            defaults.update(block_lr=SHORT_BLOCK_LR,
+                            block_seq_length=min(SHORT_BLOCK_SEQ_LENGTH, self.calibration_seq_length))
+        elif joint:
+            defaults.update(block_lr=JointConfig().lr, block_seq_length=self.calibration_seq_length)
+        else:
+            defaults.update(block_lr=BlockwiseConfig().lr)
         given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        return dataclasses.replace(self, **{"block_fraction": fraction, "block_lr": lr,
-                                            "block_micro_batch": 1 if short else 2, "block_seq_length": seq, **given})
+        return dataclasses.replace(self, **{**defaults, **given})
 
 
 @dataclass
