@@ -62,9 +62,10 @@ STAGE_NAMES = {"init": "calibrated ternary initialization", "blocks": "block-wis
 RESULT_FILE = "recovery.json"
 RECOVER_CONFIG_FILE = "recover_config.json"  # the options a rerun must keep to reuse finished stages
 LONG_BUDGET_S = 60 * 60  # from here the default block share is 0.3
-SHORT_BUDGET_S = 30 * 60  # below this the joint block stage takes short steps: one sequence of
-SHORT_BLOCK_SEQ_LENGTH = 128  # this many tokens (at most calibration_seq_length)
-SHORT_BLOCK_LR = 1e-2  # at this learning rate
+JOINT_BLOCK_MICRO_BATCH = 1  # the joint block stage's default step: one sequence
+JOINT_BLOCK_SEQ_LENGTH = 128  # of this many tokens (at most calibration_seq_length)
+SHORT_BUDGET_S = 30 * 60  # below this the joint block stage's default learning rate is
+SHORT_BLOCK_LR = 1e-2  # this one, from it JointConfig().lr (3e-3)
 
 
 @dataclass
@@ -88,8 +89,8 @@ class RecoverArguments:
         "help": "Sequence length of the init stage's and the sequential block stage's token blocks and of the "
                 "held-out blocks."})
     block_seq_length: int | None = field(default=None, metadata={
-        "help": "Sequence length of the joint block stage's training blocks (default: 128 below 30 CPU-minutes, "
-                "or calibration_seq_length if shorter; else calibration_seq_length)."})
+        "help": "Sequence length of the joint block stage's training blocks (default: 128, or "
+                "calibration_seq_length if shorter)."})
     held_out_blocks: int = field(default=4, metadata={
         "help": "Blocks of calibration_seq_length tokens at the end of the training text, never trained on, that "
                 "report each stage's held-out loss and perplexity."})
@@ -103,7 +104,7 @@ class RecoverArguments:
                 "sequential: cosine per block). Default: joint 1e-2 below 30 CPU-minutes and 3e-3 from 30 (measured "
                 "on held-out blocks, docs/distill.md), sequential 1e-3 (not re-measured)."})
     block_micro_batch: int | None = field(default=None, metadata={
-        "help": "Sequences per block step (default: 1 below 30 CPU-minutes in the joint mode, else 2)."})
+        "help": "Sequences per block step (default: joint 1, sequential 2)."})
     block_loss: str = field(default="token", metadata={"help": f"Block loss: {', '.join(BLOCK_LOSSES)}."})
     block_student_inputs: bool = field(default=True, metadata={
         "help": "Train each block on the student's own previous-block outputs (false: the teacher's)."})
@@ -123,19 +124,17 @@ class RecoverArguments:
         """A copy with every option left at ``None`` set to its default for a budget of ``budget_s`` CPU seconds
         (``block_fraction``, ``block_lr``, ``block_micro_batch``, ``block_seq_length``); given options are kept.
 
-        A short joint block stage (below :data:`SHORT_BUDGET_S`) takes many small steps: at 10 CPU-minutes its
-        share buys 11 steps of 2 x 256 tokens, too few for Adam to move the blocks, or 29-36 steps of 1 x 128
-        tokens, which leave a start 100-1000x better on held-out blocks (docs/distill.md)."""
-        joint = self.block_mode == "joint"
-        short = joint and budget_s < SHORT_BUDGET_S
-        defaults = {"block_fraction": 0.3 if budget_s >= LONG_BUDGET_S else 0.15, "block_micro_batch": 1 if short else 2}
-        if short:
-            defaults.update(block_lr=SHORT_BLOCK_LR,
-                            block_seq_length=min(SHORT_BLOCK_SEQ_LENGTH, self.calibration_seq_length))
-        elif joint:
-            defaults.update(block_lr=JointConfig().lr, block_seq_length=self.calibration_seq_length)
+        The joint block stage takes many small steps (one sequence of 128 tokens): at every share measured on
+        held-out blocks they beat fewer steps of 2 x 256 tokens, by 100x at 1.5 CPU-minutes and 2.2x at 9. Its
+        learning rate is 1e-2 below :data:`SHORT_BUDGET_S` (best at 1.5 CPU-minutes) and 3e-3 from it (best at
+        9); docs/distill.md has the probes."""
+        defaults = {"block_fraction": 0.3 if budget_s >= LONG_BUDGET_S else 0.15}
+        if self.block_mode == "joint":
+            defaults.update(block_micro_batch=JOINT_BLOCK_MICRO_BATCH,
+                            block_seq_length=min(JOINT_BLOCK_SEQ_LENGTH, self.calibration_seq_length),
+                            block_lr=SHORT_BLOCK_LR if budget_s < SHORT_BUDGET_S else JointConfig().lr)
         else:
-            defaults.update(block_lr=BlockwiseConfig().lr)
+            defaults.update(block_micro_batch=2, block_lr=BlockwiseConfig().lr)
         given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         return dataclasses.replace(self, **{**defaults, **given})
 
