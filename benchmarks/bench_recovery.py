@@ -8,9 +8,9 @@ recipe, one child process trains a student:
   MiniLMv2 attention relation on the last block (6 relation heads) + SubLN, lr 1e-3 linear, batch 2 x 128 tokens,
   from the naively ternarized teacher (``bitdistill distill``, stopped by the CPU budget, schedule fit to it);
 * ``staged`` — ``bitdistill recover`` with its defaults (joint block-wise reconstruction on the student's own
-  inputs, then the e2e recipe above from the reconstructed student, same flags; below 30 CPU-minutes the block
-  stage takes steps of 1 x 128 tokens at lr 1e-2 instead of 2 x 256 at 3e-3, and from 60 CPU-minutes it gets
-  0.3 of the budget instead of 0.15).
+  inputs, steps of 1 x 128 tokens at lr 1e-2 below 30 CPU-minutes and 3e-3 from 30, then the e2e recipe above
+  from the reconstructed student, same flags; from 60 CPU-minutes the block stage gets 0.3 of the budget instead
+  of 0.15).
 
 Each trained student is then scored (not counted in the budget): perplexity on the first 40 non-overlapping
 512-token windows of wiki.test.raw, ``wikitext_lastword`` accuracy (lm-eval, first ``--lastword-limit``
