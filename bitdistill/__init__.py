@@ -73,6 +73,7 @@ _WHERE = {
     "reconstruct_blocks_in_place": "bitdistill.recover",
     "JointConfig": "bitdistill.recover",
     "reconstruct_jointly_in_place": "bitdistill.recover",
+    "RECOVER_E2E_DEFAULTS": "bitdistill.recover.staged",
     "RecoverArguments": "bitdistill.recover.staged",
     "run_staged_recovery": "bitdistill.recover.staged",
 }

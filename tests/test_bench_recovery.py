@@ -36,3 +36,16 @@ def test_bench_held_out_blocks_are_the_recipes_at_every_budget(bench):
         _, train, held_there = _calibration(args, data, tok)
         assert torch.equal(held_there, held)
         assert train.shape[1] == args.block_seq_length == 128
+
+
+def test_recover_defaults_are_the_flags_the_budget_curve_measured(bench):
+    """Every e2e-stage default of `bitdistill recover` is the value the benchmark's staged command passes."""
+    from bitdistill.cli.hfargs import parse_dataclasses
+    from bitdistill.cli.main import build_parser
+    from bitdistill.cli.recover import _types
+    from bitdistill.recover.staged import RECOVER_E2E_DEFAULTS
+
+    args = build_parser(["recover"]).parse_args(["recover", *bench.COMMON, *bench.STAGED])
+    assert RECOVER_E2E_DEFAULTS.keys() <= vars(args).keys()  # the benchmark passes every one explicitly
+    parsed = {k: v for obj in parse_dataclasses(args, _types()) for k, v in vars(obj).items()}
+    assert {k: parsed[k] for k in RECOVER_E2E_DEFAULTS} == RECOVER_E2E_DEFAULTS

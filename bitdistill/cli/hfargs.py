@@ -33,8 +33,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, dataclass_types: tu
         parser._add_action(action)
 
 
-def parse_dataclasses(args: argparse.Namespace, dataclass_types: tuple) -> tuple:
-    """Build the dataclasses from the parsed flags merged over ``--config``'s keys."""
+def parse_dataclasses(args: argparse.Namespace, dataclass_types: tuple, defaults: dict | None = None) -> tuple:
+    """Build the dataclasses from the parsed flags merged over ``--config``'s keys, merged over ``defaults``
+    (a command's own defaults for fields of ``dataclass_types``; fields in none of the three keep the
+    dataclasses' defaults)."""
     import yaml
     from transformers import HfArgumentParser
 
@@ -54,7 +56,7 @@ def parse_dataclasses(args: argparse.Namespace, dataclass_types: tuple) -> tuple
         if not isinstance(values, dict):
             raise UserError(f"--config file {path} must hold a mapping of option names to values")
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_run")}
-    values.update(flags)
+    values = {**(defaults or {}), **values, **flags}
     try:
         return HfArgumentParser(dataclass_types).parse_dict(values)
     except ValueError as exc:  # unknown keys, from HfArgumentParser

@@ -7,7 +7,7 @@ import argparse
 NAME = "recover"
 HELP = ("Distill a teacher into a BitNet b1.58 student with the staged recipe (calibrated ternary init, block-wise "
         "reconstruction, end-to-end KD) within --time_budget of process CPU time; takes every `distill` option "
-        "(for the e2e stage) and --config FILE.")
+        "(for the e2e stage; defaults: the measured recipe, RECOVER_E2E_DEFAULTS, not the Trainer's) and --config FILE.")
 
 
 def _types() -> tuple:
@@ -27,9 +27,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
-    from bitdistill.recover.staged import run_staged_recovery
+    from bitdistill.recover.staged import RECOVER_E2E_DEFAULTS, run_staged_recovery
 
-    model_args, data_args, loss_args, training_args, recover_args, task_args = parse_dataclasses(args, _types())
+    model_args, data_args, loss_args, training_args, recover_args, task_args = parse_dataclasses(
+        args, _types(), defaults=RECOVER_E2E_DEFAULTS)
     out = run_staged_recovery(model_args, data_args, loss_args, training_args, recover_args, task_args,
                               command=command_from_args(args))
     print(f"wrote the recovered student to {out}")
