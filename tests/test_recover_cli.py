@@ -195,3 +195,19 @@ def test_recover_defaults_are_the_measured_e2e_recipe_and_flags_override_them(mo
     model_args, data_args, loss_args, training_args = seen[-1][:4]
     assert (training_args.learning_rate, training_args.per_device_train_batch_size) == (0.002, 1)
     assert model_args.subln is False and data_args.max_seq_length == 128
+
+
+def test_recover_defaults_on_an_architecture_without_subln_name_the_flags_to_turn_off(setup, capsys, shared_data):
+    """SubLN and the relation loss (on by default) support Llama-like blocks only: a GPT-2 teacher fails before any
+    stage with the flag to turn each off, and runs with both off."""
+    gpt2 = tiny_gpt2_vocab_folder(setup["root"] / "gpt2", "gpt2", shared_data / "tokenizers" / "gpt2")
+    common = [*setup["common"], "--teacher_model_name_or_path", str(gpt2), "--time_budget", "20s", "--block_steps", "2"]
+    out = setup["root"] / "gpt2-run"
+    assert main(["recover", *common, "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not support architecture 'gpt2'" in err and "--subln false" in err, err
+    assert main(["recover", *common, "--subln", "false", "--output_dir", str(out)]) == 2
+    assert "--attention_weight 0" in capsys.readouterr().err
+    assert not out.exists()  # both refused before anything was written
+    assert main(["recover", *common, "--subln", "false", "--attention_weight", "0", "--output_dir", str(out)]) == 0
+    assert (out / "student" / "config.json").is_file()

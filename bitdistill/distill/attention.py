@@ -35,7 +35,7 @@ class QKVCapture:
     """
 
     def __init__(self, model: nn.Module, layers: list[int]) -> None:
-        spec = arch_spec(model, "the attention relation loss")
+        spec = arch_spec(model, "the attention relation loss", "turn it off with --attention_weight 0")
         _, blocks = decoder_layers(model)
         self.layers = resolve_layer_indices(layers, len(blocks), type(model).__name__)
         cfg = model.config

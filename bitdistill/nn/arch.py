@@ -37,12 +37,13 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchSpec] = {
 }
 
 
-def arch_spec(model: nn.Module, feature: str) -> ArchSpec:
-    """The :class:`ArchSpec` of ``model`` (by ``config.model_type``); ``feature`` names what needs it, for the error."""
+def arch_spec(model: nn.Module, feature: str, fix: str | None = None) -> ArchSpec:
+    """The :class:`ArchSpec` of ``model`` (by ``config.model_type``); ``feature`` names what needs it and ``fix``
+    how to do without it, for the error."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"{feature} does not support architecture {model_type!r}; supported: "
-                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}{f'; {fix}' if fix else ''}")
     return SUPPORTED_ARCHITECTURES[model_type]
 
 

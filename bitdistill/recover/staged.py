@@ -43,9 +43,11 @@ from torch import nn
 from bitdistill.convert import load_model
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
+from bitdistill.distill.attention import QKVCapture
 from bitdistill.distill.run import load_teacher, load_tokenizer, prepare_student, run_distillation
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir, atomic_write
+from bitdistill.nn.subln import subln_module_names
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
@@ -343,6 +345,10 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     cal, train, held = _calibration(recover_args, data_args, tokenizer)
     teacher = load_teacher(model_args)
     decoder_layers(teacher)
+    if model_args.subln:  # the student is a copy of the teacher: what they need of its blocks, before any stage
+        subln_module_names(teacher)
+    if loss_args.attention_weight > 0:
+        QKVCapture(teacher, loss_args.attention_layers)
     limit = getattr(teacher.config, "max_position_embeddings", None)
     for flag, length in (("--calibration_seq_length", held.shape[1]), ("--block_seq_length", train.shape[1])):
         if limit is not None and length > limit:
