@@ -256,10 +256,10 @@ def write_report(limit: int) -> Path:
         if r.get("command"):
             lines.append(f"- {r['recipe']} {r['budget_cpu_min']} (seed {r['seed']}, git {str(r.get('git_sha'))[:7]}): "
                          f"`{r['command']}`")
-    seeds = sorted({r["seed"] for r in rows if r["recipe"] != "teacher"} - {0})
+    others = other_seed_commands(rows)
     lines += ["", f"Reproduce: `python benchmarks/bench_recovery.py --budgets 10 30 90 --recipes e2e staged "
-              f"--lastword-limit {limit}`" + (f"; the other seeds: `... --budgets 10 --seeds {' '.join(map(str, seeds))}`"
-                                              if seeds else ""), "", "## Greedy continuations (seed 0)", ""]
+              f"--lastword-limit {limit}`" + (f"; the other seeds: {others}" if others else ""), "",
+              "## Greedy continuations (seed 0)", ""]
     top = max(x["budget_cpu_min"] for x in rows)
     shown = [r for r in order if r["recipe"] == "teacher" or (r["budget_cpu_min"] == top and r["seed"] == 0)]
     for r in shown:
@@ -272,6 +272,18 @@ def write_report(limit: int) -> Path:
     md = RESULTS / f"{NAME}.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def other_seed_commands(rows: list[dict]) -> str:
+    """The commands (abbreviated) that add the rows of seeds other than 0: budgets with the same seeds share one."""
+    extra: dict[tuple[int, ...], list[float]] = {}
+    trained = [r for r in rows if r["recipe"] != "teacher"]
+    for budget in sorted({r["budget_cpu_min"] for r in trained}):
+        seeds = tuple(sorted({r["seed"] for r in trained if r["budget_cpu_min"] == budget} - {0}))
+        if seeds:
+            extra.setdefault(seeds, []).append(budget)
+    return ", ".join(f"`... --budgets {' '.join(f'{b:g}' for b in budgets)} --seeds {' '.join(map(str, seeds))}`"
+                     for seeds, budgets in extra.items())
 
 
 def _heap(row: dict) -> str:

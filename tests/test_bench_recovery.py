@@ -49,3 +49,11 @@ def test_recover_defaults_are_the_flags_the_budget_curve_measured(bench):
     assert RECOVER_E2E_DEFAULTS.keys() <= vars(args).keys()  # the benchmark passes every one explicitly
     parsed = {k: v for obj in parse_dataclasses(args, _types()) for k, v in vars(obj).items()}
     assert {k: parsed[k] for k in RECOVER_E2E_DEFAULTS} == RECOVER_E2E_DEFAULTS
+
+
+def test_report_names_the_other_seeds_per_budget(bench):
+    rows = [{"recipe": "teacher", "budget_cpu_min": 0.0, "seed": 0}] + [
+        {"recipe": recipe, "budget_cpu_min": budget, "seed": seed} for recipe in ("e2e", "staged")
+        for budget, seeds in ((10.0, (0, 1, 2)), (30.0, (0, 1)), (90.0, (0, 1))) for seed in seeds]
+    assert bench.other_seed_commands(rows) == "`... --budgets 10 --seeds 1 2`, `... --budgets 30 90 --seeds 1`"
+    assert bench.other_seed_commands([r for r in rows if r["seed"] == 0]) == ""
