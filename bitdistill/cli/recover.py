@@ -7,7 +7,8 @@ import argparse
 NAME = "recover"
 HELP = ("Distill a teacher into a BitNet b1.58 student with the staged recipe (calibrated ternary init, block-wise "
         "reconstruction, end-to-end KD) within --time_budget of process CPU time; takes every `distill` option "
-        "(for the e2e stage; defaults: the measured recipe, RECOVER_E2E_DEFAULTS, not the Trainer's) and --config FILE.")
+        "(for the e2e stage; defaults: the measured recipe, RECOVER_E2E_DEFAULTS, not the Trainer's) and "
+        "--config FILE.")
 
 
 def _types() -> tuple:

@@ -55,7 +55,8 @@ from bitdistill.recover.layers import decoder_layers
 from bitdistill.runs import build_blocks, config_changes, config_dict, tokens_per_step
 from bitdistill.weights import read_json
 
-__all__ = ["RECOVER_E2E_DEFAULTS", "RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
+__all__ = ["RECOVER_E2E_DEFAULTS", "RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss",
+           "run_staged_recovery"]
 
 BLOCK_MODES = ("joint", "sequential")
 CARD_HEADING = "\n\n## Staged recovery"
@@ -68,9 +69,10 @@ JOINT_BLOCK_MICRO_BATCH = 1  # the joint block stage's default step: one sequenc
 JOINT_BLOCK_SEQ_LENGTH = 128  # of this many tokens (at most calibration_seq_length)
 SHORT_BUDGET_S = 30 * 60  # below this the joint block stage's default learning rate is
 SHORT_BLOCK_LR = 1e-2  # this one, from it JointConfig().lr (3e-3)
-# ``bitdistill recover``'s defaults for the e2e stage's distill options, in place of distill's (the Trainer's learning
-# rate 5e-5 and 8 sequences a step, 512-token blocks, no SubLN, logits only): the e2e recipe of the budget curve (docs/distill.md), whose
-# learning rate, micro-batch and sequence length were chosen on held-out blocks. Flags and --config override them.
+# ``bitdistill recover``'s defaults for the e2e stage's distill options, in place of distill's (the Trainer's
+# learning rate 5e-5 and 8 sequences a step, 512-token blocks, no SubLN, logits only): the e2e recipe of the budget
+# curve (docs/distill.md), whose learning rate, micro-batch and sequence length were chosen on held-out blocks.
+# Flags and --config override them.
 RECOVER_E2E_DEFAULTS: dict[str, object] = {
     "max_seq_length": 128, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "lr_scheduler_type": "linear",
     "warmup_steps": 10, "weight_decay": 0.0, "logits_weight": 1.0, "logits_loss": "forward_kl",
