@@ -20,6 +20,7 @@ _WHERE = {
     "keep_freed_memory": "bitdistill.allocator",
     "AuditCallback": "bitdistill.audit",
     "write_provenance": "bitdistill.audit",
+    "DISTILL_DEFAULTS": "bitdistill.distill.args",
     "DistillationTrainer": "bitdistill.distill",
     "run_cache_teacher": "bitdistill.distill",
     "run_distillation": "bitdistill.distill",
@@ -73,7 +74,6 @@ _WHERE = {
     "reconstruct_blocks_in_place": "bitdistill.recover",
     "JointConfig": "bitdistill.recover",
     "reconstruct_jointly_in_place": "bitdistill.recover",
-    "RECOVER_E2E_DEFAULTS": "bitdistill.recover.staged",
     "RecoverArguments": "bitdistill.recover.staged",
     "run_staged_recovery": "bitdistill.recover.staged",
 }

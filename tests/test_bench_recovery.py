@@ -38,17 +38,19 @@ def test_bench_held_out_blocks_are_the_recipes_at_every_budget(bench):
         assert train.shape[1] == args.block_seq_length == 128
 
 
-def test_recover_defaults_are_the_flags_the_budget_curve_measured(bench):
-    """Every e2e-stage default of `bitdistill recover` is the value the benchmark's staged command passes."""
+@pytest.mark.parametrize("command", ["distill", "recover"])
+def test_command_defaults_are_the_flags_the_budget_curve_measured(bench, command):
+    """Every default of `bitdistill distill` and of `recover`'s e2e stage is the value the benchmark's e2e and
+    staged commands pass."""
     from bitdistill.cli.hfargs import parse_dataclasses
     from bitdistill.cli.main import build_parser
-    from bitdistill.cli.recover import _types
-    from bitdistill.recover.staged import RECOVER_E2E_DEFAULTS
+    from bitdistill.distill.args import DISTILL_DEFAULTS
 
-    args = build_parser(["recover"]).parse_args(["recover", *bench.COMMON, *bench.STAGED])
-    assert RECOVER_E2E_DEFAULTS.keys() <= vars(args).keys()  # the benchmark passes every one explicitly
-    parsed = {k: v for obj in parse_dataclasses(args, _types()) for k, v in vars(obj).items()}
-    assert {k: parsed[k] for k in RECOVER_E2E_DEFAULTS} == RECOVER_E2E_DEFAULTS
+    args = build_parser([command]).parse_args([command, *bench.COMMON, *bench.E2E])
+    assert DISTILL_DEFAULTS.keys() <= vars(args).keys()  # the benchmark passes every one explicitly
+    types = importlib.import_module(f"bitdistill.cli.{command}")._types()
+    parsed = {k: v for obj in parse_dataclasses(args, types) for k, v in vars(obj).items()}
+    assert {k: parsed[k] for k in DISTILL_DEFAULTS} == DISTILL_DEFAULTS
 
 
 def test_report_names_the_other_seeds_per_budget(bench):

@@ -71,7 +71,8 @@ def test_gradient_checkpointing_cli_gives_the_same_losses(setup, arch, monkeypat
         extra = [] if mode == "plain" else [f"--{flag}", "true", f"--{flag}_kwargs", f'{{"use_reentrant": {mode}}}']
         calls.clear()
         rc = main(["distill", "--teacher_model_name_or_path", str(setup["teachers"][arch]), *setup["common"],
-                   "--max_steps", "2", "--ce_weight", "0.5", "--output_dir", str(out), *extra])
+                   "--max_steps", "2", "--ce_weight", "0.5", "--output_dir", str(out), *extra,
+                   *([] if arch == "llama" else ["--subln", "false", "--attention_weight", "0"])])
         assert rc == 0, capsys.readouterr().err
         if mode == "plain":
             assert calls == []

@@ -84,6 +84,8 @@ def test_decoder_layers_refuses_a_model_without_a_block_list():
     model.config = type("C", (), {"num_hidden_layers": 3})()
     with pytest.raises(ValueError, match="cannot find the decoder blocks"):
         decoder_layers(model)
+    with pytest.raises(ValueError, match=r"num_hidden_layers=3 layers; use distill instead$"):
+        decoder_layers(model, fix="use distill instead")
 
 
 def _layer_errors(student, teacher, ids) -> list[float]:

@@ -176,27 +176,6 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     assert (out / "student" / "README.md").read_text().count("## Staged recovery") == 1
 
 
-def test_recover_defaults_are_the_measured_e2e_recipe_and_flags_override_them(monkeypatch, tmp_path):
-    """Without flags the e2e stage gets RECOVER_E2E_DEFAULTS, not the Trainer's (lr 5e-5, 8 x 512 tokens, no SubLN);
-    a --config key overrides a default and a flag overrides both."""
-    from bitdistill.recover import staged
-
-    seen = []
-    monkeypatch.setattr(staged, "run_staged_recovery", lambda *args, **kwargs: seen.append(args) or tmp_path)
-    base = ["recover", "--teacher_model_name_or_path", "tiny:llama", "--output_dir", str(tmp_path / "out")]
-    assert main(base) == 0
-    model_args, data_args, loss_args, training_args = seen[-1][:4]
-    parsed = {**vars(model_args), **vars(data_args), **vars(loss_args), **vars(training_args)}
-    for key, value in staged.RECOVER_E2E_DEFAULTS.items():
-        assert parsed[key] == value, key
-    config = tmp_path / "recover.yaml"
-    config.write_text("learning_rate: 0.002\nper_device_train_batch_size: 4\n")
-    assert main([*base, "--config", str(config), "--per_device_train_batch_size", "1", "--subln", "false"]) == 0
-    model_args, data_args, loss_args, training_args = seen[-1][:4]
-    assert (training_args.learning_rate, training_args.per_device_train_batch_size) == (0.002, 1)
-    assert model_args.subln is False and data_args.max_seq_length == 128
-
-
 def test_recover_defaults_on_an_architecture_without_subln_name_the_flags_to_turn_off(setup, capsys, shared_data):
     """SubLN and the relation loss (on by default) support Llama-like blocks only: a GPT-2 teacher fails before any
     stage with the flag to turn each off, and runs with both off."""

@@ -25,14 +25,21 @@ USED_FIELDS = frozenset({
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from bitdistill.cli.hfargs import add_dataclass_arguments
 
-    add_dataclass_arguments(p, _types(), only=USED_FIELDS)
+    add_dataclass_arguments(p, _types(), only=USED_FIELDS, defaults=_defaults())
+
+
+def _defaults() -> dict:
+    """distill's block length, so that a cache made with the defaults serves a ``distill`` run with them."""
+    from bitdistill.distill.args import DISTILL_DEFAULTS
+
+    return {"max_seq_length": DISTILL_DEFAULTS["max_seq_length"]}
 
 
 def run(args: argparse.Namespace) -> int:
     from bitdistill.cli.hfargs import parse_dataclasses
     from bitdistill.distill.run import run_cache_teacher
 
-    model_args, data_args, cache_args = parse_dataclasses(args, _types())
+    model_args, data_args, cache_args = parse_dataclasses(args, _types(), defaults=_defaults())
     out = run_cache_teacher(model_args, data_args, cache_args)
     print(f"wrote the teacher cache to {out}")
     return 0

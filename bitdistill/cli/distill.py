@@ -15,17 +15,20 @@ def _types() -> tuple:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from bitdistill.cli.hfargs import add_dataclass_arguments
+    from bitdistill.distill.args import DISTILL_DEFAULTS
 
-    add_dataclass_arguments(p, _types())
+    add_dataclass_arguments(p, _types(), defaults=DISTILL_DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> int:
     from bitdistill.cli.console import show_progress
     from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
+    from bitdistill.distill.args import DISTILL_DEFAULTS
     from bitdistill.distill.run import run_distillation
 
     show_progress("distill")
-    model_args, data_args, loss_args, training_args, task_args = parse_dataclasses(args, _types())
+    model_args, data_args, loss_args, training_args, task_args = parse_dataclasses(
+        args, _types(), defaults=DISTILL_DEFAULTS)
     out = run_distillation(model_args, data_args, loss_args, training_args, task_args,
                            command=command_from_args(args))
     print(f"wrote the distilled student to {out}")

@@ -17,9 +17,10 @@ __all__ = ["add_dataclass_arguments", "command_from_args", "parse_dataclasses"]
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, dataclass_types: tuple,
-                            only: frozenset[str] | None = None) -> None:
+                            only: frozenset[str] | None = None, defaults: dict | None = None) -> None:
     """Add every field of ``dataclass_types`` (or only the fields named in ``only``) as a flag of ``parser``
-    (absent flags stay absent, so the dataclass defaults apply), and ``--config``."""
+    (absent flags stay absent, so the command's ``defaults`` or else the dataclass defaults apply, see
+    :func:`parse_dataclasses`; the help of a flag in ``defaults`` names its value), and ``--config``."""
     from transformers import HfArgumentParser
 
     hf = HfArgumentParser(dataclass_types)
@@ -30,6 +31,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, dataclass_types: tu
             continue
         action.default = argparse.SUPPRESS
         action.required = False
+        if defaults and action.dest in defaults:
+            action.help = f"{action.help or ''} (default: {defaults[action.dest]})".lstrip()
         parser._add_action(action)
 
 

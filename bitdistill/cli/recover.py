@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-NAME = "recover"
-HELP = ("Distill a teacher into a BitNet b1.58 student with the staged recipe (calibrated ternary init, block-wise "
-        "reconstruction, end-to-end KD) within --time_budget of process CPU time; takes every `distill` option "
-        "(for the e2e stage; defaults: the measured recipe, RECOVER_E2E_DEFAULTS, not the Trainer's) and "
-        "--config FILE.")
-
 
 def _types() -> tuple:
     from transformers import TrainingArguments
@@ -22,16 +16,18 @@ def _types() -> tuple:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from bitdistill.cli.hfargs import add_dataclass_arguments
+    from bitdistill.distill.args import DISTILL_DEFAULTS
 
-    add_dataclass_arguments(p, _types())
+    add_dataclass_arguments(p, _types(), defaults=DISTILL_DEFAULTS)
 
 
 def run(args: argparse.Namespace) -> int:
     from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
-    from bitdistill.recover.staged import RECOVER_E2E_DEFAULTS, run_staged_recovery
+    from bitdistill.distill.args import DISTILL_DEFAULTS
+    from bitdistill.recover.staged import run_staged_recovery
 
     model_args, data_args, loss_args, training_args, recover_args, task_args = parse_dataclasses(
-        args, _types(), defaults=RECOVER_E2E_DEFAULTS)
+        args, _types(), defaults=DISTILL_DEFAULTS)
     out = run_staged_recovery(model_args, data_args, loss_args, training_args, recover_args, task_args,
                               command=command_from_args(args))
     print(f"wrote the recovered student to {out}")

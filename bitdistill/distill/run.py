@@ -23,7 +23,7 @@ from bitdistill.distill.args import (
     LossArguments,
     ModelArguments,
 )
-from bitdistill.distill.attention import resolve_layer_indices
+from bitdistill.distill.attention import QKVCapture, resolve_layer_indices
 from bitdistill.distill.card import distill_card
 from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
 from bitdistill.distill.layer_map import build_layer_map
@@ -97,7 +97,8 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
                     calibration_input_ids: torch.Tensor | None = None) -> nn.Module:
     """The BitNet student: a copy of the teacher (default), the given model or a fresh model from
     ``--student_config`` (optionally with the teacher's embeddings), converted, with optional SubLN and
-    frozen embeddings/head."""
+    frozen embeddings/head. A student whose vocabulary is not the teacher's, or is too small for
+    ``calibration_input_ids`` ``[B, T]`` (SubLN's calibrated init runs it on them), is refused first."""
     src = model_args.student_model_name_or_path
     if model_args.student_config and src is not None:
         raise UserError("--student_config builds a fresh student; do not also pass --student_model_name_or_path")
@@ -124,7 +125,13 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
         report = replace_linear_with_bitlinear(student, modules_to_not_convert=model_args.modules_to_not_convert)
         if not report.converted:
             raise UserError(f"the student {type(student).__name__} has no linear layer to convert")
+    if teacher is not None and _vocab(teacher) != _vocab(student):
+        raise UserError(f"teacher and student have different vocabularies ({_vocab(teacher)} vs {_vocab(student)} "
+                        "output logits); distillation needs the same tokenizer and vocabulary")
     if model_args.subln and not (student_marker(student) or {}).get("subln_modules"):
+        if calibration_input_ids is not None and int(calibration_input_ids.max()) >= _vocab(student):
+            raise UserError(f"the tokenizer gives token id {int(calibration_input_ids.max())} but the student's "
+                            f"vocabulary is {_vocab(student)}; they are incompatible (pass the model's own tokenizer)")
         insert_subln(student, eps=model_args.subln_eps, init=model_args.subln_init,
                      calibration_input_ids=calibration_input_ids)
     student.requires_grad_(True)
@@ -135,7 +142,11 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
 
 
 def _vocab(model: nn.Module) -> int:
-    return model.get_output_embeddings().weight.shape[0]
+    head = model.get_output_embeddings()
+    if head is None:
+        raise UserError(f"{type(model).__name__} has no output head (get_output_embeddings() is None); distillation "
+                        "needs a causal LM with one")
+    return head.weight.shape[0]
 
 
 def _own_tokenizer(model_args: ModelArguments):
@@ -155,9 +166,6 @@ def _own_tokenizer(model_args: ModelArguments):
 
 def _check_pair(teacher: nn.Module | None, student: nn.Module, tokenizer, max_seq_length: int,
                 model_args: ModelArguments) -> None:
-    if teacher is not None and _vocab(teacher) != _vocab(student):
-        raise UserError(f"teacher and student have different vocabularies ({_vocab(teacher)} vs {_vocab(student)} "
-                        "output logits); distillation needs the same tokenizer and vocabulary")
     model = teacher if teacher is not None else student
     check_tokenizer(tokenizer, model, tokenizer_name=str(model_args.tokenizer_name_or_path or "of the teacher"),
                     model_name=str(model_args.teacher_model_name_or_path or model_args.student_model_name_or_path
@@ -193,7 +201,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     validate_run_args(model_args, data_args, loss_args, training_args)
     if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
         raise UserError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
-                        "need the live teacher (set their weights to 0 or drop --teacher_cache)")
+                        "need the live teacher (pass --hidden_weight 0 --attention_weight 0: `bitdistill distill` turns "
+                        "the relation loss on by default; or drop --teacher_cache)")
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
@@ -234,6 +243,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         s_layers = resolve_layer_indices(loss_args.attention_layers, ls, "student")
         t_layers = [round(i * (lt - 1) / max(ls - 1, 1)) for i in s_layers]
         attention_layers = (s_layers, t_layers)
+        for m, layers in ((student, s_layers), (teacher, t_layers)):  # unsupported blocks: refused before
+            QKVCapture(m, layers)  # anything is written (the trainer builds its own captures)
 
     run = setup_run(blocks, tokenizer, data_args, training_args, config, callbacks)
     train_ds, val_ds, ppl_ids, audit, config_json = run.train_ds, run.val_ds, run.ppl_ids, run.audit, run.config_json

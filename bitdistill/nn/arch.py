@@ -47,10 +47,17 @@ def arch_spec(model: nn.Module, feature: str, fix: str | None = None) -> ArchSpe
     return SUPPORTED_ARCHITECTURES[model_type]
 
 
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The name and the ``ModuleList`` of the model's decoder blocks (``config.num_hidden_layers`` long)."""
-    n = model.config.num_hidden_layers
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n and name.endswith("layers"):
-            return name, module
-    raise UserError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+def decoder_layers(model: nn.Module, fix: str | None = None) -> tuple[str, nn.ModuleList]:
+    """``(name, layers)``: the model's decoder-block list, found without naming an architecture: the
+    ``nn.ModuleList`` of ``config.num_hidden_layers`` modules (the largest such list by parameter count).
+
+    Raises:
+        UserError: there is no such list (one line naming the model, and ``fix`` when given).
+    """
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and n is not None and len(m) == n and n > 0]
+    if not found:
+        raise UserError(f"cannot find the decoder blocks of {type(model).__name__}: it has no nn.ModuleList of "
+                        f"config.num_hidden_layers={n} layers{f'; {fix}' if fix else ''}")
+    return max(found, key=lambda item: sum(p.numel() for p in item[1].parameters()))

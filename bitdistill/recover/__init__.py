@@ -1,6 +1,7 @@
 """Recovering a ternary student's quality: calibrated ternary initialization, block-wise reconstruction, and the
 staged recipe that runs them before end-to-end KD within a CPU-time budget (see docs/distill.md)."""
 
+from bitdistill.nn.arch import decoder_layers
 from bitdistill.recover.blockwise import (
     BlockwiseConfig,
     BlockwiseReport,
@@ -8,7 +9,7 @@ from bitdistill.recover.blockwise import (
     reconstruct_blocks_in_place,
 )
 from bitdistill.recover.joint import JointConfig, JointReport, reconstruct_jointly_in_place
-from bitdistill.recover.layers import capture_layer_call, decoder_layers, layer_output
+from bitdistill.recover.layers import capture_layer_call, layer_output
 from bitdistill.recover.ternary import (
     TernaryFit,
     calibrated_ternary,

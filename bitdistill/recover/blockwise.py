@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.nn.arch import decoder_layers
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
-from bitdistill.recover.layers import LayerCall, capture_layer_call, decoder_layers, layer_output
+from bitdistill.recover.layers import LayerCall, capture_layer_call, layer_output
 from bitdistill.recover.ternary import calibrated_ternary, encode_ternary, hessian_inverse_factor
 
 __all__ = ["BLOCK_LOSSES", "BlockwiseConfig", "BlockwiseReport", "block_loss", "check_state_budget",

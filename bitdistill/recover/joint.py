@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.nn.arch import decoder_layers
 from bitdistill.recover.blockwise import BLOCK_LOSSES, block_loss
 from bitdistill.recover.budget import StepPlan
-from bitdistill.recover.layers import capture_layer_call, decoder_layers, layer_output
+from bitdistill.recover.layers import capture_layer_call, layer_output
 
 __all__ = ["JOINT_INPUTS", "JointConfig", "JointReport", "reconstruct_jointly_in_place"]
 

@@ -1,7 +1,6 @@
 """Find a causal LM's decoder-layer list generically and call one decoder layer on stored hidden states.
 
-No architecture is named here: the layer list is the ``nn.ModuleList`` holding ``config.num_hidden_layers``
-modules (the largest such list by parameter count). A layer's extra inputs (rotary position embeddings,
+No architecture is named here: the layer list is :func:`bitdistill.nn.arch.decoder_layers`. A layer's extra inputs (rotary position embeddings,
 attention mask, position ids, ...) are captured once from a real forward of the model with a pre-hook on
 the first layer (every layer of a decoder stack receives the same ones), and replayed with stored hidden
 states.
@@ -14,25 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitdistill.errors import UserError
+from bitdistill.nn.arch import decoder_layers
 
-__all__ = ["LayerCall", "capture_layer_call", "decoder_layers", "layer_output"]
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(name, layers)``: the model's decoder-layer list.
-
-    Raises:
-        ValueError: no ``nn.ModuleList`` of ``config.num_hidden_layers`` modules exists (one line, naming the model).
-    """
-    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.ModuleList) and n is not None and len(m) == n and n > 0]
-    if not found:
-        raise UserError(f"cannot find the decoder blocks of {type(model).__name__}: it has no nn.ModuleList of "
-                         f"config.num_hidden_layers={n} layers; block-wise recovery needs a standard decoder stack "
-                         "(use the end-to-end recipe instead)")
-    return max(found, key=lambda item: sum(p.numel() for p in item[1].parameters()))
+__all__ = ["LayerCall", "capture_layer_call", "layer_output"]
 
 
 class _Stop(Exception):

@@ -47,16 +47,15 @@ from bitdistill.distill.attention import QKVCapture
 from bitdistill.distill.run import load_teacher, load_tokenizer, prepare_student, run_distillation
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir, atomic_write
+from bitdistill.nn.arch import decoder_layers
 from bitdistill.nn.subln import subln_module_names
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
-from bitdistill.recover.layers import decoder_layers
 from bitdistill.runs import build_blocks, config_changes, config_dict, tokens_per_step
 from bitdistill.weights import read_json
 
-__all__ = ["RECOVER_E2E_DEFAULTS", "RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss",
-           "run_staged_recovery"]
+__all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
 
 BLOCK_MODES = ("joint", "sequential")
 CARD_HEADING = "\n\n## Staged recovery"
@@ -69,15 +68,6 @@ JOINT_BLOCK_MICRO_BATCH = 1  # the joint block stage's default step: one sequenc
 JOINT_BLOCK_SEQ_LENGTH = 128  # of this many tokens (at most calibration_seq_length)
 SHORT_BUDGET_S = 30 * 60  # below this the joint block stage's default learning rate is
 SHORT_BLOCK_LR = 1e-2  # this one, from it JointConfig().lr (3e-3)
-# ``bitdistill recover``'s defaults for the e2e stage's distill options, in place of distill's (the Trainer's
-# learning rate 5e-5 and 8 sequences a step, 512-token blocks, no SubLN, logits only): the e2e recipe of the budget
-# curve (docs/distill.md), whose learning rate, micro-batch and sequence length were chosen on held-out blocks.
-# Flags and --config override them.
-RECOVER_E2E_DEFAULTS: dict[str, object] = {
-    "max_seq_length": 128, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "lr_scheduler_type": "linear",
-    "warmup_steps": 10, "weight_decay": 0.0, "logits_weight": 1.0, "logits_loss": "forward_kl",
-    "attention_weight": 1.0, "attention_layers": [-1], "subln": True,
-}
 
 
 @dataclass
@@ -346,7 +336,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     tokenizer = load_tokenizer(model_args)
     cal, train, held = _calibration(recover_args, data_args, tokenizer)
     teacher = load_teacher(model_args)
-    decoder_layers(teacher)
+    decoder_layers(teacher, fix="block-wise recovery needs a standard decoder stack; use `bitdistill distill` instead")
     if model_args.subln:  # the student is a copy of the teacher: what they need of its blocks, before any stage
         subln_module_names(teacher)
     if loss_args.attention_weight > 0:
