@@ -33,6 +33,7 @@ def test_without_flags_the_command_gets_the_measured_recipe(command, tmp_path):
     assert main([name, "--teacher_model_name_or_path", "tiny:llama", "--output_dir", str(tmp_path / "out")]) == 0
     parsed = _parsed(seen[-1])
     assert {k: parsed[k] for k in DISTILL_DEFAULTS} == DISTILL_DEFAULTS
+    assert parsed["attention_layers"] is not DISTILL_DEFAULTS["attention_layers"]  # a run cannot change them
     assert parsed["learning_rate"] != 5e-5 and parsed["hidden_weight"] == 0.0  # fields not in it keep theirs
 
 

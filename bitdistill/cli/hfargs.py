@@ -7,6 +7,7 @@ same keys, and flags given on the command line override the file.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shlex
 from pathlib import Path
@@ -59,7 +60,7 @@ def parse_dataclasses(args: argparse.Namespace, dataclass_types: tuple, defaults
         if not isinstance(values, dict):
             raise UserError(f"--config file {path} must hold a mapping of option names to values")
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_run")}
-    values = {**(defaults or {}), **values, **flags}
+    values = {**copy.deepcopy(defaults or {}), **values, **flags}  # the parsed lists are not the defaults'
     try:
         return HfArgumentParser(dataclass_types).parse_dict(values)
     except ValueError as exc:  # unknown keys, from HfArgumentParser
