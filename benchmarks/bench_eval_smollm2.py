@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_distill_smollm2 import DATA, GGUF, WIKI, _gguf_dir, train_command
+from bench_distill_smollm2 import DATA, GGUF, WIKI, _gguf_dir, shown_command, train_command
 
 TASK = "wikitext_lastword"
 BEST_ROW = "logits KD + attention relation + SubLN"
@@ -121,7 +121,7 @@ def main() -> None:
     def student() -> dict:
         folder = _student(a, work)
         source = {"student": a.student} if a.student else {
-            "train_command": " ".join(shlex.quote(c) for c in _train_command(a, work))}
+            "train_command": shown_command(_train_command(a, work), work / "distill")}
         return {**_evaluate(folder, a, ids), **source}
 
     label = a.student_label or STUDENT
