@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import shutil
 import socket
 from pathlib import Path
@@ -54,3 +55,12 @@ def tiny_gpt2_vocab_folder(path: Path, arch: str, tokenizer_dir: Path, seed: int
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, path / f.name)
     return path
+
+
+def load_benchmark(name: str):
+    """The module ``benchmarks/<name>.py`` (benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

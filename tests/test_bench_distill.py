@@ -3,22 +3,17 @@ no absolute path of the machine that ran it."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_distill_smollm2.py"
+from run_utils import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench(shared_data):
-    spec = importlib.util.spec_from_file_location("bench_distill_smollm2", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_distill_smollm2")
 
 
 def _args(tmp_path: Path) -> SimpleNamespace:

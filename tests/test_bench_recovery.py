@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+import importlib
 
 import pytest
 import torch
+from run_utils import load_benchmark
 
 from bitdistill.data.args import DataArguments
 from bitdistill.recover.staged import RecoverArguments, _calibration
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_recovery.py"
-
 
 @pytest.fixture(scope="module")
 def bench(shared_data):
-    spec = importlib.util.spec_from_file_location("bench_recovery", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_recovery")
 
 
 def test_bench_held_out_blocks_are_the_recipes_at_every_budget(bench):
