@@ -78,13 +78,16 @@ def child_eval(a) -> dict:
     return out
 
 
-# Every loss term and SubLN explicit: `bitdistill distill`'s own defaults are the third row's recipe.
+# Every loss term and SubLN explicit: `bitdistill distill`'s own defaults are the third row's recipe plus the
+# hidden-state loss (`--hidden_weight 5 --hidden_loss cosine`, a default since these rows ran).
+_NO_AUX = ["--attention_weight", "0", "--hidden_weight", "0", "--subln", "false"]
 ROWS = {
-    "CE only (QAT)": ["--ce_weight", "1", "--logits_weight", "0", "--attention_weight", "0", "--subln", "false"],
-    "logits KD": ["--logits_weight", "1", "--logits_loss", "forward_kl", "--attention_weight", "0", "--subln", "false"],
+    "CE only (QAT)": ["--ce_weight", "1", "--logits_weight", "0", *_NO_AUX],
+    "logits KD": ["--logits_weight", "1", "--logits_loss", "forward_kl", *_NO_AUX],
     "logits KD + attention relation + SubLN": ["--logits_weight", "1", "--logits_loss", "forward_kl",
                                                "--attention_weight", "1", "--attention_layers", "-1",
-                                               "--attention_relation_heads", "6", "--subln", "true"],
+                                               "--attention_relation_heads", "6", "--hidden_weight", "0",
+                                               "--subln", "true"],
 }
 
 

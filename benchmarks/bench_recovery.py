@@ -56,7 +56,8 @@ COMMON = ["--max_seq_length", "128", "--per_device_train_batch_size", "2", "--lr
           "--warmup_steps", "10", "--weight_decay", "0", "--logging_steps", "10", "--save_strategy", "no",
           "--report_to", "none", "--disable_tqdm", "true"]
 E2E = ["--learning_rate", "0.001", "--logits_weight", "1", "--logits_loss", "forward_kl", "--attention_weight", "1",
-       "--attention_layers", "-1", "--attention_relation_heads", "6", "--subln", "true"]
+       "--attention_layers", "-1", "--attention_relation_heads", "6", "--hidden_weight", "5", "--hidden_loss", "cosine",
+       "--subln", "true"]
 STAGED = E2E  # the e2e stage of the staged recipe is the e2e recipe (its losses, SubLN, learning rate)
 
 

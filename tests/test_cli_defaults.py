@@ -34,7 +34,7 @@ def test_without_flags_the_command_gets_the_measured_recipe(command, tmp_path):
     parsed = _parsed(seen[-1])
     assert {k: parsed[k] for k in DISTILL_DEFAULTS} == DISTILL_DEFAULTS
     assert parsed["attention_layers"] is not DISTILL_DEFAULTS["attention_layers"]  # a run cannot change them
-    assert parsed["learning_rate"] != 5e-5 and parsed["hidden_weight"] == 0.0  # fields not in it keep theirs
+    assert parsed["learning_rate"] != 5e-5 and parsed["hidden_layer_map"] == "uniform+last"  # others keep theirs
 
 
 def test_config_overrides_a_default_and_a_flag_overrides_both(command, tmp_path):

@@ -122,13 +122,14 @@ def test_teacher_cache_cli_trains_without_teacher(setup, capsys):
                "--student_model_name_or_path", str(root / "teacher"), "--train_files", str(root / "train.txt"),
                "--max_seq_length", "32", "--max_train_blocks", "6", "--data_cache_dir", str(root / "cache"),
                "--output_dir", str(root / "cached_run"), "--max_steps", "2", "--per_device_train_batch_size", "2",
-               "--disable_tqdm", "true", "--attention_weight", "0"])
+               "--disable_tqdm", "true", "--attention_weight", "0", "--hidden_weight", "0"])
     assert rc == 0, capsys.readouterr().err
     assert (root / "cached_run" / "student" / "model.safetensors").is_file()
     rc = main(["distill", "--teacher_cache", str(root / "tcache"), "--tokenizer_name_or_path", str(root / "teacher"),
                "--student_model_name_or_path", str(root / "teacher"), "--train_files", str(root / "train.txt"),
                "--max_seq_length", "32", "--data_cache_dir", str(root / "cache"),
-               "--output_dir", str(root / "cached_run2"), "--max_steps", "1", "--attention_weight", "0"])
+               "--output_dir", str(root / "cached_run2"), "--max_steps", "1", "--attention_weight", "0",
+               "--hidden_weight", "0"])
     assert rc == 2 and "different training data" in capsys.readouterr().err
 
 

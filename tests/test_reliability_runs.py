@@ -70,7 +70,7 @@ DISTILL_CASES = [
     (["--teacher_model_name_or_path", "./no/such/teacher"], "does not exist"),
     (["--teacher_model_name_or_path", "{d}/latin1.txt"], "is a file"),
     (["--teacher_gguf_file", "x.gguf"], "x.gguf does not exist"),
-    (["--teacher_cache", "{d}/folder", "--attention_weight", "0"], "meta.json"),
+    (["--teacher_cache", "{d}/folder", "--attention_weight", "0", "--hidden_weight", "0"], "meta.json"),
     (["--teacher_cache", "{d}/folder"], "pass --hidden_weight 0 --attention_weight 0"),
     (["--config", "{d}/bad.yaml"], "bad.yaml is not valid YAML"),
     (["--config", "{d}/bad.json"], "bad.json is not valid JSON"),
@@ -130,7 +130,7 @@ def test_teacher_cache_with_corrupt_meta_is_named(setup, tmp_path, capsys):
     (tmp_path / "tc" / "meta.json").write_text("{not json")
     err = _fail(["distill", "--teacher_cache", str(tmp_path / "tc"), "--tokenizer_name_or_path", str(setup["teacher"]),
                  "--student_model_name_or_path", str(setup["teacher"]), *setup["common"],
-                 "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--attention_weight", "0"], capsys)
+                 "--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--attention_weight", "0", "--hidden_weight", "0"], capsys)
     assert "meta.json is not valid JSON" in err and not (tmp_path / "run").exists()
 
 

@@ -20,13 +20,13 @@ __all__ = ["DISTILL_DEFAULTS", "CacheArguments", "DataArguments", "EvalTaskArgum
 
 # The defaults of ``bitdistill distill`` and of ``bitdistill recover``'s e2e stage, in place of the dataclasses'
 # (the Trainer's learning rate 5e-5 and 8 sequences a step, 512-token blocks, no SubLN, logits only): the e2e recipe
-# of the budget curve (docs/distill.md), whose learning rate, micro-batch and sequence length were chosen on held-out
-# blocks. ``--config`` keys override them and flags override both; code that builds the dataclasses itself keeps the
+# of the budget curve (docs/distill.md), whose learning rate, micro-batch, sequence length and hidden-state loss were
+# chosen on held-out blocks. ``--config`` keys override them and flags override both; code that builds the dataclasses itself keeps the
 # dataclasses' defaults.
 DISTILL_DEFAULTS: dict[str, object] = {
     "max_seq_length": 128, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "lr_scheduler_type": "linear",
     "warmup_steps": 10, "weight_decay": 0.0, "logits_weight": 1.0, "logits_loss": "forward_kl",
-    "attention_weight": 1.0, "attention_layers": [-1], "subln": True,
+    "attention_weight": 1.0, "attention_layers": [-1], "hidden_weight": 5.0, "hidden_loss": "cosine", "subln": True,
 }
 
 

@@ -202,7 +202,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
         raise UserError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
                         "need the live teacher (pass --hidden_weight 0 --attention_weight 0: `bitdistill distill` turns "
-                        "the relation loss on by default; or drop --teacher_cache)")
+                        "both on by default; or drop --teacher_cache)")
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
