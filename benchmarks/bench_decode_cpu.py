@@ -41,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Bench, _quantile, recorded_command
+from harness import Bench, _quantile
+from recorded import recorded_command
 from smollm2 import DEFAULT_WORK, TOKENIZER, gguf_file, prepare, wiki_windows
 
 

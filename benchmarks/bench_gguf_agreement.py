@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import Bench, recorded_command
+from harness import Bench
+from recorded import recorded_command
 from smollm2 import wiki_windows
 
 

@@ -27,13 +27,13 @@ import argparse
 import importlib.util
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recorded import shown_command
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -102,7 +102,7 @@ def run_row(a, name: str, flags: list[str], out_dir: Path) -> dict:
                           "heldout_loss": final.get(f"final_loss_{e}"), "last_train_ce": last_train.get(e)}
                       for e in exits},
             "train_tokens": a.steps * a.batch * a.seq, "train_s": metrics["train"]["train_runtime"],
-            "wall_s": wall, "eval_tokens": final["final_tokens"], "command": " ".join(shlex.quote(c) for c in cmd)}
+            "wall_s": wall, "eval_tokens": final["final_tokens"], "command": shown_command(cmd, out_dir)}
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -137,21 +136,6 @@ def _git_sha() -> str:
                               cwd=Path(__file__).resolve().parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def recorded_command(script: str, argv: Sequence[str]) -> str:
-    """``python <script> <argv>`` as a results file records it: paths inside the repository (or the shared
-    data beside it) relative to the repository root, any other absolute path as ``<outside the repo>``, so no
-    machine's folders are written down."""
-    repo = Path(__file__).resolve().parents[1]
-    shown = []
-    for arg in argv:
-        if arg.startswith("/"):
-            path = Path(arg).resolve()
-            inside = path.is_relative_to(repo) or path.is_relative_to(repo.parent / "shared")
-            arg = os.path.relpath(path, repo) if inside else "<outside the repo>"
-        shown.append(arg)
-    return " ".join(["python", script, *shown])
 
 
 def environment() -> dict:
