@@ -4,9 +4,9 @@ For each budget (process CPU minutes: user + system of all threads of the traini
 ``OMP_WAIT_POLICY=PASSIVE``; everything after the teacher is loaded counts, the evaluations below do not) and
 recipe, one child process trains a student:
 
-* ``e2e`` — today's best end-to-end recipe (benchmarks/results/distill_smollm2.md): logits KD (forward KL) +
-  MiniLMv2 attention relation on the last block (6 relation heads) + SubLN, lr 1e-3 linear, batch 2 x 128 tokens,
-  from the naively ternarized teacher (``bitdistill distill``, stopped by the CPU budget, schedule fit to it);
+* ``e2e`` — today's best end-to-end recipe, ``bitdistill distill``'s defaults: logits KD (forward KL) + MiniLMv2
+  attention relation on the last block (6 relation heads) + cosine hidden-state loss (weight 5) + SubLN, lr 1e-3
+  linear, batch 2 x 128 tokens, from the naively ternarized teacher (stopped by the CPU budget, schedule fit to it);
 * ``staged`` — ``bitdistill recover`` with its defaults (joint block-wise reconstruction on the student's own
   inputs, steps of 1 x 128 tokens at lr 1e-2 below 30 CPU-minutes and 3e-3 from 30, then the e2e recipe above
   from the reconstructed student, same flags; from 60 CPU-minutes the block stage gets 0.3 of the budget instead
