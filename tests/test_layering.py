@@ -34,7 +34,7 @@ FACADE = "bitdistill"
 
 def _modules() -> dict[str, Path]:
     found = {}
-    for base, pkg in ((ROOT / "bitdistill", "bitdistill"), (ROOT / "kernels", "bitdistill.kernels")):
+    for base, pkg in ((ROOT / "bitdistill", "bitdistill"),):
         for path in base.rglob("*.py"):
             parts = path.relative_to(base).with_suffix("").parts
             if parts[-1] == "__init__":

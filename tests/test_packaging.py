@@ -1,4 +1,5 @@
-"""Packaging: bitdistill.kernels maps to this repo's kernels/ in editable and regular installs; import is light."""
+"""Packaging: bitdistill.kernels is this repo's bitdistill/kernels/ in editable and regular installs, a top-level
+``kernels`` is never this repo's (it would shadow Hugging Face's), and import is light."""
 
 from __future__ import annotations
 
@@ -26,13 +27,19 @@ def test_import_bitdistill_imports_no_triton_or_cuda_only_code():
 
 def test_kernels_resolve_to_this_repo_in_the_editable_install():
     out = _run("import bitdistill.kernels as k; print(k.__file__)", cwd="/")
-    assert Path(out).resolve() == (ROOT / "kernels" / "__init__.py").resolve()
+    assert Path(out).resolve() == (ROOT / "bitdistill" / "kernels" / "__init__.py").resolve()
+
+
+def test_the_repository_root_holds_no_kernels_package():
+    """With the root on sys.path (``python -m pytest``, ``python -c`` in the checkout) ``import kernels`` must find
+    Hugging Face's package (transformers >= 5.25 imports it), never a folder of this repository."""
+    out = _run("import importlib.util as u; s = u.find_spec('kernels'); print(s.origin if s else '')", cwd=ROOT)
+    assert not out or not Path(out).resolve().is_relative_to(ROOT), out
 
 
 def test_every_package_is_listed_in_pyproject():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "bitdistill").rglob("__init__.py")}
-    found.add("bitdistill.kernels")
     assert found == listed
 
 
@@ -47,4 +54,4 @@ def test_regular_install_ships_kernels_as_bitdistill_kernels(tmp_path):
     out = _run("import bitdistill.kernels as k; print(k.__file__)", cwd=str(tmp_path),
                env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert Path(out).resolve() == (target / "bitdistill" / "kernels" / "__init__.py").resolve()
-    assert (ROOT / "kernels" / "__init__.py").read_bytes() == Path(out).read_bytes()
+    assert (ROOT / "bitdistill" / "kernels" / "__init__.py").read_bytes() == Path(out).read_bytes()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from bitdistill.kernels._common import check_device, check_float, check_out, contiguous, round_half_even
 
 __all__ = ["activation_quant", "dequant_activation", "dequant_ternary", "ternarize", "weight_quant"]
