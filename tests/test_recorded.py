@@ -4,7 +4,6 @@ results file holds a path of the machine that ran it."""
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def recorded():
-    sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import their siblings by name
-    try:
-        yield load_benchmark("recorded")
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    return load_benchmark("recorded")
 
 
 def test_shown_path_names_every_kind_of_path(recorded, tmp_path):
