@@ -18,9 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import DEV, graph_time
-from bitdistill.kernels import linear, packed
 from harness import RESULTS, Bench, time_fn
 
+from bitdistill.kernels import linear, packed
 from bitdistill.quant import packing, reference
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bitdistill.kernels import linear
 from kernel_utils import DEVICE, DTYPES, assert_close, nan_like
 
 from bitdistill import ops
+from bitdistill.kernels import linear
 from bitdistill.quant import reference
 
 SHAPES = [(1, 8, 4), (3, 130, 36), (17, 72, 68)]  # (M, K, N): none a multiple of the block sizes

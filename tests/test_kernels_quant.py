@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bitdistill.kernels import quant
 from kernel_utils import DEVICE, DTYPES, assert_close, nan_like, rows_with_ties
 
+from bitdistill.kernels import quant
 from bitdistill.quant import reference
 
 
