@@ -67,17 +67,18 @@ def _gguf() -> Path:
     return gguf_file()
 
 
-def train_argv(recipe: str, budget_min: float, out: Path, seed: int = 0) -> list[str]:
+def train_argv(recipe: str, budget_min: float, out: Path, seed: int = 0, extra: tuple[str, ...] = ()) -> list[str]:
+    """The ``bitdistill`` command line of one recipe; ``extra`` flags (a probe's arm) come after the recipe's own."""
     g = _gguf()
     base = ["--teacher_model_name_or_path", str(g.parent), "--teacher_gguf_file", g.name,
             "--tokenizer_name_or_path", str(TOKENIZER), "--train_files", *TRAIN, *COMMON, "--seed", str(seed),
             "--output_dir", str(out)]
     if recipe == "e2e":
-        return ["distill", *base, *E2E]
-    return ["recover", *base, *STAGED, "--time_budget", f"{budget_min}m"]
+        return ["distill", *base, *E2E, *extra]
+    return ["recover", *base, *STAGED, "--time_budget", f"{budget_min}m", *extra]
 
 
-def child_train(recipe: str, budget_min: float, out: Path, seed: int) -> dict:
+def child_train(recipe: str, budget_min: float, out: Path, seed: int, extra: tuple[str, ...] = ()) -> dict:
     """Train one student in this (fresh) process; returns what the row needs from training. The heap is tuned
     as the console script tunes it for its training commands (:func:`bitdistill.allocator.keep_freed_memory`),
     so both recipes train as fast as a user's run and neither pays more for page faults than the other."""
@@ -90,7 +91,7 @@ def child_train(recipe: str, budget_min: float, out: Path, seed: int) -> dict:
     from bitdistill.cli.main import build_parser
 
     torch.set_num_threads(2)
-    argv = train_argv(recipe, budget_min, out, seed)
+    argv = train_argv(recipe, budget_min, out, seed, extra)
     args = build_parser().parse_args(argv)
     t0 = time.time()
     load0 = os.getloadavg()[0]

@@ -25,9 +25,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, required=True, help="the run's output folder (must not exist)")
     a = p.parse_args()
-    if a.warmup:
-        bench_recovery.E2E = [*bench_recovery.E2E, "--quant_warmup_steps", str(a.warmup)]
-    info = bench_recovery.child_train("e2e", a.budget, a.work_dir, a.seed)
+    extra = ("--quant_warmup_steps", str(a.warmup)) if a.warmup else ()
+    info = bench_recovery.child_train("e2e", a.budget, a.work_dir, a.seed, extra)
 
     from bitdistill.eval import load_for_eval
     from bitdistill.recover.staged import held_out_loss

@@ -54,3 +54,18 @@ def test_report_names_the_other_seeds_per_budget(bench):
         for budget, seeds in ((10.0, (0, 1, 2)), (30.0, (0, 1)), (90.0, (0, 1))) for seed in seeds]
     assert bench.other_seed_commands(rows) == "`... --budgets 10 --seeds 1 2`, `... --budgets 30 90 --seeds 1`"
     assert bench.other_seed_commands([r for r in rows if r["seed"] == 0]) == ""
+
+
+@pytest.mark.parametrize("recipe,command", [("e2e", "distill"), ("staged", "recover")])
+def test_train_argv_extra_flags_override_the_recipes(bench, monkeypatch, tmp_path, recipe, command):
+    """A probe's arm (`extra`) is appended after the recipe's own flags, so it wins, and leaves `E2E` untouched."""
+    from bitdistill.cli.main import build_parser
+
+    monkeypatch.setattr(bench, "_gguf", lambda: tmp_path / "teacher.gguf")
+    e2e_before = list(bench.E2E)
+    plain = build_parser([command]).parse_args(bench.train_argv(recipe, 10, tmp_path / "run"))
+    argv = bench.train_argv(recipe, 10, tmp_path / "run", extra=("--quant_warmup_steps", "7", "--learning_rate", "3e-4"))
+    args = build_parser([command]).parse_args(argv)
+    assert (args.quant_warmup_steps, args.learning_rate) == (7, 3e-4)
+    assert plain.learning_rate == 1e-3 and "quant_warmup_steps" not in vars(plain)
+    assert bench.E2E == e2e_before
