@@ -172,6 +172,11 @@ def _child(cmd: list[str], log: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def run_folder(work: Path, recipe: str, budget: float, seed: int) -> Path:
+    """Where a (recipe, budget, seed) student trains under ``--work-dir``."""
+    return work / (f"{recipe}-{budget}" if seed == 0 else f"{recipe}-{budget}-seed{seed}")
+
+
 def _rows() -> list[dict]:
     """Every recorded row; a row without ``seed`` was trained with seed 0 (its command says ``--seed 0``)."""
     path = RESULTS / f"{NAME}.jsonl"
@@ -363,7 +368,7 @@ def main() -> None:
                 for recipe in a.recipes:
                     if (recipe, b, seed) in done:
                         continue
-                    out = work / (f"{recipe}-{b}" if seed == 0 else f"{recipe}-{b}-seed{seed}")
+                    out = run_folder(work, recipe, b, seed)
                     shutil.rmtree(out, ignore_errors=True)  # an interrupted run restarts from scratch
                     print(f"training {recipe} at {b} CPU-min, seed {seed} ...", flush=True)
                     info = _child(["--child-train", recipe, str(b), str(out), str(seed)], log)

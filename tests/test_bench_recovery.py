@@ -1,8 +1,9 @@
-"""``benchmarks/bench_recovery.py``'s held-out blocks: the staged recipe's own, at every budget."""
+"""``benchmarks/bench_recovery.py`` (held-out blocks, commands, report) and ``recovery_loss_curves.py``."""
 
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 import torch
@@ -69,3 +70,23 @@ def test_train_argv_extra_flags_override_the_recipes(bench, monkeypatch, tmp_pat
     assert (args.quant_warmup_steps, args.learning_rate) == (7, 3e-4)
     assert plain.learning_rate == 1e-3 and "quant_warmup_steps" not in vars(plain)
     assert bench.E2E == e2e_before
+
+
+def test_loss_curves_place_each_recipes_losses_on_its_cpu_time(tmp_path, shared_data):
+    """The staged recipe's e2e-stage losses start where its block stage ended; each tenth of the budget averages
+    the losses logged in it."""
+    curves_mod = load_benchmark("recovery_loss_curves")
+
+    def log(folder, losses):
+        folder.mkdir(parents=True)
+        lines = [{"event": "train_begin", "step": 0}] + [
+            {"event": "train", "step": 10 * (i + 1), "loss": x} for i, x in enumerate(losses)]
+        (folder / "audit_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        return folder / "audit_log.jsonl"
+
+    e2e = curves_mod.logged_losses(log(tmp_path / "e2e", [9.0, 7.0, 5.0, 4.0]), 0.0, 600.0)
+    staged = curves_mod.logged_losses(log(tmp_path / "staged", [6.0, 3.0]), 300.0, 600.0)
+    assert e2e == [(150.0, 9.0), (300.0, 7.0), (450.0, 5.0), (600.0, 4.0)]
+    assert staged == [(450.0, 6.0), (600.0, 3.0)]
+    rows = curves_mod.table({"e2e": e2e, "staged": staged}, 10, parts=2).splitlines()
+    assert rows[2:] == ["| 0-5 | 9.00 |  |", "| 5-10 | 5.33 | 4.50 |"]  # the budget's end counts in the last part

@@ -1,0 +1,80 @@
+"""Training loss of the two recipes of the recovery budget curve against CPU time, from a finished pair's folders.
+
+Both recipes train on the same loss (the e2e recipe's flags; the staged recipe's e2e stage uses them too), so
+their logged training losses (the mean of each 10 steps, ``audit_log.jsonl``) compare directly. A step's CPU time
+is taken as the run's (or, for the staged recipe, its e2e stage's) recorded CPU time spread evenly over its steps;
+the staged recipe's block stage logs no such loss. Prints a markdown table: the mean logged loss in each tenth of
+the budget. From the repo root, after ``bench_recovery.py`` trained the pair into ``--work-dir``::
+
+    python benchmarks/recovery_loss_curves.py --budget 90 --seed 1 --work-dir runs/recovery
+
+(``--work-dir E2E_DIR STAGED_DIR`` when the two arms of the pair ran from their own folders.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_recovery
+
+
+def logged_losses(audit_log: Path, start_cpu_s: float, end_cpu_s: float) -> list[tuple[float, float]]:
+    """``(cpu_s, loss)`` for every training log line of a run whose steps span ``[start_cpu_s, end_cpu_s]``."""
+    lines = [json.loads(x) for x in audit_log.read_text().splitlines() if x.strip()]
+    train = [x for x in lines if x.get("event") == "train" and "loss" in x]
+    steps = max((x["step"] for x in train), default=0)
+    return [(start_cpu_s + x["step"] / steps * (end_cpu_s - start_cpu_s), x["loss"]) for x in train]
+
+
+def curves(e2e_work: Path, staged_work: Path, budget: float, seed: int) -> dict[str, list[tuple[float, float]]]:
+    """The e2e and staged runs' ``(cpu_s, loss)`` from their ``--work-dir`` folders and their recorded rows."""
+    rows = {r["recipe"]: r for r in bench_recovery._rows() if r["budget_cpu_min"] == budget and r["seed"] == seed}
+    missing = {"e2e", "staged"} - rows.keys()
+    if missing:
+        sys.exit(f"error: no recorded {' and '.join(sorted(missing))} row at {budget} CPU-min, seed {seed} in "
+                 f"benchmarks/results/{bench_recovery.NAME}.jsonl; train the pair with bench_recovery.py first")
+    blocks = next(s for s in rows["staged"]["stages"] if s["stage"] == "blocks")
+    e2e_stage = next(s for s in rows["staged"]["stages"] if s["stage"] == "e2e")
+    e2e_dir = bench_recovery.run_folder(e2e_work, "e2e", budget, seed)
+    staged_dir = bench_recovery.run_folder(staged_work, "staged", budget, seed)
+    for f in (e2e_dir / "audit_log.jsonl", staged_dir / "e2e" / "audit_log.jsonl"):
+        if not f.is_file():
+            sys.exit(f"error: {f} not found; pass the --work-dir bench_recovery.py trained this pair in")
+    return {"e2e": logged_losses(e2e_dir / "audit_log.jsonl", 0.0, rows["e2e"]["cpu_s"]),
+            "staged": logged_losses(staged_dir / "e2e" / "audit_log.jsonl", blocks["cpu_s"], e2e_stage["cpu_s"])}
+
+
+def table(curves_: dict[str, list[tuple[float, float]]], budget: float, parts: int = 10) -> str:
+    """Markdown: mean logged loss of each recipe in each ``1/parts`` of the budget (the last part includes its end and
+    anything logged past it; empty where none was logged)."""
+    out = ["| CPU-min | e2e loss | staged loss |", "|---|---|---|"]
+    width = budget * 60 / parts
+    for i in range(parts):
+        cells = []
+        for recipe in ("e2e", "staged"):
+            xs = [loss for t, loss in curves_[recipe] if min(int(t // width), parts - 1) == i]
+            cells.append(f"{sum(xs) / len(xs):.2f}" if xs else "")
+        out.append(f"| {i * width / 60:.0f}-{(i + 1) * width / 60:.0f} | {cells[0]} | {cells[1]} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--budget", type=float, required=True, help="the pair's budget, CPU-minutes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", type=Path, nargs="+", required=True,
+                   help="bench_recovery.py's --work-dir of the pair: one folder, or the e2e arm's then the staged arm's")
+    a = p.parse_args()
+    if len(a.work_dir) > 2:
+        p.error("--work-dir takes one folder, or two (the e2e arm's, then the staged arm's)")
+    budget = int(a.budget) if a.budget.is_integer() else a.budget
+    print(table(curves(a.work_dir[0], a.work_dir[-1], budget, a.seed), budget))
+
+
+if __name__ == "__main__":
+    main()
