@@ -2,9 +2,9 @@
 
 Both recipes train on the same loss (the e2e recipe's flags; the staged recipe's e2e stage uses them too), so
 their logged training losses (the mean of each 10 steps, ``audit_log.jsonl``) compare directly. A step's CPU time
-is taken as the run's (or, for the staged recipe, its e2e stage's) recorded CPU time spread evenly over its steps;
-the staged recipe's block stage logs no such loss. Prints a markdown table: the mean logged loss in each tenth of
-the budget. From the repo root, after ``bench_recovery.py`` trained the pair into ``--work-dir``::
+is taken as the run's (or, for the staged recipe, its e2e stage's) recorded CPU time spread evenly over its logged
+steps; the staged recipe's block stage logs no such loss. Prints a markdown table: the mean logged loss in each
+tenth of the budget. From the repo root, after ``bench_recovery.py`` trained the pair into ``--work-dir``::
 
     python benchmarks/recovery_loss_curves.py --budget 90 --seed 1 --work-dir runs/recovery
 
@@ -23,8 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_recovery
 
 
+class MissingRun(Exception):
+    """The pair's recorded rows or training folders are not where the arguments say."""
+
+
 def logged_losses(audit_log: Path, start_cpu_s: float, end_cpu_s: float) -> list[tuple[float, float]]:
-    """``(cpu_s, loss)`` for every training log line of a run whose steps span ``[start_cpu_s, end_cpu_s]``."""
+    """``(cpu_s, loss)`` for every training log line of a run whose logged steps span ``[start_cpu_s, end_cpu_s]``
+    (the last log line is put at ``end_cpu_s``: the few steps after it, under 10 of about 1,000, are ignored)."""
     lines = [json.loads(x) for x in audit_log.read_text().splitlines() if x.strip()]
     train = [x for x in lines if x.get("event") == "train" and "loss" in x]
     steps = max((x["step"] for x in train), default=0)
@@ -36,7 +41,7 @@ def curves(e2e_work: Path, staged_work: Path, budget: float, seed: int) -> dict[
     rows = {r["recipe"]: r for r in bench_recovery._rows() if r["budget_cpu_min"] == budget and r["seed"] == seed}
     missing = {"e2e", "staged"} - rows.keys()
     if missing:
-        sys.exit(f"error: no recorded {' and '.join(sorted(missing))} row at {budget} CPU-min, seed {seed} in "
+        raise MissingRun(f"no recorded {' and '.join(sorted(missing))} row at {budget} CPU-min, seed {seed} in "
                  f"benchmarks/results/{bench_recovery.NAME}.jsonl; train the pair with bench_recovery.py first")
     blocks = next(s for s in rows["staged"]["stages"] if s["stage"] == "blocks")
     e2e_stage = next(s for s in rows["staged"]["stages"] if s["stage"] == "e2e")
@@ -44,7 +49,7 @@ def curves(e2e_work: Path, staged_work: Path, budget: float, seed: int) -> dict[
     staged_dir = bench_recovery.run_folder(staged_work, "staged", budget, seed)
     for f in (e2e_dir / "audit_log.jsonl", staged_dir / "e2e" / "audit_log.jsonl"):
         if not f.is_file():
-            sys.exit(f"error: {f} not found; pass the --work-dir bench_recovery.py trained this pair in")
+            raise MissingRun(f"{f} not found; pass the --work-dir bench_recovery.py trained this pair in")
     return {"e2e": logged_losses(e2e_dir / "audit_log.jsonl", 0.0, rows["e2e"]["cpu_s"]),
             "staged": logged_losses(staged_dir / "e2e" / "audit_log.jsonl", blocks["cpu_s"], e2e_stage["cpu_s"])}
 
@@ -73,7 +78,10 @@ def main() -> None:
     if len(a.work_dir) > 2:
         p.error("--work-dir takes one folder, or two (the e2e arm's, then the staged arm's)")
     budget = int(a.budget) if a.budget.is_integer() else a.budget
-    print(table(curves(a.work_dir[0], a.work_dir[-1], budget, a.seed), budget))
+    try:
+        print(table(curves(a.work_dir[0], a.work_dir[-1], budget, a.seed), budget))
+    except MissingRun as e:
+        p.error(str(e))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 
 import pytest
 import torch
@@ -90,3 +91,11 @@ def test_loss_curves_place_each_recipes_losses_on_its_cpu_time(tmp_path, shared_
     assert staged == [(450.0, 6.0), (600.0, 3.0)]
     rows = curves_mod.table({"e2e": e2e, "staged": staged}, 10, parts=2).splitlines()
     assert rows[2:] == ["| 0-5 | 9.00 |  |", "| 5-10 | 5.33 | 4.50 |"]  # the budget's end counts in the last part
+
+
+def test_loss_curves_name_a_missing_run_and_exit_2(tmp_path, shared_data, capsys, monkeypatch):
+    mod = load_benchmark("recovery_loss_curves")
+    monkeypatch.setattr(sys, "argv", ["recovery_loss_curves.py", "--budget", "7", "--work-dir", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        mod.main()
+    assert e.value.code == 2 and "no recorded e2e and staged row at 7 CPU-min" in capsys.readouterr().err
