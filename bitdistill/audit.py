@@ -153,7 +153,8 @@ class AuditCallback(TrainerCallback):
             "event": "train", "step": state.global_step, "time": time.time(), "steps": steps,
             "step_time_s": seconds / steps, "tokens": tokens,
             "tokens_per_s": tokens / seconds if tokens and seconds > 0 else None,
-            "peak_memory_mb": mem, "memory_kind": kind, "loss": logs["loss"]})
+            "peak_memory_mb": mem, "memory_kind": kind, "loss": logs["loss"],
+            **{k: v for k, v in logs.items() if k.startswith("loss_")}})
         self._step_seconds = []
         _reset_peak()
 

@@ -131,16 +131,21 @@ def test_frozen_embeddings_and_head_audit_log_provenance_and_card(setup):
 
     train = _records(out, "train")
     assert [r["step"] for r in train] == [1, 2]
+    prov = json.loads((out / "provenance.json").read_text())
+    weights = {k.removesuffix("_weight"): v for k, v in prov["args"]["loss"].items() if k.endswith("_weight") and v}
+    assert weights, prov["args"]["loss"]
     for r in train:
         assert r["step_time_s"] > 0 and r["tokens"] == 64 and r["tokens_per_s"] > 0 and r["peak_memory_mb"] > 0
         assert r["memory_kind"] in ("cpu_max_rss", "cuda_max_allocated")
+        # each weighted term is recorded, and together they are the logged loss
+        assert {f"loss_{k}" for k in weights} == {k for k in r if k.startswith("loss_")}
+        assert sum(w * r[f"loss_{k}"] for k, w in weights.items()) == pytest.approx(r["loss"], rel=1e-3)
     evals = _records(out, "evaluate")
     assert len(evals) == 4  # start, steps 1 and 2, final
     assert all(r["eval_time_s"] > 0 and r["peak_memory_mb"] > 0 for r in evals)
     assert math.isfinite(evals[-1]["metrics"]["final_perplexity"])
     assert list((out / "runs" / "audit").glob("events.out.tfevents.*"))
 
-    prov = json.loads((out / "provenance.json").read_text())
     assert {"bitdistill", "git_commit", "torch", "transformers", "device", "command", "args"} <= set(prov)
     assert prov["args"]["model"]["freeze_lm_head"] is True and "hub_token" not in prov["args"]["training"]
     assert "--hub_token" not in prov["command"] and "--freeze_embeddings" in prov["command"]
