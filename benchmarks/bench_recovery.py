@@ -173,8 +173,9 @@ def _child(cmd: list[str], log: Path) -> dict:
 
 
 def run_folder(work: Path, recipe: str, budget: float, seed: int) -> Path:
-    """Where a (recipe, budget, seed) student trains under ``--work-dir``."""
-    return work / (f"{recipe}-{budget}" if seed == 0 else f"{recipe}-{budget}-seed{seed}")
+    """Where a (recipe, budget, seed) student trains under ``--work-dir`` (a whole budget is named without ``.0``)."""
+    b = int(budget) if float(budget).is_integer() else budget
+    return work / (f"{recipe}-{b}" if seed == 0 else f"{recipe}-{b}-seed{seed}")
 
 
 def _rows() -> list[dict]:

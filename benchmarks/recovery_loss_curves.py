@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_recovery
 
+from bitdistill.audit import AUDIT_LOG_FILE
+
 
 class MissingRun(Exception):
     """The pair's recorded rows or training folders are not where the arguments say."""
@@ -41,17 +43,16 @@ def curves(e2e_work: Path, staged_work: Path, budget: float, seed: int) -> dict[
     rows = {r["recipe"]: r for r in bench_recovery._rows() if r["budget_cpu_min"] == budget and r["seed"] == seed}
     missing = {"e2e", "staged"} - rows.keys()
     if missing:
-        raise MissingRun(f"no recorded {' and '.join(sorted(missing))} row at {budget} CPU-min, seed {seed} in "
-                 f"benchmarks/results/{bench_recovery.NAME}.jsonl; train the pair with bench_recovery.py first")
-    blocks = next(s for s in rows["staged"]["stages"] if s["stage"] == "blocks")
-    e2e_stage = next(s for s in rows["staged"]["stages"] if s["stage"] == "e2e")
-    e2e_dir = bench_recovery.run_folder(e2e_work, "e2e", budget, seed)
-    staged_dir = bench_recovery.run_folder(staged_work, "staged", budget, seed)
-    for f in (e2e_dir / "audit_log.jsonl", staged_dir / "e2e" / "audit_log.jsonl"):
+        raise MissingRun(f"no recorded {' and '.join(sorted(missing))} row at {budget:g} CPU-min, seed {seed} in "
+                         f"benchmarks/results/{bench_recovery.NAME}.jsonl; train the pair with bench_recovery.py first")
+    stages = {s["stage"]: s for s in rows["staged"]["stages"]}
+    logs = {"e2e": bench_recovery.run_folder(e2e_work, "e2e", budget, seed) / AUDIT_LOG_FILE,
+            "staged": bench_recovery.run_folder(staged_work, "staged", budget, seed) / "e2e" / AUDIT_LOG_FILE}
+    for f in logs.values():
         if not f.is_file():
             raise MissingRun(f"{f} not found; pass the --work-dir bench_recovery.py trained this pair in")
-    return {"e2e": logged_losses(e2e_dir / "audit_log.jsonl", 0.0, rows["e2e"]["cpu_s"]),
-            "staged": logged_losses(staged_dir / "e2e" / "audit_log.jsonl", blocks["cpu_s"], e2e_stage["cpu_s"])}
+    return {"e2e": logged_losses(logs["e2e"], 0.0, rows["e2e"]["cpu_s"]),
+            "staged": logged_losses(logs["staged"], stages["blocks"]["cpu_s"], stages["e2e"]["cpu_s"])}
 
 
 def table(curves_: dict[str, list[tuple[float, float]]], budget: float, parts: int = 10) -> str:
@@ -77,9 +78,8 @@ def main() -> None:
     a = p.parse_args()
     if len(a.work_dir) > 2:
         p.error("--work-dir takes one folder, or two (the e2e arm's, then the staged arm's)")
-    budget = int(a.budget) if a.budget.is_integer() else a.budget
     try:
-        print(table(curves(a.work_dir[0], a.work_dir[-1], budget, a.seed), budget))
+        print(table(curves(a.work_dir[0], a.work_dir[-1], a.budget, a.seed), a.budget))
     except MissingRun as e:
         p.error(str(e))
 
