@@ -90,7 +90,23 @@ def test_loss_curves_place_each_recipes_losses_on_its_cpu_time(tmp_path, shared_
     assert e2e == [(150.0, 9.0), (300.0, 7.0), (450.0, 5.0), (600.0, 4.0)]
     assert staged == [(450.0, 6.0), (600.0, 3.0)]
     rows = curves_mod.table({"e2e": e2e, "staged": staged}, 10, parts=2).splitlines()
+    assert rows[0] == "| CPU-min | e2e loss | staged loss |"
     assert rows[2:] == ["| 0-5 | 9.00 |  |", "| 5-10 | 5.33 | 4.50 |"]  # the budget's end counts in the last part
+
+
+def test_loss_curves_tabulate_one_term_and_name_a_log_without_it(tmp_path, shared_data):
+    """``key="loss_<term>"`` reads that term of every training record; a log that lacks it (a run from before the
+    audit log kept the terms, or one whose weight was 0) is a ``MissingRun`` naming the log and the key."""
+    curves_mod = load_benchmark("recovery_loss_curves")
+    log = tmp_path / "audit_log.jsonl"
+    log.write_text("".join(json.dumps({"event": "train", "step": 10 * (i + 1), "loss": 2 * x + 1, "loss_logits": x})
+                           + "\n" for i, x in enumerate([4.0, 2.0])))
+    logits = curves_mod.logged_losses(log, 0.0, 60.0, key="loss_logits")
+    assert logits == [(30.0, 4.0), (60.0, 2.0)]
+    assert curves_mod.table({"a": logits, "b": logits}, 1, parts=1, key="loss_logits").splitlines() == [
+        "| CPU-min | a loss_logits | b loss_logits |", "|---|---|---|", "| 0-1 | 3.00 | 3.00 |"]
+    with pytest.raises(curves_mod.MissingRun, match="without 'loss_hidden'"):
+        curves_mod.logged_losses(log, 0.0, 60.0, key="loss_hidden")
 
 
 def test_loss_curves_name_a_missing_run_and_exit_2(tmp_path, shared_data, capsys, monkeypatch):
