@@ -178,11 +178,16 @@ def run_folder(work: Path, recipe: str, budget: float, seed: int) -> Path:
     return work / (f"{recipe}-{b}" if seed == 0 else f"{recipe}-{b}-seed{seed}")
 
 
-def _rows() -> list[dict]:
-    """Every recorded row; a row without ``seed`` was trained with seed 0 (its command says ``--seed 0``)."""
-    path = RESULTS / f"{NAME}.jsonl"
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a results jsonl (none if it does not exist); a row without ``seed`` was trained with seed 0 (its
+    command says ``--seed 0``)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
     return [{"seed": 0, **r} for r in rows]
+
+
+def _rows() -> list[dict]:
+    """Every recorded row of the budget curve."""
+    return read_rows(RESULTS / f"{NAME}.jsonl")
 
 
 def _cells(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:

@@ -8,7 +8,9 @@ tenth of the budget. From the repo root, after ``bench_recovery.py`` trained the
 
     python benchmarks/recovery_loss_curves.py --budget 90 --seed 1 --work-dir runs/recovery
 
-(``--work-dir E2E_DIR STAGED_DIR`` when the two arms of the pair ran from their own folders.) ``--term logits``
+(``--work-dir E2E_DIR STAGED_DIR`` when the two arms of the pair ran from their own folders; any number of folders,
+e.g. two staged arms of a probe, with ``--rows benchmarks/results/logs/<probe>.jsonl`` where an e2e arm's row is
+not in the budget curve's jsonl.) ``--term logits``
 (or ``attention``, ``hidden``, ``ce``) tabulates one loss term, before its weight, instead of the weighted sum: the
 audit log records each term as ``loss_<term>`` in runs from 2026-12-04 on.
 """
@@ -25,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_recovery
 
 from bitdistill.audit import AUDIT_LOG_FILE
+from bitdistill.distill.losses import LOSS_TERMS
 
 
 class MissingRun(Exception):
@@ -45,22 +48,45 @@ def logged_losses(audit_log: Path, start_cpu_s: float, end_cpu_s: float, key: st
     return [(start_cpu_s + x["step"] / steps * (end_cpu_s - start_cpu_s), x[key]) for x in train]
 
 
-def curves(e2e_work: Path, staged_work: Path, budget: float, seed: int,
-           key: str = "loss") -> dict[str, list[tuple[float, float]]]:
-    """The e2e and staged runs' ``(cpu_s, record[key])`` from their ``--work-dir`` folders and their recorded rows."""
-    rows = {r["recipe"]: r for r in bench_recovery._rows() if r["budget_cpu_min"] == budget and r["seed"] == seed}
-    missing = {"e2e", "staged"} - rows.keys()
-    if missing:
-        raise MissingRun(f"no recorded {' and '.join(sorted(missing))} row at {budget:g} CPU-min, seed {seed} in "
-                         f"benchmarks/results/{bench_recovery.NAME}.jsonl; train the pair with bench_recovery.py first")
-    stages = {s["stage"]: s for s in rows["staged"]["stages"]}
-    logs = {"e2e": bench_recovery.run_folder(e2e_work, "e2e", budget, seed) / AUDIT_LOG_FILE,
-            "staged": bench_recovery.run_folder(staged_work, "staged", budget, seed) / "e2e" / AUDIT_LOG_FILE}
-    for f in logs.values():
-        if not f.is_file():
-            raise MissingRun(f"{f} not found; pass the --work-dir bench_recovery.py trained this pair in")
-    return {"e2e": logged_losses(logs["e2e"], 0.0, rows["e2e"]["cpu_s"], key),
-            "staged": logged_losses(logs["staged"], stages["blocks"]["cpu_s"], stages["e2e"]["cpu_s"], key)}
+def _e2e_cpu_s(rows_file: Path, budget: float, seed: int) -> float:
+    """The recorded CPU time of the one e2e row at ``(budget, seed)`` in ``rows_file`` (the e2e run's folder does
+    not record it; the staged run's ``recovery.json`` does)."""
+    rows = [r for r in bench_recovery.read_rows(rows_file) if r["recipe"] == "e2e" and r["budget_cpu_min"] == budget
+            and r["seed"] == seed]
+    if len(rows) != 1:
+        raise MissingRun(f"{len(rows) or 'no'} recorded e2e rows at {budget:g} CPU-min, seed {seed} in {rows_file}; "
+                         "train the run with bench_recovery.py first, or pass the --rows file it was recorded in")
+    return rows[0]["cpu_s"]
+
+
+def curves(work_dirs: list[Path], budget: float, seed: int, key: str = "loss",
+           rows_file: Path = bench_recovery.RESULTS / f"{bench_recovery.NAME}.jsonl") -> dict[str, list[tuple[float, float]]]:
+    """``(cpu_s, record[key])`` of every e2e and staged run at ``(budget, seed)`` under the ``--work-dir`` folders,
+    in their order (e2e before staged within one), labelled by recipe, or by ``recipe (folder name)`` when a recipe
+    is under more than one. A staged run's e2e stage spans its ``recovery.json``'s CPU time from the stage before
+    it to its end; an e2e run spans its row's CPU time in ``rows_file``."""
+    arms = [(recipe, work) for work in work_dirs for recipe in ("e2e", "staged")
+            if bench_recovery.run_folder(work, recipe, budget, seed).is_dir()]
+    if not arms:
+        raise MissingRun(f"no e2e or staged run at {budget:g} CPU-min, seed {seed} under "
+                         f"{', '.join(map(str, work_dirs))}; pass the --work-dir bench_recovery.py trained in")
+    repeated = {recipe for recipe, _ in arms if sum(r == recipe for r, _ in arms) > 1}
+    out = {}
+    for recipe, work in arms:
+        folder = bench_recovery.run_folder(work, recipe, budget, seed)
+        if recipe == "e2e":
+            log, start, end = folder / AUDIT_LOG_FILE, 0.0, _e2e_cpu_s(rows_file, budget, seed)
+        else:
+            summary = folder / "recovery.json"
+            if not summary.is_file():
+                raise MissingRun(f"{summary} not found: the staged run did not finish")
+            stages = json.loads(summary.read_text())["stages"]
+            i = [s["stage"] for s in stages].index("e2e")
+            log, start, end = folder / "e2e" / AUDIT_LOG_FILE, stages[i - 1]["cpu_s"], stages[i]["cpu_s"]
+        if not log.is_file():
+            raise MissingRun(f"{log} not found; pass the --work-dir bench_recovery.py trained this run in")
+        out[f"{recipe} ({work.name})" if recipe in repeated else recipe] = logged_losses(log, start, end, key)
+    return out
 
 
 def table(curves_: dict[str, list[tuple[float, float]]], budget: float, parts: int = 10, key: str = "loss") -> str:
@@ -83,15 +109,14 @@ def main() -> None:
     p.add_argument("--budget", type=float, required=True, help="the pair's budget, CPU-minutes")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", type=Path, nargs="+", required=True,
-                   help="bench_recovery.py's --work-dir of the pair: one folder, or the e2e arm's then the staged arm's")
-    p.add_argument("--term", choices=["logits", "attention", "hidden", "ce"],
-                   help="one loss term (before its weight) instead of the weighted sum")
+                   help="bench_recovery.py's --work-dir folders: a column for each e2e and staged run in them")
+    p.add_argument("--rows", type=Path, default=bench_recovery.RESULTS / f"{bench_recovery.NAME}.jsonl",
+                   help="the jsonl that holds the e2e run's row (its CPU time; default: the budget curve's)")
+    p.add_argument("--term", choices=LOSS_TERMS, help="one loss term (before its weight) instead of the weighted sum")
     a = p.parse_args()
-    if len(a.work_dir) > 2:
-        p.error("--work-dir takes one folder, or two (the e2e arm's, then the staged arm's)")
     key = f"loss_{a.term}" if a.term else "loss"
     try:
-        print(table(curves(a.work_dir[0], a.work_dir[-1], a.budget, a.seed, key), a.budget, key=key))
+        print(table(curves(a.work_dir, a.budget, a.seed, key, a.rows), a.budget, key=key))
     except MissingRun as e:
         p.error(str(e))
 

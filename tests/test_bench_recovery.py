@@ -109,9 +109,41 @@ def test_loss_curves_tabulate_one_term_and_name_a_log_without_it(tmp_path, share
         curves_mod.logged_losses(log, 0.0, 60.0, key="loss_hidden")
 
 
+def _train_log(path, losses):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"event": "train", "step": 10 * (i + 1), "loss": x}) + "\n"
+                            for i, x in enumerate(losses)))
+
+
+def _staged_run(folder, losses, blocks_cpu_s, end_cpu_s):
+    _train_log(folder / "e2e" / "audit_log.jsonl", losses)
+    (folder / "recovery.json").write_text(json.dumps({"stages": [
+        {"stage": "blocks", "cpu_s": blocks_cpu_s}, {"stage": "e2e", "cpu_s": end_cpu_s}]}))
+
+
+def test_loss_curves_take_every_run_under_the_work_dirs(tmp_path, shared_data):
+    """One column per run: an e2e run spans its row's CPU time (from ``rows_file``), a staged run its e2e stage
+    (from its ``recovery.json``); a recipe under two folders is labelled by folder."""
+    mod = load_benchmark("recovery_loss_curves")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"recipe": "e2e", "budget_cpu_min": 10, "seed": 2, "cpu_s": 600.0}) + "\n")
+    _train_log(tmp_path / "a" / "e2e-10-seed2" / "audit_log.jsonl", [8.0, 6.0])
+    _staged_run(tmp_path / "a" / "staged-10-seed2", [5.0, 4.0], 200.0, 600.0)
+    _staged_run(tmp_path / "b" / "staged-10-seed2", [7.0], 300.0, 600.0)
+    got = mod.curves([tmp_path / "a", tmp_path / "b"], 10, 2, rows_file=rows)
+    assert got == {"e2e": [(300.0, 8.0), (600.0, 6.0)], "staged (a)": [(400.0, 5.0), (600.0, 4.0)],
+                   "staged (b)": [(600.0, 7.0)]}
+    assert list(mod.curves([tmp_path / "b"], 10, 2, rows_file=rows)) == ["staged"]  # no e2e row needed
+    with pytest.raises(mod.MissingRun, match="no recorded e2e rows at 10 CPU-min, seed 2 in"):
+        mod.curves([tmp_path / "a"], 10, 2, rows_file=tmp_path / "none.jsonl")
+    (tmp_path / "b" / "staged-10-seed2" / "recovery.json").unlink()
+    with pytest.raises(mod.MissingRun, match=r"recovery\.json not found: the staged run did not finish"):
+        mod.curves([tmp_path / "b"], 10, 2, rows_file=rows)
+
+
 def test_loss_curves_name_a_missing_run_and_exit_2(tmp_path, shared_data, capsys, monkeypatch):
     mod = load_benchmark("recovery_loss_curves")
     monkeypatch.setattr(sys, "argv", ["recovery_loss_curves.py", "--budget", "7", "--work-dir", str(tmp_path)])
     with pytest.raises(SystemExit) as e:
         mod.main()
-    assert e.value.code == 2 and "no recorded e2e and staged row at 7 CPU-min" in capsys.readouterr().err
+    assert e.value.code == 2 and "no e2e or staged run at 7 CPU-min, seed 0 under" in capsys.readouterr().err

@@ -226,6 +226,8 @@ def test_bad_inputs_one_line_and_nothing_written(setup, capsys, monkeypatch, tmp
           "--transfer_embeddings", "true", match="hidden sizes differ")
     fails("--transfer_embeddings", "true", match="pass --student_config")
     fails("--student_config", str(tmp_path / "missing.json"), match="not found")
+    fails("--logits_weight", "0", "--attention_weight", "0", "--hidden_weight", "0",
+          match="every loss weight is 0 (--ce_weight, --logits_weight, --hidden_weight, --attention_weight)")
     monkeypatch.setattr(LlamaForCausalLM, "get_output_embeddings", lambda self: None)
     fails("--freeze_lm_head", "true", match="has no output head")
     monkeypatch.undo()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bitdistill.distill.args import LossArguments
 from bitdistill.distill.losses import (
     LOGIT_LOSSES,
+    LOSS_TERMS,
     attention_relation_loss,
     cross_entropy_loss,
     divergence,
@@ -19,6 +22,12 @@ from bitdistill.distill.losses import (
 )
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+
+
+def test_loss_terms_are_the_weighted_loss_arguments():
+    """Each term the trainer weighs (and logs as ``loss_<term>``) has a ``--<term>_weight``, and no weight lacks a term."""
+    weights = {f.name.removesuffix("_weight") for f in dataclasses.fields(LossArguments) if f.name.endswith("_weight")}
+    assert weights == set(LOSS_TERMS) and len(LOSS_TERMS) == 4
 
 
 def _logits(*shape, seed=0):

@@ -8,6 +8,7 @@ from bitdistill._lazy import lazy_getattr
 _WHERE = {
     "LAYER_MAP_STRATEGIES": "bitdistill.distill.layer_map",
     "LOGIT_LOSSES": "bitdistill.distill.losses",
+    "LOSS_TERMS": "bitdistill.distill.losses",
     "CacheArguments": "bitdistill.distill.args",
     "DataArguments": "bitdistill.distill.args",
     "DistillationTrainer": "bitdistill.distill.trainer",

@@ -26,6 +26,7 @@ from bitdistill.errors import UserError
 
 __all__ = [
     "LOGIT_LOSSES",
+    "LOSS_TERMS",
     "attention_relation_loss",
     "cross_entropy_loss",
     "divergence",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 LOGIT_LOSSES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd", "mse", "cosine")
+#: The distillation trainer's loss terms: each has a ``--<term>_weight`` and is logged as ``loss_<term>``.
+LOSS_TERMS = ("ce", "logits", "hidden", "attention")
 _DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
 
 

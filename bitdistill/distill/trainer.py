@@ -22,6 +22,7 @@ from bitdistill.checkpoints import AtomicCheckpointMixin
 from bitdistill.distill.args import LossArguments
 from bitdistill.distill.attention import QKVCapture
 from bitdistill.distill.losses import (
+    LOSS_TERMS,
     attention_relation_loss,
     cross_entropy_loss,
     hidden_state_loss,
@@ -151,11 +152,10 @@ class DistillationTrainer(AtomicCheckpointMixin, Trainer):
                     [x[:, :-1] for x in s_cap.states], [x[:, :-1] for x in t_cap.states], mask, num_items_in_batch,
                     num_relation_heads=la.attention_relation_heads,
                     key_mask=None if key_mask is None else key_mask[:, :-1])
-        weights = {"ce": la.ce_weight, "logits": la.logits_weight, "hidden": la.hidden_weight,
-                   "attention": la.attention_weight}
+        weights = {term: getattr(la, f"{term}_weight") for term in LOSS_TERMS}
         if not parts:
-            raise UserError("all loss weights are 0; set --ce_weight, --logits_weight, --hidden_weight or "
-                            "--attention_weight")
+            raise UserError("all loss weights are 0; set " + ", ".join(f"--{t}_weight" for t in LOSS_TERMS[:-1])
+                            + f" or --{LOSS_TERMS[-1]}_weight")
         loss = sum(weights[k] * v for k, v in parts.items()) * scale
         if model.training:
             self._part_micro_batches += 1
