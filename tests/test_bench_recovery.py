@@ -73,6 +73,37 @@ def test_train_argv_extra_flags_override_the_recipes(bench, monkeypatch, tmp_pat
     assert bench.E2E == e2e_before
 
 
+def test_probe_rows_carry_their_flags_and_never_touch_the_curve(bench, monkeypatch, tmp_path):
+    """``--flags`` reaches every training child and the row; its rows go to ``--rows`` only (no teacher row, no
+    report), and ``--flags`` without ``--rows`` is refused before any work, so a probe cannot mix into the curve."""
+    curve = tmp_path / "curve.jsonl"
+    monkeypatch.setattr(bench, "CURVE", curve)
+    calls = []
+
+    def child(cmd, log):
+        calls.append(cmd)
+        return {"cpu_s": 60.0} if cmd[0] == "--child-train" else {"ppl": 100.0, "lastword_acc": 0.0}
+
+    monkeypatch.setattr(bench, "_child", child)
+    monkeypatch.setattr(bench, "write_report", lambda limit: pytest.fail("a probe regenerated the curve's report"))
+    rows = tmp_path / "probe.jsonl"
+    argv = ["bench_recovery.py", "--budgets", "1", "--recipes", "staged", "--seeds", "5", "--work-dir",
+            str(tmp_path / "work"), "--flags=--bf16 true --use_cpu true"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 2 and calls == [] and not curve.exists()
+    monkeypatch.setattr(sys, "argv", [*argv, "--rows", str(rows)])
+    bench.main()
+    bench.main()  # a finished row is skipped
+    assert [c[0] for c in calls] == ["--child-train", "--child-eval"]
+    assert calls[0][-1] == "--flags=--bf16 true --use_cpu true"
+    (row,) = bench.read_rows(rows)
+    assert (row["recipe"], row["budget_cpu_min"], row["seed"], row["ppl"]) == ("staged", 1, 5, 100.0)
+    assert row["flags"] == ["--bf16", "true", "--use_cpu", "true"]
+    assert not curve.exists()
+
+
 def test_loss_curves_place_each_recipes_losses_on_its_cpu_time(tmp_path, shared_data):
     """The staged recipe's e2e-stage losses start where its block stage ended; each tenth of the budget averages
     the losses logged in it."""
