@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -62,5 +63,6 @@ def load_benchmark(name: str):
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # what a dataclass in the module looks itself up in
     spec.loader.exec_module(module)
     return module
