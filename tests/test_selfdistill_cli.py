@@ -180,8 +180,11 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup):
     lb = [h["loss"] for h in _metrics(two / "model")["log_history"] if "loss" in h]
     assert len(la) == 3 and lb == pytest.approx(la, rel=1e-4)
     a, b = load_multi_exit(one / "model").state_dict(), load_multi_exit(two / "model").state_dict()
+    # One process's batch-2 GEMMs and two processes' batch-1 GEMMs sum in different orders (on CPUs with AMX the
+    # kernels differ too), and Adam's update of an element whose gradient is near zero amplifies that rounding: one
+    # element of 3.2M was 1.8e-5 off on 2026-12-04, against updates of up to the lr (3e-3) per step.
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-4)
 
 
 def test_plain_mode_gradient_accumulation_matches_a_larger_batch_and_card_has_no_secret(setup, tmp_path):
