@@ -1,0 +1,234 @@
+"""FSDP2 over BitNet students on two CPU gloo ranks, against one process; the ternary all-gather; saving.
+
+The multi-process tests spawn two ranks (``torch.multiprocessing``, gloo, a file store in ``tmp_path``) that run
+:mod:`fsdp_ranks`; each takes about 30 s of two cores, so they are ``slow`` (CI runs them: ``-m "not gpu"``).
+
+Tolerances (float32, lr 1e-3, 3 AdamW steps). The forward on each rank sees bit-identical gathered weights;
+only the gradient reduction order differs (two half-batch sums averaged instead of one sum), so losses agree to
+1e-5 relative, first-step gradients to 1e-5 of each tensor's largest entry, and weights to 1e-5 absolute per step
+(1% of one step; AdamW's first steps are close to ``lr * sign(grad)``, so a gradient within rounding of 0
+can move a weight by up to ``lr`` and is the one case such a test could flake on; none here). bf16 parameters with
+float32 reduction are compared with a one-process emulation of the same policy (bf16 copy computes, float32
+master weights step): losses to 2e-3 relative, gradients to 5e-2 of each tensor's largest entry (two bf16 half
+sums against one), weights by at most 2 * lr per step (a near-zero gradient whose sign the bf16 rounding flips
+moves a weight by up to 2 * lr) and by 0.05 * lr per step on average.
+"""
+
+from __future__ import annotations
+
+import math
+
+import fsdp_ranks
+import pytest
+import torch
+
+from bitdistill.errors import UserError
+from bitdistill.fsdp.shard import check_full_state_dict_fits, decoder_block_class, full_state_dict_bytes
+from bitdistill.fsdp.ternary import (
+    SUMMARY_BUCKETS,
+    CommCounter,
+    PackedTernaryWeight,
+    TernaryLatentWeight,
+    _pack_rows,
+    abs_sum_summary,
+    all_gather_bytes,
+    gamma_from_summary,
+    ternary_codes_exact,
+    use_ternary_all_gather,
+)
+from bitdistill.models import tiny_model
+from bitdistill.nn.bitlinear import BitLinear
+from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear
+from bitdistill.quant.reference import weight_quant
+
+
+def _linear_shapes(model) -> list[tuple[int, int]]:
+    return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, BitLinear)]
+
+
+def _reference(mode: str) -> dict:
+    torch.set_num_threads(1)
+    student, teacher, batches = fsdp_ranks.build()
+    if mode == "ternary":
+        use_ternary_all_gather(student, world_size=2)
+    if mode == "bf16":
+        return fsdp_ranks.train_bf16_reference(student, teacher, batches) | {"model": student}
+    return fsdp_ranks.train(student, teacher, batches) | {"model": student}
+
+
+def _compare(got: dict, want: dict, *, loss_rtol: float, grad_rel: float, weight_atol: float,
+             weight_mean_atol: float | None = None) -> None:
+    """``weight_atol`` and ``weight_mean_atol`` bound the largest and the mean absolute weight difference per step
+    taken (the bound after step ``s`` is ``(s + 1)`` times it)."""
+    assert len(got["losses"]) == len(want["losses"]) == fsdp_ranks.STEPS
+    for a, b in zip(got["losses"], want["losses"], strict=True):
+        assert math.isclose(a, b, rel_tol=loss_rtol), (got["losses"], want["losses"])
+    assert got["grads"].keys() == want["grads"].keys()
+    for name, g in want["grads"].items():
+        scale = g.abs().max().clamp(min=1e-12)
+        assert (got["grads"][name] - g).abs().max() <= grad_rel * scale, name
+    for step, (w_got, w_want) in enumerate(zip(got["weights"], want["weights"], strict=True)):
+        for name, w in w_want.items():
+            diff = (w_got[name] - w).abs()
+            assert diff.max() <= weight_atol * (step + 1), (step, name)
+            if weight_mean_atol is not None:
+                assert diff.mean() <= weight_mean_atol * (step + 1), (step, name)
+
+
+@pytest.mark.slow
+def test_fsdp2_float32_matches_one_process_and_saves_a_student(tmp_path):
+    got = fsdp_ranks.spawn("fp32", tmp_path)
+    want = _reference("fp32")
+    _compare(got, want, loss_rtol=1e-5, grad_rel=1e-5, weight_atol=1e-5)
+    assert got["sharded_dtypes"] == got["forward_weight_dtypes"] == ["torch.float32"]
+    # the full state dict went into a normal student folder: load_student reads it, pack packs it
+    loaded = load_student(got["saved"])
+    final = want["weights"][-1]
+    for name, p in loaded.named_parameters():
+        assert torch.allclose(p.detach(), final[name], atol=1e-5, rtol=0), name
+    assert sum(isinstance(m, BitLinear) and m.rms_norm is not None for m in loaded.modules()) == 4  # SubLN kept
+    from bitdistill.export.folder import pack_pretrained
+
+    result = pack_pretrained(got["saved"], tmp_path / "packed", dtype="float32")
+    assert (tmp_path / "packed" / "config.json").is_file() and result.report is not None
+
+
+@pytest.mark.slow
+def test_fsdp2_bf16_params_fp32_reduce(tmp_path):
+    got = fsdp_ranks.spawn("bf16", tmp_path)
+    want = _reference("bf16")
+    assert got["forward_weight_dtypes"] == ["torch.bfloat16"]  # gathered and computed in bf16
+    assert got["sharded_dtypes"] == ["torch.float32"]  # sharded master weights and optimizer stay float32
+    _compare(got, want, loss_rtol=2e-3, grad_rel=5e-2, weight_atol=2 * fsdp_ranks.LR,
+             weight_mean_atol=0.05 * fsdp_ranks.LR)
+    assert got["comm"]["received"]["all_gather"] == all_gather_bytes(
+        _linear_shapes(want["model"]), ternary=False, param_bytes=2,
+        other_numel=_other_numel(want["model"])) * 2  # forward and the backward's re-gather
+
+
+def _other_numel(model) -> int:
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, BitLinear)}
+    return sum(p.numel() for p in model.parameters() if id(p) not in linear)
+
+
+@pytest.mark.slow
+def test_ternary_all_gather_is_bit_exact_and_gathers_8x_fewer_bytes(tmp_path):
+    got = fsdp_ranks.spawn("ternary", tmp_path)
+    want = _reference("ternary")
+    # every rank's gathered codes and gamma are the unsharded computation's, bit for bit
+    assert got["codes"].keys() == want["codes"].keys() and len(want["codes"]) == 14
+    for name, (codes, gamma) in want["codes"].items():
+        assert torch.equal(got["codes"][name][0], codes), name
+        assert torch.equal(got["codes"][name][1], gamma), name
+    _compare(got, want, loss_rtol=1e-5, grad_rel=1e-5, weight_atol=1e-5)
+    # bytes: counted on rank 0 in the first step (forward gather + backward re-gather) against the formula
+    model = want["model"]
+    shapes, other = _linear_shapes(model), _other_numel(model)
+    comm = got["comm"]["received"]
+    assert comm["all_gather"] == 2 * (all_gather_bytes(shapes, ternary=True, other_numel=other)
+                                      - len(shapes) * SUMMARY_BUCKETS * 8)
+    assert comm["all_reduce"] == 2 * len(shapes) * SUMMARY_BUCKETS * 8
+    plain_linear = 2 * 4 * sum(o * i for o, i in shapes)
+    ternary_linear = 2 * (sum(o * i for o, i in shapes) // 4 + len(shapes) * SUMMARY_BUCKETS * 8)
+    assert plain_linear >= 8 * ternary_linear
+    loaded = load_student(got["saved"])
+    for name, p in loaded.named_parameters():
+        assert torch.allclose(p.detach(), want["weights"][-1][name], atol=1e-5, rtol=0), name
+
+
+# ---- the pieces, in one process -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(8, 12), (37, 64), (1, 4)])
+def test_abs_sum_summary_is_exact_and_order_free(shape):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=gen) * torch.logspace(-30, 3, shape[1])  # many exponents
+    w[0, 0] = 0.0
+    whole = abs_sum_summary(w)
+    assert whole.shape == (SUMMARY_BUCKETS,) and whole.dtype == torch.int64
+    parts = sum(abs_sum_summary(chunk) for chunk in w.flatten()[torch.randperm(w.numel(), generator=gen)].split(5))
+    assert torch.equal(parts, whole)
+    # the integers are the exact sum: compare with Python's exactly rounded float sum
+    exact = math.fsum(abs(v) for v in w.flatten().tolist())
+    total = sum(int(b) * 2.0 ** (8 * i - 172) for i, b in enumerate(whole.tolist()))
+    assert math.isclose(total, exact, rel_tol=1e-15)
+    gamma = gamma_from_summary(whole, w.numel())
+    assert gamma.dtype == torch.float32 and gamma.dim() == 0
+    assert float(gamma) == float(torch.tensor(max(exact / w.numel(), 1e-5), dtype=torch.float32))
+
+
+def test_exact_gamma_is_within_an_ulp_of_the_default_and_codes_follow_the_reference():
+    for seed in range(5):
+        w = torch.randn(96, 80, generator=torch.Generator().manual_seed(seed)) * 0.02
+        exact = gamma_from_summary(abs_sum_summary(w), w.numel())
+        codes, gamma = weight_quant(w)
+        assert abs(float(exact) - float(gamma)) <= 2 * torch.finfo(torch.float32).eps * float(gamma)
+        # with the same gamma the codes are the reference's formula, ties to even included
+        assert torch.equal(ternary_codes_exact(w, gamma), codes)
+    ties = torch.tensor([[0.5, -0.5, 1.5, -1.5, 0.49999997, 2.5, 0.0, 1.0]])
+    assert ternary_codes_exact(ties, torch.tensor(1.0)).tolist() == [[0, 0, 1, -1, 0, 1, 0, 1]]
+
+
+def test_packed_weight_round_trips_and_bitlinear_computes_the_same():
+    torch.manual_seed(0)
+    lin = BitLinear(12, 8, bias=True)
+    x = torch.randn(3, 5, 12)
+    latent = TernaryLatentWeight(lin.weight.detach().clone())
+    codes, gamma = latent.ternary_codes_and_scale()
+    packed = PackedTernaryWeight(_pack_rows(codes), gamma, torch.float32)
+    assert packed.shape == lin.weight.shape and packed.dtype == torch.float32
+    assert torch.equal(packed.ternary_codes_and_scale()[0], codes)
+    outs = []
+    for w in (latent, packed):
+        m = BitLinear(12, 8, bias=True)
+        m.weight = torch.nn.Parameter(w)
+        m.bias = torch.nn.Parameter(lin.bias.detach().clone())
+        xi = x.clone().requires_grad_(True)
+        y = m(xi)
+        y.square().sum().backward()
+        outs.append((y.detach(), xi.grad, m.weight.grad, m.bias.grad))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(packed.dequantize(), codes.float() * gamma)
+
+
+def test_use_ternary_all_gather_keeps_what_it_cannot_pack():
+    model = tiny_model("llama")
+    with pytest.raises(UserError, match="no eligible BitLinear"):
+        use_ternary_all_gather(model, world_size=2)
+    replace_linear_with_bitlinear(model)
+    kept = use_ternary_all_gather(model, world_size=64)  # k/v have 32 rows: uneven over 64 ranks
+    assert sorted(kept) == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"]
+    assert all("evenly" in why for why in kept.values())
+    model = tiny_model("llama")
+    replace_linear_with_bitlinear(model)
+    assert use_ternary_all_gather(model, world_size=2) == {}
+    assert all(isinstance(m.weight, TernaryLatentWeight) for m in model.modules() if isinstance(m, BitLinear))
+    ids = torch.randint(0, 256, (2, 8))
+    model(input_ids=ids).logits.sum().backward()  # trains in one process too
+
+
+def test_all_gather_bytes_smollm2_shaped_is_over_8x_smaller():
+    h, inter, layers, kv = 576, 1536, 30, 192
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (inter, h), (inter, h), (h, inter)] * layers
+    plain = all_gather_bytes(shapes, ternary=False)
+    ternary = all_gather_bytes(shapes, ternary=True)
+    assert plain / ternary > 15  # 16x for codes alone, a little less with the 280-byte summaries
+
+
+def test_comm_counter_restores_torch_distributed():
+    import torch.distributed as dist
+
+    before = dist.all_reduce
+    with CommCounter().counting():
+        assert dist.all_reduce is not before
+    assert dist.all_reduce is before
+
+
+def test_decoder_block_class_and_state_dict_check():
+    model = tiny_model("phi3")
+    assert decoder_block_class(model) == "Phi3DecoderLayer"
+    assert full_state_dict_bytes(model) >= sum(p.numel() * 4 for p in model.parameters())
+    check_full_state_dict_fits(model, available=10 * full_state_dict_bytes(model))
+    with pytest.raises(UserError, match=r"full state dict .* rank 0") as err:
+        check_full_state_dict_fits(model, available=1000)
+    assert "\n" not in str(err.value)
