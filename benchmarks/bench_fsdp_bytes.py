@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Bench  # noqa: E402
+from harness import Bench
 
-from bitdistill.fsdp.ternary import SUMMARY_BUCKETS, all_gather_bytes  # noqa: E402
+from bitdistill.fsdp.ternary import SUMMARY_BUCKETS, all_gather_bytes
 
 MODES = {"plain float32": (False, 4), "plain bf16 params": (False, 2), "ternary, rest float32": (True, 4),
          "ternary, rest bf16": (True, 2)}

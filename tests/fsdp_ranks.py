@@ -140,6 +140,7 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, mode: str) ->
 
     from bitdistill.fsdp.shard import fully_shard_student, save_sharded_student
     from bitdistill.fsdp.ternary import CommCounter
+    from bitdistill.fsdp.training import unsharded_student
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -152,7 +153,9 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, mode: str) ->
         result["comm"] = {"received": counter.received, "sent": counter.sent, "calls": counter.calls}
         result["sharded_dtypes"] = sorted({str(p.dtype) for p in student.parameters()})
         saved = save_sharded_student(student, Path(out_dir) / "student")
+        gathered = unsharded_student(student)
         if rank == 0:
+            result["gathered"] = {n: t.detach().clone() for n, t in gathered.state_dict().items()}
             result["saved"] = str(saved)
             torch.save(result, Path(out_dir) / "rank0.pt")
     finally:

@@ -87,6 +87,10 @@ def test_fsdp2_float32_matches_one_process_and_saves_a_student(tmp_path):
     for name, p in loaded.named_parameters():
         assert torch.allclose(p.detach(), final[name], atol=1e-5, rtol=0), name
     assert sum(isinstance(m, BitLinear) and m.rms_norm is not None for m in loaded.modules()) == 4  # SubLN kept
+    # the Trainer path's rank-0 copy (unsharded_student) holds the same tensors
+    assert got["gathered"].keys() == loaded.state_dict().keys()
+    for name, t in loaded.state_dict().items():
+        assert torch.equal(got["gathered"][name], t), name
     from bitdistill.export.folder import pack_pretrained
 
     result = pack_pretrained(got["saved"], tmp_path / "packed", dtype="float32")
@@ -232,3 +236,84 @@ def test_decoder_block_class_and_state_dict_check():
     with pytest.raises(UserError, match=r"full state dict .* rank 0") as err:
         check_full_state_dict_fits(model, available=1000)
     assert "\n" not in str(err.value)
+
+
+# ---- the Trainer path (accelerate FSDP2) ----------------------------------------------------------------------
+
+def _training_args(tmp_path, **fsdp_config):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path / "o"), fsdp=True, fsdp_config={"version": 2, **fsdp_config},
+                             report_to=[])
+
+
+def test_prepare_student_for_fsdp_checks_before_training(tmp_path):
+    from transformers import TrainingArguments
+
+    from bitdistill.fsdp.training import is_sharded, prepare_student_for_fsdp, unsharded_student
+
+    student = tiny_model("qwen2")
+    replace_linear_with_bitlinear(student)
+    prepare_student_for_fsdp(TrainingArguments(output_dir=str(tmp_path / "o"), report_to=[]), student, available=0)
+    prepare_student_for_fsdp(_training_args(tmp_path), student)  # _no_split_modules names Qwen2DecoderLayer
+    prepare_student_for_fsdp(_training_args(tmp_path, transformer_layer_cls_to_wrap=["Qwen2DecoderLayer"]), student)
+    for config, match in (({"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}, "Qwen2DecoderLayer"),
+                          ({"version": 1}, "FSDP2 only")):
+        with pytest.raises(UserError, match=match) as err:
+            prepare_student_for_fsdp(_training_args(tmp_path, **config), student)
+        assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="full state dict"):
+        prepare_student_for_fsdp(_training_args(tmp_path), student, available=1000)
+    assert not any(isinstance(m.weight, TernaryLatentWeight) for m in student.modules() if isinstance(m, BitLinear))
+    prepare_student_for_fsdp(_training_args(tmp_path, bitdistill_ternary_all_gather=True), student)
+    assert all(isinstance(m.weight, TernaryLatentWeight) for m in student.modules() if isinstance(m, BitLinear))
+    assert not is_sharded(student) and unsharded_student(student) is student
+
+
+def test_distill_with_fsdp_that_could_not_save_fails_before_training(tmp_path, shared_data, monkeypatch, capsys):
+    from bitdistill.cli.main import main
+    from bitdistill.fsdp import shard
+
+    monkeypatch.setattr(shard, "available_host_bytes", lambda: 1000)
+    train = tmp_path / "train.txt"
+    train.write_text((shared_data / "wikitext-2-raw-v1" / "wiki.train.prefix.raw").read_text()[:3000])
+    out = tmp_path / "run"
+    rc = main(["distill", "--teacher_model_name_or_path", "tiny:llama", "--train_files", str(train),
+               "--max_seq_length", "32", "--max_steps", "2", "--output_dir", str(out), "--fsdp", "full_shard",
+               "--fsdp_config", '{"version": 2}', "--disable_tqdm", "true", "--report_to", "none"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "full state dict" in err and "rank 0" in err
+    assert not list(out.glob("checkpoint-*")) and not (out / "student").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="accelerate turns FSDP on only for GPU runs; needs 2 GPUs")
+@pytest.mark.parametrize("ternary", [False, True])
+def test_distill_under_accelerate_fsdp2_two_gpus(tmp_path, shared_data, ternary):
+    """``bitdistill distill`` under ``torchrun --nproc_per_node 2`` with an FSDP2 config (SubLN, the attention
+    relation loss, bf16): it trains, saves a full student folder that ``load_student`` and ``pack`` accept."""
+    import json
+    import subprocess
+    import sys
+
+    from run_utils import free_port
+
+    from bitdistill.export.folder import pack_pretrained
+
+    train = tmp_path / "train.txt"
+    train.write_text((shared_data / "wikitext-2-raw-v1" / "wiki.train.prefix.raw").read_text()[:6000])
+    out = tmp_path / "run"
+    config = {"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"], "state_dict_type": "FULL_STATE_DICT",
+              "bitdistill_ternary_all_gather": ternary}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "bitdistill.cli.main", "distill", "--teacher_model_name_or_path", "tiny:llama",
+           "--train_files", str(train), "--max_seq_length", "32", "--per_device_train_batch_size", "2",
+           "--max_steps", "3", "--subln", "true", "--attention_weight", "1.0", "--bf16", "true",
+           "--fsdp", "full_shard", "--fsdp_config", json.dumps(config), "--output_dir", str(out),
+           "--disable_tqdm", "true", "--report_to", "none"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    student = load_student(out / "student")
+    assert sum(isinstance(m, BitLinear) and m.rms_norm is not None for m in student.modules()) == 4
+    assert all(torch.isfinite(p).all() for p in student.parameters())
+    pack_pretrained(out / "student", tmp_path / "packed")
