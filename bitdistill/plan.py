@@ -3,8 +3,9 @@
 Reads the teacher's config only (a folder, a ``config.json``, a hub id when online) and builds the model on the
 meta device to count its parameters (no weights are read). Per rank it estimates:
 
-* **teacher**: its weights (bfloat16: 2 bytes a parameter; 8-bit: 1 byte a linear weight, the embeddings and head
-  in bfloat16; none with a teacher-logit cache). Every rank holds a whole teacher (it is kept out of FSDP).
+* **teacher**: its weights (float32, what ``bitdistill distill`` loads by default: 4 bytes a parameter; bfloat16: 2;
+  8-bit: 1 byte a linear weight, the embeddings and head in bfloat16; none with a teacher-logit cache). Every rank
+  holds a whole teacher (it is kept out of FSDP).
 * **latent weights**: the student's float32 latent weights, divided over the ranks with FSDP; with FSDP each rank
   also holds the gathered bfloat16 weights of two blocks (the one computing, the one prefetched) and of the root
   (embeddings, head).
@@ -22,8 +23,8 @@ checkpointing and FSDP terms are arithmetic on those, not measured on a GPU here
 
 A plan fits when the total is at most ``USABLE_FRACTION`` of the GPU's memory less ``CUDA_RESERVE_GB`` (the CUDA
 context, kernels' workspaces, fragmentation). The recommendation is the fitting option set with the smallest cost
-(:data:`OPTION_COST`: FSDP and a smaller micro-batch first, then the teacher-logit cache and checkpointing, then the
-8-bit teacher and 8-bit Adam). When nothing fits, :func:`plan` says which part does not and by how much, and the
+(:data:`OPTION_COST`: FSDP, a smaller micro-batch and a bfloat16 teacher first, then the teacher-logit cache and
+checkpointing, then the 8-bit teacher and 8-bit Adam). When nothing fits, :func:`plan` says which part does not and by how much, and the
 CLI exits with status 2.
 """
 
@@ -68,8 +69,8 @@ USABLE_FRACTION = 0.9
 CUDA_RESERVE_GB = 1.0
 TEACHER_DTYPES = ("bfloat16", "int8", "cache", "float32")
 OPTIMIZERS = ("adamw", "adamw_8bit")
-OPTION_COST = {"fsdp": 0.5, "halve_micro_batch": 1.0, "teacher_cache": 2.0, "gradient_checkpointing": 2.0,
-               "teacher_int8": 3.0, "adamw_8bit": 3.0}
+OPTION_COST = {"fsdp": 0.5, "halve_micro_batch": 1.0, "teacher_bf16": 1.0, "teacher_cache": 2.0,
+               "gradient_checkpointing": 2.0, "teacher_int8": 3.0, "adamw_8bit": 3.0}
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ class Options:
 
     gpus: int = 1
     fsdp: bool = False
-    teacher: str = "bfloat16"
+    teacher: str = "float32"
     optimizer: str = "adamw"
     gradient_checkpointing: bool = False
     micro_batch: int = 8
@@ -104,29 +105,32 @@ class Options:
         c = OPTION_COST["fsdp"] * self.fsdp
         c += OPTION_COST["halve_micro_batch"] * max(0, (asked.micro_batch // self.micro_batch).bit_length() - 1)
         c += OPTION_COST["gradient_checkpointing"] * (self.gradient_checkpointing and not asked.gradient_checkpointing)
+        c += OPTION_COST["teacher_bf16"] * (self.teacher == "bfloat16" and asked.teacher != "bfloat16")
         c += OPTION_COST["teacher_cache"] * (self.teacher == "cache" and asked.teacher != "cache")
         c += OPTION_COST["teacher_int8"] * (self.teacher == "int8" and asked.teacher != "int8")
         c += OPTION_COST["adamw_8bit"] * (self.optimizer == "adamw_8bit" and asked.optimizer != "adamw_8bit")
         return c
 
     def flags(self) -> str:
-        """The ``bitdistill distill`` flags (and accelerate setting) these options mean."""
-        out = []
+        """The launcher and ``bitdistill distill`` flags these options mean."""
+        out = [f"torchrun --nproc_per_node {self.gpus} -m bitdistill.cli.main distill" if self.gpus > 1
+               else "bitdistill distill"]
         if self.fsdp:
-            out.append(f"accelerate launch --num_processes {self.gpus} --config_file <FSDP2 config, see docs/fsdp.md>")
-        elif self.gpus > 1:
-            out.append(f"accelerate launch --num_processes {self.gpus} (DDP)")
+            out.append("--fsdp full_shard --fsdp_config '{\"version\": 2}'")
         out.append(f"--per_device_train_batch_size {self.micro_batch}")
         if self.gradient_checkpointing:
-            out.append("--gradient_checkpointing")
+            out.append("--activation_checkpointing true")
         if self.teacher == "cache":
-            out.append("--teacher_cache <folder from bitdistill cache-teacher>")
+            out.append("--teacher_cache DIR (from bitdistill cache-teacher; logits only: --attention_weight 0 "
+                       "--hidden_weight 0)")
         elif self.teacher == "int8":
-            out.append("--teacher_load_in_8bit")
+            out.append("--teacher_load_in_8bit true")
+        elif self.teacher == "bfloat16":
+            out.append("[teacher in bfloat16, student float32: not a distill flag yet, see docs/fsdp.md]")
         if self.optimizer == "adamw_8bit":
             out.append("--optim adamw_bnb_8bit")
         if self.activation_dtype == "bfloat16":
-            out.append("--bf16")
+            out.append("--bf16 true")
         return " ".join(out)
 
 
@@ -202,7 +206,7 @@ class Plan:
         lines.append("")
         lines.append("as asked: " + describe(self.asked))
         if self.recommended is None:
-            lines.append(self.shortfall())
+            lines.append("recommended: nothing fits")
         else:
             lines.append("recommended: " + describe(self.recommended))
             lines.append("run with: " + self.recommended.flags())
@@ -312,7 +316,7 @@ def _candidates(asked: Options) -> list[Options]:
     sizes = sorted({asked.micro_batch // 2**k for k in range(asked.micro_batch.bit_length()) if asked.micro_batch // 2**k},
                    reverse=True)
     fsdp = [False, True] if asked.gpus > 1 else [False]
-    teachers = list(dict.fromkeys([asked.teacher, "cache", "int8"]))
+    teachers = list(dict.fromkeys([asked.teacher, "bfloat16", "cache", "int8"]))
     optims = list(dict.fromkeys([asked.optimizer, "adamw_8bit"]))
     ckpt = list(dict.fromkeys([asked.gradient_checkpointing, True]))
     return [replace(asked, fsdp=f or asked.fsdp, teacher=t, optimizer=op, gradient_checkpointing=g, micro_batch=b)
@@ -320,7 +324,7 @@ def _candidates(asked: Options) -> list[Options]:
 
 
 def plan(teacher: str | Path, *, gpus: int, gpu_gb: float, seq_len: int = 2048, micro_batch: int = 8,
-         teacher_dtype: str = "bfloat16", optimizer: str = "adamw", gradient_checkpointing: bool = False,
+         teacher_dtype: str = "float32", optimizer: str = "adamw", gradient_checkpointing: bool = False,
          fsdp: bool = False, activation_dtype: str = "bfloat16", config=None) -> Plan:
     """Estimate per-rank memory of distilling ``teacher`` as asked and recommend the cheapest option set that fits.
 

@@ -17,9 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_seq_length", type=int, default=2048, help="tokens per training sequence")
     p.add_argument("--micro_batch", type=int, default=8, help="sequences per rank and micro-step "
                    "(--per_device_train_batch_size)")
-    p.add_argument("--teacher_dtype", default="bfloat16", help="bfloat16, int8, float32, or cache (teacher-logit cache)")
+    p.add_argument("--teacher_dtype", default="float32", help="float32 (what distill loads by default), bfloat16, int8, "
+                   "or cache (teacher-logit cache)")
     p.add_argument("--optimizer", default="adamw", help="adamw or adamw_8bit")
-    p.add_argument("--gradient_checkpointing", action="store_true", help="plan with gradient checkpointing")
+    p.add_argument("--activation_checkpointing", action="store_true", help="plan with activation (gradient) "
+                   "checkpointing")
     p.add_argument("--fsdp", action="store_true", help="plan with FSDP from the start (needs --gpus 2 or more)")
     p.add_argument("--activation_dtype", default="bfloat16", help="bfloat16 (--bf16) or float32")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = plan(args.teacher, gpus=args.gpus, gpu_gb=args.gpu_memory_gb, seq_len=args.max_seq_length,
                   micro_batch=args.micro_batch, teacher_dtype=args.teacher_dtype, optimizer=args.optimizer,
-                  gradient_checkpointing=args.gradient_checkpointing, fsdp=args.fsdp,
+                  gradient_checkpointing=args.activation_checkpointing, fsdp=args.fsdp,
                   activation_dtype=args.activation_dtype)
     print(result.to_json() if args.json else result.render())
     if not result.fits:
