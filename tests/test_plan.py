@@ -127,3 +127,22 @@ def test_estimate_within_15_percent_of_measured_peak(arch, hidden, inter, layers
     measured = bench.measure(cfg, batch, seq)
     estimated = bench.estimate(cfg, batch, seq)
     assert abs(estimated - measured) <= 0.15 * measured, (estimated / GB, measured / GB)
+
+
+def test_docs_show_what_plan_prints_now(monkeypatch, capsys):
+    """docs/fsdp.md's phi-3-mini plans are this code's output, character for character."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the documented commands use the repository-relative config path
+    block = re.search(r"```text\n(.*?)```", (root / "docs" / "fsdp.md").read_text(), re.S).group(1)
+    shown = [c for c in block.split("$ bitdistill ")[1:]]
+    assert len(shown) == 3
+    for chunk in shown:
+        command, _, expected = chunk.partition("\n")
+        rc = main(shlex.split(command))
+        out = capsys.readouterr()
+        printed = out.out + out.err + (f"(exit status {rc})\n" if rc else "")
+        assert printed.strip() == expected.strip(), command
