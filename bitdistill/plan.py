@@ -298,10 +298,10 @@ def estimate_memory(shape: ModelShape, o: Options) -> MemoryEstimate:
     else:
         teacher = p * (4.0 if o.teacher == "float32" else 2.0)
     latent = 4.0 * p / shards
-    gathered = 2.0 * (2 * shape.block_params + shape.embed_head_params) if o.fsdp else 0.0
+    a = 1.0 if o.activation_dtype == "float32" else 0.5  # bytes relative to float32
+    gathered = 4.0 * a * (2 * shape.block_params + shape.embed_head_params) if o.fsdp else 0.0
     grads = 4.0 * p / shards
     optimizer = (8.0 if o.optimizer == "adamw" else 2.0) * p / shards
-    a = 1.0 if o.activation_dtype == "float32" else 0.5
     tokens = o.micro_batch * o.seq_len
     per_block = tokens * (K_H * shape.hidden + K_I * shape.intermediate) * a
     blocks = (shape.layers * tokens * shape.hidden * 4.0 * a + per_block if o.gradient_checkpointing

@@ -317,3 +317,41 @@ def test_distill_under_accelerate_fsdp2_two_gpus(tmp_path, shared_data, ternary)
     assert sum(isinstance(m, BitLinear) and m.rms_norm is not None for m in student.modules()) == 4
     assert all(torch.isfinite(p).all() for p in student.parameters())
     pack_pretrained(out / "student", tmp_path / "packed")
+
+
+def test_one_rank_shard_save_and_gather_a_tied_qwen2_student(tmp_path):
+    """In this process (a one-rank gloo group): a tied-embedding Qwen2 student with SubLN sharded per block, one
+    step, then ``save_sharded_student`` and ``unsharded_student`` give what the unsharded model holds."""
+    import torch.distributed as dist
+
+    from bitdistill.fsdp.shard import fully_shard_student, save_sharded_student
+    from bitdistill.fsdp.training import is_sharded, unsharded_student
+    from bitdistill.nn.subln import insert_subln
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        student = tiny_model("qwen2").train()
+        replace_linear_with_bitlinear(student)
+        insert_subln(student, init="ones")
+        fully_shard_student(student)
+        assert is_sharded(student)
+        ids = torch.randint(3, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+        student(input_ids=ids, labels=ids).loss.backward()
+        torch.optim.SGD(student.parameters(), lr=0.1).step()
+        want = {n: p.full_tensor().detach().clone() for n, p in student.named_parameters()}
+        out = save_sharded_student(student, tmp_path / "student")
+        gathered = unsharded_student(student)
+    finally:
+        dist.destroy_process_group()
+    loaded = load_student(out)
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # still tied
+    for model in (loaded, gathered):
+        got = dict(model.named_parameters())
+        assert got.keys() == want.keys()
+        for name, t in want.items():
+            assert torch.equal(got[name].detach(), t), name
+    assert torch.equal(gathered(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    with pytest.raises(UserError, match="no bitdistill marker"):
+        save_sharded_student(tiny_model("qwen2"), tmp_path / "plain")
+    with pytest.raises(FileExistsError, match="overwrite"):  # refused before the gather (no collective is entered)
+        save_sharded_student(loaded, out)

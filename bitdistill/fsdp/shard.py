@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
-from bitdistill.io import atomic_output_dir
+from bitdistill.io import atomic_output_dir, check_output_location
 from bitdistill.nn.arch import decoder_layers
 from bitdistill.nn.config import student_marker
 
@@ -137,11 +137,14 @@ def save_sharded_student(model: nn.Module, out: str | Path, *, tokenizer=None, o
     if student_marker(model) is None:
         raise UserError(f"save_sharded_student saves BitNet students; {type(model).__name__} has no bitdistill marker "
                         "on its config (convert it with replace_linear_with_bitlinear before sharding)")
+    out = Path(out)
+    check_output_location(out)
+    if out.exists() and not overwrite:  # before the gather, on every rank: no rank waits on a failed one
+        raise FileExistsError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")
     state = full_state_dict(model)
     if dist.is_initialized() and dist.get_rank() != 0:
         dist.barrier()
         return None
-    out = Path(out)
     try:
         with torch.device("meta"):  # no second copy of the weights: only the config and the save logic are used
             skeleton = AutoModelForCausalLM.from_config(model.config, dtype=next(iter(state.values())).dtype)
