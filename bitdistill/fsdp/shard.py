@@ -10,7 +10,6 @@ the block. Everything here runs with any process group backend (gloo on CPU, NCC
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -80,15 +79,11 @@ def full_state_dict_bytes(model: nn.Module) -> int:
 
 
 def available_host_bytes() -> int:
-    """Memory the OS can still give this process (``MemAvailable`` of ``/proc/meminfo``; physical pages elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Memory the OS can still give this process (psutil's ``available``: ``MemAvailable`` on Linux; psutil comes
+    with accelerate)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def check_full_state_dict_fits(model: nn.Module, *, available: int | None = None, where: str = "rank 0's host memory",
