@@ -110,7 +110,7 @@ def main() -> None:
         bench.add(model="SmolLM2-135M shapes", mode=mode, source="formula", **{k: v / 2**20 for k, v in b.items()},
                   linear_gather_vs_plain_fp32=plain["linear_gather"] / b["linear_gather"],
                   all_gather_vs_plain_fp32=plain["all_gather"] / b["all_gather"],
-                  step_vs_plain_fp32=plain["step_total"] / b["step_total"], command=command)
+                  step_vs_plain_fp32=plain["step_total"] / b["step_total"], command=command, load_avg=os.getloadavg()[0])
     tiny_shapes, tiny_rest = linear_shapes_and_rest(tiny_config("llama"))
     for mode, (ternary, pbytes) in MODES.items():
         if mode == "ternary, rest bf16":
@@ -123,7 +123,7 @@ def main() -> None:
                   all_gather=got_gather / 2**20, reduce_scatter=counted["sent"]["reduce_scatter"] / 2**20,
                   formula_all_gather=want["all_gather"] / 2**20, counted_equals_formula=got_gather == want["all_gather"]
                   and counted["sent"]["reduce_scatter"] == want["reduce_scatter"], cpu_s=time.process_time() - t0,
-                  command=command)
+                  command=command, load_avg=os.getloadavg()[0])
         print(bench.rows[-1], flush=True)
     bench.write(["model", "mode", "source", "linear_gather", "other_gather", "all_gather", "reduce_scatter",
                  "step_total", "linear_gather_vs_plain_fp32", "all_gather_vs_plain_fp32", "step_vs_plain_fp32",
