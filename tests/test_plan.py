@@ -146,3 +146,17 @@ def test_docs_show_what_plan_prints_now(monkeypatch, capsys):
         out = capsys.readouterr()
         printed = out.out + out.err + (f"(exit status {rc})\n" if rc else "")
         assert printed.strip() == expected.strip(), command
+
+
+@pytest.mark.parametrize("name, gpus, gpu_gb, fits", [
+    ("Qwen2.5-0.5B", 1, 24, True), ("Qwen2.5-1.5B", 1, 24, True), ("Qwen2.5-7B", 1, 80, False),
+    ("Qwen2.5-7B", 8, 80, True), ("phi-3-mini", 4, 24, True),
+])
+def test_plans_for_the_published_models(tmp_path, name, gpus, gpu_gb, fits):
+    p = plan(_write(tmp_path, name), gpus=gpus, gpu_gb=gpu_gb)
+    assert p.fits is fits
+    if fits:
+        assert p.recommended_estimate.total <= p.usable_bytes < p.asked_estimate.total  # the options were needed
+        assert p.recommended.fsdp == (gpus > 1 and p.shape.params > 3e9)
+    else:
+        assert p.smallest_estimate.total > p.usable_bytes and "GB more than" in p.shortfall()
