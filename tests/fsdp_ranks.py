@@ -162,7 +162,7 @@ def rank_main(rank: int, world: int, init_file: str, out_dir: str, mode: str) ->
         dist.destroy_process_group()
 
 
-def spawn(mode: str, out_dir: Path, world: int = 2, timeout: float = 240.0) -> dict:
+def spawn(mode: str, out_dir: Path, world: int = 2, timeout: float = 600.0) -> dict:
     """Run :func:`rank_main` on ``world`` spawned gloo ranks; returns rank 0's result. Fails after ``timeout`` s."""
     import torch.multiprocessing as mp
 
