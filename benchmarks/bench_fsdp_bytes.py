@@ -113,8 +113,6 @@ def main() -> None:
                   step_vs_plain_fp32=plain["step_total"] / b["step_total"], command=command, load_avg=os.getloadavg()[0])
     tiny_shapes, tiny_rest = linear_shapes_and_rest(tiny_config("llama"))
     for mode, (ternary, pbytes) in MODES.items():
-        if mode == "ternary, rest bf16":
-            continue  # the same code path as the two rows above it
         t0 = time.process_time()
         counted = count_small(ternary, pbytes == 2)
         want = step_bytes(tiny_shapes, tiny_rest, ternary, pbytes)
