@@ -54,6 +54,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         ('Distill a teacher into a BitNet b1.58 student with the staged recipe (calibrated ternary init, '
          'block-wise reconstruction, end-to-end KD) within --time_budget of process CPU time; takes every '
          '`distill` option and --config FILE.')),
+    "plan": ("bitdistill.cli.plan",
+        ('Can TEACHER be distilled into a ternary student on N GPUs of M GB? Per-rank memory (teacher, latent '
+         'weights, gradients, optimizer, activations) from its config alone, and the options that fit.')),
 }
 SUBCOMMANDS = tuple(COMMANDS)
 # Commands that train: they keep freed heap memory (bitdistill.allocator) for speed.

@@ -33,6 +33,7 @@ from bitdistill.distill.warmup import QuantWarmup
 from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.export.memory import pack_in_memory
+from bitdistill.fsdp.training import prepare_student_for_fsdp, unsharded_student
 from bitdistill.io import atomic_output_dir, atomic_write
 from bitdistill.models import tiny_tokenizer
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
@@ -251,6 +252,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     if model_args.quant_warmup_steps > 0:
         run.callbacks.append(_WarmupCallback(QuantWarmup(student, model_args.quant_warmup_steps)))
     training_args = run.training_args
+    prepare_student_for_fsdp(training_args, student)  # FSDP: wrap class, rank 0 can save, opt-in ternary gather
     trainer = DistillationTrainer(
         model=student, args=training_args, train_dataset=train_ds, teacher=teacher, teacher_cache=cache,
         loss_args=loss_args, hidden_layer_map=layer_map, attention_layers=attention_layers,
@@ -285,8 +287,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         audit.evaluation_begins()
         metrics["student_end"] = trainer.evaluate(metric_key_prefix="final")
         _log_perplexity("student perplexity after training", metrics["student_end"].get("final_perplexity"))
+    student = unsharded_student(trainer.accelerator.unwrap_model(trainer.model))  # FSDP: a collective, rank 0 gets it
     if trainer.is_world_process_zero():
-        student = trainer.accelerator.unwrap_model(trainer.model)
         card_args = (model_args, data_args, loss_args, training_args)
         _save_student(student, tokenizer, final_dir, card_args, metrics, config_json, prov, train_seconds,
                       trainer.state.global_step)

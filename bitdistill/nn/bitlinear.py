@@ -30,7 +30,7 @@ class BitLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         x_codes, x_scale = ops.activation_quant(x)
-        w_codes, gamma = ops.weight_quant(weight)
+        w_codes, gamma = _ternarize(weight)
         y = ops.int8_ternary_linear(x_codes, x_scale, w_codes, gamma, bias, x.dtype)
         ctx.save_for_backward(x_codes, x_scale, weight, gamma)
         ctx.has_bias = bias is not None
@@ -48,6 +48,13 @@ class BitLinearFunction(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(0)
         return grad_x, grad_w, grad_b
+
+
+def _ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T int8 [N, K], gamma f32 [])``: from ``ops.weight_quant``, or from the weight itself when it carries them
+    (the tensors of FSDP2's ternary all-gather, :mod:`bitdistill.fsdp.ternary`, whose gamma is exact over shards)."""
+    own = getattr(weight, "ternary_codes_and_scale", None)
+    return own() if own is not None else ops.weight_quant(weight)
 
 
 def _check_input(x: torch.Tensor, in_features: int, where: str) -> None:
