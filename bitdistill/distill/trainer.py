@@ -16,9 +16,7 @@ import itertools
 
 import torch
 from torch import nn
-from transformers import Trainer
 
-from bitdistill.checkpoints import AtomicCheckpointMixin
 from bitdistill.distill.args import LossArguments
 from bitdistill.distill.attention import QKVCapture
 from bitdistill.distill.losses import (
@@ -32,13 +30,14 @@ from bitdistill.distill.losses import (
 from bitdistill.distill.teacher_cache import TeacherCache, cached_logits_loss
 from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
+from bitdistill.runs import RunTrainer
 
 __all__ = ["DistillationTrainer"]
 
 PROJECTOR_ATTR = "bitdistill_projectors"
 
 
-class DistillationTrainer(AtomicCheckpointMixin, Trainer):
+class DistillationTrainer(RunTrainer):
     """Trainer for a BitNet student distilled from a frozen teacher (or a teacher cache).
 
     Args:
@@ -47,18 +46,13 @@ class DistillationTrainer(AtomicCheckpointMixin, Trainer):
         loss_args: loss weights and options.
         hidden_layer_map: ``(student, teacher_indices)`` pairs for the hidden-state loss.
         attention_layers: ``(student_blocks, teacher_blocks)`` for the relation loss.
-        perplexity_ids: 1-D token ids for strided perplexity at each evaluation.
-        perplexity_window, perplexity_stride, perplexity_max_windows: its settings.
-        validation_dataset: held-out blocks for a distillation eval loss.
-        **kwargs: ``transformers.Trainer`` arguments (``model`` is the student).
+        **kwargs: :class:`~bitdistill.runs.RunTrainer` arguments (perplexity settings, ``validation_dataset``: held-out
+            blocks for a distillation eval loss) and ``transformers.Trainer`` ones (``model`` is the student).
     """
 
     def __init__(self, *, teacher: nn.Module | None = None, teacher_cache: TeacherCache | None = None,
                  loss_args: LossArguments, hidden_layer_map: list | None = None,
-                 attention_layers: tuple[list[int], list[int]] | None = None,
-                 perplexity_ids: torch.Tensor | None = None, perplexity_window: int = 512,
-                 perplexity_stride: int | None = None, perplexity_max_windows: int | None = None,
-                 validation_dataset=None, **kwargs) -> None:
+                 attention_layers: tuple[list[int], list[int]] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if teacher is None and teacher_cache is None:
             raise UserError("DistillationTrainer needs a teacher or a teacher cache")
@@ -74,17 +68,10 @@ class DistillationTrainer(AtomicCheckpointMixin, Trainer):
         self._captures = None
         if attention_layers is not None and loss_args.attention_weight > 0:
             self._captures = (QKVCapture(self.model, attention_layers[0]), QKVCapture(teacher, attention_layers[1]))
-        self.perplexity_ids = perplexity_ids
-        self.perplexity_window = perplexity_window
-        self.perplexity_stride = perplexity_stride
-        self.perplexity_max_windows = perplexity_max_windows
-        self.validation_dataset = validation_dataset
         # compute_loss divides by the accumulation window's token count (get_batch_samples), so the Trainer must
         # not divide by the accumulation steps again: it does not when the model "accepts loss kwargs" and a
         # count is given (the public switch from transformers 4.46 to today; 5.19+ also has loss_is_scaled_for_ga)
         self.model_accepts_loss_kwargs = True
-        self._part_sums: dict[str, float] = {}
-        self._part_micro_batches = 0
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, torch.Tensor | None]:
         """The next ``num_batches`` micro-batches and the number of predicting positions in all of them, over all
@@ -158,27 +145,15 @@ class DistillationTrainer(AtomicCheckpointMixin, Trainer):
                             + f" or --{LOSS_TERMS[-1]}_weight")
         loss = sum(weights[k] * v for k, v in parts.items()) * scale
         if model.training:
-            self._part_micro_batches += 1
-            for k, v in parts.items():
-                self._part_sums[k] = self._part_sums.get(k, 0.0) + v.detach().item() * scale
+            self.record_parts(parts, scale)
         return (loss, out) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._part_sums:
-            steps = max(self._part_micro_batches / self.args.gradient_accumulation_steps, 1.0)
-            for k, v in self._part_sums.items():
-                logs[f"loss_{k}"] = round(v / steps, 6)
-            self._part_sums = {}
-            self._part_micro_batches = 0
-        super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Distillation loss on the validation blocks (if any) and strided perplexity of the student (if set)."""
         metrics: dict[str, float] = {}
         if self.perplexity_ids is not None:
             student = self.accelerator.unwrap_model(self.model)
-            r = strided_perplexity(student, self.perplexity_ids, max_length=self.perplexity_window,
-                                   stride=self.perplexity_stride, max_windows=self.perplexity_max_windows)
+            r = strided_perplexity(student, self.perplexity_ids, **self.perplexity_settings)
             metrics = {f"{metric_key_prefix}_perplexity": r.perplexity, f"{metric_key_prefix}_nll": r.nll,
                        f"{metric_key_prefix}_tokens": r.num_tokens}
             self.log(metrics)
