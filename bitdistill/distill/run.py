@@ -39,8 +39,8 @@ from bitdistill.nn.subln import insert_subln
 from bitdistill.runs import CONFIG_FILE, build_blocks, check_run_folder, config_dict
 from bitdistill.validate import validate_cache_args, validate_run_args
 
-__all__ = ["StudentCard", "load_teacher", "load_tokenizer", "packed_and_task_metrics", "prepare_student",
-           "run_cache_teacher", "run_distillation"]
+__all__ = ["METRICS_FILE", "StudentCard", "load_teacher", "load_tokenizer", "make_trainable",
+           "packed_and_task_metrics", "prepare_student", "run_cache_teacher", "run_distillation"]
 
 METRICS_FILE = "distill_metrics.json"
 logger = logging.getLogger(__name__)
@@ -127,6 +127,11 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
                             f"vocabulary is {_vocab(student)}; they are incompatible (pass the model's own tokenizer)")
         insert_subln(student, eps=model_args.subln_eps, init=model_args.subln_init,
                      calibration_input_ids=calibration_input_ids)
+    return make_trainable(student, model_args)
+
+
+def make_trainable(student: nn.Module, model_args: ModelArguments) -> nn.Module:
+    """``student`` in training mode with every parameter trained except the embeddings/head the flags freeze."""
     student.requires_grad_(True)
     if model_args.freeze_embeddings or model_args.freeze_lm_head:
         frozen = freeze_embeddings(student, embeddings=model_args.freeze_embeddings, lm_head=model_args.freeze_lm_head)
