@@ -9,9 +9,10 @@ def _types() -> tuple:
     """The dataclasses of a distillation run (``run_distillation``'s positional arguments)."""
     from transformers import TrainingArguments
 
-    from bitdistill.distill.args import DataArguments, EvalTaskArguments, LossArguments, ModelArguments
+    from bitdistill.distill.args import DataArguments, EvalTaskArguments, ModelArguments
+    from bitdistill.distill.terms import loss_arguments_type
 
-    return (ModelArguments, DataArguments, LossArguments, TrainingArguments, EvalTaskArguments)
+    return (ModelArguments, DataArguments, loss_arguments_type(), TrainingArguments, EvalTaskArguments)
 
 
 def _all_types() -> tuple:

@@ -29,6 +29,7 @@ from bitdistill.distill.args import LossArguments, ModelArguments
 from bitdistill.distill.attention import QKVCapture, resolve_layer_indices
 from bitdistill.distill.layer_map import build_layer_map
 from bitdistill.distill.teacher_cache import TeacherCache
+from bitdistill.distill.terms import needed_outputs
 from bitdistill.distill.trainer import PROJECTOR_ATTR, DistillationTrainer
 from bitdistill.distill.warmup import QuantWarmup
 from bitdistill.errors import UserError
@@ -48,8 +49,9 @@ class Distilled:
 
     Attributes:
         student: the trained model (unwrapped; hidden-state projectors, if any, still attached).
-        metrics: ``teacher`` (perplexity of ``--eval_files``), ``student_start``, ``train`` (the Trainer's),
-            ``student_end``, each present when measured (the card reads them).
+        metrics: ``teacher`` (perplexity of ``--eval_files``), ``student_start``, ``train`` (the Trainer's, with
+            ``train_steps``, ``train_cpu_s`` and, with a budget, ``budget_cpu_s`` and ``planned_steps``), ``student_end``, each
+            present when measured (the card reads them).
         provenance: the run's ``provenance.json`` content (``None`` off the main process).
         steps: optimizer steps done; planned_steps: the budget's last plan (``None`` without a budget).
         train_cpu_s: process CPU seconds of the training loop (evaluations before and after excluded).
@@ -74,7 +76,7 @@ def resolve_recipe_parts(model_args: ModelArguments, loss_args: LossArguments, t
     attention-relation loss) that the architecture cannot take is refused with the flag that turns it off."""
     if model_args.subln and not (model_args.student_config or model_args.student_model_name_or_path):
         subln_module_names(teacher)
-    if loss_args.attention_weight > 0:
+    if "qkv" in needed_outputs(loss_args)[1]:
         QKVCapture(teacher, resolve_layer_indices(loss_args.attention_layers, teacher.config.num_hidden_layers,
                                                   "teacher"))
     return model_args, loss_args, []
@@ -84,15 +86,16 @@ def _loss_structures(student: nn.Module, teacher: nn.Module | None, loss_args: L
                      ) -> tuple[list | None, tuple[list[int], list[int]] | None]:
     """The hidden-state layer map (with projectors attached to ``student`` where asked or where widths differ) and
     the attention-relation blocks ``(student, teacher)``; unsupported blocks are refused here."""
+    s_need, _ = needed_outputs(loss_args)
     layer_map = None
-    if loss_args.hidden_weight > 0:
+    if "hidden_states" in s_need:
         layer_map = build_layer_map(loss_args.hidden_layer_map, student.config.num_hidden_layers,
                                     teacher.config.num_hidden_layers)
         hs, ht = student.config.hidden_size, teacher.config.hidden_size
         if (loss_args.hidden_projector or hs != ht) and getattr(student, PROJECTOR_ATTR, None) is None:
             setattr(student, PROJECTOR_ATTR, nn.ModuleList(nn.Linear(hs, ht, bias=False) for _ in layer_map))
     attention_layers = None
-    if loss_args.attention_weight > 0:
+    if "qkv" in s_need:
         ls, lt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
         s_layers = resolve_layer_indices(loss_args.attention_layers, ls, "student")
         t_layers = [round(i * (lt - 1) / max(ls - 1, 1)) for i in s_layers]
@@ -165,7 +168,8 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
     if done.start is not None:
         metrics["student_start"] = done.start
         _log_perplexity("student perplexity before training", done.start.get("start_perplexity"))
-    metrics["train"] = done.train
+    metrics["train"] = {**done.train, "train_steps": done.steps, "train_cpu_s": train_cpu_s,
+                        **({"budget_cpu_s": budget_s, "planned_steps": budget.planned_steps} if budget else {})}
     if done.final is not None:
         metrics["student_end"] = done.final
         _log_perplexity("student perplexity after training", done.final.get("final_perplexity"))

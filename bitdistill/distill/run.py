@@ -29,6 +29,7 @@ from bitdistill.distill.card import distill_card
 from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
 from bitdistill.distill.engine import Distilled, distill_student, resolve_recipe_parts, save_student
 from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits
+from bitdistill.distill.terms import validate_loss_args
 from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.export.memory import pack_in_memory
@@ -201,7 +202,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         if task_args.eval_tasks_batch_size < 1 or (task_args.eval_tasks_limit is not None
                                                    and task_args.eval_tasks_limit < 1):
             raise UserError("--eval_tasks_batch_size and --eval_tasks_limit must be >= 1")
-    validate_run_args(model_args, data_args, loss_args, training_args)
+    validate_run_args(model_args, data_args, training_args)
+    validate_loss_args(loss_args)
     budget_s = None
     if budget_args.time_budget is not None:
         budget_s = parse_cpu_budget(budget_args.time_budget)
@@ -210,10 +212,6 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         if training_args.resume_from_checkpoint not in (None, "", "false", "False"):
             raise UserError("--time_budget counts the CPU time of one process and cannot resume a checkpoint; "
                             "resume with --max_steps, or start a new --output_dir")
-    if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
-        raise UserError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
-                        "need the live teacher (pass --hidden_weight 0 --attention_weight 0: `bitdistill distill` turns "
-                        "both on by default; or drop --teacher_cache)")
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"

@@ -12,6 +12,7 @@ the window, exactly as with one process and the equivalent batch.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -19,15 +20,9 @@ from torch import nn
 
 from bitdistill.distill.args import LossArguments
 from bitdistill.distill.attention import QKVCapture
-from bitdistill.distill.losses import (
-    LOSS_TERMS,
-    attention_relation_loss,
-    cross_entropy_loss,
-    hidden_state_loss,
-    logits_distillation_loss,
-    prediction_mask,
-)
-from bitdistill.distill.teacher_cache import TeacherCache, cached_logits_loss
+from bitdistill.distill.losses import prediction_mask
+from bitdistill.distill.teacher_cache import TeacherCache
+from bitdistill.distill.terms import LOSS_REGISTRY, LossInputs, active_terms, needed_outputs
 from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.runs import RunTrainer
@@ -66,7 +61,7 @@ class DistillationTrainer(RunTrainer):
         self.loss_args = loss_args
         self.hidden_layer_map = hidden_layer_map
         self._captures = None
-        if attention_layers is not None and loss_args.attention_weight > 0:
+        if attention_layers is not None and "qkv" in needed_outputs(loss_args)[0]:
             self._captures = (QKVCapture(self.model, attention_layers[0]), QKVCapture(teacher, attention_layers[1]))
         # compute_loss divides by the accumulation window's token count (get_batch_samples), so the Trainer must
         # not divide by the accumulation steps again: it does not when the model "accepts loss kwargs" and a
@@ -86,6 +81,8 @@ class DistillationTrainer(RunTrainer):
         return batch_samples, n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The weighted sum of the active loss terms (:mod:`bitdistill.distill.terms`); each forward produces only
+        the outputs those terms need."""
         la = self.loss_args
         inputs = dict(inputs)
         labels = inputs.pop("labels")
@@ -98,52 +95,36 @@ class DistillationTrainer(RunTrainer):
             num_items_in_batch = mask.sum().clamp(min=1)
         elif self.accelerator.num_processes > 1:
             scale = float(self.accelerator.num_processes)
-        need_hidden = la.hidden_weight > 0
+        terms = active_terms(la)
+        if not terms:
+            raise UserError("all loss weights are 0; set " + ", ".join(t.flag for t in LOSS_REGISTRY.values()))
+        s_need, t_need = needed_outputs(la)
         s_cap, t_cap = self._captures if self._captures is not None else (None, None)
+        with s_cap if s_cap is not None else contextlib.nullcontext():
+            out = model(**inputs, output_hidden_states="hidden_states" in s_need)
+        key_mask = inputs.get("attention_mask")
+        x = LossInputs(logits=out.logits, labels=labels, mask=mask, num_items=num_items_in_batch,
+                       student_logits=out.logits[:, :-1], key_mask=None if key_mask is None else key_mask[:, :-1])
+        if "hidden_states" in s_need:
+            x.student_hidden = [h[:, :-1] for h in out.hidden_states]
+            x.layer_map = self.hidden_layer_map
+            x.projectors = getattr(self.accelerator.unwrap_model(model), PROJECTOR_ATTR, None)
         if s_cap is not None:
-            with s_cap:
-                out = model(**inputs, output_hidden_states=need_hidden)
-        else:
-            out = model(**inputs, output_hidden_states=need_hidden)
-        parts: dict[str, torch.Tensor] = {}
-        if la.ce_weight > 0:
-            parts["ce"] = cross_entropy_loss(out.logits, labels, num_items_in_batch)
-        s_logits = out.logits[:, :-1]
-        if self.teacher_cache is not None:
-            ids, logp, tail = self.teacher_cache.lookup(block_index.cpu())
-            dev = s_logits.device
-            if la.logits_weight > 0:
-                parts["logits"] = cached_logits_loss(s_logits, ids.to(dev), logp.to(dev), tail.to(dev), mask,
-                                                     num_items_in_batch, kind=la.logits_loss,
-                                                     temperature=la.temperature, beta=la.jsd_beta, alpha=la.skew_alpha)
-        elif la.logits_weight > 0 or need_hidden or s_cap is not None:
+            x.student_qkv = [q[:, :-1] for q in s_cap.states]
+        if self.teacher_cache is not None and "logits" in t_need:
+            dev = out.logits.device
+            x.cached = tuple(t.to(dev) for t in self.teacher_cache.lookup(block_index.cpu()))
+        elif t_need and self.teacher_cache is None:
             # the student's forward runs under accelerate's mixed precision (--bf16 / --fp16); so does the teacher's
-            with torch.no_grad(), self.accelerator.autocast():
-                if t_cap is not None:
-                    with t_cap:
-                        t_out = self.teacher(**inputs, output_hidden_states=need_hidden)
-                else:
-                    t_out = self.teacher(**inputs, output_hidden_states=need_hidden)
-            if la.logits_weight > 0:
-                parts["logits"] = logits_distillation_loss(
-                    s_logits, t_out.logits[:, :-1], mask, num_items_in_batch, kind=la.logits_loss,
-                    temperature=la.temperature, beta=la.jsd_beta, alpha=la.skew_alpha)
-            if need_hidden:
-                projectors = getattr(self.accelerator.unwrap_model(model), PROJECTOR_ATTR, None)
-                parts["hidden"] = hidden_state_loss(
-                    [h[:, :-1] for h in out.hidden_states], [h[:, :-1] for h in t_out.hidden_states],
-                    self.hidden_layer_map, mask, num_items_in_batch, kind=la.hidden_loss, projectors=projectors)
-            if s_cap is not None:
-                key_mask = inputs.get("attention_mask")
-                parts["attention"] = attention_relation_loss(
-                    [x[:, :-1] for x in s_cap.states], [x[:, :-1] for x in t_cap.states], mask, num_items_in_batch,
-                    num_relation_heads=la.attention_relation_heads,
-                    key_mask=None if key_mask is None else key_mask[:, :-1])
-        weights = {term: getattr(la, f"{term}_weight") for term in LOSS_TERMS}
-        if not parts:
-            raise UserError("all loss weights are 0; set " + ", ".join(f"--{t}_weight" for t in LOSS_TERMS[:-1])
-                            + f" or --{LOSS_TERMS[-1]}_weight")
-        loss = sum(weights[k] * v for k, v in parts.items()) * scale
+            with torch.no_grad(), self.accelerator.autocast(), t_cap if t_cap is not None else contextlib.nullcontext():
+                t_out = self.teacher(**inputs, output_hidden_states="hidden_states" in t_need)
+            x.teacher_logits = t_out.logits[:, :-1]
+            if "hidden_states" in t_need:
+                x.teacher_hidden = [h[:, :-1] for h in t_out.hidden_states]
+            if t_cap is not None:
+                x.teacher_qkv = [q[:, :-1] for q in t_cap.states]
+        parts = {t.name: t.loss(x, la) for t, _ in terms}
+        loss = sum(w * parts[t.name] for t, w in terms) * scale
         if model.training:
             self.record_parts(parts, scale)
         return (loss, out) if return_outputs else loss

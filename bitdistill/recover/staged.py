@@ -58,12 +58,14 @@ from bitdistill.distill.run import (
     packed_and_task_metrics,
     prepare_student,
 )
+from bitdistill.distill.terms import validate_loss_args
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_write
 from bitdistill.nn.arch import decoder_layers
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
 from bitdistill.runs import build_blocks, config_changes, config_dict, tokens_per_step
+from bitdistill.validate import validate_run_args
 from bitdistill.weights import read_json
 
 __all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
@@ -368,6 +370,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     """
     recover_args = recover_args.resolved(parse_cpu_budget(recover_args.time_budget))  # saved resolved
     budget = _check_args(recover_args, model_args, loss_args)
+    validate_run_args(model_args, data_args, training_args)
+    validate_loss_args(loss_args)
     out = Path(training_args.output_dir)
     final = out / "student"
     if final.exists():
