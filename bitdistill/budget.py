@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import Callable
 
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
@@ -169,9 +170,9 @@ class BudgetProgressCallback(ProgressCallback):
         self.budget = budget
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        if self.training_bar is not None:
-            self.training_bar.total = self.budget.planned_steps
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=self.budget.planned_steps, dynamic_ncols=True)
+        self.current_step = 0
 
     def on_step_end(self, args, state, control, **kwargs):
         bar = self.training_bar
