@@ -263,7 +263,7 @@ def write_report(limit: int) -> Path:
     for r in order:
         if r.get("command"):
             lines.append(f"- {r['recipe']} {r['budget_cpu_min']} (seed {r['seed']}, git {str(r.get('git_sha'))[:7]}): "
-                         f"`{r['command']}`")
+                         f"`{r['command']}`" + (f"; produced by `{r['invocation']}`" if r.get("invocation") else ""))
     others = other_seed_commands(rows)
     lines += ["", f"Reproduce: `python benchmarks/bench_recovery.py --budgets 10 30 90 --recipes e2e staged "
               f"--lastword-limit {limit}`" + (f"; the other seeds: {others}" if others else ""), "",

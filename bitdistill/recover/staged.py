@@ -338,7 +338,7 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
     release_memory()
     loss = ctx.clock.excluding(lambda: held_out_loss(result.student, ctx.held))
     return StageResult(name, loss, math.exp(loss), ctx.clock.used(), {
-        "steps": result.steps, "planned_steps": result.planned_steps,
+        "steps": result.steps, "planned_steps": result.planned_steps, "train_cpu_s": result.train_cpu_s,
         "train_tokens": result.steps * tokens_per_step(training, data), "seq_length": data.max_seq_length}), result
 
 
