@@ -5,7 +5,8 @@ Both trainers build their run the same way: validate ``--output_dir`` and the ch
 (:func:`check_run_folder`, against the configuration :func:`config_dict` records), tokenize the training
 blocks (:func:`build_blocks`), split off the held-out blocks and build the callbacks (:func:`setup_run`), and
 write ``provenance.json`` (:func:`record_provenance`). Both trainers derive from :class:`RunTrainer`: the
-per-term loss logging, the perplexity settings and the CPU budget live there once. This module sits below
+per-term loss logging, the perplexity settings and the CPU budget live there once (the run skeleton that drives
+them, ``bitdistill.distill.engine.run_trainer``, sits in the layer of the trainers it calls). This module sits below
 ``distill``/``selfdistill`` and imports neither.
 """
 
@@ -23,7 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from bitdistill.audit import PROVENANCE_FILE, AuditCallback, tensorboard_into_output_dir, write_provenance
+from bitdistill.audit import PROVENANCE_FILE, AuditCallback, write_provenance
 from bitdistill.budget import BudgetProgressCallback, CpuBudgetCallback
 from bitdistill.checkpoints import (
     AtomicCheckpointMixin,
@@ -42,14 +43,12 @@ __all__ = [
     "RunSetup",
     "RunTrainer",
     "ScheduledCheckpointsOnly",
-    "TrainedRun",
     "build_blocks",
     "check_eval_schedule",
     "check_run_folder",
     "config_changes",
     "config_dict",
     "record_provenance",
-    "run_trainer",
     "setup_run",
     "tokens_per_step",
 ]
@@ -336,38 +335,3 @@ class RunTrainer(AtomicCheckpointMixin, Trainer):
             values[0] = values[-1] = sys.maxsize  # num_train_epochs, max_steps
         return tuple(values)
 
-
-@dataclasses.dataclass
-class TrainedRun:
-    """What :func:`run_trainer` measured: evaluations before (``None`` when resumed or not asked) and after, the
-    Trainer's train metrics, the provenance record (``None`` off the main process), wall seconds and steps."""
-
-    start: dict | None
-    train: dict
-    final: dict | None
-    provenance: dict | None
-    train_seconds: float
-    steps: int
-
-
-def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, all_args: dict, command: str | None,
-                evaluate: bool) -> TrainedRun:
-    """The one run skeleton of every trainer: checkpoint files and TensorBoard into the output folder, provenance,
-    an evaluation before training (``evaluate`` and not resumed), training (resumed from ``checkpoint``), an
-    evaluation after (``evaluate``). Evaluations are audited apart from the training steps."""
-    trainer.checkpoint_files = run.checkpoint_files
-    tensorboard_into_output_dir(trainer)
-    prov = None
-    if trainer.is_world_process_zero():
-        prov = record_provenance(Path(trainer.args.output_dir), all_args, command, resumed=checkpoint is not None)
-    start = final = None
-    if checkpoint is None and evaluate:
-        run.audit.evaluation_begins()
-        start = trainer.evaluate(metric_key_prefix="start")
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - started
-    if evaluate:
-        run.audit.evaluation_begins()
-        final = trainer.evaluate(metric_key_prefix="final")
-    return TrainedRun(start, dict(result.metrics), final, prov, train_seconds, trainer.state.global_step)

@@ -5,7 +5,7 @@ loads the models and the text, calls it once, saves the result) and each KD stag
 (:mod:`bitdistill.recover.staged` holds one teacher and one tokenized text and calls it per stage). It takes the
 models, the token blocks and the argument dataclasses, builds what the loss terms need (layer map, projectors,
 attention captures), the :class:`~bitdistill.distill.trainer.DistillationTrainer` and its callbacks, runs the run
-skeleton (:func:`bitdistill.runs.run_trainer`) and returns the trained student with its metrics. It loads and saves
+skeleton (:func:`run_trainer`, which ``self-distill`` runs too) and returns the trained student with its metrics. It loads and saves
 no model; the caller decides what goes to disk. :func:`save_student` writes a student folder.
 
 :func:`resolve_recipe_parts` is the one place that decides which recipe parts (SubLN, the attention-relation loss)
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from bitdistill.audit import tensorboard_into_output_dir
 from bitdistill.budget import CpuBudgetCallback
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import LossArguments, ModelArguments
@@ -36,9 +37,9 @@ from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.io import atomic_output_dir
 from bitdistill.nn.subln import subln_module_names
-from bitdistill.runs import run_trainer, setup_run
+from bitdistill.runs import RunSetup, RunTrainer, record_provenance, setup_run
 
-__all__ = ["Distilled", "distill_student", "resolve_recipe_parts", "save_student"]
+__all__ = ["Distilled", "TrainedRun", "distill_student", "resolve_recipe_parts", "run_trainer", "save_student"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,42 @@ class Distilled:
     train_cpu_s: float
     train_seconds: float
     perplexity_ids: torch.Tensor | None
+
+
+@dataclasses.dataclass
+class TrainedRun:
+    """What :func:`run_trainer` measured: evaluations before (``None`` when resumed or not asked) and after, the
+    Trainer's train metrics, the provenance record (``None`` off the main process), wall seconds and steps."""
+
+    start: dict | None
+    train: dict
+    final: dict | None
+    provenance: dict | None
+    train_seconds: float
+    steps: int
+
+
+def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, all_args: dict, command: str | None,
+                evaluate: bool) -> TrainedRun:
+    """The one run skeleton of every trainer: checkpoint files and TensorBoard into the output folder, provenance,
+    an evaluation before training (``evaluate`` and not resumed), training (resumed from ``checkpoint``), an
+    evaluation after (``evaluate``). Evaluations are audited apart from the training steps."""
+    trainer.checkpoint_files = run.checkpoint_files
+    tensorboard_into_output_dir(trainer)
+    prov = None
+    if trainer.is_world_process_zero():
+        prov = record_provenance(Path(trainer.args.output_dir), all_args, command, resumed=checkpoint is not None)
+    start = final = None
+    if checkpoint is None and evaluate:
+        run.audit.evaluation_begins()
+        start = trainer.evaluate(metric_key_prefix="start")
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - started
+    if evaluate:
+        run.audit.evaluation_begins()
+        final = trainer.evaluate(metric_key_prefix="final")
+    return TrainedRun(start, dict(result.metrics), final, prov, train_seconds, trainer.state.global_step)
 
 
 def resolve_recipe_parts(model_args: ModelArguments, loss_args: LossArguments, teacher: nn.Module

@@ -24,6 +24,7 @@ from bitdistill.audit import redact_command
 from bitdistill.convert import check_model_source, load_model, parse_dtype
 from bitdistill.data.args import DataArguments
 from bitdistill.data.tokenizer_check import check_tokenizer
+from bitdistill.distill.engine import run_trainer
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir
 from bitdistill.models import tiny_tokenizer
@@ -33,7 +34,6 @@ from bitdistill.runs import (
     build_blocks,
     check_run_folder,
     config_dict,
-    run_trainer,
     setup_run,
 )
 from bitdistill.selfdistill.args import EXIT_MODES, SelfDistillArguments, SelfDistillModelArguments
