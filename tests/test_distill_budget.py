@@ -31,6 +31,7 @@ def test_budgeted_distill_spends_the_budget_on_the_planned_steps(common, capsys)
     steps, planned = train["train_steps"], train["planned_steps"]
     assert train["budget_cpu_s"] == 6.0 and 4.0 <= train["train_cpu_s"] < 8.0, train  # the plan or the budget ends it
     assert planned is not None and 0.7 * planned <= steps <= planned, train
+    assert train["train_samples_per_second"] == pytest.approx(steps * 2 / train["train_runtime"], rel=0.01)
     totals = {int(t) for t in re.findall(r"\d+/(\d+) \[", captured.err)}  # tqdm's "step/total [elapsed<left"
     assert planned in totals and max(totals) < 1000, totals  # the plan, never a step count far past the budget
     assert "'planned_steps': " in captured.out and "'cpu_s_left': " in captured.out

@@ -103,7 +103,12 @@ def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, 
     if evaluate:
         run.audit.evaluation_begins()
         final = trainer.evaluate(metric_key_prefix="final")
-    return TrainedRun(start, dict(result.metrics), final, prov, train_seconds, trainer.state.global_step)
+    train = dict(result.metrics)
+    if trainer.cpu_budget is not None and train.get("train_runtime"):  # transformers counts a step-limited run's samples
+        a = trainer.args
+        samples = trainer.state.global_step * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+        train["train_samples_per_second"] = round(samples / train["train_runtime"], 3)
+    return TrainedRun(start, train, final, prov, train_seconds, trainer.state.global_step)
 
 
 def resolve_recipe_parts(model_args: ModelArguments, loss_args: LossArguments, teacher: nn.Module
