@@ -50,9 +50,9 @@ class Distilled:
 
     Attributes:
         student: the trained model (unwrapped; hidden-state projectors, if any, still attached).
-        metrics: ``teacher`` (perplexity of ``--eval_files``), ``student_start``, ``train`` (the Trainer's, with
-            ``train_steps``, ``train_cpu_s`` and, with a budget, ``budget_cpu_s`` and ``planned_steps``), ``student_end``, each
-            present when measured (the card reads them).
+        metrics: ``teacher`` (perplexity of ``--eval_files``), ``student_start``, ``train`` (the Trainer's,
+            with ``train_steps``, ``train_cpu_s`` and, with a budget, ``budget_cpu_s`` and ``planned_steps``),
+            ``student_end``, each present when measured (the card reads them).
         provenance: the run's ``provenance.json`` content (``None`` off the main process).
         steps: optimizer steps done; planned_steps: the budget's last plan (``None`` without a budget).
         train_cpu_s: process CPU seconds of the training loop (evaluations before and after excluded).
@@ -104,7 +104,7 @@ def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, 
         run.audit.evaluation_begins()
         final = trainer.evaluate(metric_key_prefix="final")
     train = dict(result.metrics)
-    if trainer.cpu_budget is not None and train.get("train_runtime"):  # transformers counts a step-limited run's samples
+    if trainer.cpu_budget is not None and train.get("train_runtime"):  # transformers counted the epochs' samples
         a = trainer.args
         samples = trainer.state.global_step * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
         train["train_samples_per_second"] = round(samples / train["train_runtime"], 3)
