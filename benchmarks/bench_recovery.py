@@ -6,7 +6,8 @@ recipe, one child process trains a student:
 
 * ``e2e`` — today's best end-to-end recipe, ``bitdistill distill``'s defaults: logits KD (forward KL) + MiniLMv2
   attention relation on the last block (6 relation heads) + cosine hidden-state loss (weight 5) + SubLN, lr 1e-3
-  linear, batch 2 x 128 tokens, from the naively ternarized teacher (stopped by the CPU budget, schedule fit to it);
+  linear, batch 2 x 128 tokens, from the naively ternarized teacher, ``--time_budget``: stopped by the CPU budget,
+  its schedule fit to it;
 * ``staged`` — ``bitdistill recover`` with its defaults (joint block-wise reconstruction on the student's own
   inputs, steps of 1 x 128 tokens at lr 1e-2 below 30 CPU-minutes and 3e-3 from 30, then the e2e recipe above
   from the reconstructed student, same flags; from 60 CPU-minutes the block stage gets 0.3 of the budget instead
@@ -80,7 +81,7 @@ def train_argv(recipe: str, budget_min: float, out: Path, seed: int = 0, extra: 
             "--tokenizer_name_or_path", str(TOKENIZER), "--train_files", *TRAIN, *COMMON, "--seed", str(seed),
             "--output_dir", str(out)]
     if recipe == "e2e":
-        return ["distill", *base, *E2E, *extra]
+        return ["distill", *base, *E2E, "--time_budget", f"{budget_min}m", *extra]
     return ["recover", *base, *STAGED, "--time_budget", f"{budget_min}m", *extra]
 
 
@@ -103,16 +104,13 @@ def child_train(recipe: str, budget_min: float, out: Path, seed: int, extra: tup
     load0 = os.getloadavg()[0]
     if recipe == "e2e":
         from bitdistill.cli import distill
-        from bitdistill.distill.run import run_distillation
-        from bitdistill.recover.budget import CpuBudgetCallback
         from bitdistill.runs import tokens_per_step
 
-        model_args, data_args, loss_args, training_args, task_args = parse_dataclasses(args, distill._types())
-        training_args.max_steps = 10**6
-        cb = CpuBudgetCallback(budget_min * 60)
-        run_distillation(model_args, data_args, loss_args, training_args, task_args, callbacks=[cb])
-        info = {"cpu_s": cb.used_s, "steps": cb.steps,
-                "train_tokens": cb.steps * tokens_per_step(training_args, data_args)}
+        _, data_args, _, training_args, *_ = parse_dataclasses(args, distill._all_types())
+        distill.run(args)  # the recorded command, as written
+        train = json.loads((out / "student" / "distill_metrics.json").read_text())["train"]
+        info = {"cpu_s": train["train_cpu_s"], "steps": train["train_steps"],
+                "train_tokens": train["train_steps"] * tokens_per_step(training_args, data_args)}
     else:
         from bitdistill.cli import recover
         from bitdistill.recover.staged import run_staged_recovery
@@ -265,7 +263,7 @@ def write_report(limit: int) -> Path:
     for r in order:
         if r.get("command"):
             lines.append(f"- {r['recipe']} {r['budget_cpu_min']} (seed {r['seed']}, git {str(r.get('git_sha'))[:7]}): "
-                         f"`{r['command']}`")
+                         f"`{r['command']}`" + (f"; produced by `{r['invocation']}`" if r.get("invocation") else ""))
     others = other_seed_commands(rows)
     lines += ["", f"Reproduce: `python benchmarks/bench_recovery.py --budgets 10 30 90 --recipes e2e staged "
               f"--lastword-limit {limit}`" + (f"; the other seeds: {others}" if others else ""), "",

@@ -1,10 +1,13 @@
-"""Run plumbing shared by ``bitdistill distill`` and ``self-distill``: run folder, resume checks, data, callbacks.
+"""Run plumbing shared by ``bitdistill distill`` (and so every KD stage of ``recover``) and ``self-distill``: run
+folder, resume checks, data, callbacks, and :class:`RunTrainer`, the base of both trainers.
 
 Both trainers build their run the same way: validate ``--output_dir`` and the checkpoint to resume from
 (:func:`check_run_folder`, against the configuration :func:`config_dict` records), tokenize the training
 blocks (:func:`build_blocks`), split off the held-out blocks and build the callbacks (:func:`setup_run`), and
-write ``provenance.json`` (:func:`record_provenance`). This module sits below ``distill``/``selfdistill``
-and imports neither.
+write ``provenance.json`` (:func:`record_provenance`). Both trainers derive from :class:`RunTrainer`: the
+per-term loss logging, the perplexity settings and the CPU budget live there once (the run skeleton that drives
+them, ``bitdistill.distill.engine.run_trainer``, sits in the layer of the trainers it calls). This module sits below
+``distill``/``selfdistill`` and imports neither.
 """
 
 from __future__ import annotations
@@ -13,22 +16,42 @@ import copy
 import dataclasses
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 from bitdistill.audit import PROVENANCE_FILE, AuditCallback, write_provenance
-from bitdistill.checkpoints import clean_partial_checkpoints, latest_checkpoint, require_complete
+from bitdistill.budget import BudgetProgressCallback, CpuBudgetCallback
+from bitdistill.checkpoints import (
+    AtomicCheckpointMixin,
+    clean_partial_checkpoints,
+    latest_checkpoint,
+    require_complete,
+)
 from bitdistill.data.args import DataArguments
 from bitdistill.data.blocks import BlockDataset, load_text, token_blocks, tokenize_text
 from bitdistill.errors import UserError
 from bitdistill.weights import read_json
 
-__all__ = ["CONFIG_FILE", "EvalEveryCallback", "RunSetup", "ScheduledCheckpointsOnly", "build_blocks",
-           "check_eval_schedule", "check_run_folder", "config_changes", "config_dict", "record_provenance", "setup_run",
-           "tokens_per_step"]
+__all__ = [
+    "CONFIG_FILE",
+    "EvalEveryCallback",
+    "RunSetup",
+    "RunTrainer",
+    "ScheduledCheckpointsOnly",
+    "build_blocks",
+    "check_eval_schedule",
+    "check_run_folder",
+    "config_changes",
+    "config_dict",
+    "record_provenance",
+    "setup_run",
+    "tokens_per_step",
+]
 
 CONFIG_FILE = "distill_config.json"
 # Options that may change between a run and its resumption (everything else must match).
@@ -241,3 +264,74 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
     audit = AuditCallback(tokens_per_step=tokens_per_step(training_args, data_args))
     callbacks.append(audit)
     return RunSetup(training_args, train_ds, val_ds, ppl_ids, callbacks, audit, config_json)
+
+
+class RunTrainer(AtomicCheckpointMixin, Trainer):
+    """The base of bitdistill's trainers: per-term loss logging, perplexity settings and an optional CPU budget.
+
+    A subclass's ``compute_loss`` hands its loss terms to :meth:`record_parts`; each logging step then adds their
+    running means under ``PART_PREFIX + name``. With ``PARTS_PER_STEP`` the terms are shares of an accumulation
+    window (they sum to the window's mean over its micro-batches) and are averaged per optimizer step; otherwise
+    they are micro-batch means, averaged per micro-batch.
+
+    A :class:`~bitdistill.budget.CpuBudgetCallback` among the callbacks makes the run budgeted: training runs until
+    the callback stops it (no step or epoch limit of its own), the schedule and ``state.max_steps`` follow its
+    plan, and the progress bar shows the plan (:class:`~bitdistill.budget.BudgetProgressCallback`).
+
+    Args:
+        perplexity_ids: 1-D token ids for strided perplexity at each evaluation.
+        perplexity_window, perplexity_stride, perplexity_max_windows: its settings.
+        validation_dataset: held-out blocks for the evaluation loss.
+        **kwargs: ``transformers.Trainer`` arguments.
+    """
+
+    PART_PREFIX = "loss_"
+    PARTS_PER_STEP = True
+
+    def __init__(self, *, perplexity_ids: torch.Tensor | None = None, perplexity_window: int = 512,
+                 perplexity_stride: int | None = None, perplexity_max_windows: int | None = None,
+                 validation_dataset=None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.perplexity_ids = perplexity_ids
+        self.perplexity_window = perplexity_window
+        self.perplexity_stride = perplexity_stride
+        self.perplexity_max_windows = perplexity_max_windows
+        self.validation_dataset = validation_dataset
+        self._part_sums: dict[str, float] = {}
+        self._part_micro_batches = 0
+        self.cpu_budget = next((cb for cb in self.callback_handler.callbacks if isinstance(cb, CpuBudgetCallback)),
+                               None)
+        if self.cpu_budget is not None and any(isinstance(cb, ProgressCallback) for cb in self.callback_handler.callbacks):
+            self.callback_handler.remove_callback(ProgressCallback)
+            self.add_callback(BudgetProgressCallback(self.cpu_budget))
+
+    @property
+    def perplexity_settings(self) -> dict:
+        """Keyword arguments of ``bitdistill.eval.perplexity``'s strided perplexity."""
+        return {"max_length": self.perplexity_window, "stride": self.perplexity_stride,
+                "max_windows": self.perplexity_max_windows}
+
+    def record_parts(self, parts: dict[str, torch.Tensor], scale: float = 1.0) -> None:
+        """Add one training micro-batch's loss terms (scalars) to the running sums the next log line reports."""
+        self._part_micro_batches += 1
+        for k, v in parts.items():
+            self._part_sums[k] = self._part_sums.get(k, 0.0) + v.detach().item() * scale
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._part_sums:
+            n = self._part_micro_batches
+            n = max(n / self.args.gradient_accumulation_steps, 1.0) if self.PARTS_PER_STEP else n
+            for k, v in self._part_sums.items():
+                logs[f"{self.PART_PREFIX}{k}"] = round(v / n, 6)
+            self._part_sums = {}
+            self._part_micro_batches = 0
+        super().log(logs, start_time)
+
+    def set_initial_training_values(self, args, dataloader):
+        """transformers' step and epoch counts; a budgeted run has neither limit (its budget stops it, its
+        schedule is refit to the plan), so both are unbounded until the budget has planned."""
+        values = list(super().set_initial_training_values(args, dataloader))
+        if self.cpu_budget is not None:
+            values[0] = values[-1] = sys.maxsize  # num_train_epochs, max_steps
+        return tuple(values)
+

@@ -14,7 +14,7 @@ from bitdistill.data.blocks import read_text_file
 from bitdistill.errors import UserError
 from bitdistill.weights import check_source
 
-__all__ = ["check_count", "validate_cache_args", "validate_data_args", "validate_loss_args", "validate_model_args",
+__all__ = ["check_count", "validate_cache_args", "validate_data_args", "validate_model_args",
            "validate_run_args", "validate_self_distill_args", "validate_training_args"]
 
 
@@ -91,29 +91,11 @@ def validate_model_args(model_args) -> None:
     _check_number("--subln_eps", m.subln_eps, strict=True)
 
 
-def validate_loss_args(loss_args) -> None:
-    """Loss weights, temperature, JSD/skew parameters, relation heads and the teacher cache folder."""
-    a = loss_args
-    for flag in ("ce_weight", "logits_weight", "hidden_weight", "attention_weight"):
-        _check_number(f"--{flag}", getattr(a, flag))
-    if a.ce_weight + a.logits_weight + a.hidden_weight + a.attention_weight == 0:
-        raise UserError("every loss weight is 0 (--ce_weight, --logits_weight, --hidden_weight, --attention_weight); "
-                        "give at least one a positive weight")
-    _check_number("--temperature", a.temperature, strict=True)
-    _check_number("--jsd_beta", a.jsd_beta, maximum=1.0)
-    _check_number("--skew_alpha", a.skew_alpha, maximum=1.0)
-    check_count("--attention_relation_heads", a.attention_relation_heads)
-    if a.teacher_cache is not None and not Path(a.teacher_cache).is_dir():
-        raise FileNotFoundError(f"--teacher_cache {a.teacher_cache} is not a folder; write one with "
-                                "`bitdistill cache-teacher`")
-
-
-def validate_run_args(model_args, data_args, loss_args=None, training_args=None) -> None:
-    """All of the above for a ``distill`` run: models and tokenizer, data and budgets, losses, training schedule."""
+def validate_run_args(model_args, data_args, training_args=None) -> None:
+    """All of the above for a ``distill`` run: models and tokenizer, data and budgets, training schedule (the loss
+    terms check their own options: ``bitdistill.distill.terms.validate_loss_args``)."""
     validate_model_args(model_args)
     validate_data_args(data_args)
-    if loss_args is not None:
-        validate_loss_args(loss_args)
     if training_args is not None:
         validate_training_args(training_args)
 

@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("ops", ("bitdistill.ops", "bitdistill.cpu_ext", "bitdistill.cuda_ext", "bitdistill._C", "bitdistill.kernels")),
     ("nn", ("bitdistill.nn",)),
     ("convert/export", ("bitdistill.convert", "bitdistill.export")),
-    ("runs", ("bitdistill.allocator", "bitdistill.audit", "bitdistill.checkpoints", "bitdistill.fsdp",
+    ("runs", ("bitdistill.allocator", "bitdistill.audit", "bitdistill.budget", "bitdistill.checkpoints", "bitdistill.fsdp",
               "bitdistill.live_memory", "bitdistill.plan", "bitdistill.runs", "bitdistill.validate")),
     ("distill/selfdistill/eval", ("bitdistill.distill", "bitdistill.selfdistill", "bitdistill.eval",
                                   "bitdistill.recover")),

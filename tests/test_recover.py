@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from bitdistill import load_student, replace_linear_with_bitlinear, weight_quant
+from bitdistill.budget import CpuBudgetCallback, parse_cpu_budget
 from bitdistill.models import TINY_ARCHITECTURES, tiny_model
 from bitdistill.nn.bitlinear import BitLinear
 from bitdistill.recover import (
@@ -24,7 +25,6 @@ from bitdistill.recover import (
     reconstruct_jointly_in_place,
 )
 from bitdistill.recover.blockwise import block_loss, check_state_budget
-from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
 
 
 def _pair(arch: str, seed: int = 0):
@@ -232,7 +232,7 @@ def _run_budgeted(monkeypatch, cost, refits: int) -> tuple[CpuBudgetCallback, fl
 
     from transformers import TrainerControl, get_scheduler
 
-    import bitdistill.recover.budget as budget
+    import bitdistill.budget as budget
 
     clock = [0.0]
     monkeypatch.setattr(budget.time, "process_time", lambda: clock[0])

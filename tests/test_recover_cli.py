@@ -129,7 +129,7 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     out = setup["root"] / "resume"
     argv = ["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "3", "--subln", "true",
             "--context_fraction", "0.25", "--output_dir", str(out)]
-    real = staged.run_distillation
+    real = staged.distill_student
 
     class Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -137,16 +137,16 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
                 raise RuntimeError(f"killed at step 2 of {args.output_dir}")
 
     def kill_in(stage):
-        def run(model_args, data_args, *args, callbacks=None, **kwargs):
+        def run(*args, data_args, callbacks=None, **kwargs):
             extra = [Kill()] if data_args.max_seq_length == {"e2e": 32, "context": 128}[stage] else []
-            return real(model_args, data_args, *args, callbacks=[*(callbacks or []), *extra], **kwargs)
+            return real(*args, data_args=data_args, callbacks=[*(callbacks or []), *extra], **kwargs)
         return run
 
     def stages():
         return [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()
                 if json.loads(line).get("event") == "stage"]
 
-    monkeypatch.setattr(staged, "run_distillation", kill_in("e2e"))
+    monkeypatch.setattr(staged, "distill_student", kill_in("e2e"))
     with pytest.raises(RuntimeError, match=r"killed at step 2 of .*e2e"):
         main(argv)
     assert [r["stage"] for r in stages()] == ["blocks"] and (out / "e2e" / "provenance.json").is_file()
@@ -154,13 +154,13 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     err = capsys.readouterr().err
     assert "started with other options (block_lr: 0.01 -> 0.0005)" in err and "--output_dir" in err, err
     assert [r["stage"] for r in stages()] == ["blocks"]
-    monkeypatch.setattr(staged, "run_distillation", kill_in("context"))
+    monkeypatch.setattr(staged, "distill_student", kill_in("context"))
     with pytest.raises(RuntimeError, match=r"killed at step 2 of .*context"):
         main(argv)
     assert "block stage already finished" in capsys.readouterr().out
     first = stages()
     assert [r["stage"] for r in first] == ["blocks", "e2e"] and not (out / "student").exists()
-    monkeypatch.setattr(staged, "run_distillation", real)
+    monkeypatch.setattr(staged, "distill_student", real)
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "block stage already finished" in printed and "e2e stage already finished" in printed

@@ -8,10 +8,11 @@ import argparse
 def _types() -> tuple:
     from transformers import TrainingArguments
 
-    from bitdistill.distill.args import DataArguments, EvalTaskArguments, LossArguments, ModelArguments
+    from bitdistill.distill.args import DataArguments, EvalTaskArguments, ModelArguments
+    from bitdistill.distill.terms import loss_arguments_type
     from bitdistill.recover.staged import RecoverArguments
 
-    return (ModelArguments, DataArguments, LossArguments, TrainingArguments, RecoverArguments, EvalTaskArguments)
+    return (ModelArguments, DataArguments, loss_arguments_type(), TrainingArguments, RecoverArguments, EvalTaskArguments)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -15,7 +15,7 @@ from bitdistill.distill.layer_map import LAYER_MAP_STRATEGIES
 from bitdistill.distill.losses import LOGIT_LOSSES
 from bitdistill.nn.subln import SUBLN_INITS
 
-__all__ = ["DISTILL_DEFAULTS", "CacheArguments", "DataArguments", "EvalTaskArguments", "LossArguments",
+__all__ = ["DISTILL_DEFAULTS", "BudgetArguments", "CacheArguments", "DataArguments", "EvalTaskArguments", "LossArguments",
            "ModelArguments"]
 
 # The defaults of ``bitdistill distill`` and of ``bitdistill recover``'s e2e stage, in place of the dataclasses'
@@ -112,3 +112,13 @@ class EvalTaskArguments:
     eval_tasks_batch_size: int = field(default=1, metadata={"help": "lm-eval batch size."})
     eval_tasks_data_dir: str | None = field(default=None, metadata={
         "help": "Folder holding wiki.test.raw for the local wikitext_lastword task (default: see docs/eval.md)."})
+
+
+@dataclass
+class BudgetArguments:
+    """A CPU-time budget in place of a step count (``bitdistill distill``; ``recover`` has its own)."""
+
+    time_budget: str | None = field(default=None, metadata={
+        "help": "Train for this much process CPU time (90m, 1.5h, 600s) instead of --max_steps: the learning-rate "
+                "schedule is fit to the steps it buys, measured on the first steps and refit as their cost drifts. "
+                "Loading and the evaluations before and after training are not counted."})

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from bitdistill.distill.terms import describe_loss
 from bitdistill.errors import UserError
 
 __all__ = ["CARD_COLUMNS", "CARD_TAGS", "distill_card", "metric_rows", "model_card"]
@@ -146,19 +147,6 @@ def _method(model_args, loss_args) -> str:
         init = f"`{model_args.student_model_name_or_path}`"
     else:
         init = "a copy of the teacher"
-    terms = []
-    if loss_args.logits_weight > 0:
-        terms.append(f"{loss_args.logits_weight:g} x {loss_args.logits_loss} between the teacher's and the student's "
-                     f"next-token distributions (temperature {loss_args.temperature:g}"
-                     f"{', from a top-k teacher cache' if loss_args.teacher_cache else ''})")
-    if loss_args.hidden_weight > 0:
-        terms.append(f"{loss_args.hidden_weight:g} x {loss_args.hidden_loss} between hidden states "
-                     f"(layer map {loss_args.hidden_layer_map})")
-    if loss_args.attention_weight > 0:
-        terms.append(f"{loss_args.attention_weight:g} x MiniLMv2 Q/K/V attention-relation KL (student blocks "
-                     f"{loss_args.attention_layers})")
-    if loss_args.ce_weight > 0:
-        terms.append(f"{loss_args.ce_weight:g} x cross-entropy on the next token")
     extra = []
     if model_args.subln:
         extra.append("SubLN (an RMSNorm before every attention output and MLP down projection) was inserted")
@@ -171,7 +159,7 @@ def _method(model_args, loss_args) -> str:
     text = (f"The student started as {init}; every linear layer except `{'`, `'.join(model_args.modules_to_not_convert)}`"
             " was replaced by BitLinear (absmean ternary weights, per-token absmax int8 activations, straight-through "
             "gradients on latent full-precision weights). It was then trained to imitate the teacher by minimizing "
-            + " + ".join(terms) + ", averaged over predicted tokens.")
+            + describe_loss(loss_args) + ", averaged over predicted tokens.")
     if extra:
         extra_text = "; ".join(extra)
         text += f" {extra_text[0].upper()}{extra_text[1:]}."

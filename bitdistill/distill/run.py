@@ -1,4 +1,5 @@
-"""Build models, data and the trainer from the argument dataclasses; train; save the student and its card."""
+"""``bitdistill distill`` as a library call: load the models and the text from the argument dataclasses, run the
+engine (:mod:`bitdistill.distill.engine`), save the student with its metrics and model card."""
 
 from __future__ import annotations
 
@@ -6,49 +7,41 @@ import copy
 import dataclasses
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from bitdistill.audit import release_memory, tensorboard_into_output_dir
+from bitdistill.audit import release_memory
+from bitdistill.budget import parse_cpu_budget
 from bitdistill.convert import check_model_source, load_causal_lm, load_model
 from bitdistill.data.tokenizer_check import check_tokenizer
 from bitdistill.distill.args import (
+    BudgetArguments,
     CacheArguments,
     DataArguments,
     EvalTaskArguments,
     LossArguments,
     ModelArguments,
 )
-from bitdistill.distill.attention import QKVCapture, resolve_layer_indices
 from bitdistill.distill.card import distill_card
 from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
-from bitdistill.distill.layer_map import build_layer_map
+from bitdistill.distill.engine import Distilled, distill_student, resolve_recipe_parts, save_student
 from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits
-from bitdistill.distill.trainer import PROJECTOR_ATTR, DistillationTrainer
-from bitdistill.distill.warmup import QuantWarmup
+from bitdistill.distill.terms import validate_loss_args
 from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.export.memory import pack_in_memory
-from bitdistill.fsdp.training import prepare_student_for_fsdp, unsharded_student
-from bitdistill.io import atomic_output_dir, atomic_write
+from bitdistill.io import atomic_write
 from bitdistill.models import tiny_tokenizer
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 from bitdistill.nn.subln import insert_subln
-from bitdistill.runs import (
-    CONFIG_FILE,
-    build_blocks,
-    check_run_folder,
-    config_dict,
-    record_provenance,
-    setup_run,
-)
+from bitdistill.runs import CONFIG_FILE, build_blocks, check_run_folder, config_dict
 from bitdistill.validate import validate_cache_args, validate_run_args
 
-__all__ = ["load_teacher", "load_tokenizer", "prepare_student", "run_cache_teacher", "run_distillation"]
+__all__ = ["METRICS_FILE", "StudentCard", "load_teacher", "load_tokenizer", "make_trainable",
+           "packed_and_task_metrics", "prepare_student", "run_cache_teacher", "run_distillation"]
 
 METRICS_FILE = "distill_metrics.json"
 logger = logging.getLogger(__name__)
@@ -135,6 +128,11 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
                             f"vocabulary is {_vocab(student)}; they are incompatible (pass the model's own tokenizer)")
         insert_subln(student, eps=model_args.subln_eps, init=model_args.subln_init,
                      calibration_input_ids=calibration_input_ids)
+    return make_trainable(student, model_args)
+
+
+def make_trainable(student: nn.Module, model_args: ModelArguments) -> nn.Module:
+    """``student`` in training mode with every parameter trained except the embeddings/head the flags freeze."""
     student.requires_grad_(True)
     if model_args.freeze_embeddings or model_args.freeze_lm_head:
         frozen = freeze_embeddings(student, embeddings=model_args.freeze_embeddings, lm_head=model_args.freeze_lm_head)
@@ -182,16 +180,21 @@ def _check_pair(teacher: nn.Module | None, student: nn.Module, tokenizer, max_se
 
 
 def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
-                     training_args, task_args: EvalTaskArguments | None = None, *, command: str | None = None,
+                     training_args, task_args: EvalTaskArguments | None = None,
+                     budget_args: BudgetArguments | None = None, *, command: str | None = None,
                      callbacks: list[TrainerCallback] | None = None) -> Path:
     """Distill and save the student to ``<output_dir>/student``; returns that folder.
 
+    Loads the tokenizer, the text, the teacher and the student, runs the engine
+    (:func:`~bitdistill.distill.engine.distill_student`) and saves its result with a model card.
     ``training_args`` is a ``transformers.TrainingArguments`` (its ``eval_strategy``/``eval_steps`` drive
     the perplexity evaluations; ``resume_from_checkpoint`` may be a checkpoint folder or ``latest``).
     ``task_args`` names lm-eval tasks run at the end on the teacher, the student and the packed student
-    (checked before anything is loaded). ``callbacks`` are extra ``TrainerCallback`` objects.
+    (checked before anything is loaded). ``budget_args.time_budget`` trains for that much process CPU time
+    instead of ``max_steps`` steps. ``callbacks`` are extra ``TrainerCallback`` objects.
     """
     task_args = task_args or EvalTaskArguments()
+    budget_args = budget_args or BudgetArguments()
     if task_args.eval_tasks:
         from bitdistill.eval.harness import validate_tasks
 
@@ -199,11 +202,16 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         if task_args.eval_tasks_batch_size < 1 or (task_args.eval_tasks_limit is not None
                                                    and task_args.eval_tasks_limit < 1):
             raise UserError("--eval_tasks_batch_size and --eval_tasks_limit must be >= 1")
-    validate_run_args(model_args, data_args, loss_args, training_args)
-    if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
-        raise UserError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
-                        "need the live teacher (pass --hidden_weight 0 --attention_weight 0: `bitdistill distill` turns "
-                        "both on by default; or drop --teacher_cache)")
+    validate_run_args(model_args, data_args, training_args)
+    validate_loss_args(loss_args)
+    budget_s = None
+    if budget_args.time_budget is not None:
+        budget_s = parse_cpu_budget(budget_args.time_budget)
+        if training_args.max_steps > 0:
+            raise UserError("--time_budget plans the steps itself; drop --max_steps (or the budget)")
+        if training_args.resume_from_checkpoint not in (None, "", "false", "False"):
+            raise UserError("--time_budget counts the CPU time of one process and cannot resume a checkpoint; "
+                            "resume with --max_steps, or start a new --output_dir")
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
@@ -220,6 +228,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         logger.info("loading the teacher %s%s", model_args.teacher_model_name_or_path,
                     f" ({model_args.teacher_gguf_file})" if model_args.teacher_gguf_file else "")
     teacher = None if cache is not None else load_teacher(model_args)
+    if teacher is not None:
+        model_args, loss_args, _ = resolve_recipe_parts(model_args, loss_args, teacher)
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=blocks[:1])
     logger.info("student ready: %s, %.1fM parameters", type(student).__name__,
@@ -231,89 +241,42 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     if cache is not None:
         cache.check_compatible(blocks, _vocab(student), loss_args.temperature)
 
-    layer_map = None
-    if loss_args.hidden_weight > 0:
-        layer_map = build_layer_map(loss_args.hidden_layer_map, student.config.num_hidden_layers,
-                                    teacher.config.num_hidden_layers)
-        hs, ht = student.config.hidden_size, teacher.config.hidden_size
-        if loss_args.hidden_projector or hs != ht:
-            setattr(student, PROJECTOR_ATTR, nn.ModuleList(nn.Linear(hs, ht, bias=False) for _ in layer_map))
-    attention_layers = None
-    if loss_args.attention_weight > 0:
-        ls, lt = student.config.num_hidden_layers, teacher.config.num_hidden_layers
-        s_layers = resolve_layer_indices(loss_args.attention_layers, ls, "student")
-        t_layers = [round(i * (lt - 1) / max(ls - 1, 1)) for i in s_layers]
-        attention_layers = (s_layers, t_layers)
-        for m, layers in ((student, s_layers), (teacher, t_layers)):  # unsupported blocks: refused before
-            QKVCapture(m, layers)  # anything is written (the trainer builds its own captures)
-
-    run = setup_run(blocks, tokenizer, data_args, training_args, config, callbacks)
-    train_ds, val_ds, ppl_ids, audit, config_json = run.train_ds, run.val_ds, run.ppl_ids, run.audit, run.config_json
-    if model_args.quant_warmup_steps > 0:
-        run.callbacks.append(_WarmupCallback(QuantWarmup(student, model_args.quant_warmup_steps)))
-    training_args = run.training_args
-    prepare_student_for_fsdp(training_args, student)  # FSDP: wrap class, rank 0 can save, opt-in ternary gather
-    trainer = DistillationTrainer(
-        model=student, args=training_args, train_dataset=train_ds, teacher=teacher, teacher_cache=cache,
-        loss_args=loss_args, hidden_layer_map=layer_map, attention_layers=attention_layers,
-        perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
-        perplexity_max_windows=data_args.eval_max_windows, validation_dataset=val_ds, callbacks=run.callbacks)
-    trainer.checkpoint_files = run.checkpoint_files
-    tensorboard_into_output_dir(trainer)
-
-    prov = None
-    if trainer.is_world_process_zero():
-        all_args = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
-                    "loss": dataclasses.asdict(loss_args), "training": given_training_args,
-                    "eval_tasks": dataclasses.asdict(task_args)}
-        prov = record_provenance(output_dir, all_args, command, resumed=checkpoint is not None)
-    metrics: dict[str, dict] = {}
-    if ppl_ids is not None and teacher is not None and trainer.is_world_process_zero():
-        r = strided_perplexity(teacher, ppl_ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
-                               max_windows=data_args.eval_max_windows)
-        metrics["teacher"] = {"perplexity": r.perplexity, "tokens": r.num_tokens}
-        logger.info("teacher perplexity: %.2f (%d tokens of --eval_files)", r.perplexity, r.num_tokens)
-    if checkpoint is None and ppl_ids is not None:
-        audit.evaluation_begins()
-        metrics["student_start"] = trainer.evaluate(metric_key_prefix="start")
-        _log_perplexity("student perplexity before training", metrics["student_start"].get("start_perplexity"))
-    logger.info("training (%s)", f"{training_args.max_steps} steps" if training_args.max_steps > 0 else
-                f"{training_args.num_train_epochs} epochs")
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - started
-    metrics["train"] = dict(result.metrics)
-    if ppl_ids is not None:
-        audit.evaluation_begins()
-        metrics["student_end"] = trainer.evaluate(metric_key_prefix="final")
-        _log_perplexity("student perplexity after training", metrics["student_end"].get("final_perplexity"))
-    student = unsharded_student(trainer.accelerator.unwrap_model(trainer.model))  # FSDP: a collective, rank 0 gets it
-    if trainer.is_world_process_zero():
-        card_args = (model_args, data_args, loss_args, training_args)
-        _save_student(student, tokenizer, final_dir, card_args, metrics, config_json, prov, train_seconds,
-                      trainer.state.global_step)
+    all_args = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+                "loss": dataclasses.asdict(loss_args), "training": given_training_args,
+                "eval_tasks": dataclasses.asdict(task_args), "budget": dataclasses.asdict(budget_args)}
+    result = distill_student(student, teacher, blocks, tokenizer, data_args=data_args, loss_args=loss_args,
+                             training_args=training_args, config=config, teacher_cache=cache, budget_s=budget_s,
+                             checkpoint=checkpoint, quant_warmup_steps=model_args.quant_warmup_steps,
+                             callbacks=callbacks, all_args=all_args, command=command)
+    if is_main_process(training_args):
+        card = StudentCard(model_args, data_args, loss_args, training_args, result)
+        save_student(result.student, tokenizer, final_dir, card.files(config))
         logger.info("saved the student to %s", final_dir)
-        extra = _packed_and_task_metrics(student, teacher, tokenizer, ppl_ids, data_args, task_args)
-        packed = extra.get("packed", {})
-        if "perplexity" in packed:
-            _log_perplexity("packed student perplexity", packed["perplexity"])
-        elif "skipped" in packed:
-            logger.info("packed student not evaluated: %s", packed["skipped"])
+        extra = packed_and_task_metrics(result.student, teacher, tokenizer, result.perplexity_ids, data_args,
+                                        task_args)
         if extra:  # the student is already safe on disk; now its metrics and card gain these results
-            metrics.update(extra)
-            _write_metrics_and_card(final_dir, card_args, metrics, prov, train_seconds, trainer.state.global_step)
-    trainer.accelerator.wait_for_everyone()
+            result.metrics.update(extra)
+            card.rewrite(final_dir)
+    wait_for_everyone()
     return final_dir
 
 
-def _log_perplexity(what: str, value: float | None) -> None:
-    if value is not None:
-        logger.info("%s: %.2f", what, value)
+def is_main_process(training_args) -> bool:
+    """Whether this process writes the run's outputs (the first of a distributed run)."""
+    return training_args.process_index == 0
 
 
-def _packed_and_task_metrics(student: nn.Module, teacher: nn.Module | None, tokenizer, ppl_ids: torch.Tensor | None,
-                             data_args: DataArguments, task_args: EvalTaskArguments) -> dict:
-    """The packed student's perplexity and every model's downstream task results, as the card reads them.
+def wait_for_everyone() -> None:
+    """Every process of a distributed run waits here for the others (no-op in one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def packed_and_task_metrics(student: nn.Module, teacher: nn.Module | None, tokenizer,
+                            ppl_ids: torch.Tensor | None, data_args: DataArguments,
+                            task_args: EvalTaskArguments) -> dict:
+    """The packed student's perplexity of ``ppl_ids`` (``--eval_files``) and every model's downstream task results,
+    as the card reads them.
 
     Returns ``{"packed": {"perplexity", "tokens"} or {"skipped": reason}}`` when there is anything to run on
     the packed student, and ``{"tasks": {"teacher"|"student"|"packed": {task: {metric: value}}}}`` with tasks.
@@ -325,10 +288,12 @@ def _packed_and_task_metrics(student: nn.Module, teacher: nn.Module | None, toke
         packed = pack_in_memory(student)
     except ValueError as exc:
         packed, out["packed"] = None, {"skipped": str(exc)}
+        logger.info("packed student not evaluated: %s", exc)
     if packed is not None and ppl_ids is not None:
         r = strided_perplexity(packed, ppl_ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
                                max_windows=data_args.eval_max_windows)
         out["packed"] = {"perplexity": r.perplexity, "tokens": r.num_tokens}
+        logger.info("packed student perplexity: %.2f", r.perplexity)
     if task_args.eval_tasks:
         from bitdistill.eval.harness import evaluate_tasks
 
@@ -342,37 +307,35 @@ def _packed_and_task_metrics(student: nn.Module, teacher: nn.Module | None, toke
     return out
 
 
-class _WarmupCallback(TrainerCallback):
-    """Sets the quantization warm-up blend at the start of each optimizer step."""
+@dataclasses.dataclass
+class StudentCard:
+    """A distilled student's configuration, metrics and model card, built from the run's arguments and result;
+    ``sections`` are further markdown sections (e.g. ``recover``'s stage table) appended to the card."""
 
-    def __init__(self, warmup: QuantWarmup) -> None:
-        self.warmup = warmup
+    model_args: ModelArguments
+    data_args: DataArguments
+    loss_args: LossArguments
+    training_args: object
+    result: Distilled
+    sections: list[str] = dataclasses.field(default_factory=list)
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.warmup.set_step(state.global_step)
+    def text(self) -> str:
+        r = self.result
+        card = distill_card(self.model_args, self.data_args, self.loss_args, self.training_args, r.metrics,
+                            r.provenance, r.train_seconds, r.steps)
+        return "".join([card, *self.sections])
 
+    def files(self, config: dict) -> dict[str, str]:
+        """``{file name: text}`` of a student folder: run configuration, metrics, card."""
+        return {CONFIG_FILE: json.dumps(config, indent=2), METRICS_FILE: self.metrics_json(), "README.md": self.text()}
 
-def _save_student(student: nn.Module, tokenizer, out: Path, card_args: tuple, metrics: dict, config_json: str,
-                  prov: dict | None, train_seconds: float, steps: int) -> None:
-    projectors = getattr(student, PROJECTOR_ATTR, None)
-    if projectors is not None:
-        delattr(student, PROJECTOR_ATTR)
-    card = distill_card(*card_args, metrics, prov, train_seconds, steps)
-    with atomic_output_dir(out) as tmp:
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / CONFIG_FILE).write_text(config_json)
-        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, default=str))
-        (tmp / "README.md").write_text(card)
-    if projectors is not None:
-        setattr(student, PROJECTOR_ATTR, projectors)
+    def metrics_json(self) -> str:
+        return json.dumps(self.result.metrics, indent=2, default=str)
 
-
-def _write_metrics_and_card(folder: Path, card_args: tuple, metrics: dict, prov: dict | None, train_seconds: float,
-                            steps: int) -> None:
-    """Replace the saved student's metrics file and model card, each atomically (temp file + rename)."""
-    atomic_write(folder / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
-    atomic_write(folder / "README.md", distill_card(*card_args, metrics, prov, train_seconds, steps))
+    def rewrite(self, folder: Path) -> None:
+        """Replace a saved student's metrics file and card, each atomically (temp file + rename)."""
+        atomic_write(folder / METRICS_FILE, self.metrics_json())
+        atomic_write(folder / "README.md", self.text())
 
 
 def run_cache_teacher(model_args: ModelArguments, data_args: DataArguments, cache_args: CacheArguments) -> Path:

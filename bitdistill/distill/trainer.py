@@ -12,33 +12,27 @@ the window, exactly as with one process and the equivalent batch.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
 from torch import nn
-from transformers import Trainer
 
-from bitdistill.checkpoints import AtomicCheckpointMixin
 from bitdistill.distill.args import LossArguments
 from bitdistill.distill.attention import QKVCapture
-from bitdistill.distill.losses import (
-    LOSS_TERMS,
-    attention_relation_loss,
-    cross_entropy_loss,
-    hidden_state_loss,
-    logits_distillation_loss,
-    prediction_mask,
-)
-from bitdistill.distill.teacher_cache import TeacherCache, cached_logits_loss
+from bitdistill.distill.losses import prediction_mask
+from bitdistill.distill.teacher_cache import TeacherCache
+from bitdistill.distill.terms import LOSS_REGISTRY, LossInputs, active_terms, needed_outputs
 from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
+from bitdistill.runs import RunTrainer
 
 __all__ = ["DistillationTrainer"]
 
 PROJECTOR_ATTR = "bitdistill_projectors"
 
 
-class DistillationTrainer(AtomicCheckpointMixin, Trainer):
+class DistillationTrainer(RunTrainer):
     """Trainer for a BitNet student distilled from a frozen teacher (or a teacher cache).
 
     Args:
@@ -47,18 +41,13 @@ class DistillationTrainer(AtomicCheckpointMixin, Trainer):
         loss_args: loss weights and options.
         hidden_layer_map: ``(student, teacher_indices)`` pairs for the hidden-state loss.
         attention_layers: ``(student_blocks, teacher_blocks)`` for the relation loss.
-        perplexity_ids: 1-D token ids for strided perplexity at each evaluation.
-        perplexity_window, perplexity_stride, perplexity_max_windows: its settings.
-        validation_dataset: held-out blocks for a distillation eval loss.
-        **kwargs: ``transformers.Trainer`` arguments (``model`` is the student).
+        **kwargs: :class:`~bitdistill.runs.RunTrainer` arguments (perplexity settings, ``validation_dataset``: held-out
+            blocks for a distillation eval loss) and ``transformers.Trainer`` ones (``model`` is the student).
     """
 
     def __init__(self, *, teacher: nn.Module | None = None, teacher_cache: TeacherCache | None = None,
                  loss_args: LossArguments, hidden_layer_map: list | None = None,
-                 attention_layers: tuple[list[int], list[int]] | None = None,
-                 perplexity_ids: torch.Tensor | None = None, perplexity_window: int = 512,
-                 perplexity_stride: int | None = None, perplexity_max_windows: int | None = None,
-                 validation_dataset=None, **kwargs) -> None:
+                 attention_layers: tuple[list[int], list[int]] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         if teacher is None and teacher_cache is None:
             raise UserError("DistillationTrainer needs a teacher or a teacher cache")
@@ -72,19 +61,12 @@ class DistillationTrainer(AtomicCheckpointMixin, Trainer):
         self.loss_args = loss_args
         self.hidden_layer_map = hidden_layer_map
         self._captures = None
-        if attention_layers is not None and loss_args.attention_weight > 0:
+        if attention_layers is not None and "qkv" in needed_outputs(loss_args)[0]:
             self._captures = (QKVCapture(self.model, attention_layers[0]), QKVCapture(teacher, attention_layers[1]))
-        self.perplexity_ids = perplexity_ids
-        self.perplexity_window = perplexity_window
-        self.perplexity_stride = perplexity_stride
-        self.perplexity_max_windows = perplexity_max_windows
-        self.validation_dataset = validation_dataset
         # compute_loss divides by the accumulation window's token count (get_batch_samples), so the Trainer must
         # not divide by the accumulation steps again: it does not when the model "accepts loss kwargs" and a
         # count is given (the public switch from transformers 4.46 to today; 5.19+ also has loss_is_scaled_for_ga)
         self.model_accepts_loss_kwargs = True
-        self._part_sums: dict[str, float] = {}
-        self._part_micro_batches = 0
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device) -> tuple[list, torch.Tensor | None]:
         """The next ``num_batches`` micro-batches and the number of predicting positions in all of them, over all
@@ -99,6 +81,8 @@ class DistillationTrainer(AtomicCheckpointMixin, Trainer):
         return batch_samples, n
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The weighted sum of the active loss terms (:mod:`bitdistill.distill.terms`); each forward produces only
+        the outputs those terms need."""
         la = self.loss_args
         inputs = dict(inputs)
         labels = inputs.pop("labels")
@@ -111,74 +95,46 @@ class DistillationTrainer(AtomicCheckpointMixin, Trainer):
             num_items_in_batch = mask.sum().clamp(min=1)
         elif self.accelerator.num_processes > 1:
             scale = float(self.accelerator.num_processes)
-        need_hidden = la.hidden_weight > 0
+        terms = active_terms(la)
+        if not terms:
+            raise UserError("all loss weights are 0; set " + ", ".join(t.flag for t in LOSS_REGISTRY.values()))
+        s_need, t_need = needed_outputs(la)
         s_cap, t_cap = self._captures if self._captures is not None else (None, None)
+        with s_cap if s_cap is not None else contextlib.nullcontext():
+            out = model(**inputs, output_hidden_states="hidden_states" in s_need)
+        key_mask = inputs.get("attention_mask")
+        x = LossInputs(logits=out.logits, labels=labels, mask=mask, num_items=num_items_in_batch,
+                       student_logits=out.logits[:, :-1], key_mask=None if key_mask is None else key_mask[:, :-1])
+        if "hidden_states" in s_need:
+            x.student_hidden = [h[:, :-1] for h in out.hidden_states]
+            x.layer_map = self.hidden_layer_map
+            x.projectors = getattr(self.accelerator.unwrap_model(model), PROJECTOR_ATTR, None)
         if s_cap is not None:
-            with s_cap:
-                out = model(**inputs, output_hidden_states=need_hidden)
-        else:
-            out = model(**inputs, output_hidden_states=need_hidden)
-        parts: dict[str, torch.Tensor] = {}
-        if la.ce_weight > 0:
-            parts["ce"] = cross_entropy_loss(out.logits, labels, num_items_in_batch)
-        s_logits = out.logits[:, :-1]
-        if self.teacher_cache is not None:
-            ids, logp, tail = self.teacher_cache.lookup(block_index.cpu())
-            dev = s_logits.device
-            if la.logits_weight > 0:
-                parts["logits"] = cached_logits_loss(s_logits, ids.to(dev), logp.to(dev), tail.to(dev), mask,
-                                                     num_items_in_batch, kind=la.logits_loss,
-                                                     temperature=la.temperature, beta=la.jsd_beta, alpha=la.skew_alpha)
-        elif la.logits_weight > 0 or need_hidden or s_cap is not None:
+            x.student_qkv = [q[:, :-1] for q in s_cap.states]
+        if self.teacher_cache is not None and "logits" in t_need:
+            dev = out.logits.device
+            x.cached = tuple(t.to(dev) for t in self.teacher_cache.lookup(block_index.cpu()))
+        elif t_need and self.teacher_cache is None:
             # the student's forward runs under accelerate's mixed precision (--bf16 / --fp16); so does the teacher's
-            with torch.no_grad(), self.accelerator.autocast():
-                if t_cap is not None:
-                    with t_cap:
-                        t_out = self.teacher(**inputs, output_hidden_states=need_hidden)
-                else:
-                    t_out = self.teacher(**inputs, output_hidden_states=need_hidden)
-            if la.logits_weight > 0:
-                parts["logits"] = logits_distillation_loss(
-                    s_logits, t_out.logits[:, :-1], mask, num_items_in_batch, kind=la.logits_loss,
-                    temperature=la.temperature, beta=la.jsd_beta, alpha=la.skew_alpha)
-            if need_hidden:
-                projectors = getattr(self.accelerator.unwrap_model(model), PROJECTOR_ATTR, None)
-                parts["hidden"] = hidden_state_loss(
-                    [h[:, :-1] for h in out.hidden_states], [h[:, :-1] for h in t_out.hidden_states],
-                    self.hidden_layer_map, mask, num_items_in_batch, kind=la.hidden_loss, projectors=projectors)
-            if s_cap is not None:
-                key_mask = inputs.get("attention_mask")
-                parts["attention"] = attention_relation_loss(
-                    [x[:, :-1] for x in s_cap.states], [x[:, :-1] for x in t_cap.states], mask, num_items_in_batch,
-                    num_relation_heads=la.attention_relation_heads,
-                    key_mask=None if key_mask is None else key_mask[:, :-1])
-        weights = {term: getattr(la, f"{term}_weight") for term in LOSS_TERMS}
-        if not parts:
-            raise UserError("all loss weights are 0; set " + ", ".join(f"--{t}_weight" for t in LOSS_TERMS[:-1])
-                            + f" or --{LOSS_TERMS[-1]}_weight")
-        loss = sum(weights[k] * v for k, v in parts.items()) * scale
+            with torch.no_grad(), self.accelerator.autocast(), t_cap if t_cap is not None else contextlib.nullcontext():
+                t_out = self.teacher(**inputs, output_hidden_states="hidden_states" in t_need)
+            x.teacher_logits = t_out.logits[:, :-1]
+            if "hidden_states" in t_need:
+                x.teacher_hidden = [h[:, :-1] for h in t_out.hidden_states]
+            if t_cap is not None:
+                x.teacher_qkv = [q[:, :-1] for q in t_cap.states]
+        parts = {t.name: t.loss(x, la) for t, _ in terms}
+        loss = sum(w * parts[t.name] for t, w in terms) * scale
         if model.training:
-            self._part_micro_batches += 1
-            for k, v in parts.items():
-                self._part_sums[k] = self._part_sums.get(k, 0.0) + v.detach().item() * scale
+            self.record_parts(parts, scale)
         return (loss, out) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._part_sums:
-            steps = max(self._part_micro_batches / self.args.gradient_accumulation_steps, 1.0)
-            for k, v in self._part_sums.items():
-                logs[f"loss_{k}"] = round(v / steps, 6)
-            self._part_sums = {}
-            self._part_micro_batches = 0
-        super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Distillation loss on the validation blocks (if any) and strided perplexity of the student (if set)."""
         metrics: dict[str, float] = {}
         if self.perplexity_ids is not None:
             student = self.accelerator.unwrap_model(self.model)
-            r = strided_perplexity(student, self.perplexity_ids, max_length=self.perplexity_window,
-                                   stride=self.perplexity_stride, max_windows=self.perplexity_max_windows)
+            r = strided_perplexity(student, self.perplexity_ids, **self.perplexity_settings)
             metrics = {f"{metric_key_prefix}_perplexity": r.perplexity, f"{metric_key_prefix}_nll": r.nll,
                        f"{metric_key_prefix}_tokens": r.num_tokens}
             self.log(metrics)

@@ -17,7 +17,7 @@ Gradients never cross blocks, so the blocks are independent problems solved in o
 blocks' parameters train (latent weights through the straight-through estimator, norms, biases); the
 learning rate warms up for ``warmup`` steps, then decays linearly to 0 at the step the CPU budget is planned
 to end (planned from the measured CPU time of the steps so far and refit as it drifts:
-:class:`~bitdistill.recover.budget.StepPlan`). With ``bf16`` the teacher's and the student's block forwards
+:class:`~bitdistill.budget.StepPlan`). With ``bf16`` the teacher's and the student's block forwards
 of a training step run under ``torch.autocast(bfloat16)`` on the student's device (the loss and the held-out
 reports stay float32).
 """
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from bitdistill.budget import StepPlan
 from bitdistill.errors import UserError
 from bitdistill.nn.arch import decoder_layers
 from bitdistill.recover.blockwise import BLOCK_LOSSES, block_loss
-from bitdistill.recover.budget import StepPlan
 from bitdistill.recover.layers import capture_layer_call, layer_output
 
 __all__ = ["JOINT_INPUTS", "JointConfig", "JointReport", "reconstruct_jointly_in_place"]

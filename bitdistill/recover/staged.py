@@ -9,16 +9,20 @@
    output, with ``block_fraction`` of the budget (stages 1 and 2 together): by default all blocks at once on
    their own local targets (``block_mode joint``, :mod:`bitdistill.recover.joint`), or one block at a time
    (``block_mode sequential``, :mod:`bitdistill.recover.blockwise`; resumable per block).
-3. **e2e** — the existing distillation trainer (``run_distillation``) from the reconstructed student, until
-   the budget is spent, or ``1 - context_fraction`` of what is left of it when stage 4 runs (its learning-rate
-   schedule refit to the budget, :class:`~bitdistill.recover.budget.CpuBudgetCallback`).
-4. **context** — optional context extension (``context_fraction`` above 0; off by default): the same trainer
-   from stage 3's student on blocks of ``context_length`` tokens (longer than ``--max_seq_length``), at
+3. **e2e** — the distillation engine (:func:`~bitdistill.distill.engine.distill_student`, what ``bitdistill
+   distill`` runs) on the reconstructed student, until the budget is spent, or ``1 - context_fraction`` of what is
+   left of it when stage 4 runs (its learning-rate schedule fit to the budget,
+   :class:`~bitdistill.budget.CpuBudgetCallback`).
+4. **context** — optional context extension (``context_fraction`` above 0; off by default): the same engine
+   on stage 3's student on blocks of ``context_length`` tokens (longer than ``--max_seq_length``), at
    ``context_learning_rate``, for the rest of the budget. At the same budget it measured worse than giving
    those CPU seconds to stage 3 (docs/distill.md).
 
-The budget is process CPU time from the moment the teacher is loaded; loading models and the held-out
-evaluations that report each stage are not counted. After each stage its held-out loss and perplexity (on
+One teacher is loaded and the training text is tokenized once; the student stays in memory from stage to stage
+and is written to disk only as a resume point (``stage2_student``, and ``e2e/student`` when stage 4 follows)
+and, at the end, as ``<output_dir>/student``. The budget is process CPU time from the moment the teacher is
+loaded (:class:`~bitdistill.budget.CpuClock`); the held-out evaluations that report each stage, writing resume
+points and what runs around each KD stage's training loop are not counted. After each stage its held-out loss and perplexity (on
 the last ``held_out_blocks`` blocks of the training text, which no stage trains on) and its CPU time are
 printed, appended to ``<output_dir>/audit_log.jsonl`` (``"event": "stage"``) and, at the end, written to
 ``<output_dir>/recovery.json`` and the student's model card.
@@ -30,7 +34,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 from collections.abc import Callable
@@ -40,25 +43,34 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from bitdistill.audit import PROVENANCE_FILE, release_memory
+from bitdistill.budget import CpuClock, parse_cpu_budget
 from bitdistill.convert import load_model
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
-from bitdistill.distill.attention import QKVCapture
-from bitdistill.distill.run import load_teacher, load_tokenizer, prepare_student, run_distillation
+from bitdistill.distill.engine import Distilled, distill_student, resolve_recipe_parts, save_student
+from bitdistill.distill.run import (
+    METRICS_FILE,
+    StudentCard,
+    load_teacher,
+    load_tokenizer,
+    make_trainable,
+    packed_and_task_metrics,
+    prepare_student,
+)
+from bitdistill.distill.terms import validate_loss_args
 from bitdistill.errors import UserError
-from bitdistill.io import atomic_output_dir, atomic_write
+from bitdistill.io import atomic_write
 from bitdistill.nn.arch import decoder_layers
-from bitdistill.nn.subln import subln_module_names
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
-from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
 from bitdistill.runs import build_blocks, config_changes, config_dict, tokens_per_step
+from bitdistill.validate import validate_run_args
 from bitdistill.weights import read_json
 
 __all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
 
 BLOCK_MODES = ("joint", "sequential")
-CARD_HEADING = "\n\n## Staged recovery"
 STAGE_NAMES = {"init": "calibrated ternary initialization", "blocks": "block-wise reconstruction",
                "e2e": "end-to-end KD", "context": "context extension"}
 RESULT_FILE = "recovery.json"
@@ -184,36 +196,23 @@ def estimate_init_cpu_s(model: nn.Module, tokens: int, n_scales: int) -> float:
     return 3 * 2 * params * tokens / 20e9 + (n_scales + 1) * 2 * gptq / 10e9
 
 
-class _Clock:
-    """Process CPU time since ``start``, minus excluded spans (reporting evaluations)."""
-
-    def __init__(self) -> None:
-        self.start = time.process_time()
-        self.excluded = 0.0
-
-    def used(self) -> float:
-        return time.process_time() - self.start - self.excluded
-
-    def excluding(self, fn: Callable[[], float]) -> float:
-        t = time.process_time()
-        try:
-            return fn()
-        finally:
-            self.excluded += time.process_time() - t
+def _text_blocks(recover_args: RecoverArguments, data_args: DataArguments, tokenizer) -> torch.Tensor:
+    """The training text tokenized once, in blocks ``[N, S]`` of ``S = calibration_seq_length`` tokens; every stage
+    cuts its own blocks from these tokens (:func:`_split`, :func:`_kd_blocks`)."""
+    s = recover_args.calibration_seq_length
+    return build_blocks(dataclasses.replace(data_args, max_seq_length=s, max_train_blocks=None, validation_blocks=0),
+                        tokenizer)
 
 
-def _calibration(recover_args: RecoverArguments, data_args: DataArguments,
-                 tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(calibration [N, S], training [T, B], held_out [H, S])`` token blocks of the training text: the first
+def _split(recover_args: RecoverArguments, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(calibration [N, S], training [T, B], held_out [H, S])`` of :func:`_text_blocks`: the first
     ``calibration_tokens``, everything but the held-out blocks (cut into blocks of ``B = block_seq_length``), the
-    last ``held_out_blocks`` (``S = calibration_seq_length``); a one-line error when it is too short.
-    ``recover_args`` is resolved (:meth:`RecoverArguments.resolved`)."""
+    last ``held_out_blocks``; a one-line error when the text is too short. ``recover_args`` is resolved
+    (:meth:`RecoverArguments.resolved`)."""
     s = recover_args.calibration_seq_length
     mb = recover_args.block_micro_batch
     n = math.ceil(recover_args.calibration_tokens / s / mb) * mb
     h = recover_args.held_out_blocks
-    blocks = build_blocks(dataclasses.replace(data_args, max_seq_length=s, max_train_blocks=None, validation_blocks=0),
-                          tokenizer)
     if blocks.shape[0] < n + h:
         raise UserError(f"the training text has {blocks.shape[0] * s} tokens in {s}-token blocks, fewer than the "
                          f"{n * s} calibration + {h * s} held-out tokens asked; give more text or lower "
@@ -225,6 +224,31 @@ def _calibration(recover_args: RecoverArguments, data_args: DataArguments,
                          f"block step of {mb} x {b} (--block_micro_batch x --block_seq_length); give more text or "
                          "lower those")
     return blocks[:n], train[: train.numel() // b * b].reshape(-1, b), blocks[blocks.shape[0] - h:]
+
+
+def _calibration(recover_args: RecoverArguments, data_args: DataArguments,
+                 tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_split` of :func:`_text_blocks`: the calibration, block-stage training and held-out blocks."""
+    return _split(recover_args, _text_blocks(recover_args, data_args, tokenizer))
+
+
+def _kd_blocks(blocks: torch.Tensor, held: torch.Tensor, data_args: DataArguments
+               ) -> tuple[torch.Tensor, DataArguments]:
+    """A KD stage's training blocks ``[N, max_seq_length]``, cut from the tokens of :func:`_text_blocks`, and its
+    data options: the validation blocks it holds out cover the held-out blocks (and one more), so no KD stage
+    trains on the tokens that report the stages."""
+    ids = blocks.reshape(-1)
+    length = data_args.max_seq_length
+    kd = ids[: ids.numel() // length * length].reshape(-1, length)
+    if data_args.max_train_blocks is not None:
+        kd = kd[: data_args.max_train_blocks]
+    held_tokens = (held.shape[0] + 1) * held.shape[1]  # + 1: the two block grids' tails differ by < a block
+    data = dataclasses.replace(data_args, validation_blocks=max(
+        data_args.validation_blocks, math.ceil(held_tokens / length)))
+    if kd.shape[0] <= data.validation_blocks:
+        raise UserError(f"{kd.shape[0]} blocks of {length} tokens leave none for the KD stage after holding out "
+                         f"{data.validation_blocks}; give more text")
+    return kd, data
 
 
 def _check_args(recover_args: RecoverArguments, model_args: ModelArguments, loss_args: LossArguments) -> float:
@@ -265,44 +289,68 @@ def _atomic_json(path: Path, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=1, default=str))
 
 
-def _save_student(student: nn.Module, tokenizer, folder: Path) -> None:
-    with atomic_output_dir(folder) as tmp:
-        student.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-
 def _card_section(results: list[StageResult], budget: float) -> str:
     rows = "\n".join(f"| {r.stage} | {r.held_out_loss:.4f} | {r.held_out_perplexity:.2f} | {r.cpu_s / 60:.1f} |"
                      for r in results)
     stages = ", ".join(STAGE_NAMES[r.stage] for r in results)
-    return (f"{CARD_HEADING}\n\nTrained with `bitdistill recover` "
+    return (f"\n\n## Staged recovery\n\nTrained with `bitdistill recover` "
             f"({stages}) in a budget of {budget / 60:.0f} CPU-minutes. Held-out: the last blocks "
             "of the training text, never trained on. CPU: cumulative process CPU time at the end of the stage.\n\n"
             "| stage | held-out loss | held-out perplexity | CPU minutes |\n|---|---|---|---|\n" + rows + "\n")
 
 
-def _e2e_stage(name: str, start: Path, budget_s: float, model_args: ModelArguments, data_args: DataArguments,
-               loss_args: LossArguments, training_args, task_args: EvalTaskArguments | None, held: torch.Tensor,
-               clock: _Clock, command: str | None, folder: Path) -> tuple[StageResult, float]:
-    """One KD stage (``run_distillation``) from the student folder ``start`` into ``<folder>/student``, its
-    schedule fit to ``budget_s`` CPU seconds of training (loading and saving around it are not counted); what a
-    killed attempt left in ``folder`` is removed first. Returns the stage's result and its training CPU seconds."""
-    model = dataclasses.replace(model_args, student_model_name_or_path=str(start), student_gguf_file=None)
-    held_tokens = (held.shape[0] + 1) * held.shape[1]  # + 1: the two block grids' tails differ by < a block
-    data = dataclasses.replace(data_args, validation_blocks=max(
-        data_args.validation_blocks, math.ceil(held_tokens / data_args.max_seq_length)))
+@dataclass
+class _Stage:
+    """What a KD stage needs besides the models: the held-out blocks that report it, the budget's clock, and the
+    run's arguments (for provenance and checkpoints)."""
+
+    teacher: nn.Module
+    tokenizer: object
+    blocks: torch.Tensor
+    held: torch.Tensor
+    clock: CpuClock
+    model_args: ModelArguments
+    loss_args: LossArguments
+    recover_args: RecoverArguments
+    command: str | None
+
+
+def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArguments, training_args, ctx: _Stage,
+              folder: Path) -> tuple[StageResult, Distilled]:
+    """One KD stage: the engine (:func:`~bitdistill.distill.engine.distill_student`) trains ``student`` in place
+    from the teacher in memory on blocks of ``data_args.max_seq_length`` tokens, its schedule fit to ``budget_s``
+    CPU seconds of training (what runs around the training loop is not counted); its audit log, provenance and
+    checkpoints go to ``folder`` (what a killed attempt left there is removed first)."""
+    blocks, data = _kd_blocks(ctx.blocks, ctx.held, data_args)
     training = copy.copy(training_args)
-    training.max_steps = 10**6
+    training.max_steps = -1  # the budget plans the steps
     training.output_dir = str(folder)
     shutil.rmtree(folder, ignore_errors=True)
-    cb = CpuBudgetCallback(budget_s)
+    config = config_dict(ctx.model_args, data, ctx.loss_args, training_args=training)
+    all_args = {"model": dataclasses.asdict(ctx.model_args), "data": dataclasses.asdict(data),
+                "loss": dataclasses.asdict(ctx.loss_args), "training": training.to_dict(),
+                "recover": dataclasses.asdict(ctx.recover_args), "stage": name}
     t = time.process_time()
-    folder = run_distillation(model, data, loss_args, training, task_args, command=command, callbacks=[cb])
-    clock.excluded += time.process_time() - t - cb.used_s
-    loss = clock.excluding(lambda: held_out_loss(load_model(folder), held))
-    return StageResult(name, loss, math.exp(loss), clock.used(), {
-        "steps": cb.steps, "planned_steps": cb.planned_steps,
-        "train_tokens": cb.steps * tokens_per_step(training, data), "seq_length": data.max_seq_length}), cb.used_s
+    result = distill_student(student, ctx.teacher, blocks, ctx.tokenizer, data_args=data, loss_args=ctx.loss_args,
+                             training_args=training, config=config, budget_s=budget_s, all_args=all_args,
+                             command=ctx.command)
+    ctx.clock.excluded += time.process_time() - t - result.train_cpu_s
+    release_memory()
+    loss = ctx.clock.excluding(lambda: held_out_loss(result.student, ctx.held))
+    return StageResult(name, loss, math.exp(loss), ctx.clock.used(), {
+        "steps": result.steps, "planned_steps": result.planned_steps, "train_cpu_s": result.train_cpu_s,
+        "train_tokens": result.steps * tokens_per_step(training, data), "seq_length": data.max_seq_length}), result
+
+
+def _reused(folder: Path, model_args: ModelArguments, result: StageResult) -> Distilled:
+    """A KD stage a killed run finished, from its resume point ``<folder>/student``: the student and what its run
+    measured (its metrics file, ``<folder>/provenance.json``, its steps)."""
+    student = make_trainable(load_model(folder / "student", dtype=model_args.model_dtype), model_args)
+    metrics = read_json(folder / "student" / METRICS_FILE, "remove the stage's folder to train it again")
+    prov = folder / PROVENANCE_FILE
+    return Distilled(student, metrics, read_json(prov, "remove the stage's folder") if prov.is_file() else None,
+                     result.detail.get("steps", 0), result.detail.get("planned_steps"), 0.0,
+                     metrics.get("train", {}).get("train_runtime", 0.0), None)
 
 
 def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
@@ -322,6 +370,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     """
     recover_args = recover_args.resolved(parse_cpu_budget(recover_args.time_budget))  # saved resolved
     budget = _check_args(recover_args, model_args, loss_args)
+    validate_run_args(model_args, data_args, training_args)
+    validate_loss_args(loss_args)
     out = Path(training_args.output_dir)
     final = out / "student"
     if final.exists():
@@ -334,13 +384,11 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
             raise UserError(f"{out} holds a staged run started with other options ({changes}); rerun it with the "
                             "same options or choose another --output_dir")
     tokenizer = load_tokenizer(model_args)
-    cal, train, held = _calibration(recover_args, data_args, tokenizer)
-    teacher = load_teacher(model_args)
+    text_blocks = _text_blocks(recover_args, data_args, tokenizer)  # the only tokenization of the training text
+    cal, train, held = _split(recover_args, text_blocks)
+    teacher = load_teacher(model_args)  # the only teacher: every stage uses it in memory
     decoder_layers(teacher, fix="block-wise recovery needs a standard decoder stack; use `bitdistill distill` instead")
-    if model_args.subln:  # the student is a copy of the teacher: what they need of its blocks, before any stage
-        subln_module_names(teacher)
-    if loss_args.attention_weight > 0:
-        QKVCapture(teacher, loss_args.attention_layers)
+    model_args, loss_args, _ = resolve_recipe_parts(model_args, loss_args, teacher)  # before any stage
     limit = getattr(teacher.config, "max_position_embeddings", None)
     for flag, length in (("--calibration_seq_length", held.shape[1]), ("--block_seq_length", train.shape[1])):
         if limit is not None and length > limit:
@@ -371,7 +419,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                          f"CPU-s for init + blocks, but the first stage alone needs about {estimate:.2g} CPU-s "
                          "for this teacher and calibration size; raise the budget or lower --calibration_tokens")
     _atomic_json(config_file, config)  # creates the folder
-    clock = _Clock()
+    clock = CpuClock()
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=cal[:8])
     student.eval()
@@ -410,7 +458,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     joint_file = out / "blocks" / "joint.json"
     if recover_args.block_mode == "joint" and stage2.exists() and joint_file.is_file():
         reuse(joint_file, "block", stage2)
-        student = load_model(stage2).eval()
+        student = clock.excluding(lambda: make_trainable(load_model(stage2, dtype=model_args.model_dtype), model_args))
     elif recover_args.block_mode == "joint" and steps != 0 and block_budget > 0:
         cfg = JointConfig(lr=recover_args.block_lr, micro_batch=recover_args.block_micro_batch,
                           loss=recover_args.block_loss, seed=training_args.seed, bf16=training_args.bf16,
@@ -428,34 +476,40 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                                           val_ids=val, budget_cpu_s=block_budget, work_dir=out / "blocks",
                                           memory_budget=mem, progress=not training_args.disable_tqdm, log=log)
         finish("blocks", student, {"blocks": rep.blocks})
-    if not stage2.exists():
-        t = time.process_time()
-        _save_student(student, tokenizer, stage2)
-        clock.excluded += time.process_time() - t
-    del student
+    if not stage2.exists():  # the resume point of the KD stages
+        clock.excluding(lambda: save_student(student, tokenizer, stage2))
     if not context:
         log("no context stage: " + (f"--context_length {context_length} is not above --max_seq_length "
                                      f"{data_args.max_seq_length}" if context_fraction else "its share is 0"))
+    ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command)
+    last: tuple[DataArguments, object, Distilled] | None = None  # the last KD stage's data, training args and run
     e2e_file = out / "e2e" / "e2e.json"
     if e2e_file.is_file():
         reuse(e2e_file, "e2e", out / "e2e")
+        distilled = clock.excluding(lambda: _reused(out / "e2e", model_args, results[-1]))
+        student = distilled.student
+        last = (data_args, training_args, distilled)
     elif budget - clock.used() > 0:
-        r, cpu_s = _e2e_stage("e2e", stage2, (budget - clock.used()) * (1 - context_fraction if context else 1),
-                              model_args, data_args, loss_args, training_args, None if context else task_args,
-                              held, clock, command, out / "e2e")
-        _atomic_json(e2e_file, {"cpu_s": cpu_s, "result": dataclasses.asdict(r)})
+        r, distilled = _kd_stage("e2e", student, (budget - clock.used()) * (1 - context_fraction if context else 1),
+                                 data_args, training_args, ctx, out / "e2e")
+        student = distilled.student
+        last = (data_args, training_args, distilled)
+        if context:  # the resume point of the context stage
+            clock.excluding(lambda: save_student(distilled.student, tokenizer, out / "e2e" / "student",
+                                                 {METRICS_FILE: json.dumps(distilled.metrics, indent=2, default=str)}))
+            _atomic_json(e2e_file, {"cpu_s": distilled.train_cpu_s, "result": dataclasses.asdict(r)})
         record(r)
-    last = out / "e2e" / "student" if e2e_file.is_file() else stage2
     if context and budget - clock.used() > 0:
         long_training = copy.copy(training_args)
         long_training.learning_rate = recover_args.context_learning_rate
         long_training.per_device_train_batch_size = max(1, math.ceil(
             training_args.per_device_train_batch_size * data_args.max_seq_length / context_length))
         long_data = dataclasses.replace(data_args, max_seq_length=context_length)
-        r, _ = _e2e_stage("context", last, budget - clock.used(), model_args, long_data, loss_args, long_training,
-                          task_args, held, clock, command, out / "context")
+        r, distilled = _kd_stage("context", student, budget - clock.used(), long_data, long_training, ctx,
+                                 out / "context")
+        student = distilled.student
+        last = (long_data, long_training, distilled)
         record(r)
-        last = out / "context" / "student"
     block_tokens = sum(r.detail["train_tokens"] if "train_tokens" in r.detail else sum(b["steps"] for b in r.detail["blocks"])
                        * recover_args.block_micro_batch * recover_args.calibration_seq_length
                        for r in results if r.stage == "blocks")
@@ -466,9 +520,23 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                "stages": [dataclasses.asdict(r) for r in results], "recover_args": {
                    **dataclasses.asdict(recover_args),
                    "context_fraction": context_fraction if context else 0.0, "context_length": context_length}}
-    card = last / "README.md"
-    text = card.read_text().split(CARD_HEADING)[0] if card.is_file() else ""
-    atomic_write(card, text + _card_section(results, budget))
-    os.replace(last, final)  # the last stage's student, its card complete, becomes the result in one rename
+    _save_final(final, student, teacher, tokenizer, last, model_args, loss_args, task_args or EvalTaskArguments(),
+                _card_section(results, budget))
     _atomic_json(out / RESULT_FILE, summary)
     return final
+
+
+def _save_final(final: Path, student: nn.Module, teacher: nn.Module, tokenizer,
+                last: tuple[DataArguments, object, Distilled] | None, model_args: ModelArguments,
+                loss_args: LossArguments, task_args: EvalTaskArguments, section: str) -> None:
+    """Write the recovered student to ``final`` with its metrics (the last KD stage's, the packed student's and the
+    downstream tasks') and its model card (the distillation card of the last KD stage, then the stage table)."""
+    if last is None:  # no KD stage ran: the card has the stage table only
+        save_student(student, tokenizer, final, {"README.md": section.lstrip()})
+        return
+    data, training, distilled = last
+    extra = packed_and_task_metrics(student, teacher, tokenizer, distilled.perplexity_ids, data, task_args)
+    distilled.metrics.update(extra)
+    card = StudentCard(model_args, data, loss_args, training, distilled, sections=[section])
+    save_student(student, tokenizer, final, card.files(config_dict(model_args, data, loss_args,
+                                                                   training_args=training)))

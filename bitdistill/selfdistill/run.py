@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from bitdistill.audit import redact_command, tensorboard_into_output_dir
+from bitdistill.audit import redact_command
 from bitdistill.convert import check_model_source, load_model, parse_dtype
 from bitdistill.data.args import DataArguments
 from bitdistill.data.tokenizer_check import check_tokenizer
+from bitdistill.distill.engine import run_trainer
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir
 from bitdistill.models import tiny_tokenizer
@@ -34,7 +34,6 @@ from bitdistill.runs import (
     build_blocks,
     check_run_folder,
     config_dict,
-    record_provenance,
     setup_run,
 )
 from bitdistill.selfdistill.args import EXIT_MODES, SelfDistillArguments, SelfDistillModelArguments
@@ -147,32 +146,20 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
         MultiExitLM(model, eval_layers)  # the layers evaluated through the model's own head must exist
 
     run = setup_run(blocks, tokenizer, data_args, training_args, config, callbacks)
-    ppl_ids, val_ds, audit, config_json = run.ppl_ids, run.val_ds, run.audit, run.config_json
-    training_args = run.training_args
     trainer = SelfDistillTrainer(
-        model=module, args=training_args, train_dataset=run.train_ds, validation_dataset=val_ds,
-        perplexity_ids=ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
+        model=module, args=run.training_args, train_dataset=run.train_ds, validation_dataset=run.val_ds,
+        perplexity_ids=run.ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, eval_exit_layers=eval_layers, callbacks=run.callbacks)
-    trainer.checkpoint_files = run.checkpoint_files
-    tensorboard_into_output_dir(trainer)
-
-    if trainer.is_world_process_zero():
-        all_args = {"model": dataclasses.asdict(model_args), "self_distill": dataclasses.asdict(sd_args),
-                    "data": dataclasses.asdict(data_args), "training": given_training_args}
-        record_provenance(output_dir, all_args, command, resumed=checkpoint is not None)
-    metrics: dict[str, dict] = {}
-    evaluate = ppl_ids is not None or val_ds is not None
-    if checkpoint is None and evaluate:
-        audit.evaluation_begins()
-        metrics["start"] = trainer.evaluate(metric_key_prefix="start")
-    started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - started
-    metrics["train"] = dict(result.metrics)
+    all_args = {"model": dataclasses.asdict(model_args), "self_distill": dataclasses.asdict(sd_args),
+                "data": dataclasses.asdict(data_args), "training": given_training_args}
+    done = run_trainer(trainer, run, checkpoint=checkpoint, all_args=all_args, command=command,
+                       evaluate=run.ppl_ids is not None or run.val_ds is not None)
+    metrics: dict[str, dict] = {} if done.start is None else {"start": done.start}
+    metrics["train"] = done.train
     metrics["log_history"] = [dict(h) for h in trainer.state.log_history]
-    if evaluate:
-        audit.evaluation_begins()
-        metrics["final"] = trainer.evaluate(metric_key_prefix="final")
+    if done.final is not None:
+        metrics["final"] = done.final
+    train_seconds, config_json = done.train_seconds, run.config_json
     if trainer.is_world_process_zero():
         trained = trainer.accelerator.unwrap_model(trainer.model)
         with atomic_output_dir(final_dir) as tmp:

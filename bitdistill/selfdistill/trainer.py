@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel
 
-from bitdistill.checkpoints import AtomicCheckpointMixin
 from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexities
+from bitdistill.runs import RunTrainer
 from bitdistill.selfdistill.exits import MultiExitLM
 from bitdistill.selfdistill.loss import SelfDistillModel
 from bitdistill.state_dict import unique_tensors
@@ -33,29 +33,21 @@ def exit_names(exit_layers: list[int]) -> list[str]:
     return ["concat" if b < 0 else f"block{b}" for b in exit_layers]
 
 
-class SelfDistillTrainer(AtomicCheckpointMixin, Trainer):
+class SelfDistillTrainer(RunTrainer):
     """Trainer of a :class:`SelfDistillModel` (or a plain causal LM, trained on next-token CE).
 
     Args:
-        perplexity_ids: 1-D token ids for per-exit strided perplexity at each evaluation.
-        perplexity_window, perplexity_stride, perplexity_max_windows: its settings.
-        validation_dataset: held-out blocks for the per-exit eval loss.
         eval_exit_layers: for a plain causal LM, the blocks evaluated through its head (default all).
-        **kwargs: ``transformers.Trainer`` arguments.
+        **kwargs: :class:`~bitdistill.runs.RunTrainer` arguments (per-exit perplexity settings, ``validation_dataset``:
+            held-out blocks for the per-exit eval loss) and ``transformers.Trainer`` ones.
     """
 
-    def __init__(self, *, perplexity_ids: torch.Tensor | None = None, perplexity_window: int = 512,
-                 perplexity_stride: int | None = None, perplexity_max_windows: int | None = None,
-                 validation_dataset=None, eval_exit_layers: list[int] | None = None, **kwargs) -> None:
+    PART_PREFIX = "train_"
+    PARTS_PER_STEP = False  # each exit's terms are micro-batch means
+
+    def __init__(self, *, eval_exit_layers: list[int] | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.eval_exit_layers = eval_exit_layers
-        self.perplexity_ids = perplexity_ids
-        self.perplexity_window = perplexity_window
-        self.perplexity_stride = perplexity_stride
-        self.perplexity_max_windows = perplexity_max_windows
-        self.validation_dataset = validation_dataset
-        self._part_sums: dict[str, float] = {}
-        self._part_micro_batches = 0
         # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the accumulation steps, which it
         # does when the model does not "accept loss kwargs" (the public switch from transformers 4.46 to today)
         self.model_accepts_loss_kwargs = False
@@ -80,18 +72,8 @@ class SelfDistillTrainer(AtomicCheckpointMixin, Trainer):
             blocks = self.accelerator.unwrap_model(model).config.num_hidden_layers
             named = {f"ce_block{blocks - 1}": loss.detach()}
         if model.training:
-            self._part_micro_batches += 1
-            for k, v in named.items():
-                self._part_sums[k] = self._part_sums.get(k, 0.0) + v.item()
+            self.record_parts(named)
         return (loss, out) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._part_sums:
-            for k, v in self._part_sums.items():
-                logs[f"train_{k}"] = round(v / self._part_micro_batches, 6)
-            self._part_sums = {}
-            self._part_micro_batches = 0
-        super().log(logs, start_time)
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -119,8 +101,7 @@ class SelfDistillTrainer(AtomicCheckpointMixin, Trainer):
                 metrics.update({f"{metric_key_prefix}_loss_{n}": s / count for n, s in zip(names, sums, strict=True)})
             if self.perplexity_ids is not None:
                 results = strided_perplexities(lambda ids: mx(ids).logits, mx, self.perplexity_ids,
-                                               max_length=self.perplexity_window, stride=self.perplexity_stride,
-                                               max_windows=self.perplexity_max_windows)
+                                               **self.perplexity_settings)
                 for n, r in zip(names, results, strict=True):
                     metrics[f"{metric_key_prefix}_nll_{n}"] = r.nll
                     metrics[f"{metric_key_prefix}_perplexity_{n}"] = r.perplexity
