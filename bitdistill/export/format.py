@@ -15,6 +15,7 @@ from __future__ import annotations
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.nn.arch import is_conv1d
 from bitdistill.nn.bitlinear import BitLinear
 from bitdistill.nn.config import is_packed_config
 from bitdistill.nn.packed import PackedBitLinear
@@ -32,7 +33,7 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear-like module (nn.Linear, BitLinear, PackedBitLinear, Conv1D) by name."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, PackedBitLinear)) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")):
+        if isinstance(m, (nn.Linear, PackedBitLinear)) or is_conv1d(m):
             out[name] = m
     return out
 

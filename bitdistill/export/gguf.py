@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.quant.packing import unpack_ternary
@@ -41,6 +42,7 @@ from bitdistill.quant.reference import weight_quant
 __all__ = ["GGUF_TYPES", "PRE_TOKENIZERS", "GGUFLayer", "GGUFReport", "pack_gguf", "require_gguf", "save_gguf"]
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
+GGUF_ARCHITECTURES = tuple(t for t, spec in SUPPORTED_ARCHITECTURES.items() if spec.gguf and t != "bitnet")
 BLOCK = 256  # QK_K: the block width of llama.cpp's ternary types
 
 # llama.cpp pre-tokenizer name -> the Hugging Face ``pre_tokenizer`` (tokenizer.json) it reproduces.
@@ -56,9 +58,6 @@ PRE_TOKENIZERS = {
     "qwen2": [{"type": "Split", "regex": _QWEN2_REGEX}, {"type": "ByteLevel", "use_regex": False}],
 }
 
-# transformers model_type -> (llama.cpp architecture name, permute q/k rows for interleaved RoPE)
-_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-          "qwen3": ("qwen3", False), "phi3": ("phi3", False)}
 # SubLN norm weights -> the names gguf's bitnet tensor map knows: a SubLN student's in-layer norms, and the
 # sub-norm modules of transformers' BitNetForCausalLM (what `bitdistill pack` writes for a SubLN student).
 _SUBLN_RENAME = {"self_attn.o_proj.rms_norm": "self_attn.inner_attn_ln", "mlp.down_proj.rms_norm": "mlp.ffn_layernorm",
@@ -346,11 +345,12 @@ def save_gguf(
     if subln or model_type == "bitnet":
         _check_bitnet(model, converted)
         arch, permute = "bitnet", False
-    elif model_type in _ARCHS:
-        arch, permute = _ARCHS[model_type]
+    elif (spec := SUPPORTED_ARCHITECTURES.get(model_type)) is not None and spec.gguf is not None:
+        arch, permute = spec.gguf, spec.gguf_permute_qk
     else:
         raise UserError(f"llama.cpp has no mapping here for model_type {model_type!r}; the GGUF export supports "
-                         f"{', '.join(_ARCHS)} (and Llama SubLN students, or their packed BitNetForCausalLM, as bitnet)")
+                         f"{', '.join(GGUF_ARCHITECTURES)} (and Llama SubLN students, or their packed "
+                         "BitNetForCausalLM, as bitnet)")
     ternary_q = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
     model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)

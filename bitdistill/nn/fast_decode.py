@@ -43,11 +43,12 @@ from bitdistill.cpu_ext import (
     native_available,
 )
 from bitdistill.errors import UserError
+from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES
 from bitdistill.nn.packed import PackedBitLinear
 
 __all__ = ["FAST_DECODE_ARCHS", "FAST_DECODE_BACKENDS", "FastDecoder", "generate_fast"]
 
-FAST_DECODE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "bitnet")
+FAST_DECODE_ARCHS = tuple(name for name, spec in SUPPORTED_ARCHITECTURES.items() if spec.fast_decode)
 FAST_DECODE_BACKENDS = ("auto", "native", "torch")
 _RMS_NORMS = {f"{n}RMSNorm" for n in ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "BitNet")}
 

@@ -47,7 +47,7 @@ from bitdistill.distill.attention import QKVCapture
 from bitdistill.distill.run import load_teacher, load_tokenizer, prepare_student, run_distillation
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir, atomic_write
-from bitdistill.nn.arch import decoder_layers
+from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.nn.subln import subln_module_names
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.budget import CpuBudgetCallback, parse_cpu_budget
@@ -177,8 +177,8 @@ def estimate_init_cpu_s(model: nn.Module, tokens: int, n_scales: int) -> float:
     370 s measured."""
     _, layers = decoder_layers(model)
     params = sum(p.numel() for p in layers.parameters())
-    gptq = sum(m.weight.numel() * min(m.weight.shape) for m in layers.modules() if isinstance(m, nn.Linear)
-               or type(m).__name__ == "Conv1D")
+    gptq = sum(m.weight.numel() * min(m.weight.shape) for m in layers.modules()
+               if isinstance(m, nn.Linear) or is_conv1d(m))
     if n_scales == 0:  # no calibrated rounding: one teacher pass and the student's propagation
         return 2 * 2 * params * tokens / 20e9
     return 3 * 2 * params * tokens / 20e9 + (n_scales + 1) * 2 * gptq / 10e9
