@@ -27,6 +27,7 @@ from bitdistill.distill.attention import QKVCapture, resolve_layer_indices
 from bitdistill.distill.card import distill_card
 from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
 from bitdistill.distill.layer_map import build_layer_map
+from bitdistill.distill.plan import plan_recipe
 from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits
 from bitdistill.distill.trainer import PROJECTOR_ATTR, DistillationTrainer
 from bitdistill.distill.warmup import QuantWarmup
@@ -198,6 +199,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         if task_args.eval_tasks_batch_size < 1 or (task_args.eval_tasks_limit is not None
                                                    and task_args.eval_tasks_limit < 1):
             raise UserError("--eval_tasks_batch_size and --eval_tasks_limit must be >= 1")
+    model_args, loss_args, plan = plan_recipe(model_args, loss_args)
     validate_run_args(model_args, data_args, loss_args, training_args)
     if loss_args.teacher_cache and (loss_args.hidden_weight > 0 or loss_args.attention_weight > 0):
         raise UserError("--teacher_cache replaces the teacher's logits only; hidden-state and attention losses "
@@ -221,6 +223,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     teacher = None if cache is not None else load_teacher(model_args)
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=blocks[:1])
+    if plan is not None:
+        plan.record(student)
     logger.info("student ready: %s, %.1fM parameters", type(student).__name__,
                 sum(p.numel() for p in student.parameters()) / 1e6)
     _check_pair(teacher, student, tokenizer, data_args.max_seq_length, model_args)
@@ -265,7 +269,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
                     "loss": dataclasses.asdict(loss_args), "training": given_training_args,
                     "eval_tasks": dataclasses.asdict(task_args)}
         prov = record_provenance(output_dir, all_args, command, resumed=checkpoint is not None)
-    metrics: dict[str, dict] = {}
+    metrics: dict[str, dict] = {"recipe": plan.as_dict()} if plan is not None else {}
     if ppl_ids is not None and teacher is not None and trainer.is_world_process_zero():
         r = strided_perplexity(teacher, ppl_ids, max_length=data_args.max_seq_length, stride=data_args.eval_stride,
                                max_windows=data_args.eval_max_windows)

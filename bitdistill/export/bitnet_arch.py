@@ -45,7 +45,7 @@ from bitdistill.nn.replace import student_marker
 from bitdistill.quant.packing import pack_ternary
 from bitdistill.quant.reference import weight_quant
 
-__all__ = ["MAPPABLE_ARCHITECTURES", "bitnet_unmappable", "has_subln", "split_fused", "subln_to_bitnet"]
+__all__ = ["MAPPABLE_ARCHITECTURES", "bitnet_arch_config", "bitnet_unmappable", "has_subln", "split_fused", "subln_to_bitnet"]
 
 MAPPABLE_ARCHITECTURES = tuple(t for t, spec in SUPPORTED_ARCHITECTURES.items() if spec.bitnet is None)
 # fused student projection -> BitNet's separate ones (their output rows in order)
@@ -95,7 +95,7 @@ def bitnet_unmappable(config) -> str | None:
     return None
 
 
-def _bitnet_config(config):
+def bitnet_arch_config(config):
     """The ``BitNetConfig`` of a Llama-like ``config``; ``ValueError`` naming what BitNet cannot express."""
     from transformers import BitNetConfig
 
@@ -187,7 +187,7 @@ def subln_to_bitnet(student: nn.Module) -> nn.Module:
     subln = set(marker.get("subln_modules") or ())
     if not subln:
         raise ValueError("subln_to_bitnet expects a SubLN student (no subln_modules in its bitdistill marker)")
-    config = _bitnet_config(student.config)
+    config = bitnet_arch_config(student.config)
     model_type = student.config.model_type
     converted = {n: m for n, m in student.named_modules() if isinstance(m, BitLinear)}
     expected = {n for n in converted if n.endswith(tuple(f".{p}" for p in _SUBLN_RENAMES))}

@@ -23,8 +23,8 @@ from torch import nn
 
 from bitdistill.errors import UserError
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "ArchSpec", "arch_spec", "decoder_layers", "find_blocks", "is_conv1d",
-           "lookup"]
+__all__ = ["RECIPE_PARTS", "SUPPORTED_ARCHITECTURES", "ArchSpec", "RecipePlan", "arch_spec", "decoder_layers",
+           "find_blocks", "is_conv1d", "lookup", "resolve_recipe_parts"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class ArchSpec:
         gguf: llama.cpp's architecture name for a student without SubLN (``None``: no GGUF mapping here).
         gguf_permute_qk: llama.cpp's graph uses interleaved RoPE, so q/k rows are permuted on export.
         bitnet: ``None`` where a SubLN student maps exactly onto transformers' ``BitNetForCausalLM``, else why not.
+        conv1d: its projections are transformers ``Conv1D`` layers (``weight [in, out]``; GPT-2).
         discovered: built by :func:`lookup` from the block layout (the architecture is not in the table).
     """
 
@@ -61,6 +62,7 @@ class ArchSpec:
     gguf: str | None = None
     gguf_permute_qk: bool = False
     bitnet: str | None = None
+    conv1d: bool = False
     discovered: bool = False
 
 
@@ -90,13 +92,14 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchSpec] = {
                                "blocks with a parallel residual",
                          bitnet="it uses LayerNorm with bias, a parallel residual and partial rotary embeddings"),
     "gpt2": ArchSpec(("attn.c_attn",), "attn.c_proj", "mlp.c_proj", mlp_in=("mlp.c_fc",),
-                     final_norm="transformer.ln_f",
+                     final_norm="transformer.ln_f", conv1d=True,
                      subln="SubLN is defined for RMSNorm decoders (o_proj/down_proj); GPT-2 has LayerNorm blocks "
                            "of Conv1D projections",
                      bitnet="it uses LayerNorm with bias, learned positions and Conv1D projections"),
 }
 _NO_SUBLN = "no attention output projection (self_attn.o_proj) and MLP down projection (mlp.down_proj) in its blocks"
 _NO_QKV = "no q/k/v projections (self_attn.{q,k,v}_proj) in its blocks"
+_UNKNOWN = "it is not in bitdistill's table and its blocks lack self_attn.{q,k,v,o}_proj and mlp.down_proj"
 _DISCOVERED_BITNET = "its architecture is not in bitdistill's table (found by its block layout only)"
 
 
@@ -230,3 +233,71 @@ def find_blocks(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
             return blocks, model.get_submodule(name)
     raise UserError(f"cannot find the final norm of {type(model).__name__} (looked for {', '.join(candidates)}); add "
                     "its architecture to bitdistill.nn.arch.SUPPORTED_ARCHITECTURES")
+
+
+# recipe part -> (its name in messages, the flag that asks for it, the ArchSpec reason field it needs)
+RECIPE_PARTS: dict[str, tuple[str, str, str | None]] = {
+    "subln": ("SubLN", "--subln", "subln"),
+    "attention": ("the attention-relation loss", "--attention_weight", "attention"),
+    "hidden": ("the hidden-state loss", "--hidden_weight", None),
+}
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    """Which parts of the distillation recipe a model takes (:func:`resolve_recipe_parts`).
+
+    Attributes:
+        architecture: the model's ``model_type``.
+        applied: the parts that run.
+        skipped: ``{part: reason}`` for each default part the architecture cannot take.
+    """
+
+    architecture: str
+    applied: tuple[str, ...]
+    skipped: dict[str, str]
+
+    def line(self) -> str | None:
+        """One line naming the skipped default parts and why (``None`` when nothing was skipped)."""
+        if not self.skipped:
+            return None
+        parts = "; ".join(f"{RECIPE_PARTS[p][0]} ({RECIPE_PARTS[p][1]}): {why}" for p, why in self.skipped.items())
+        return f"recipe parts skipped for {self.architecture}: {parts}"
+
+
+def resolve_recipe_parts(model_or_config, requested: dict[str, bool | None]) -> RecipePlan:
+    """Decide which recipe parts apply to a model, before any work.
+
+    Args:
+        model_or_config: the model (or its config / ``config.json`` dict) the parts act on.
+        requested: ``{part: how}`` for parts of :data:`RECIPE_PARTS`: ``True`` asked for explicitly, ``None`` on
+            as the recipe's default, ``False`` off.
+
+    Returns:
+        A :class:`RecipePlan`: a default part the architecture cannot take is skipped with its reason.
+
+    Raises:
+        UserError: a part asked for explicitly cannot apply (one line naming the flag, the architecture, the
+            reason and the fix), or an unknown part.
+    """
+    unknown = sorted(set(requested) - set(RECIPE_PARTS))
+    if unknown:
+        raise ValueError(f"unknown recipe parts {unknown}; known: {', '.join(RECIPE_PARTS)}")
+    model_type = str(_model_type(model_or_config))
+    spec = lookup(model_or_config) if any(v is not False for v in requested.values()) else None
+    applied, skipped = [], {}
+    for part, how in requested.items():
+        if how is False:
+            continue
+        name, flag, field = RECIPE_PARTS[part]
+        why = None
+        if field is not None:
+            why = _UNKNOWN if spec is None else getattr(spec, field)
+        if why is None:
+            applied.append(part)
+        elif how is None:
+            skipped[part] = why
+        else:
+            raise UserError(f"{flag} asks for {name}, which does not apply to {model_type!r}: {why}; drop {flag} "
+                            "(or set it off)")
+    return RecipePlan(model_type, tuple(applied), skipped)

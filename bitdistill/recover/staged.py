@@ -44,6 +44,7 @@ from bitdistill.convert import load_model
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
 from bitdistill.distill.attention import QKVCapture
+from bitdistill.distill.plan import plan_recipe
 from bitdistill.distill.run import load_teacher, load_tokenizer, prepare_student, run_distillation
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir, atomic_write
@@ -321,6 +322,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
             for the cached hidden states, an existing final student (each before any work).
     """
     recover_args = recover_args.resolved(parse_cpu_budget(recover_args.time_budget))  # saved resolved
+    model_args, loss_args, plan = plan_recipe(model_args, loss_args, log=log)
     budget = _check_args(recover_args, model_args, loss_args)
     out = Path(training_args.output_dir)
     final = out / "student"
@@ -374,6 +376,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     clock = _Clock()
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=cal[:8])
+    if plan is not None:
+        plan.record(student)
     student.eval()
     results: list[StageResult] = []
 
