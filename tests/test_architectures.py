@@ -21,7 +21,7 @@ from bitdistill.export.folder import pack_pretrained
 from bitdistill.export.targets import export_targets
 from bitdistill.models import TINY_ARCHITECTURES, tiny_config, tiny_model
 from bitdistill.nn import replace_linear_with_bitlinear
-from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES, lookup, resolve_recipe_parts
+from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES, fast_decode_unsupported, lookup, resolve_recipe_parts
 from bitdistill.nn.fast_decode import FastDecoder
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.nn.subln import insert_subln
@@ -173,9 +173,14 @@ def test_recover_defaults_then_pack_then_load_packed(arch, tmp_path, shared_data
     with torch.no_grad():
         torch.testing.assert_close(packed(IDS).logits, student(IDS).logits, rtol=0, atol=1e-5)
         greedy = packed.generate(IDS[:1], do_sample=False, max_new_tokens=5, min_new_tokens=5)
-    if packed.config.model_type in SUPPORTED_ARCHITECTURES and SUPPORTED_ARCHITECTURES[packed.config.model_type].fast_decode:
+    why = fast_decode_unsupported(packed)  # the torch path (the model's own generate) otherwise, with this line
+    if why is None:
         decoder = FastDecoder(packed, max_length=IDS.shape[1] + 5)
         assert decoder.generate(IDS[:1], max_new_tokens=5).tolist() == greedy.tolist()
+    else:
+        assert len(why.splitlines()) == 1 and packed.config.model_type in why
+        with pytest.raises(UserError, match=r"use model\.generate"):
+            FastDecoder(packed, max_length=IDS.shape[1] + 5)
 
 
 def test_fused_projection_splits_bit_exactly():

@@ -24,7 +24,7 @@ from torch import nn
 from bitdistill.errors import UserError
 
 __all__ = ["RECIPE_PARTS", "SUPPORTED_ARCHITECTURES", "ArchSpec", "RecipePlan", "arch_spec", "decoder_layers",
-           "find_blocks", "is_conv1d", "lookup", "resolve_recipe_parts"]
+           "fast_decode_unsupported", "find_blocks", "is_conv1d", "lookup", "resolve_recipe_parts"]
 
 
 @dataclass(frozen=True)
@@ -215,6 +215,21 @@ def arch_spec(model: nn.Module, feature: str, fix: str | None = None, *, needs: 
     if why:
         raise UserError(f"{feature} does not apply to {model_type!r}: {why}{tail}")
     return spec
+
+
+def fast_decode_unsupported(model_or_config) -> str | None:
+    """Why :class:`bitdistill.nn.fast_decode.FastDecoder` cannot run this model (``None``: it can): the table's
+    ``fast_decode`` field, one line a caller prints before falling back to the model's own ``generate``."""
+    model_type = _model_type(model_or_config)
+    spec = SUPPORTED_ARCHITECTURES.get(model_type)
+    if spec is None or not spec.fast_decode:
+        fast = ", ".join(t for t, s in SUPPORTED_ARCHITECTURES.items() if s.fast_decode)
+        return f"the fast decoder runs {fast}, not {model_type!r}"
+    config = getattr(model_or_config, "config", model_or_config)
+    window = config.get("sliding_window") if isinstance(config, dict) else getattr(config, "sliding_window", None)
+    if window and model_type != "qwen2":
+        return f"the fast decoder has no sliding window (sliding_window={window})"
+    return None
 
 
 def find_blocks(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
