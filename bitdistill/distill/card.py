@@ -202,10 +202,12 @@ def distill_card(model_args, data_args, loss_args, training_args, metrics: dict,
         + (f" ({gc_kwargs})" if training_args.gradient_checkpointing and gc_kwargs else ""),
         f"Perplexity: window {data_args.max_seq_length}, stride {data_args.eval_stride or data_args.max_seq_length}, "
         f"max windows {data_args.eval_max_windows}",
-        *[f"Recipe part skipped for this architecture: {part} ({why})"
-          for part, why in (metrics.get("recipe") or {}).get("skipped", {}).items()],
-        *([(metrics.get("recipe") or {})["exports"].capitalize()] if (metrics.get("recipe") or {}).get("exports") else []),
     ]
+    recipe = metrics.get("recipe") or {}  # bitdistill.distill.plan: default parts skipped, export targets
+    details += [f"Recipe part skipped for this architecture: {part} ({why})"
+                for part, why in recipe.get("skipped", {}).items()]
+    if recipe.get("exports"):
+        details.append(recipe["exports"].capitalize())
     eval_name = ", ".join(Path(f).name for f in data_args.eval_files) or "-"
     student_name = Path(str(model_args.teacher_model_name_or_path or "student")).name
     return model_card(metrics, name=f"{student_name}-bitnet-b1.58-distilled", teacher=teacher,
