@@ -56,8 +56,18 @@ def _gpt2():
     return GPT2Config(vocab_size=TINY_VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2)
 
 
+def _for_model(model_type: str, **extra):
+    from transformers import AutoConfig
+    return AutoConfig.for_model(model_type, **_COMMON, **extra)
+
+
 _BUILDERS = {"llama": _llama, "qwen2": _qwen2, "qwen3": _qwen3, "phi3": _phi3, "mistral": _mistral,
-             "gpt_neox": _gpt_neox, "gpt2": _gpt2}
+             "gpt_neox": _gpt_neox, "gpt2": _gpt2,
+             "gemma": lambda: _for_model("gemma", head_dim=16),
+             "gemma2": lambda: _for_model("gemma2", head_dim=16, sliding_window=64),
+             "gemma3": lambda: _for_model("gemma3_text", head_dim=16, sliding_window=64),
+             "olmo": lambda: _for_model("olmo"), "olmo2": lambda: _for_model("olmo2"),
+             "granite": lambda: _for_model("granite"), "stablelm": lambda: _for_model("stablelm")}
 TINY_ARCHITECTURES = tuple(_BUILDERS)
 
 

@@ -57,7 +57,8 @@ CONFIG_FILE = "distill_config.json"
 # Options that may change between a run and its resumption (everything else must match).
 _RESUMABLE_CHANGES = {"output_dir", "resume_from_checkpoint", "max_steps", "num_train_epochs", "logging_steps",
                       "save_steps", "eval_steps", "eval_files", "eval_stride", "eval_max_windows", "report_to",
-                      "logging_dir", "data_cache_dir", "save_total_limit", "disable_tqdm"}
+                      "logging_dir", "data_cache_dir", "save_total_limit", "disable_tqdm",
+                      "recipe_defaults"}  # says only which options were defaults; their values are compared
 # Training options recorded in the run configuration (a resume must keep them).
 _TRAINING_KEYS = ("per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "weight_decay",
                   "lr_scheduler_type", "warmup_steps", "seed", "data_seed", "optim", "bf16", "fp16",

@@ -3,6 +3,8 @@ Trainer's defaults; a --config key overrides a default and a flag overrides both
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from bitdistill.cli.main import main
@@ -62,10 +64,10 @@ def test_help_names_the_commands_defaults(name, capsys):
     assert help_of("temperature").count("default") == 0  # not in DISTILL_DEFAULTS: the dataclass's help as it was
 
 
-def test_distill_defaults_on_an_architecture_without_subln_name_the_flags_to_turn_off(tmp_path, capsys,
-                                                                                       shared_data):
-    """SubLN and the relation loss (on by default) support Llama-like blocks only: a GPT-2 teacher is refused with
-    the flag that turns each off before anything is written, and trains with both off."""
+def test_distill_defaults_on_an_architecture_without_subln_skip_it_and_an_explicit_subln_is_refused(tmp_path, capsys,
+                                                                                                     shared_data):
+    """SubLN (on by default) does not apply to GPT-2: the defaults train with it skipped (one printed line, recorded
+    in the metrics, the marker and the card); ``--subln true`` is refused in one line before anything is written."""
     from run_utils import tiny_gpt2_vocab_folder
 
     gpt2 = tiny_gpt2_vocab_folder(tmp_path / "gpt2", "gpt2", shared_data / "tokenizers" / "gpt2")
@@ -74,14 +76,20 @@ def test_distill_defaults_on_an_architecture_without_subln_name_the_flags_to_tur
     common = ["distill", "--teacher_model_name_or_path", str(gpt2), "--train_files", str(tmp_path / "train.txt"),
               "--max_seq_length", "32", "--data_cache_dir", str(tmp_path / "cache"), "--max_steps", "1",
               "--report_to", "none", "--disable_tqdm", "true", "--output_dir", str(out)]
-    assert main(common) == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]  # the line after the loading progress bars
-    assert "does not support architecture 'gpt2'" in err and err.endswith("turn it off with --subln false"), err
-    assert main([*common, "--subln", "false"]) == 2
-    assert "--attention_weight 0" in capsys.readouterr().err
-    assert not out.exists()  # both refused before anything was written
-    assert main([*common, "--subln", "false", "--attention_weight", "0"]) == 0
-    assert (out / "student" / "config.json").is_file()
+    assert main([*common, "--subln", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--subln asks for SubLN, which does not apply to 'gpt2'" in err, err
+    assert not out.exists()
+    assert main(common) == 0
+    printed = capsys.readouterr().out
+    skip = [line for line in printed.splitlines() if line.startswith("recipe parts skipped")]
+    assert len(skip) == 1 and "SubLN (--subln)" in skip[0] and "attention" not in skip[0]
+    assert any(line.startswith("the student will export to: packed folder") for line in printed.splitlines())
+    metrics = json.loads((out / "student" / "distill_metrics.json").read_text())
+    assert set(metrics["recipe"]["skipped"]) == {"subln"}
+    marker = json.loads((out / "student" / "config.json").read_text())["bitdistill"]
+    assert set(marker["recipe"]["skipped"]) == {"subln"} and not marker.get("subln_modules")
+    assert "Recipe part skipped for this architecture: subln" in (out / "student" / "README.md").read_text()
 
 
 def test_a_student_too_small_for_the_tokens_is_refused_before_subln_runs_it(tmp_path):

@@ -40,7 +40,7 @@ def test_layer_map_errors(spec, match):
         build_layer_map(spec, 2, 3)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gpt_neox", "gpt2"])
 def test_qkv_capture_shapes_gqa_before_repetition(arch):
     model = tiny_model(arch)
     cfg = model.config
@@ -49,15 +49,30 @@ def test_qkv_capture_shapes_gqa_before_repetition(arch):
         model(input_ids=torch.randint(0, 256, (2, 5)))
     q, k, v = cap.states
     assert q.shape == (2, 5, cfg.num_attention_heads * head_dim)
-    assert k.shape == v.shape == (2, 5, cfg.num_key_value_heads * head_dim)
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    assert k.shape == v.shape == (2, 5, kv_heads * head_dim)
 
 
-def test_unsupported_architecture_errors_list_supported():
+def test_qkv_capture_splits_gpt_neox_per_head_fused_output():
+    """GPT-NeoX's query_key_value output is [heads, 3, head_dim] per token: the capture reads the same q/k/v as the
+    model's attention (the rotary input)."""
+    model = tiny_model("gpt_neox")
+    attn = model.gpt_neox.layers[0].attention
+    seen = {}
+    handle = attn.query_key_value.register_forward_hook(lambda m, a, out: seen.setdefault("qkv", out))
+    with QKVCapture(model, [0]) as cap:
+        model(input_ids=torch.randint(0, 256, (1, 4)))
+    handle.remove()
+    q, k, v = cap.states
+    heads = seen["qkv"].view(1, 4, model.config.num_attention_heads, -1).chunk(3, dim=-1)
+    for got, want in zip((q, k, v), heads, strict=True):
+        assert torch.equal(got, want.flatten(-2))
+
+
+def test_unsupported_part_errors_name_the_reason():
     model = tiny_model("gpt2")
-    with pytest.raises(ValueError, match="supported: llama"):
-        QKVCapture(model, [0])
     replace_linear_with_bitlinear(model)
-    with pytest.raises(ValueError, match="SubLN insertion does not support architecture 'gpt2'"):
+    with pytest.raises(ValueError, match="SubLN insertion does not apply to 'gpt2': SubLN is defined for RMSNorm"):
         insert_subln(model, init="ones")
 
 

@@ -103,7 +103,7 @@ def test_bad_inputs(setup, capsys, tmp_path):
     empty.write_text("\n")
     fails("--train_files", str(empty), match="is empty")
     gpt2 = tiny_gpt2_vocab_folder(tmp_path / "gpt2", "gpt2", setup["tok"])
-    fails("--teacher_model_name_or_path", str(gpt2), "--subln", "true", match="supported: llama")
+    fails("--teacher_model_name_or_path", str(gpt2), "--subln", "true", match="does not apply to 'gpt2'")
     gguf_only = tmp_path / "gguf_only"
     gguf_only.mkdir()
     (gguf_only / "m.Q4_1.gguf").write_bytes(b"GGUF")

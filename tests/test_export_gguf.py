@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
-from bitdistill import replace_linear_with_bitlinear
+from bitdistill import insert_subln, replace_linear_with_bitlinear
 from bitdistill.cli.main import main
 from bitdistill.export import gguf as gguf_export
 from bitdistill.export.memory import pack_in_memory
@@ -193,26 +193,20 @@ def test_refusals_are_one_line(tmp_path, packed_dir, tokenizer_dir, capsys, monk
 
 
 def test_subln_student_is_bitnet_or_refused(tmp_path, tokenizer_dir):
-    from bitdistill.nn.bitlinear import BitRMSNorm
-
-    def subln(model, eps):
-        for name, m in model.named_modules():
-            if name.endswith(("o_proj", "down_proj")):
-                m.rms_norm = BitRMSNorm(m.in_features, eps)
-        return model
-
-    ok = subln(_student(tie_word_embeddings=True, rms_norm_eps=1e-5), 1e-5)
+    """A SubLN student goes out as llama.cpp's bitnet graph through its BitNetForCausalLM form: a SubLN eps unlike
+    rms_norm_eps is folded into the v/up scales; an untied head is refused in one line, before any file."""
+    ok = _subln_student(1e-5)
     report = gguf_export.save_gguf(ok, tmp_path / "b.gguf", tokenizer=_tokenizer(tokenizer_dir))
     assert report.arch == "bitnet"
     names = set(_reader_tensors(tmp_path / "b.gguf"))
     assert {"blk.0.attn_sub_norm.weight", "blk.0.ffn_sub_norm.weight"} <= names and "output.weight" not in names
-    with pytest.raises(ValueError, match="SubLN eps"):
-        gguf_export.save_gguf(subln(_student(tie_word_embeddings=True, rms_norm_eps=1e-5), 1e-6),
-                              tmp_path / "c.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    assert gguf_export.save_gguf(_subln_student(1e-6), tmp_path / "c.gguf",
+                                 tokenizer=_tokenizer(tokenizer_dir)).arch == "bitnet"
+    untied = _student(rms_norm_eps=1e-5)
+    insert_subln(untied, eps=1e-5, init="ones")
     with pytest.raises(ValueError, match="tie_word_embeddings"):
-        gguf_export.save_gguf(subln(_student(rms_norm_eps=1e-5), 1e-5), tmp_path / "d.gguf",
-                              tokenizer=_tokenizer(tokenizer_dir))
-    assert not (tmp_path / "c.gguf").exists() and not (tmp_path / "d.gguf").exists()
+        gguf_export.save_gguf(untied, tmp_path / "d.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    assert not (tmp_path / "d.gguf").exists()
 
 
 def test_disk_full_leaves_nothing(tmp_path, packed_dir, capsys, monkeypatch):
@@ -260,8 +254,6 @@ def _llama_greedy(path: Path, prompt: list[int], n: int) -> list[int]:
 
 def _subln_student(eps: float):
     """A tied Llama SubLN student (norm weights away from 1) whose rms_norm_eps is 1e-5."""
-    from bitdistill import insert_subln
-
     model = _student(tie_word_embeddings=True, rms_norm_eps=1e-5)
     insert_subln(model, eps=eps, init="ones")
     with torch.no_grad():
@@ -290,15 +282,7 @@ def test_llama_cpp_greedy_equals_load_packed(arch, tmp_path, tokenizer_dir):
 
         model = reference = subln_to_bitnet(_subln_student(1e-6))
     elif arch == "bitnet":
-        from bitdistill.nn.bitlinear import BitRMSNorm
-
-        model = _student(tie_word_embeddings=True, rms_norm_eps=1e-5)
-        for name, m in model.named_modules():
-            if name.endswith(("o_proj", "down_proj")):
-                m.rms_norm = BitRMSNorm(m.in_features, 1e-5)
-                with torch.no_grad():
-                    m.rms_norm.weight.uniform_(0.5, 1.5)
-        reference = model
+        model = reference = _subln_student(1e-5)
     else:
         model = _student(arch)
         reference = pack_in_memory(model)

@@ -259,11 +259,18 @@ def test_load_packed_keeps_only_packed_bytes(packed_folders):
                    for m in layers for t in vars(m).values())
 
 
-def test_subln_student_refused(tmp_path):
+def test_subln_student_given_to_save_packed_is_written_in_the_extension(tmp_path):
+    """save_packed keeps the student's architecture: SubLN norms on two layers a block are the extension of the
+    format (pack_pretrained writes a SubLN Llama as BitNetForCausalLM instead); load_packed runs it exactly."""
     from bitdistill.nn.subln import insert_subln
 
     student = _student("llama")
     insert_subln(student, init="ones")
-    with pytest.raises(ValueError, match="SubLN"):
-        save_packed(student, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    save_packed(student, tmp_path / "out")
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["linear_class"] == "bitdistill" and qc["rms_norm_modules"] == sorted(
+        n for n, m in student.named_modules() if getattr(m, "rms_norm", None) is not None)
+    ids = torch.randint(0, 256, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(load_packed(tmp_path / "out", dtype="float32")(ids).logits, student(ids).logits,
+                                   rtol=0, atol=0)

@@ -176,17 +176,17 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     assert (out / "student" / "README.md").read_text().count("## Staged recovery") == 1
 
 
-def test_recover_defaults_on_an_architecture_without_subln_name_the_flags_to_turn_off(setup, capsys, shared_data):
-    """SubLN and the relation loss (on by default) support Llama-like blocks only: a GPT-2 teacher fails before any
-    stage with the flag to turn each off, and runs with both off."""
+def test_recover_defaults_on_an_architecture_without_subln_skip_it(setup, capsys, shared_data):
+    """SubLN (on by default) does not apply to GPT-2: ``--subln true`` fails before any stage; the defaults run every
+    stage with SubLN skipped (one line), recorded in the final student's marker and card."""
     gpt2 = tiny_gpt2_vocab_folder(setup["root"] / "gpt2", "gpt2", shared_data / "tokenizers" / "gpt2")
     common = [*setup["common"], "--teacher_model_name_or_path", str(gpt2), "--time_budget", "20s", "--block_steps", "2"]
     out = setup["root"] / "gpt2-run"
-    assert main(["recover", *common, "--output_dir", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert "does not support architecture 'gpt2'" in err and "--subln false" in err, err
-    assert main(["recover", *common, "--subln", "false", "--output_dir", str(out)]) == 2
-    assert "--attention_weight 0" in capsys.readouterr().err
-    assert not out.exists()  # both refused before anything was written
-    assert main(["recover", *common, "--subln", "false", "--attention_weight", "0", "--output_dir", str(out)]) == 0
-    assert (out / "student" / "config.json").is_file()
+    assert main(["recover", *common, "--subln", "true", "--output_dir", str(out)]) == 2
+    assert "does not apply to 'gpt2'" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+    assert main(["recover", *common, "--output_dir", str(out)]) == 0
+    assert "recipe parts skipped for gpt2: SubLN" in capsys.readouterr().out
+    marker = json.loads((out / "student" / "config.json").read_text())["bitdistill"]
+    assert set(marker["recipe"]["skipped"]) == {"subln"}
+    assert "Recipe part skipped for this architecture: subln" in (out / "student" / "README.md").read_text()

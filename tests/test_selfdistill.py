@@ -163,7 +163,7 @@ def test_bad_input():
         MultiExitLM(model, exit_layers=[5])
     with pytest.raises(ValueError, match="unknown exit variant"):
         MultiExitLM(model, variant="tree")
-    with pytest.raises(ValueError, match="supported layouts"):
+    with pytest.raises(ValueError, match="cannot find the decoder blocks"):
         MultiExitLM(nn.Sequential(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="feature hints need per-block exits"):
         SelfDistillModel(MultiExitLM(model, variant="concat"), SelfDistillConfig(hint_weight=1e-6))

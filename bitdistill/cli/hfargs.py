@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -40,7 +41,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, dataclass_types: tu
 def parse_dataclasses(args: argparse.Namespace, dataclass_types: tuple, defaults: dict | None = None) -> tuple:
     """Build the dataclasses from the parsed flags merged over ``--config``'s keys, merged over ``defaults``
     (a command's own defaults for fields of ``dataclass_types``; fields in none of the three keep the
-    dataclasses' defaults)."""
+    dataclasses' defaults). A ``recipe_defaults`` field, where one of the dataclasses has it, lists the keys of
+    ``defaults`` that neither the file nor a flag set (so a default recipe part can be told from one asked for)."""
     import yaml
     from transformers import HfArgumentParser
 
@@ -60,7 +62,11 @@ def parse_dataclasses(args: argparse.Namespace, dataclass_types: tuple, defaults
         if not isinstance(values, dict):
             raise UserError(f"--config file {path} must hold a mapping of option names to values")
     flags = {k: v for k, v in vars(args).items() if k not in ("config", "command", "_run")}
-    values = {**copy.deepcopy(defaults or {}), **values, **flags}  # the parsed lists are not the defaults'
+    given = {**values, **flags}
+    values = {**copy.deepcopy(defaults or {}), **given}  # the parsed lists are not the defaults'
+    if defaults and "recipe_defaults" not in given and any(
+            f.name == "recipe_defaults" for t in dataclass_types for f in dataclasses.fields(t)):
+        values["recipe_defaults"] = sorted(k for k in defaults if k not in given)
     try:
         return HfArgumentParser(dataclass_types).parse_dict(values)
     except ValueError as exc:  # unknown keys, from HfArgumentParser

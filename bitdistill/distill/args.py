@@ -58,6 +58,10 @@ class ModelArguments:
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"], metadata={
         "help": "Module patterns of the student kept full precision."})
     subln: bool = field(default=False, metadata={"help": "Insert SubLN (RMSNorm before o_proj and down_proj)."})
+    recipe_defaults: list[str] = field(default_factory=list, metadata={
+        "help": "Options left at the command's recipe defaults (set by distill/recover): a default recipe part the "
+                "architecture cannot take (SubLN, the attention-relation loss) is skipped with one printed line; "
+                "one set explicitly is refused."})
     subln_init: str = field(default="calibrated", metadata={"help": f"SubLN weight init: {', '.join(SUBLN_INITS)}."})
     subln_eps: float = field(default=1e-6, metadata={"help": "SubLN RMSNorm epsilon."})
     quant_warmup_steps: int = field(default=0, metadata={

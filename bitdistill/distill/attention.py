@@ -2,7 +2,7 @@
 
 The hooks read the *outputs* of ``q_proj``/``k_proj``/``v_proj`` (or split a fused ``qkv_proj``), i.e. the
 states before rotary embedding, per-head norms and, for grouped-query attention, before K/V heads are
-repeated. Supported architectures: :data:`bitdistill.nn.arch.SUPPORTED_ARCHITECTURES`.
+repeated. Supported architectures: those :func:`bitdistill.nn.arch.lookup` finds Q/K/V in.
 """
 
 from __future__ import annotations
@@ -35,13 +35,15 @@ class QKVCapture:
     """
 
     def __init__(self, model: nn.Module, layers: list[int]) -> None:
-        spec = arch_spec(model, "the attention relation loss", "turn it off with --attention_weight 0")
+        spec = arch_spec(model, "the attention relation loss", "turn it off with --attention_weight 0",
+                         needs="attention")
         _, blocks = decoder_layers(model)
         self.layers = resolve_layer_indices(layers, len(blocks), type(model).__name__)
         cfg = model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self._split = (cfg.num_attention_heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+        self._per_head = (cfg.num_attention_heads, head_dim) if spec.qkv_per_head else None
         self._modules = [[blocks[i].get_submodule(n) for n in spec.qkv] for i in self.layers]
         self._handles: list = []
         self._captured: dict[tuple[int, int], torch.Tensor] = {}
@@ -70,7 +72,11 @@ class QKVCapture:
         for li, mods in enumerate(self._modules):
             if (li, 0) not in self._captured:
                 raise RuntimeError("QKVCapture has no states; run the model's forward inside the context")
-            if len(mods) == 1:
+            if len(mods) == 1 and self._per_head is not None:  # [..., heads, 3 * head_dim] (GPT-NeoX)
+                fused = self._captured[(li, 0)]
+                heads = fused.view(*fused.shape[:-1], self._per_head[0], 3 * self._per_head[1])
+                out.extend(t.flatten(-2) for t in heads.split(self._per_head[1], dim=-1))
+            elif len(mods) == 1:
                 out.extend(torch.split(self._captured[(li, 0)], self._split, dim=-1))
             else:
                 out.extend(self._captured[(li, p)] for p in range(3))

@@ -191,6 +191,11 @@ def distill_card(model_args, data_args, loss_args, training_args, metrics: dict,
         f"Perplexity: window {data_args.max_seq_length}, stride {data_args.eval_stride or data_args.max_seq_length}, "
         f"max windows {data_args.eval_max_windows}",
     ]
+    recipe = metrics.get("recipe") or {}  # bitdistill.distill.plan: default parts skipped, export targets
+    details += [f"Recipe part skipped for this architecture: {part} ({why})"
+                for part, why in recipe.get("skipped", {}).items()]
+    if recipe.get("exports"):
+        details.append(recipe["exports"].capitalize())
     eval_name = ", ".join(Path(f).name for f in data_args.eval_files) or "-"
     student_name = Path(str(model_args.teacher_model_name_or_path or "student")).name
     return model_card(metrics, name=f"{student_name}-bitnet-b1.58-distilled", teacher=teacher,

@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 from bitdistill.audit import tensorboard_into_output_dir
 from bitdistill.budget import CpuBudgetCallback
 from bitdistill.data.args import DataArguments
-from bitdistill.distill.args import LossArguments, ModelArguments
+from bitdistill.distill.args import LossArguments
 from bitdistill.distill.attention import QKVCapture, resolve_layer_indices
 from bitdistill.distill.layer_map import build_layer_map
 from bitdistill.distill.teacher_cache import TeacherCache
@@ -37,10 +37,9 @@ from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.fsdp.training import prepare_student_for_fsdp, unsharded_student
 from bitdistill.io import atomic_output_dir
-from bitdistill.nn.subln import subln_module_names
 from bitdistill.runs import RunSetup, RunTrainer, record_provenance, setup_run
 
-__all__ = ["Distilled", "TrainedRun", "distill_student", "resolve_recipe_parts", "run_trainer", "save_student"]
+__all__ = ["Distilled", "TrainedRun", "distill_student", "run_trainer", "save_student"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,19 +110,6 @@ def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, 
         samples = trainer.state.global_step * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
         train["train_samples_per_second"] = round(samples / train["train_runtime"], 3)
     return TrainedRun(start, train, final, prov, train_seconds, trainer.state.global_step)
-
-
-def resolve_recipe_parts(model_args: ModelArguments, loss_args: LossArguments, teacher: nn.Module
-                         ) -> tuple[ModelArguments, LossArguments, list[str]]:
-    """The recipe parts that apply to ``teacher``'s architecture (whose copy the student is): ``(model_args,
-    loss_args, skipped)`` with ``skipped`` one line per part left out. Today a part asked for (SubLN, the
-    attention-relation loss) that the architecture cannot take is refused with the flag that turns it off."""
-    if model_args.subln and not (model_args.student_config or model_args.student_model_name_or_path):
-        subln_module_names(teacher)
-    if "qkv" in needed_outputs(loss_args)[1]:
-        QKVCapture(teacher, resolve_layer_indices(loss_args.attention_layers, teacher.config.num_hidden_layers,
-                                                  "teacher"))
-    return model_args, loss_args, []
 
 
 def _loss_structures(student: nn.Module, teacher: nn.Module | None, loss_args: LossArguments

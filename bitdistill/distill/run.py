@@ -27,7 +27,8 @@ from bitdistill.distill.args import (
 )
 from bitdistill.distill.card import distill_card
 from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
-from bitdistill.distill.engine import Distilled, distill_student, resolve_recipe_parts, save_student
+from bitdistill.distill.engine import Distilled, distill_student, save_student
+from bitdistill.distill.plan import plan_recipe
 from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits
 from bitdistill.distill.terms import validate_loss_args
 from bitdistill.errors import UserError
@@ -202,6 +203,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         if task_args.eval_tasks_batch_size < 1 or (task_args.eval_tasks_limit is not None
                                                    and task_args.eval_tasks_limit < 1):
             raise UserError("--eval_tasks_batch_size and --eval_tasks_limit must be >= 1")
+    model_args, loss_args, plan = plan_recipe(model_args, loss_args)
     validate_run_args(model_args, data_args, training_args)
     validate_loss_args(loss_args)
     budget_s = None
@@ -228,10 +230,10 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
         logger.info("loading the teacher %s%s", model_args.teacher_model_name_or_path,
                     f" ({model_args.teacher_gguf_file})" if model_args.teacher_gguf_file else "")
     teacher = None if cache is not None else load_teacher(model_args)
-    if teacher is not None:
-        model_args, loss_args, _ = resolve_recipe_parts(model_args, loss_args, teacher)
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=blocks[:1])
+    if plan is not None:
+        plan.record(student)
     logger.info("student ready: %s, %.1fM parameters", type(student).__name__,
                 sum(p.numel() for p in student.parameters()) / 1e6)
     _check_pair(teacher, student, tokenizer, data_args.max_seq_length, model_args)
@@ -248,6 +250,8 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
                              training_args=training_args, config=config, teacher_cache=cache, budget_s=budget_s,
                              checkpoint=checkpoint, quant_warmup_steps=model_args.quant_warmup_steps,
                              callbacks=callbacks, all_args=all_args, command=command)
+    if plan is not None:
+        result.metrics = {"recipe": plan.as_dict(), **result.metrics}
     if is_main_process(training_args):
         card = StudentCard(model_args, data_args, loss_args, training_args, result)
         save_student(result.student, tokenizer, final_dir, card.files(config))

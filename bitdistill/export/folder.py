@@ -12,11 +12,12 @@ from pathlib import Path
 import torch
 
 from bitdistill.errors import UserError
-from bitdistill.export.bitnet_arch import has_subln, subln_to_bitnet
+from bitdistill.export.bitnet_arch import bitnet_unmappable, has_subln, subln_to_bitnet
 from bitdistill.export.format import COPY_FILES, DEFAULT_MAX_SHARD_BYTES
 from bitdistill.export.loader import load_packed, unpack_to_student
 from bitdistill.export.writer import PackReport, save_packed
 from bitdistill.io import atomic_output_dir, check_output_location
+from bitdistill.nn.bitlinear import BitConv1D
 from bitdistill.nn.config import MARKER_KEY, folder_kind
 from bitdistill.nn.replace import load_student, replace_linear_with_bitlinear
 from bitdistill.weights import read_config, tensor_index
@@ -156,9 +157,11 @@ def pack_pretrained(
     torch_dtype = None if dtype in (None, "auto") else _parse_dtype(dtype)
     source = load_pack_source(src, from_plain=from_plain, gguf_file=gguf_file, skip=skip)
     model, skipped, kind, tokenizer = source.model, source.skipped, source.kind, source.tokenizer
-    if has_subln(model):
+    if has_subln(model) and bitnet_unmappable(model.config) is None:
         model = subln_to_bitnet(model)
         kind = "BitNet student with SubLN, written as transformers' BitNetForCausalLM"
+    elif has_subln(model) or any(isinstance(m, BitConv1D) for m in model.modules()):
+        kind += ", written in bitdistill's extension of the bitnet format (load it with bitdistill.load_packed)"
     if torch_dtype is None:
         torch_dtype = torch.float16 if source.dtype == torch.float16 else torch.bfloat16
     report = save_packed(model, out, dtype=torch_dtype, max_shard_bytes=max_shard_bytes,

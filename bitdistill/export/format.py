@@ -8,6 +8,15 @@ other tensor stay floating point; ``config.json`` carries ``quantization_config`
 "modules_to_not_convert": [...]}``. Plain ``transformers.AutoModelForCausalLM.from_pretrained``
 loads it; :func:`bitdistill.export.loader.load_packed` loads it with :class:`bitdistill.nn.PackedBitLinear`
 layers; :func:`bitdistill.export.writer.save_packed` writes it.
+
+bitdistill's extension (``docs/pack.md``), for students the format cannot express: an in-layer RMSNorm on some
+converted layers only (SubLN beside q/k norms, Gemma's extra norms, ... on architectures transformers'
+``BitNetForCausalLM`` does not cover) or GPT-2 style ``Conv1D`` projections. The tensors are the same (a
+``Conv1D`` layer's codes stored ``[out/4, in]`` like any other, its transposed weight; ``<m>.rms_norm.weight``
+where the norm is), and ``quantization_config`` says ``"linear_class": "bitdistill"`` with
+``"rms_norm_modules": [...]`` and ``"rms_norm_eps"``: plain transformers refuses that ``linear_class`` in one
+line rather than load a model that would compute something else; ``load_packed`` builds the architecture and
+puts a :class:`~bitdistill.nn.PackedBitLinear` wherever the folder holds a ``weight_scale``.
 """
 
 from __future__ import annotations
@@ -15,13 +24,18 @@ from __future__ import annotations
 from torch import nn
 
 from bitdistill.errors import UserError
-from bitdistill.nn.bitlinear import BitLinear
+from bitdistill.nn.arch import is_conv1d
+from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.nn.config import is_packed_config
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.nn.replace import matches_module_pattern
 
-__all__ = ["COPY_FILES", "DEFAULT_MAX_SHARD_BYTES", "check_packed_config", "converted_layers", "is_packed_config",
-           "linear_layers", "packed_quantization_config"]
+__all__ = ["COPY_FILES", "DEFAULT_MAX_SHARD_BYTES", "EXTENSION_LINEAR_CLASS", "check_packed_config",
+           "converted_layers", "is_extension", "is_packed_config", "linear_layers", "packed_quantization_config"]
+
+# quantization_config["linear_class"] of bitdistill's extension of the bitnet format (docs/pack.md): plain
+# transformers refuses the value in one line instead of loading a model that would compute something else.
+EXTENSION_LINEAR_CLASS = "bitdistill"
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 COPY_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -32,7 +46,7 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Every linear-like module (nn.Linear, BitLinear, PackedBitLinear, Conv1D) by name."""
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, PackedBitLinear)) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")):
+        if isinstance(m, (nn.Linear, PackedBitLinear)) or is_conv1d(m):
             out[name] = m
     return out
 
@@ -47,9 +61,13 @@ def check_packed_config(config: dict, path) -> dict:
     if not isinstance(qc, dict) or qc.get("quant_method") != "bitnet":
         raise UserError(f"{path} is not a packed bitnet model (config.json has no bitnet quantization_config); "
                         "pack it first with bitdistill pack")
-    if qc.get("linear_class", "bitlinear") != "bitlinear" or qc.get("quantization_mode", "offline") != "offline":
-        raise UserError(f"{path}: only linear_class='bitlinear', quantization_mode='offline' is supported, got "
+    if qc.get("linear_class", "bitlinear") not in ("bitlinear", EXTENSION_LINEAR_CLASS) or \
+            qc.get("quantization_mode", "offline") != "offline":
+        raise UserError(f"{path}: only linear_class='bitlinear' (or bitdistill's extension, '{EXTENSION_LINEAR_CLASS}'), "
+                        f"quantization_mode='offline' is supported, got "
                         f"{qc.get('linear_class')!r}/{qc.get('quantization_mode')!r}")
+    if qc.get("linear_class") == EXTENSION_LINEAR_CLASS and not isinstance(qc.get("rms_norm_modules", []), list):
+        raise UserError(f"{path}: quantization_config.rms_norm_modules must be a list of module names")
     if not isinstance(qc.get("modules_to_not_convert", []), list):
         raise UserError(f"{path}: quantization_config.modules_to_not_convert must be a list of module names")
     return qc
@@ -60,10 +78,12 @@ def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def packed_quantization_config(model: nn.Module) -> dict:
-    """The ``quantization_config`` for ``model``'s packed checkpoint (``modules_to_not_convert`` never empty).
+    """The ``quantization_config`` for ``model``'s packed checkpoint (``modules_to_not_convert`` never empty):
+    the ``bitnet`` format's, or bitdistill's extension of it when only some converted layers carry an in-layer
+    RMSNorm (SubLN) or some are ``Conv1D`` layers (see the module docstring).
 
     Raises:
-        ValueError: the converted layers disagree on the in-layer RMSNorm, the output head is converted,
+        ValueError: in-layer RMSNorms with different eps values, the output head is converted,
             or transformers' pattern rule would not reproduce exactly this set of converted layers.
     """
     linears = linear_layers(model)
@@ -79,14 +99,25 @@ def packed_quantization_config(model: nn.Module) -> dict:
                             "transformers' modules_to_not_convert rule; rename or convert it consistently")
     norms = {(m.rms_norm is not None, m.rms_norm.variance_epsilon if m.rms_norm is not None else None)
              for m in converted.values()}
-    if len(norms) != 1:
-        raise UserError("converted layers disagree on the in-layer RMSNorm (use_rms_norm / eps), e.g. a SubLN "
-                        "student (norms before o_proj/down_proj only); the bitnet format has one setting for "
-                        "all layers (a SubLN student packs as BitNetForCausalLM: bitdistill pack, or "
-                        "bitdistill.export.bitnet_arch.subln_to_bitnet before save_packed)")
-    (use_rms_norm, eps), = norms
     qc = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
           "modules_to_not_convert": kept}
-    if use_rms_norm:
-        qc.update(use_rms_norm=True, rms_norm_eps=float(eps))
+    conv1d = any(isinstance(m, BitConv1D) for m in converted.values())
+    if len(norms) == 1 and not conv1d:
+        (use_rms_norm, eps), = norms
+        if use_rms_norm:
+            qc.update(use_rms_norm=True, rms_norm_eps=float(eps))
+        return qc
+    eps = {e for normed, e in norms if normed}
+    if len(eps) > 1:
+        raise UserError(f"converted layers have in-layer RMSNorms with different eps values {sorted(eps)}; neither the "
+                        "bitnet format nor bitdistill's extension of it holds more than one")
+    normed = sorted(n for n, m in converted.items() if m.rms_norm is not None)
+    qc.update(linear_class=EXTENSION_LINEAR_CLASS, rms_norm_modules=normed)
+    if normed:
+        qc["rms_norm_eps"] = float(next(iter(eps)))
     return qc
+
+
+def is_extension(qc: dict) -> bool:
+    """Whether a ``quantization_config`` is bitdistill's extension of the bitnet format."""
+    return qc.get("linear_class") == EXTENSION_LINEAR_CLASS

@@ -12,9 +12,12 @@ ternary function, 8.5 bits per weight) unless ``strict``, which refuses them. Th
 layer became and the share of ternary weights that stayed ternary in the file.
 
 Architectures: ``llama`` and ``mistral`` (llama.cpp ``llama``; q/k rows permuted for its interleaved RoPE),
-``qwen2``, ``qwen3``, ``phi3`` (fused ``qkv_proj`` / ``gate_up_proj``), and a Llama SubLN student (norms
-before ``o_proj`` and ``down_proj``) as llama.cpp's ``bitnet`` graph when the graphs match (see
-:func:`_check_bitnet`). Tokenizer: byte-level BPE (``tokenizer.json``) with a pre-tokenizer llama.cpp
+``qwen2``, ``qwen3``, ``phi3`` (fused ``qkv_proj`` / ``gate_up_proj``): the ``gguf`` field of the architecture
+table (:data:`bitdistill.nn.arch.SUPPORTED_ARCHITECTURES`). A SubLN student (norms before ``o_proj`` and
+``down_proj``) goes out as llama.cpp's ``bitnet`` graph, the only one with those norms, through its exact
+``BitNetForCausalLM`` form (:func:`bitdistill.export.bitnet_arch.subln_to_bitnet`: Llama, Mistral, Phi-3 split
+exactly, a SubLN eps unlike ``rms_norm_eps`` folded into scales) when the graphs match
+(:func:`bitnet_graph_unsupported`: tied embeddings, no biases, SiLU). Tokenizer: byte-level BPE (``tokenizer.json``) with a pre-tokenizer llama.cpp
 knows (:data:`PRE_TOKENIZERS`).
 """
 
@@ -33,14 +36,17 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES, lookup
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.quant.packing import unpack_ternary
 from bitdistill.quant.reference import weight_quant
 
-__all__ = ["GGUF_TYPES", "PRE_TOKENIZERS", "GGUFLayer", "GGUFReport", "pack_gguf", "require_gguf", "save_gguf"]
+__all__ = ["GGUF_ARCHITECTURES", "GGUF_TYPES", "PRE_TOKENIZERS", "GGUFLayer", "GGUFReport", "bitnet_graph_unsupported",
+           "pack_gguf", "require_gguf", "save_gguf"]
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
+GGUF_ARCHITECTURES = tuple(t for t, spec in SUPPORTED_ARCHITECTURES.items() if spec.gguf and t != "bitnet")
 BLOCK = 256  # QK_K: the block width of llama.cpp's ternary types
 
 # llama.cpp pre-tokenizer name -> the Hugging Face ``pre_tokenizer`` (tokenizer.json) it reproduces.
@@ -56,9 +62,6 @@ PRE_TOKENIZERS = {
     "qwen2": [{"type": "Split", "regex": _QWEN2_REGEX}, {"type": "ByteLevel", "use_regex": False}],
 }
 
-# transformers model_type -> (llama.cpp architecture name, permute q/k rows for interleaved RoPE)
-_ARCHS = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-          "qwen3": ("qwen3", False), "phi3": ("phi3", False)}
 # SubLN norm weights -> the names gguf's bitnet tensor map knows: a SubLN student's in-layer norms, and the
 # sub-norm modules of transformers' BitNetForCausalLM (what `bitdistill pack` writes for a SubLN student).
 _SUBLN_RENAME = {"self_attn.o_proj.rms_norm": "self_attn.inner_attn_ln", "mlp.down_proj.rms_norm": "mlp.ffn_layernorm",
@@ -151,38 +154,57 @@ def _norm_layout(model: nn.Module, converted: dict[str, nn.Module]) -> bool:
     normed = {n for n, m in converted.items() if m.rms_norm is not None}
     if not normed:
         return False
-    subln = {n for n in converted if n.endswith(("self_attn.o_proj", "mlp.down_proj"))}
+    spec = lookup(model)
+    outs = (spec.attn_out, spec.mlp_out) if spec is not None and spec.subln is None else ("o_proj", "down_proj")
+    subln = {n for n in converted if n.endswith(outs)}
     if normed != subln:
         raise UserError("the student has an in-layer RMSNorm in BitLinear layers other than o_proj/down_proj "
                          "(use_rms_norm): no llama.cpp graph has those norms; export a student without them")
     return True
 
 
-def _check_bitnet(model: nn.Module, converted: dict[str, nn.Module]) -> None:
-    """Refuse a SubLN student (or packed ``BitNetForCausalLM``) whose graph differs from llama.cpp's ``bitnet``
-    one (one line each)."""
-    cfg = model.config
-    why = None
-    eps = {float(m.rms_norm.variance_epsilon) for m in converted.values() if m.rms_norm is not None}
-    eps |= {float(m.variance_epsilon) for n, m in model.named_modules() if n.endswith(("attn_sub_norm", "ffn_sub_norm"))}
+def bitnet_graph_unsupported(cfg) -> str | None:
+    """Why llama.cpp's ``bitnet`` graph cannot run a ``BitNetForCausalLM`` of config ``cfg`` exactly (``None``: it
+    can): a Llama block with SubLN, one eps, no biases, SiLU gating and the token embedding as output head."""
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if cfg.model_type not in ("llama", "bitnet"):
-        why = f"llama.cpp's bitnet graph is a Llama block; this SubLN student is {cfg.model_type!r}"
-    elif eps != {float(cfg.rms_norm_eps)}:
+    if not getattr(cfg, "tie_word_embeddings", False):
+        return "llama.cpp's bitnet graph uses the token embedding as output head (tie_word_embeddings)"
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        return "llama.cpp's bitnet graph has no q/k/v/mlp biases"
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        return "llama.cpp's bitnet graph needs num_attention_heads * head_dim == hidden_size"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"llama.cpp's bitnet graph uses SiLU gating, the student uses {cfg.hidden_act!r}"
+    return None
+
+
+def _check_bitnet(model: nn.Module, converted: dict[str, nn.Module]) -> None:
+    """Refuse a packed ``BitNetForCausalLM`` whose graph differs from llama.cpp's ``bitnet`` one (one line each)."""
+    cfg = model.config
+    eps = {float(m.variance_epsilon) for n, m in model.named_modules() if n.endswith(("attn_sub_norm", "ffn_sub_norm"))}
+    why = bitnet_graph_unsupported(cfg)
+    if why is None and eps != {float(cfg.rms_norm_eps)}:
         why = (f"its SubLN eps {sorted(eps)} differs from rms_norm_eps {cfg.rms_norm_eps} (llama.cpp's bitnet "
                "uses one eps for every norm)")
-    elif not getattr(cfg, "tie_word_embeddings", False):
-        why = "llama.cpp's bitnet graph uses the token embedding as output head (tie_word_embeddings)"
-    elif getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        why = "llama.cpp's bitnet graph has no q/k/v/mlp biases"
-    elif head_dim * cfg.num_attention_heads != cfg.hidden_size:
-        why = "llama.cpp's bitnet graph needs num_attention_heads * head_dim == hidden_size"
-    elif getattr(cfg, "hidden_act", "silu") != "silu":
-        why = f"llama.cpp's bitnet graph uses SiLU gating, the student uses {cfg.hidden_act!r}"
-    elif len(converted) != 7 * cfg.num_hidden_layers:
+    if why is None and len(converted) != 7 * cfg.num_hidden_layers:
         why = "llama.cpp's bitnet graph needs all seven projections of every block ternary"
     if why:
         raise UserError(f"cannot export this SubLN student to llama.cpp: {why}")
+
+
+def _as_bitnet(student: nn.Module) -> nn.Module:
+    """A SubLN student as ``BitNetForCausalLM`` (:func:`~bitdistill.export.bitnet_arch.subln_to_bitnet`); the
+    refusal names llama.cpp."""
+    from bitdistill.export.bitnet_arch import bitnet_unmappable, subln_to_bitnet
+
+    why = bitnet_unmappable(student.config)
+    if why is not None:
+        raise UserError(f"cannot export this SubLN {student.config.model_type} student to llama.cpp: its only graph "
+                        f"with SubLN is bitnet (a Llama block), and {why}")
+    why = bitnet_graph_unsupported(student.config)
+    if why is not None:
+        raise UserError(f"cannot export this SubLN student to llama.cpp: {why}")
+    return subln_to_bitnet(student)
 
 
 def _rope(cfg) -> tuple[float, dict | None]:
@@ -342,15 +364,19 @@ def save_gguf(
     cfg = getattr(model, "config", None)
     model_type = getattr(cfg, "model_type", None)
     converted = _converted(model)
-    subln = _norm_layout(model, converted)
-    if subln or model_type == "bitnet":
+    if _norm_layout(model, converted):  # a SubLN student: as BitNetForCausalLM (refused there if it has none)
+        model = _as_bitnet(model)
+        cfg, model_type = model.config, "bitnet"
+        converted = _converted(model)
+    if model_type == "bitnet":
         _check_bitnet(model, converted)
         arch, permute = "bitnet", False
-    elif model_type in _ARCHS:
-        arch, permute = _ARCHS[model_type]
+    elif (spec := SUPPORTED_ARCHITECTURES.get(model_type)) is not None and spec.gguf is not None:
+        arch, permute = spec.gguf, spec.gguf_permute_qk
     else:
         raise UserError(f"llama.cpp has no mapping here for model_type {model_type!r}; the GGUF export supports "
-                         f"{', '.join(_ARCHS)} (and Llama SubLN students, or their packed BitNetForCausalLM, as bitnet)")
+                         f"{', '.join(GGUF_ARCHITECTURES)} (and Llama SubLN students, or their packed "
+                         "BitNetForCausalLM, as bitnet)")
     ternary_q = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
     model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)

@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from bitdistill.errors import UserError
-from bitdistill.export.bitnet_arch import has_subln, subln_to_bitnet
+from bitdistill.export.bitnet_arch import bitnet_unmappable, has_subln, subln_to_bitnet
 from bitdistill.export.format import packed_quantization_config
 from bitdistill.export.writer import pack_model
 from bitdistill.nn.bitlinear import BitLinear
@@ -25,15 +25,15 @@ def pack_in_memory(student: nn.Module) -> nn.Module:
     Returns:
         The packed model in eval mode, on the student's device.
 
-    A SubLN student becomes transformers' ``BitNetForCausalLM`` (:func:`subln_to_bitnet`), as ``bitdistill
-    pack`` writes it.
+    A SubLN student becomes transformers' ``BitNetForCausalLM`` (:func:`subln_to_bitnet`) where it maps exactly,
+    as ``bitdistill pack`` writes it; other students keep their architecture (the extension of the format where
+    the ``bitnet`` format cannot express them).
 
     Raises:
-        ValueError: the student cannot be written in the ``bitnet`` packed format (mixed in-layer norms, a
-            SubLN architecture BitNet cannot express, a converted output head, ``out_features % 4 != 0``,
-            Conv1D layers, NaN/Inf); the message says why.
+        ValueError: the student cannot be packed (in-layer norms with different eps values, a converted
+            output head, ``out_features % 4 != 0``, NaN/Inf); the message says why.
     """
-    if has_subln(student):
+    if has_subln(student) and bitnet_unmappable(student.config) is None:
         return subln_to_bitnet(student)
     packed_quantization_config(student)
     state = pack_model(student)

@@ -16,10 +16,10 @@ from bitdistill.export.format import (
     COPY_FILES,
     DEFAULT_MAX_SHARD_BYTES,
     converted_layers,
+    is_extension,
     packed_quantization_config,
 )
 from bitdistill.io import atomic_output_dir
-from bitdistill.nn.bitlinear import BitConv1D
 from bitdistill.nn.config import MARKER_KEY
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.quant.packing import pack_ternary
@@ -80,14 +80,11 @@ def _packed_tensors(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.T
     """``(uint8 [out/4, in], float32 [1])`` for a BitLinear or PackedBitLinear; raises on unpackable layers."""
     if isinstance(module, PackedBitLinear):
         return module.weight.detach(), module.weight_scale.detach().float().reshape(1)
-    if isinstance(module, BitConv1D):
-        raise UserError(f"cannot pack {name!r}: GPT-2 style Conv1D layers are not nn.Linear, so the Hugging Face "
-                        "bitnet loader would not convert them; pack a model with nn.Linear projections")
     if module.out_features % 4 != 0:
         raise UserError(f"cannot pack {name!r}: out_features={module.out_features} is not a multiple of 4 (the "
                         "format stores 4 rows per byte); convert the student with this module in "
                         "modules_to_not_convert")
-    w = module.weight.detach()
+    w = module.weight_out_in().detach()  # a Conv1D layer's [in, out] weight, transposed
     if not torch.isfinite(w).all():
         raise UserError(f"cannot pack {name!r}: its weight contains NaN or Inf; fix the checkpoint first")
     codes, gamma = weight_quant(w)
@@ -107,7 +104,7 @@ def pack_model(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[st
         a tensor shared with an earlier key (tied embeddings) appears once, under its first key.
 
     Raises:
-        ValueError: a converted layer has ``out_features % 4 != 0``, is a Conv1D, or any tensor holds NaN/Inf.
+        ValueError: a converted layer has ``out_features % 4 != 0``, or any tensor holds NaN/Inf.
     """
     converted = converted_layers(model)
     if not converted:
@@ -161,13 +158,21 @@ def _model_bytes(model: nn.Module) -> tuple[int, int]:
 def _model_card(model: nn.Module, report: PackReport, qc: dict, source: str | None) -> str:
     mib = 1024**2
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    by = f"Written by `bitdistill pack`{f' from `{source}`' if source else ''}."
+    if is_extension(qc):
+        load = [f"{by} It is bitdistill's extension of the `bitnet` format (in-layer norms on "
+                f"{len(qc.get('rms_norm_modules', []))} layers only, or Conv1D projections: see bitdistill's "
+                "docs/pack.md), which plain transformers refuses; load it with bitdistill:", "",
+                "```python", "from bitdistill import load_packed", "model = load_packed(\"path/to/this/folder\")",
+                "```", ""]
+    else:
+        load = [f"{by} Load it with plain transformers:", "",
+                "```python", "from transformers import AutoModelForCausalLM",
+                "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")", "```", "",
+                "or with `bitdistill.load_packed(path)` for the fast packed kernels.", ""]
     return "\n".join([
         "---", "library_name: transformers", "tags:", "- bitnet", "- ternary", "- bitdistill", "---", "",
-        f"# {arch}, BitNet b1.58 packed (1.58-bit weights, int8 activations)", "",
-        f"Written by `bitdistill pack`{f' from `{source}`' if source else ''}. Load it with plain transformers:", "",
-        "```python", "from transformers import AutoModelForCausalLM",
-        "model = AutoModelForCausalLM.from_pretrained(\"path/to/this/folder\")", "```", "",
-        "or with `bitdistill.load_packed(path)` for the fast packed kernels.", "",
+        f"# {arch}, BitNet b1.58 packed (1.58-bit weights, int8 activations)", "", *load,
         "| what | value |", "|---|---|",
         f"| linear layers packed (ternary, 4 weights/byte) | {len(report.packed)} |",
         f"| linear layers kept in floating point | {len(report.kept)}: {', '.join(report.kept) or '-'} |",

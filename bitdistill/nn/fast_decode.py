@@ -43,11 +43,12 @@ from bitdistill.cpu_ext import (
     native_available,
 )
 from bitdistill.errors import UserError
+from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES, fast_decode_unsupported
 from bitdistill.nn.packed import PackedBitLinear
 
 __all__ = ["FAST_DECODE_ARCHS", "FAST_DECODE_BACKENDS", "FastDecoder", "generate_fast"]
 
-FAST_DECODE_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "phi3", "bitnet")
+FAST_DECODE_ARCHS = tuple(name for name, spec in SUPPORTED_ARCHITECTURES.items() if spec.fast_decode)
 FAST_DECODE_BACKENDS = ("auto", "native", "torch")
 _RMS_NORMS = {f"{n}RMSNorm" for n in ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "BitNet")}
 
@@ -190,11 +191,9 @@ class FastDecoder:
         if backend not in FAST_DECODE_BACKENDS:
             raise UserError(f"backend must be one of {', '.join(FAST_DECODE_BACKENDS)}, got {backend!r}")
         cfg = model.config
-        if cfg.model_type not in FAST_DECODE_ARCHS:
-            raise UserError(f"fast decoding supports {', '.join(FAST_DECODE_ARCHS)}, not {cfg.model_type!r}; "
-                             "use model.generate")
-        if getattr(cfg, "sliding_window", None) and cfg.model_type != "qwen2":
-            raise UserError(f"sliding_window={cfg.sliding_window} is not supported by fast decoding; use model.generate")
+        unsupported = fast_decode_unsupported(cfg)
+        if unsupported is not None:
+            raise UserError(f"{unsupported}; use model.generate")
         if max_length <= 0 or max_length > cfg.max_position_embeddings:
             raise UserError(f"max_length must be in 1..{cfg.max_position_embeddings} (max_position_embeddings), "
                              f"got {max_length}")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.nn.arch import is_conv1d
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.nn.config import (
     MARKER_KEY,
@@ -93,10 +94,6 @@ class ConversionReport:
         return "\n".join(lines)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
-
-
 def _check_finite(name: str, module: nn.Module) -> None:
     for pname, p in module.named_parameters(recurse=False):
         if p.is_floating_point() and not torch.isfinite(p).all():
@@ -159,7 +156,7 @@ def replace_linear_with_bitlinear(
             report.already_converted.append(name)
             continue
         is_linear = isinstance(module, nn.Linear)
-        if not (is_linear or _is_conv1d(module)):
+        if not (is_linear or is_conv1d(module)):
             continue
         hit = [p for p in patterns if matches_module_pattern(name, p)]
         used_patterns.update(hit)
@@ -178,7 +175,7 @@ def replace_linear_with_bitlinear(
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        if _is_conv1d(module):
+        if is_conv1d(module):
             new = BitConv1D.from_conv1d(module, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps)
         else:
             new = BitLinear.from_linear(module, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps)
@@ -205,7 +202,7 @@ def _mark_config(model: nn.Module, config: BitNetConfig) -> None:
     if model_config is None:
         return
     kept = [name for name, m in model.named_modules()
-            if (isinstance(m, nn.Linear) or _is_conv1d(m)) and not isinstance(m, BitLinear)]
+            if (isinstance(m, nn.Linear) or is_conv1d(m)) and not isinstance(m, BitLinear)]
     setattr(model_config, MARKER_KEY, marker_from_config(config, kept, getattr(model_config, MARKER_KEY, None)))
 
 

@@ -32,7 +32,7 @@ SUBLN_INITS = ("calibrated", "ones")
 
 def subln_module_names(model: nn.Module) -> list[str]:
     """Names of the attention-output and down projections of every block (where SubLN goes)."""
-    spec = arch_spec(model, "SubLN insertion", "turn it off with --subln false")
+    spec = arch_spec(model, "SubLN insertion", "turn it off with --subln false", needs="subln")
     prefix, blocks = decoder_layers(model)
     return [f"{prefix}.{i}.{name}" for i in range(len(blocks)) for name in (spec.attn_out, spec.mlp_out)]
 

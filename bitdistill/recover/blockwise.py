@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
-from bitdistill.nn.arch import decoder_layers
+from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.recover.layers import LayerCall, capture_layer_call, layer_output
 from bitdistill.recover.ternary import calibrated_ternary, encode_ternary, hessian_inverse_factor
@@ -149,10 +149,6 @@ def _linears(layer: nn.Module, kinds: tuple[type, ...]) -> dict[str, nn.Module]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, kinds)}
 
 
-def _is_conv1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
-
-
 @torch.no_grad()
 def _run_layer(layer: nn.Module, x: torch.Tensor, call: LayerCall) -> torch.Tensor:
     b = call.batch
@@ -207,7 +203,7 @@ def _calibrate_layer(student_layer: nn.Module, teacher_layer: nn.Module, x: torc
     err = base = 0.0
     for name, bl in bits.items():
         tw = teacher_layer.get_submodule(name).weight
-        w = tw.t() if _is_conv1d(teacher_layer.get_submodule(name)) else tw
+        w = tw.t() if is_conv1d(teacher_layer.get_submodule(name)) else tw
         g = group[name]
         fit = calibrated_ternary(w, hs[g], scales=scales, factor=factors[g])
         latent = encode_ternary(fit.codes, fit.alpha, w, dtype=bl.weight.dtype)

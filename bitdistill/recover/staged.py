@@ -48,7 +48,8 @@ from bitdistill.budget import CpuClock, parse_cpu_budget
 from bitdistill.convert import load_model
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
-from bitdistill.distill.engine import Distilled, distill_student, resolve_recipe_parts, save_student
+from bitdistill.distill.engine import Distilled, distill_student, save_student
+from bitdistill.distill.plan import plan_recipe
 from bitdistill.distill.run import (
     METRICS_FILE,
     StudentCard,
@@ -61,7 +62,7 @@ from bitdistill.distill.run import (
 from bitdistill.distill.terms import validate_loss_args
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_write
-from bitdistill.nn.arch import decoder_layers
+from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
 from bitdistill.runs import build_blocks, config_changes, config_dict, tokens_per_step
@@ -189,8 +190,8 @@ def estimate_init_cpu_s(model: nn.Module, tokens: int, n_scales: int) -> float:
     370 s measured."""
     _, layers = decoder_layers(model)
     params = sum(p.numel() for p in layers.parameters())
-    gptq = sum(m.weight.numel() * min(m.weight.shape) for m in layers.modules() if isinstance(m, nn.Linear)
-               or type(m).__name__ == "Conv1D")
+    gptq = sum(m.weight.numel() * min(m.weight.shape) for m in layers.modules()
+               if isinstance(m, nn.Linear) or is_conv1d(m))
     if n_scales == 0:  # no calibrated rounding: one teacher pass and the student's propagation
         return 2 * 2 * params * tokens / 20e9
     return 3 * 2 * params * tokens / 20e9 + (n_scales + 1) * 2 * gptq / 10e9
@@ -369,6 +370,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
             for the cached hidden states, an existing final student (each before any work).
     """
     recover_args = recover_args.resolved(parse_cpu_budget(recover_args.time_budget))  # saved resolved
+    model_args, loss_args, plan = plan_recipe(model_args, loss_args, log=log)
     budget = _check_args(recover_args, model_args, loss_args)
     validate_run_args(model_args, data_args, training_args)
     validate_loss_args(loss_args)
@@ -388,7 +390,6 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     cal, train, held = _split(recover_args, text_blocks)
     teacher = load_teacher(model_args)  # the only teacher: every stage uses it in memory
     decoder_layers(teacher, fix="block-wise recovery needs a standard decoder stack; use `bitdistill distill` instead")
-    model_args, loss_args, _ = resolve_recipe_parts(model_args, loss_args, teacher)  # before any stage
     limit = getattr(teacher.config, "max_position_embeddings", None)
     for flag, length in (("--calibration_seq_length", held.shape[1]), ("--block_seq_length", train.shape[1])):
         if limit is not None and length > limit:
@@ -422,6 +423,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     clock = CpuClock()
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=cal[:8])
+    if plan is not None:
+        plan.record(student)
     student.eval()
     results: list[StageResult] = []
 
@@ -521,22 +524,23 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                    **dataclasses.asdict(recover_args),
                    "context_fraction": context_fraction if context else 0.0, "context_length": context_length}}
     _save_final(final, student, teacher, tokenizer, last, model_args, loss_args, task_args or EvalTaskArguments(),
-                _card_section(results, budget))
+                _card_section(results, budget), plan.as_dict() if plan is not None else None)
     _atomic_json(out / RESULT_FILE, summary)
     return final
 
 
 def _save_final(final: Path, student: nn.Module, teacher: nn.Module, tokenizer,
                 last: tuple[DataArguments, object, Distilled] | None, model_args: ModelArguments,
-                loss_args: LossArguments, task_args: EvalTaskArguments, section: str) -> None:
+                loss_args: LossArguments, task_args: EvalTaskArguments, section: str, recipe: dict | None) -> None:
     """Write the recovered student to ``final`` with its metrics (the last KD stage's, the packed student's and the
-    downstream tasks') and its model card (the distillation card of the last KD stage, then the stage table)."""
+    downstream tasks'; ``recipe``: the parts skipped and the export targets) and its model card (the distillation
+    card of the last KD stage, then the stage table)."""
     if last is None:  # no KD stage ran: the card has the stage table only
         save_student(student, tokenizer, final, {"README.md": section.lstrip()})
         return
     data, training, distilled = last
     extra = packed_and_task_metrics(student, teacher, tokenizer, distilled.perplexity_ids, data, task_args)
-    distilled.metrics.update(extra)
+    distilled.metrics.update({**({"recipe": recipe} if recipe else {}), **extra})
     card = StudentCard(model_args, data, loss_args, training, distilled, sections=[section])
     save_student(student, tokenizer, final, card.files(config_dict(model_args, data, loss_args,
                                                                    training_args=training)))

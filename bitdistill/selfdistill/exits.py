@@ -2,8 +2,8 @@
 
 "Be Your Own Teacher" (Zhang et al., ICCV 2019) puts a classifier after each stage of a network; for
 a language model the classifier is an LM head over the vocabulary. :class:`MultiExitLM` wraps any
-transformers causal LM whose blocks it can find (Llama-style ``model.layers`` with ``model.norm``,
-GPT-NeoX ``gpt_neox.layers`` with ``final_layer_norm``, GPT-2 ``transformer.h`` with ``ln_f``), captures
+transformers causal LM whose blocks and final norm :func:`bitdistill.nn.arch.find_blocks` finds (the
+architecture table, or the block layout), captures
 each block's output with forward hooks during one ordinary forward pass, and applies an exit to it:
 
 - ``"shared"`` (variant a): the model's own final norm and LM head, shared by every exit;
@@ -25,34 +25,11 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.nn.arch import find_blocks
 
-__all__ = ["EXIT_VARIANTS", "SUPPORTED_LAYOUTS", "MultiExitLM", "MultiExitOutput", "find_blocks"]
+__all__ = ["EXIT_VARIANTS", "MultiExitLM", "MultiExitOutput", "find_blocks"]
 
 EXIT_VARIANTS = ("shared", "separate", "concat")
-
-# base-model attribute holding the blocks -> attribute holding the final norm
-SUPPORTED_LAYOUTS = {"layers": ("norm", "final_layer_norm"), "h": ("ln_f",)}
-
-
-def find_blocks(model: nn.Module) -> tuple[nn.ModuleList, nn.Module]:
-    """The transformer blocks and the final norm of a transformers causal LM.
-
-    Raises:
-        ValueError: the architecture's blocks can't be found (lists the supported layouts).
-    """
-    base = getattr(model, "base_model", model)
-    for blocks_attr, norm_attrs in SUPPORTED_LAYOUTS.items():
-        blocks = getattr(base, blocks_attr, None)
-        if isinstance(blocks, nn.ModuleList):
-            for norm_attr in norm_attrs:
-                norm = getattr(base, norm_attr, None)
-                if isinstance(norm, nn.Module):
-                    return blocks, norm
-    raise UserError(
-        f"cannot find the transformer blocks of {type(model).__name__}: supported layouts are Llama-style "
-        "(model.layers + model.norm: Llama, Qwen2/3, Mistral, Phi-3, ...), GPT-NeoX (gpt_neox.layers + "
-        "final_layer_norm) and GPT-2 (transformer.h + ln_f)"
-    )
 
 
 @dataclass
