@@ -54,6 +54,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
         ('Distill a teacher into a BitNet b1.58 student with the staged recipe (calibrated ternary init, '
          'block-wise reconstruction, end-to-end KD) within --time_budget of process CPU time; takes every '
          '`distill` option and --config FILE.')),
+    "generate": ("bitdistill.cli.generate",
+        ('Continue prompts with a teacher, student or packed folder (or a GGUF file): greedy or sampled, streamed '
+         'to stdout, through the fast decoder where it applies.')),
 }
 SUBCOMMANDS = tuple(COMMANDS)
 # Commands that train: they keep freed heap memory (bitdistill.allocator) for speed.
