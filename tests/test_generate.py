@@ -173,10 +173,11 @@ def test_smollm2_gguf_teacher(tmp_path, capsys):
     folder = Path(spec.submodule_search_locations[0])
     gguf = next(folder.glob("*.gguf")).name
     model, tokenizer, _ = load_for_eval(folder, gguf_file=gguf)
-    expected = generate_text(model, tokenizer, "The capital of France is", max_new_tokens=8)[0]
+    prompt = "The capital of France is"
+    reference = tokenizer.decode(_reference(model, tokenizer, prompt, 8), skip_special_tokens=True)
+    del model
     capsys.readouterr()
-    assert expected.decoder == "fast-torch"
-    assert expected.token_ids == _reference(model, tokenizer, "The capital of France is", 8)
-    assert main(["generate", str(folder), "--gguf_file", gguf, "--prompt", "The capital of France is",
-                 "--max_new_tokens", "8"]) == 0
-    assert capsys.readouterr().out == f"The capital of France is{expected.text}\n"
+    assert main(["generate", str(folder), "--gguf_file", gguf, "--prompt", prompt, "--max_new_tokens", "8"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{prompt}{reference}\n"
+    assert captured.err == ""  # the fast decoder applied (its torch backend: a plain model)

@@ -199,19 +199,20 @@ def stream_text(model: nn.Module, tokenizer, prompt: str, *, max_new_tokens: int
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():  # only around the model: the caller's code runs between pieces
             logits = step(None)
-            for n in range(max_new_tokens):
-                token = sample_next_token(logits, temperature=temperature, top_p=top_p, generator=generator)
-                result.token_ids.append(token)
-                text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
-                last = n + 1 == max_new_tokens or token in eos
-                if text.startswith(result.text) and (last or not text.endswith("\ufffd")):
-                    piece, result.text = text[len(result.text):], text
-                    if piece:
-                        yield piece
-                if last:
-                    break
+        for n in range(max_new_tokens):
+            token = sample_next_token(logits, temperature=temperature, top_p=top_p, generator=generator)
+            result.token_ids.append(token)
+            text = tokenizer.decode(result.token_ids, skip_special_tokens=True)
+            last = n + 1 == max_new_tokens or token in eos
+            if text.startswith(result.text) and (last or not text.endswith("\ufffd")):
+                piece, result.text = text[len(result.text):], text
+                if piece:
+                    yield piece
+            if last:
+                break
+            with torch.no_grad():
                 logits = step(token)
     finally:
         model.train(was_training)
