@@ -61,15 +61,13 @@ def test_a_saved_student_reloads_with_its_own_eps(tmp_path):
 
 def test_cli_default_and_explicit_eps(tmp_path):
     """``distill --subln true`` takes the teacher's rms_norm_eps; ``--subln_eps`` still sets it."""
+    from transformers import AutoModelForCausalLM
+
     from bitdistill.cli.main import main
     from bitdistill.models import tiny_tokenizer
 
-    teacher = _student(None)  # only for the config: a fresh plain model is saved below
-    from transformers import AutoModelForCausalLM
-
-    cfg = teacher.config
+    cfg = tiny_config("llama")
     cfg.rms_norm_eps = 1e-5
-    del cfg.bitdistill
     AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "t")
     tiny_tokenizer().save_pretrained(tmp_path / "t")
     (tmp_path / "train.txt").write_text("the quick brown fox jumps over the lazy dog. " * 40)
