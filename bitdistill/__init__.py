@@ -25,6 +25,7 @@ _WHERE = {
     "run_cache_teacher": "bitdistill.distill",
     "run_distillation": "bitdistill.distill",
     "evaluate_tasks": "bitdistill.eval",
+    "generate_text": "bitdistill.eval.generate",
     "load_for_eval": "bitdistill.eval",
     "load_causal_lm": "bitdistill.convert",
     "strided_perplexity": "bitdistill.eval",

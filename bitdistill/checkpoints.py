@@ -15,8 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
-from bitdistill.errors import UserError, user_error_from_os
-from bitdistill.io import rename_noreplace
+from bitdistill.errors import UserError
+from bitdistill.io import rename_noreplace, user_error_from_write
 
 __all__ = ["AtomicCheckpointMixin", "clean_partial_checkpoints", "is_complete_checkpoint", "latest_checkpoint",
            "require_complete"]
@@ -94,10 +94,11 @@ class AtomicCheckpointMixin:
         try:
             super()._save_checkpoint(model, trial)
         except BaseException as exc:
+            user = user_error_from_write(exc, Path(run_dir) / name, run_dir)  # before removing: that frees the space
             if self.args.should_save:
                 shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(exc, OSError):
-                raise (user_error_from_os(exc, Path(run_dir) / name) or exc) from exc
+            if user is not None:
+                raise user from exc
             raise
         finally:
             self.args.output_dir = run_dir
@@ -116,8 +117,9 @@ class AtomicCheckpointMixin:
                 shutil.rmtree(final)
             rename_noreplace(written, final)
         except OSError as exc:
+            user = user_error_from_write(exc, final, staging.parent)
             shutil.rmtree(staging, ignore_errors=True)
-            raise (user_error_from_os(exc, final) or exc) from exc
+            raise (user or exc) from exc
         shutil.rmtree(staging, ignore_errors=True)
         if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == written:
             self.state.best_model_checkpoint = str(final)

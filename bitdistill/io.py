@@ -10,6 +10,8 @@ Every folder or file bitdistill writes goes through :func:`atomic_output_dir` or
   into :class:`bitdistill.errors.Terminated` while an output is being written, when no other handler is set);
 - temporaries left by a killed run (``kill -9``, power loss) carry its process id; the next write of the same
   output removes them and says so, or refuses while that process still runs;
+- a write that fails for a reason the user can fix (full disk, quota, read-only or forbidden location) is one
+  :class:`~bitdistill.errors.UserError`, whichever library raised it (:func:`user_error_from_write`);
 - folders and files get the permissions of a plain ``mkdir``/``open`` under the user's umask;
 - an output folder may not be, contain or sit inside any of its sources, and ``overwrite`` replaces only a
   folder that is empty or holds one of the files its writer produces (``config.json`` for a model).
@@ -35,12 +37,16 @@ from pathlib import Path
 from bitdistill.errors import Terminated, UserError, user_error_from_os
 
 __all__ = ["TEMP_TAG", "atomic_output_dir", "atomic_write", "check_output_location", "clean_stale_temps",
-           "rename_noreplace"]
+           "rename_noreplace", "user_error_from_write", "write_errno"]
 
 logger = logging.getLogger(__name__)
 
 TEMP_TAG = ".bitdistill-"
 _TEMP_RE = re.compile(r"^\.(?P<name>.+)\.bitdistill-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+# safetensors' Rust writer reports an I/O error as text: "... I/O error: No space left on device (os error 28)".
+_OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)")
+# Below this much free space a write that failed without saying why is taken for a full disk.
+_FULL_DISK_BYTES = 1 << 20
 _AT_FDCWD = -100
 _RENAME_NOREPLACE = 1
 
@@ -193,8 +199,60 @@ def _sigterm_as_exception() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def write_errno(exc: BaseException) -> int | None:
+    """The ``errno`` behind a failed write where the exception says it: an ``OSError``'s own, the ``(os error N)``
+    of safetensors' ``SafetensorError``, or either one along the exception's causes (``torch.save`` into a file
+    object raises a ``RuntimeError`` from the ``OSError`` of the file's ``write``); ``None`` if none says."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno is not None:
+            return current.errno
+        if type(current).__name__ == "SafetensorError":
+            m = _OS_ERROR_TEXT.search(str(current))
+            if m:
+                return int(m[1])
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding ``path`` has (almost) no space left for this process."""
+    statvfs, geteuid = getattr(os, "statvfs", None), getattr(os, "geteuid", None)
+    if statvfs is None:
+        return False
+    try:
+        st = statvfs(path)
+    except OSError:
+        return False
+    free = st.f_bfree if geteuid is not None and geteuid() == 0 else st.f_bavail  # root may use reserved blocks
+    return free * st.f_frsize < _FULL_DISK_BYTES
+
+
+def user_error_from_write(exc: BaseException, out: str | os.PathLike, probe: str | os.PathLike | None = None
+                          ) -> UserError | None:
+    """A one-line :class:`UserError` for a write of ``out`` that failed for a reason the user can fix, else ``None``.
+
+    Args:
+        exc: what the writer raised: an ``OSError`` (``ENOSPC``, ``EDQUOT``, ``EROFS``, ``EACCES``, ...), safetensors'
+            ``SafetensorError``, or anything carrying one of these as its cause (see :func:`write_errno`).
+        out: the output named in the message.
+        probe: a path on the output's file system. Writers whose errors carry no ``errno`` (``torch.save`` to a path
+            raises a bare ``RuntimeError`` from its C++ stream; ``numpy.tofile`` an ``OSError`` without one) are
+            recognized by that file system having no space left; check it before removing what was written.
+    """
+    if isinstance(exc, (UserError, FileExistsError)):
+        return None
+    number = write_errno(exc)
+    silent = isinstance(exc, (OSError, RuntimeError)) or type(exc).__name__ == "SafetensorError"
+    if number is None and silent and probe is not None and _disk_full(Path(probe)):
+        number = errno.ENOSPC
+    return None if number is None else user_error_from_os(OSError(number, os.strerror(number)), out)
+
+
 def _as_user_error(exc: OSError, out: Path) -> BaseException:
-    return user_error_from_os(exc, out) or exc
+    return user_error_from_write(exc, out) or exc
 
 
 @contextlib.contextmanager
@@ -234,9 +292,10 @@ def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False,
             _plain_permissions(tmp)
             _finish(tmp, out, overwrite)
         except BaseException as exc:
+            user = user_error_from_write(exc, out, tmp.parent)  # before removing: that frees the space
             _remove(tmp)
-            if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
-                raise _as_user_error(exc, out) from exc
+            if user is not None:
+                raise user from exc
             raise
 
 
@@ -297,8 +356,9 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], o
             else:
                 rename_noreplace(tmp, path)
         except BaseException as exc:
+            user = user_error_from_write(exc, path, tmp.parent)
             _remove(tmp)
-            if isinstance(exc, OSError) and not isinstance(exc, FileExistsError):
-                raise _as_user_error(exc, path) from exc
+            if user is not None:
+                raise user from exc
             raise
     return path

@@ -88,7 +88,8 @@ def validate_model_args(model_args) -> None:
         raise FileNotFoundError(f"--student_config {m.student_config} not found (give a config.json, a folder "
                                 "holding one, or tiny:<arch>)")
     check_count("--quant_warmup_steps", m.quant_warmup_steps, minimum=0)
-    _check_number("--subln_eps", m.subln_eps, strict=True)
+    if m.subln_eps is not None:
+        _check_number("--subln_eps", m.subln_eps, strict=True)
 
 
 def validate_run_args(model_args, data_args, training_args=None) -> None:

@@ -209,14 +209,20 @@ def test_subln_student_is_bitnet_or_refused(tmp_path, tokenizer_dir):
     assert not (tmp_path / "d.gguf").exists()
 
 
-def test_disk_full_leaves_nothing(tmp_path, packed_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("errno_known", [True, False])
+def test_disk_full_leaves_nothing(errno_known, tmp_path, packed_dir, capsys, monkeypatch):
+    import bitdistill.io
+
     def full(self, *args, **kwargs):
         self.fout[0].write(b"x" * 1000)
-        raise OSError(errno.ENOSPC, "No space left on device")
+        if errno_known:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(bitdistill.io, "_disk_full", lambda path: True)
+        raise OSError("100000 requested and 8192 written")  # numpy.tofile on a full disk: no errno
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full)
     err = _fail(["pack", str(packed_dir), str(tmp_path / "m.gguf"), "--format", "gguf"], capsys)
-    assert "disk filled" in err
+    assert f"cannot write {tmp_path / 'm.gguf'}: No space left on device" in err
     assert list(tmp_path.iterdir()) == []
 
 

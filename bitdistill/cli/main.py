@@ -57,6 +57,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("bitdistill.cli.plan",
         ('Can TEACHER be distilled into a ternary student on N GPUs of M GB? Per-rank memory (teacher, latent '
          'weights, gradients, optimizer, activations) from its config alone, and the options that fit.')),
+    "generate": ("bitdistill.cli.generate",
+        ('Continue prompts with a teacher, student or packed folder (or a GGUF file): greedy or sampled, streamed '
+         'to stdout, through the fast decoder where it applies.')),
 }
 SUBCOMMANDS = tuple(COMMANDS)
 # Commands that train: they keep freed heap memory (bitdistill.allocator) for speed.

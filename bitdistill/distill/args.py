@@ -63,7 +63,8 @@ class ModelArguments:
                 "architecture cannot take (SubLN, the attention-relation loss) is skipped with one printed line; "
                 "one set explicitly is refused."})
     subln_init: str = field(default="calibrated", metadata={"help": f"SubLN weight init: {', '.join(SUBLN_INITS)}."})
-    subln_eps: float = field(default=1e-6, metadata={"help": "SubLN RMSNorm epsilon."})
+    subln_eps: float | None = field(default=None, metadata={
+        "help": "SubLN RMSNorm epsilon; default: the model's rms_norm_eps (1e-6 if it has none)."})
     quant_warmup_steps: int = field(default=0, metadata={
         "help": "Blend each BitLinear from full precision to ternary over this many optimizer steps (0: off)."})
 

@@ -23,11 +23,8 @@ knows (:data:`PRE_TOKENIZERS`).
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +33,7 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.io import atomic_write
 from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES, lookup
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.nn.packed import PackedBitLinear
@@ -435,11 +433,10 @@ def save_gguf(
 
 
 def _write(gguf, out_file: Path, arch: str, cfg, permute: bool, tokenizer, tensors, overwrite: bool) -> None:
-    """Write header, metadata and tensors to a temporary sibling of ``out_file``, then rename it into place."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out_file.name}.tmp-", dir=out_file.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    """Write header, metadata and tensors through :func:`bitdistill.io.atomic_write` (a temporary sibling renamed
+    into place; a full disk is one line and leaves nothing)."""
+
+    def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(str(tmp), arch)
         # general.name: llama.cpp keys vocabulary quirks on it (a name containing "phi3" expects SentencePiece
         # tokens), so it is the source folder's name, never the architecture's.
@@ -451,25 +448,17 @@ def _write(gguf, out_file: Path, arch: str, cfg, permute: bool, tokenizer, tenso
         _tokenizer(writer, gguf, tokenizer, cfg.vocab_size)
         for name, data, qtype in tensors:
             writer.add_tensor(name, data, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        if out_file.exists() and not overwrite:
-            raise FileExistsError(f"{out_file} appeared while writing; pass --overwrite to replace it")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o666 & ~umask)
-        os.replace(tmp, out_file)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == errno.ENOSPC:
-            raise UserError(f"the disk filled while writing {out_file}; nothing was written, free space and retry") \
-                from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+    try:
+        atomic_write(out_file, write, overwrite=overwrite)
+    except FileExistsError:
+        raise FileExistsError(f"{out_file} appeared while writing; pass --overwrite to replace it") from None
 
 
 def pack_gguf(

@@ -25,9 +25,17 @@ from bitdistill.nn.arch import arch_spec, decoder_layers
 from bitdistill.nn.bitlinear import BitLinear, BitRMSNorm
 from bitdistill.nn.config import MARKER_KEY, student_marker
 
-__all__ = ["SUBLN_INITS", "attach_subln_norms", "insert_subln", "subln_module_names"]
+__all__ = ["SUBLN_INITS", "attach_subln_norms", "default_subln_eps", "insert_subln", "subln_module_names"]
 
 SUBLN_INITS = ("calibrated", "ones")
+# The eps of students that predate the default following the model's rms_norm_eps (their marker records it).
+FALLBACK_SUBLN_EPS = 1e-6
+
+
+def default_subln_eps(model: nn.Module) -> float:
+    """The SubLN eps when none is given: the model's ``config.rms_norm_eps``, else :data:`FALLBACK_SUBLN_EPS`."""
+    eps = getattr(model.config, "rms_norm_eps", None)
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0 else FALLBACK_SUBLN_EPS
 
 
 def subln_module_names(model: nn.Module) -> list[str]:
@@ -54,19 +62,21 @@ def attach_subln_norms(model: nn.Module, names: list[str], eps: float) -> None:
 
 
 @torch.no_grad()
-def insert_subln(model: nn.Module, *, eps: float = 1e-6, init: str = "calibrated",
+def insert_subln(model: nn.Module, *, eps: float | None = None, init: str = "calibrated",
                  calibration_input_ids: torch.Tensor | None = None) -> list[str]:
     """Insert SubLN norms into a converted student, in place; returns the module names.
 
     Args:
         model: a causal LM already converted with :func:`bitdistill.replace_linear_with_bitlinear`.
-        eps: RMSNorm epsilon.
+        eps: RMSNorm epsilon; ``None``: the model's own ``config.rms_norm_eps`` (1e-6 if it has none), so the
+            SubLN norms match the model's other norms (what ``BitNetForCausalLM`` and llama.cpp express exactly).
         init: ``calibrated`` (weight = mean input RMS on ``calibration_input_ids [B, T]``) or ``ones``.
         calibration_input_ids: token ids for the calibrated init.
     """
     if init not in SUBLN_INITS:
         raise UserError(f"unknown SubLN init {init!r}; choose one of {', '.join(SUBLN_INITS)}")
     names = subln_module_names(model)
+    eps = default_subln_eps(model) if eps is None else float(eps)
     if student_marker(model) and student_marker(model).get("use_rms_norm"):
         raise UserError("the student already has an in-layer RMSNorm in every BitLinear (use_rms_norm); SubLN "
                         "would not add anything")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.io import atomic_write
 from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.recover.layers import LayerCall, capture_layer_call, layer_output
@@ -279,13 +280,8 @@ def _fingerprint(cfg: BlockwiseConfig, input_ids: torch.Tensor, val_ids: torch.T
 
 
 def _save_atomic(obj: str | dict, path: Path) -> None:
-    """Write text or ``torch.save`` a dict of tensors to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(obj, str):
-        tmp.write_text(obj)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Write text or ``torch.save`` a dict of tensors to ``path`` atomically (a full disk is one-line error)."""
+    atomic_write(path, obj if isinstance(obj, str) else lambda tmp: torch.save(obj, tmp))
 
 
 def reconstruct_blocks_in_place(
