@@ -79,7 +79,7 @@ def child_eval(a) -> dict:
 
 
 # Every loss term and SubLN explicit: `bitdistill distill`'s own defaults are the third row's recipe plus the
-# hidden-state loss (`--hidden_weight 5 --hidden_loss cosine`, a default since these rows ran).
+# hidden-state loss (`--hidden_weight 5 --hidden_loss cosine`, a default now, not in these rows).
 _NO_AUX = ["--attention_weight", "0", "--hidden_weight", "0", "--subln", "false"]
 ROWS = {
     "CE only (QAT)": ["--ce_weight", "1", "--logits_weight", "0", *_NO_AUX],

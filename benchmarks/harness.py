@@ -145,7 +145,7 @@ def cpu_description(cpuinfo: str | None = None) -> dict:
     """``{"cpu_model": str, "cpu_isa": [str]}``: the CPU's name with its family and model numbers, and which of the
     extensions that move this project's CPU numbers (int8 and bfloat16 GEMMs) it has, from ``/proc/cpuinfo`` (or the
     text given). Rows whose entries differ came from different hardware: compare them only through a baseline
-    measured in the same run (on 2026-12-04 one VM type gave 38% more training steps per CPU-second than another)."""
+    measured in the same run (VM types differ by tens of percent in training steps per CPU-second)."""
     if cpuinfo is None:
         path = Path("/proc/cpuinfo")
         cpuinfo = path.read_text() if path.is_file() else ""

@@ -3,9 +3,8 @@
 A training step allocates and frees the same activation-sized buffers every step. glibc's defaults give large
 buffers back to the kernel when they are freed (``mmap``/``munmap`` above a threshold that starts at 128 KiB,
 heap trimming above 128 KiB free at the top; both thresholds then adapt), so the next step touches fresh pages
-and takes a minor page fault for each 4 KiB of them. On SmolLM2-135M with the budget curve's KD flags that was
-8.8 million faults in 24 steps, a third of the process's CPU time spent in the kernel (docs/distill.md,
-"Keeping freed memory"). Under contention (two trainings sharing two cores) it falls unevenly: a process whose
+and takes a minor page fault for each 4 KiB of them: on a small model's KD step the kernel's share of the CPU
+time can be large (measurements: benchmarks/results/distill_smollm2_notes.md). Under contention (two trainings sharing two cores) it falls unevenly: a process whose
 heap has already grown pays less.
 
 :func:`keep_freed_memory` sets three ``mallopt`` parameters for the rest of the process, the ones the

@@ -116,7 +116,7 @@ def packed_linear_cuda(
     Args:
         x2d: ``[M, K]`` float32/bfloat16/float16 on a CUDA device; ``K % 4 == 0``. Fastest for
             ``M <= 16`` (decode); any ``M`` is computed in tiles of 16 tokens.
-        packed: ``uint8 [N // 4, K]`` in the Hugging Face bitnet layout (``bitdistill.pack_ternary``).
+        packed: ``uint8 [N // 4, K]`` in the Hugging Face bitnet layout (``bitdistill.quant.pack_ternary``).
         weight_scale: one value, the inverse weight scale ``1 / gamma`` (any float dtype).
         bias: ``[N]`` or ``None``; float32 or ``x2d``'s dtype (others are cast to float32).
         out: optional contiguous ``[M, N]`` tensor of ``x2d``'s dtype to write into (e.g. a static

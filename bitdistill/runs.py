@@ -204,8 +204,8 @@ class ScheduledCheckpointsOnly(TrainerCallback):
 
     transformers saves a full checkpoint (weights plus optimizer state: about 12 bytes a parameter with fp32
     AdamW) at the last step whatever the schedule. A finished run's result is its saved model folder, and
-    checkpoints are for resuming interrupted runs, so a 6-step SmolLM2 run wrote 1.6 GB of checkpoint next to
-    its 0.5 GB student. Runs on the schedule, interrupted runs and callbacks asking for a save still save.
+    checkpoints are for resuming interrupted runs, so that last checkpoint would be three times the size of the
+    student for nothing. Runs on the schedule, interrupted runs and callbacks asking for a save still save.
     """
 
     def on_step_end(self, args, state, control, **kwargs):

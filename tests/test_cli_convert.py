@@ -8,10 +8,11 @@ import sys
 
 import pytest
 
-from bitdistill import load_student, student_marker
+from bitdistill import load_student
 from bitdistill.cli.main import main
 from bitdistill.convert import convert_pretrained
 from bitdistill.models import tiny_model
+from bitdistill.nn import student_marker
 
 
 def test_convert_pretrained_folder(tmp_path):

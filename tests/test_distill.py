@@ -192,14 +192,15 @@ def test_distillation_names_are_public_and_lazy():
     import sys
 
     code = ("import sys, bitdistill; assert 'transformers.trainer' not in sys.modules; "
-            "from bitdistill import DistillationTrainer, strided_perplexity; print(DistillationTrainer.__name__)")
+            "from bitdistill import DistillationTrainer, load_for_eval; print(DistillationTrainer.__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "DistillationTrainer"
 
 
 def test_subln_marker_survives_save_and_load(tmp_path):
-    from bitdistill import load_student, replace_linear_with_bitlinear, student_marker
+    from bitdistill import load_student, replace_linear_with_bitlinear
     from bitdistill.models import tiny_model
+    from bitdistill.nn import student_marker
     from bitdistill.nn.subln import insert_subln
 
     model = tiny_model("llama")

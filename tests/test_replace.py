@@ -15,11 +15,10 @@ from bitdistill import (
     BitConv1D,
     BitLinear,
     load_student,
-    matches_module_pattern,
     replace_linear_with_bitlinear,
-    student_marker,
 )
 from bitdistill.models import TINY_ARCHITECTURES, tiny_model
+from bitdistill.nn import matches_module_pattern, student_marker
 
 
 def _fq_forward(self, x):

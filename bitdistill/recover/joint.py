@@ -48,16 +48,15 @@ class JointConfig:
     """Options of :func:`reconstruct_jointly_in_place`.
 
     Attributes:
-        lr: Adam peak learning rate (3e-3: on SmolLM2-135M, 16 CPU-minutes half blocks half e2e, 28% better
-            than 1e-3 on held-out blocks after the e2e stage, 5e-3 within the seed spread of it, 3e-4 and 1e-2
-            worse; docs/distill.md).
+        lr: Adam peak learning rate (3e-3: the best of 3e-4 to 1e-2 on held-out blocks after the e2e stage for a
+            long block stage; docs/distill.md#why-the-defaults).
         warmup: linear warm-up steps.
         micro_batch: sequences per step.
         loss: block loss (see :func:`bitdistill.recover.blockwise.block_loss`).
         inputs: ``teacher`` or ``student`` block inputs (see the module docstring).
         seed: seed of the batch order.
-        bf16: run the training steps' block forwards under bfloat16 autocast (a different computation; on
-            SmolLM2-135M on a 2-core CPU with bfloat16 GEMMs a step was no faster, docs/distill.md).
+        bf16: run the training steps' block forwards under bfloat16 autocast (a different computation, and not
+            faster where the block stage's BitLinear forwards already use the int8 GEMM).
     """
 
     lr: float = 3e-3

@@ -140,9 +140,9 @@ class RecoverArguments:
         (``block_fraction``, ``block_lr``, ``block_micro_batch``, ``block_seq_length``); given options are kept.
 
         The joint block stage takes many small steps (one sequence of 128 tokens): at every share measured on
-        held-out blocks they beat fewer steps of 2 x 256 tokens, by 100x at 1.5 CPU-minutes and 2.2x at 9. Its
-        learning rate is 1e-2 below :data:`SHORT_BUDGET_S` (best at 1.5 CPU-minutes) and 3e-3 from it (best at
-        9); docs/distill.md has the probes."""
+        held-out blocks they beat fewer steps of 2 x 256 tokens, because the stage needs optimizer steps more than
+        tokens a step. Its learning rate is 1e-2 below :data:`SHORT_BUDGET_S` and 3e-3 from it, as the best rate
+        falls when the stage gets longer (docs/distill.md#why-the-defaults)."""
         defaults = {"block_fraction": 0.3 if budget_s >= LONG_BUDGET_S else 0.15}
         if self.block_mode == "joint":
             defaults.update(block_micro_batch=JOINT_BLOCK_MICRO_BATCH,
@@ -186,8 +186,7 @@ def held_out_loss(model: nn.Module, blocks: torch.Tensor) -> float:
 def estimate_init_cpu_s(model: nn.Module, tokens: int, n_scales: int) -> float:
     """An estimate of the init stage's CPU seconds (three passes over the calibration tokens and a GPTQ rounding
     per scale and linear), used to size the calibration set and to refuse a budget too small for the init
-    before any work. Rates fit to SmolLM2-135M on 2 cores: 8,192 tokens, 5 scales: about 330 s estimated,
-    370 s measured."""
+    before any work. The rates are fit to SmolLM2-135M on 2 cores, where the estimate came out about 10% low."""
     _, layers = decoder_layers(model)
     params = sum(p.numel() for p in layers.parameters())
     gptq = sum(m.weight.numel() * min(m.weight.shape) for m in layers.modules()
