@@ -1,0 +1,324 @@
+/* Packed ternary GEMV/GEMM and the int8 head, with kernels picked at run time for the CPU's instructions.
+ *
+ * Ternary: out[m, n] = sum_k x[m, k] * T[n, k] = sum_k x*c - sum_k x for the codes c = T + 1 in {0, 1, 2}; the
+ * kernels compute the exact int32 sum_k x*c of four weight rows (one packed row) at a time:
+ *   scalar        the reference every kernel is tested against, bit for bit;
+ *   AVX2          vpmaddubsw (c unsigned times x signed: pair sums |.| <= 512, no int16 saturation);
+ *   AVX-512 VNNI  vpdpbusd (four products summed straight into int32 lanes).
+ * Unpacking the 2-bit codes costs a shift and a mask per code vector; it is cheaper here than a lookup table
+ * (TL1/TL2, T-MAC), which pays off where multiply-accumulate is slow, not where VNNI is present.
+ *
+ * Int8 head: logits = scale[v] * sum_b s_b * dot_b, the activation quantized per 64-feature block (scale s_b)
+ * and |q| times sign-applied weights multiplied as unsigned x signed bytes (no saturation: 128 * 127 * 2 fits
+ * int16 for AVX2's pair sums; VNNI sums four into int32).
+ *
+ * Nothing here allocates memory: callers pass scratch.
+ */
+#include "bitdistill_cpu.h"
+
+#include <stdlib.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define BD_X86 1
+#endif
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+typedef void (*row4_fn)(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]);
+typedef float (*head_row_fn)(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t Kp);
+
+static void row4_scalar(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
+    int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int64_t k = 0; k < K; k++) {
+        int32_t xk = x[k];
+        uint8_t b = p[k];
+        a0 += xk * (b & 3);
+        a1 += xk * ((b >> 2) & 3);
+        a2 += xk * ((b >> 4) & 3);
+        a3 += xk * ((b >> 6) & 3);
+    }
+    acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+}
+
+static float head_row_scalar(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t Kp) {
+    float acc = 0.0f;
+    (void)qa;
+    for (int64_t b = 0; b < Kp / BD_HEAD_BLOCK; b++) {
+        int32_t d = 0;
+        for (int64_t k = b * BD_HEAD_BLOCK; k < (b + 1) * BD_HEAD_BLOCK; k++) d += (int32_t)w[k] * qs[k];
+        acc += bs[b] * (float)d;
+    }
+    return acc;
+}
+
+#ifdef BD_X86
+__attribute__((target("avx2"))) static inline int32_t hsum256(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+    return _mm_cvtsi128_si32(s);
+}
+
+__attribute__((target("avx2,fma"))) static void row4_avx2(const int8_t *x, const uint8_t *p, int64_t K,
+                                                           int32_t acc[4]) {
+    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    __m256i s0 = _mm256_setzero_si256(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        __m256i pv = _mm256_loadu_si256((const __m256i *)(p + k));
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(x + k));
+        s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_and_si256(pv, mask), xv), ones));
+        s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(pv, 2), mask), xv), ones));
+        s2 = _mm256_add_epi32(s2, _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(pv, 4), mask), xv), ones));
+        s3 = _mm256_add_epi32(s3, _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(pv, 6), mask), xv), ones));
+    }
+    int32_t tail[4];
+    row4_scalar(x + k, p + k, K - k, tail);
+    acc[0] = hsum256(s0) + tail[0]; acc[1] = hsum256(s1) + tail[1];
+    acc[2] = hsum256(s2) + tail[2]; acc[3] = hsum256(s3) + tail[3];
+}
+
+__attribute__((target("avx2,fma"))) static float head_row_avx2(const int8_t *w, const uint8_t *qa, const int8_t *qs,
+                                                                const float *bs, int64_t Kp) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t b = 0; b < Kp / BD_HEAD_BLOCK; b++) {
+        const int64_t k = b * BD_HEAD_BLOCK;
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + k)), w1 = _mm256_loadu_si256((const __m256i *)(w + k + 32));
+        __m256i a0 = _mm256_loadu_si256((const __m256i *)(qa + k)), a1 = _mm256_loadu_si256((const __m256i *)(qa + k + 32));
+        __m256i q0 = _mm256_loadu_si256((const __m256i *)(qs + k)), q1 = _mm256_loadu_si256((const __m256i *)(qs + k + 32));
+        __m256i d = _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(a0, _mm256_sign_epi8(w0, q0)), ones),
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(a1, _mm256_sign_epi8(w1, q1)), ones));
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(bs[b]), acc);
+    }
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+#define BD_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
+
+__attribute__((target(BD_VNNI))) static void row4_vnni(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
+    const __m512i mask = _mm512_set1_epi8(3);
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512i pv = _mm512_loadu_si512((const void *)(p + k));
+        __m512i xv = _mm512_loadu_si512((const void *)(x + k));
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(pv, mask), xv);
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask), xv);
+        s2 = _mm512_dpbusd_epi32(s2, _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), xv);
+        s3 = _mm512_dpbusd_epi32(s3, _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);
+    }
+    int32_t tail[4];
+    row4_scalar(x + k, p + k, K - k, tail);
+    acc[0] = _mm512_reduce_add_epi32(s0) + tail[0]; acc[1] = _mm512_reduce_add_epi32(s1) + tail[1];
+    acc[2] = _mm512_reduce_add_epi32(s2) + tail[2]; acc[3] = _mm512_reduce_add_epi32(s3) + tail[3];
+}
+
+__attribute__((target(BD_VNNI))) static float head_row_vnni(const int8_t *w, const uint8_t *qa, const int8_t *qs,
+                                                             const float *bs, int64_t Kp) {
+    const __m512i zero = _mm512_setzero_si512();
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t b = 0; b < Kp / BD_HEAD_BLOCK; b++) {
+        const int64_t k = b * BD_HEAD_BLOCK;
+        __m512i wv = _mm512_loadu_si512((const void *)(w + k));
+        __mmask64 neg = _mm512_movepi8_mask(_mm512_loadu_si512((const void *)(qs + k)));
+        __m512i ws = _mm512_mask_sub_epi8(wv, neg, zero, wv);
+        __m512i d = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void *)(qa + k)), ws);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(bs[b]), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+#endif
+
+static int detected_isa(void) {
+#ifdef BD_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return BD_ISA_AVX512_VNNI;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return BD_ISA_AVX2;
+#endif
+    return BD_ISA_SCALAR;
+}
+
+static int isa = -1;
+static row4_fn row4 = row4_scalar;
+static head_row_fn head_row = head_row_scalar;
+
+/* Use the kernels of `level`, capped at what this CPU has (a negative level: the best it has). Returns the
+ * level in use. Not thread safe: call it before decoding, not during. */
+int bitdistill_set_isa(int level) {
+    const int best = detected_isa();
+    isa = level < 0 || level > best ? best : level;
+    row4 = row4_scalar;
+    head_row = head_row_scalar;
+#ifdef BD_X86
+    if (isa == BD_ISA_AVX2) { row4 = row4_avx2; head_row = head_row_avx2; }
+    if (isa == BD_ISA_AVX512_VNNI) { row4 = row4_vnni; head_row = head_row_vnni; }
+#endif
+    return isa;
+}
+
+int bitdistill_isa(void) {
+    if (isa < 0) bitdistill_set_isa(-1);
+    return isa;
+}
+
+__attribute__((constructor)) static void init_isa(void) { bitdistill_set_isa(-1); }
+
+float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t *sum) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) { float a = fabsf(row[k]); if (a > amax) amax = a; }
+    float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
+    int32_t total = 0;
+    for (int64_t k = 0; k < K; k++) {
+        float v = nearbyintf(row[k] * s);
+        q[k] = (int8_t)(v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v));
+        total += q[k];
+    }
+    *sum = total;
+    return s;
+}
+
+void bd_linears(const int8_t *xq, const float *xs, const int32_t *sx, int64_t M, int64_t K, const bd_linear *ls,
+                int n, void *const *outs, const int64_t *ldo, int bf16, int store_bf16) {
+    int64_t total = 0;
+    for (int i = 0; i < n; i++) total += ls[i].P;
+    /* Each packed row (4 weight rows, K bytes) is read from memory once and reused from L1 for every token. */
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < total; g++) {
+        int i = 0;
+        int64_t r = g;
+        while (r >= ls[i].P) r -= ls[i++].P;
+        const bd_linear *l = &ls[i];
+        const uint8_t *pr = l->packed + r * K;
+        for (int64_t m = 0; m < M; m++) {
+            int32_t acc[4];
+            row4(xq + m * K, pr, K, acc);
+            const float denom = xs[m] * l->scale;
+            for (int j = 0; j < 4; j++) {
+                const int64_t col = j * l->P + r;
+                float y = (float)(acc[j] - sx[m]) / denom;
+                if (l->bias) y = y + l->bias[col];
+                y = bd_round(y, bf16);
+                if (store_bf16) ((uint16_t *)outs[i])[m * ldo[i] + col] = bd_f32_to_bf16(y);
+                else ((float *)outs[i])[m * ldo[i] + col] = y;
+            }
+        }
+    }
+}
+
+void bd_head_quantize(const float *x, int64_t M, int64_t Kp, uint8_t *qa, int8_t *qs, float *bs) {
+    const int64_t nb = Kp / BD_HEAD_BLOCK;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const float *row = x + m * Kp + b * BD_HEAD_BLOCK;
+            float amax = 0.0f;
+            for (int k = 0; k < BD_HEAD_BLOCK; k++) { float a = fabsf(row[k]); if (a > amax) amax = a; }
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            bs[m * nb + b] = amax / 127.0f;
+            for (int k = 0; k < BD_HEAD_BLOCK; k++) {
+                const int64_t i = m * Kp + b * BD_HEAD_BLOCK + k;
+                int v = (int)nearbyintf(row[k] * inv);
+                v = v > 127 ? 127 : (v < -127 ? -127 : v);
+                qs[i] = (int8_t)v;
+                qa[i] = (uint8_t)(v < 0 ? -v : v);
+            }
+        }
+    }
+}
+
+void bd_head_logits(const bd_head *h, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t M,
+                    float *logits, int64_t ldl) {
+    const int64_t nb = h->Kp / BD_HEAD_BLOCK;
+#pragma omp for schedule(static)
+    for (int64_t v = 0; v < h->V; v++) {
+        const int8_t *w = h->w + v * h->Kp;
+        for (int64_t m = 0; m < M; m++)
+            logits[m * ldl + v] = h->scale[v] * head_row(w, qa + m * h->Kp, qs + m * h->Kp, bs + m * nb, h->Kp);
+    }
+}
+
+/* ---- exported entry points (bitdistill.cpu_ext) ---- */
+
+/* Below this many packed bytes times tokens a call runs on one thread: a GEMV of a small layer is faster alone
+ * than with the fork/join of a parallel region (and far faster when cores are shared). */
+#define PARALLEL_MIN_WORK (1 << 16)
+
+/* Exact int32 out [M, 4 P] = x [M, K] (int8 codes) @ T^T for the packed T (uint8 [P, K]). */
+int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_t *packed, int64_t P, int32_t *out,
+                             int nthreads) {
+    const int64_t N = 4 * P;
+    if (P * K * M < PARALLEL_MIN_WORK) nthreads = 1;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t r = 0; r < P; r++) {
+        for (int64_t m = 0; m < M; m++) {
+            int32_t acc[4], sx = 0;
+            for (int64_t k = 0; k < K; k++) sx += x[m * K + k];
+            row4(x + m * K, packed + r * K, K, acc);
+            for (int j = 0; j < 4; j++) out[m * N + j * P + r] = acc[j] - sx;
+        }
+    }
+    return 0;
+}
+
+/* Bytes of scratch bitdistill_packed_linears needs for M tokens of K features. */
+int64_t bitdistill_linears_scratch_bytes(int64_t M, int64_t K) {
+    return M * K + 8 * M + 4 * K + 64;
+}
+
+/* Several BitLinear forwards sharing one input (q/k/v, gate/up): x [M, K] (float32, or bfloat16 when x_bf16) is
+ * quantized once, then weight i writes out[i] [M, 4 P[i]] in the input's dtype. Each output equals the torch
+ * reference (activation quantization and epilogue in float32, the product exact) cast to the dtype. */
+int bitdistill_packed_linears(const void *x, int x_bf16, int64_t M, int64_t K, int n, const uint8_t *const *packed,
+                              const int64_t *P, const float *weight_scale, const float *const *bias, void *const *out,
+                              void *scratch, int nthreads) {
+    bd_linear ls[8];
+    int64_t ldo[8], total = 0;
+    if (n > 8) return 1;
+    for (int i = 0; i < n; i++) {
+        ls[i] = (bd_linear){packed[i], P[i], weight_scale[i], bias[i]};
+        ldo[i] = 4 * P[i];
+        total += P[i];
+    }
+    float *xs = (float *)scratch, *row = xs + M;
+    int32_t *sx = (int32_t *)(row + K);
+    int8_t *xq = (int8_t *)(sx + M);
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t k = 0; k < K; k++) row[k] = bd_load(x, m * K + k, x_bf16);
+        xs[m] = bd_quantize_row(row, K, xq + m * K, &sx[m]);
+    }
+    if (total * K * M < PARALLEL_MIN_WORK) nthreads = 1;
+#pragma omp parallel num_threads(nthreads)
+    bd_linears(xq, xs, sx, M, K, ls, n, out, ldo, x_bf16, x_bf16);
+    return 0;
+}
+
+/* Int8 head for M rows x [M, K] float32: logits [M, V] float32. scratch: bitdistill_head_scratch_bytes. */
+int64_t bitdistill_head_scratch_bytes(int64_t M, int64_t Kp) { return M * Kp * 6 + M * (Kp / BD_HEAD_BLOCK) * 4; }
+
+int bitdistill_head(const bd_head *h, const float *x, int64_t M, float *logits, void *scratch, int nthreads) {
+    float *xp = (float *)scratch, *bs = xp + M * h->Kp;
+    uint8_t *qa = (uint8_t *)(bs + M * (h->Kp / BD_HEAD_BLOCK));
+    int8_t *qs = (int8_t *)(qa + M * h->Kp);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t k = 0; k < h->Kp; k++) xp[m * h->Kp + k] = k < h->K ? x[m * h->K + k] : 0.0f;
+    bd_head_quantize(xp, M, h->Kp, qa, qs, bs);
+#pragma omp parallel num_threads(nthreads)
+    bd_head_logits(h, qa, qs, bs, M, logits, h->V);
+    return 0;
+}
+
+#ifndef BD_SOURCE_HASH
+#define BD_SOURCE_HASH "unknown"
+#endif
+
+/* The hash of the sources this library was built from (setup.py), so a checkout can tell it is stale. */
+const char *bitdistill_source_hash(void) { return BD_SOURCE_HASH; }
