@@ -26,6 +26,9 @@
 #endif
 
 typedef void (*row4_fn)(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]);
+/* The same for nt <= BD_TOKENS tokens x[t * ldx ..] at once (the codes unpacked once for all): acc[t * 4 + j]. */
+typedef void (*rows4_fn)(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int64_t K, int32_t *acc);
+#define BD_TOKENS 4
 typedef float (*head_row_fn)(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t Kp);
 
 static void row4_scalar(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
@@ -39,6 +42,10 @@ static void row4_scalar(const int8_t *x, const uint8_t *p, int64_t K, int32_t ac
         a3 += xk * ((b >> 6) & 3);
     }
     acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
+}
+
+static void rows4_scalar(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int64_t K, int32_t *acc) {
+    for (int t = 0; t < nt; t++) row4_scalar(x + t * ldx, p, K, acc + 4 * t);
 }
 
 static float head_row_scalar(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t Kp) {
@@ -82,6 +89,40 @@ __attribute__((target("avx2,fma"))) static void row4_avx2(const int8_t *x, const
     acc[2] = hsum256(s2) + tail[2]; acc[3] = hsum256(s3) + tail[3];
 }
 
+/* Two tokens per pass (16 ymm registers: 8 accumulators, 4 code vectors). */
+__attribute__((target("avx2,fma"))) static void rows4_avx2(const int8_t *x, int64_t ldx, int nt, const uint8_t *p,
+                                                            int64_t K, int32_t *acc) {
+    const __m256i mask = _mm256_set1_epi8(3), ones = _mm256_set1_epi16(1);
+    int t = 0;
+    for (; t + 2 <= nt; t += 2) {
+        const int8_t *xa = x + t * ldx, *xb = xa + ldx;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) {
+            __m256i pv = _mm256_loadu_si256((const __m256i *)(p + k));
+            __m256i c0 = _mm256_and_si256(pv, mask), c1 = _mm256_and_si256(_mm256_srli_epi16(pv, 2), mask);
+            __m256i c2 = _mm256_and_si256(_mm256_srli_epi16(pv, 4), mask), c3 = _mm256_and_si256(_mm256_srli_epi16(pv, 6), mask);
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xa + k));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(c0, xv), ones));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(c1, xv), ones));
+            a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_maddubs_epi16(c2, xv), ones));
+            a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_maddubs_epi16(c3, xv), ones));
+            xv = _mm256_loadu_si256((const __m256i *)(xb + k));
+            b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(_mm256_maddubs_epi16(c0, xv), ones));
+            b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(_mm256_maddubs_epi16(c1, xv), ones));
+            b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(_mm256_maddubs_epi16(c2, xv), ones));
+            b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(_mm256_maddubs_epi16(c3, xv), ones));
+        }
+        int32_t ta[4], tb[4];
+        row4_scalar(xa + k, p + k, K - k, ta);
+        row4_scalar(xb + k, p + k, K - k, tb);
+        int32_t *o = acc + 4 * t;
+        o[0] = hsum256(a0) + ta[0]; o[1] = hsum256(a1) + ta[1]; o[2] = hsum256(a2) + ta[2]; o[3] = hsum256(a3) + ta[3];
+        o[4] = hsum256(b0) + tb[0]; o[5] = hsum256(b1) + tb[1]; o[6] = hsum256(b2) + tb[2]; o[7] = hsum256(b3) + tb[3];
+    }
+    for (; t < nt; t++) row4_avx2(x + t * ldx, p, K, acc + 4 * t);
+}
+
 __attribute__((target("avx2,fma"))) static float head_row_avx2(const int8_t *w, const uint8_t *qa, const int8_t *qs,
                                                                 const float *bs, int64_t Kp) {
     const __m256i ones = _mm256_set1_epi16(1);
@@ -105,8 +146,21 @@ __attribute__((target("avx2,fma"))) static float head_row_avx2(const int8_t *w, 
 
 __attribute__((target(BD_VNNI))) static void row4_vnni(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
     const __m512i mask = _mm512_set1_epi8(3);
-    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+    /* Two sets of accumulators: eight independent vpdpbusd chains hide its latency. */
+    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
     int64_t k = 0;
+    for (; k + 128 <= K; k += 128) {
+        __m512i pv = _mm512_loadu_si512((const void *)(p + k)), qv = _mm512_loadu_si512((const void *)(p + k + 64));
+        __m512i xv = _mm512_loadu_si512((const void *)(x + k)), yv = _mm512_loadu_si512((const void *)(x + k + 64));
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(pv, mask), xv);
+        t0 = _mm512_dpbusd_epi32(t0, _mm512_and_si512(qv, mask), yv);
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask), xv);
+        t1 = _mm512_dpbusd_epi32(t1, _mm512_and_si512(_mm512_srli_epi16(qv, 2), mask), yv);
+        s2 = _mm512_dpbusd_epi32(s2, _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), xv);
+        t2 = _mm512_dpbusd_epi32(t2, _mm512_and_si512(_mm512_srli_epi16(qv, 4), mask), yv);
+        s3 = _mm512_dpbusd_epi32(s3, _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);
+        t3 = _mm512_dpbusd_epi32(t3, _mm512_and_si512(_mm512_srli_epi16(qv, 6), mask), yv);
+    }
     for (; k + 64 <= K; k += 64) {
         __m512i pv = _mm512_loadu_si512((const void *)(p + k));
         __m512i xv = _mm512_loadu_si512((const void *)(x + k));
@@ -117,8 +171,38 @@ __attribute__((target(BD_VNNI))) static void row4_vnni(const int8_t *x, const ui
     }
     int32_t tail[4];
     row4_scalar(x + k, p + k, K - k, tail);
-    acc[0] = _mm512_reduce_add_epi32(s0) + tail[0]; acc[1] = _mm512_reduce_add_epi32(s1) + tail[1];
-    acc[2] = _mm512_reduce_add_epi32(s2) + tail[2]; acc[3] = _mm512_reduce_add_epi32(s3) + tail[3];
+    acc[0] = _mm512_reduce_add_epi32(_mm512_add_epi32(s0, t0)) + tail[0];
+    acc[1] = _mm512_reduce_add_epi32(_mm512_add_epi32(s1, t1)) + tail[1];
+    acc[2] = _mm512_reduce_add_epi32(_mm512_add_epi32(s2, t2)) + tail[2];
+    acc[3] = _mm512_reduce_add_epi32(_mm512_add_epi32(s3, t3)) + tail[3];
+}
+
+/* Up to four tokens per pass (16 accumulators, 4 code vectors of 32 zmm registers). */
+__attribute__((target(BD_VNNI))) static void rows4_vnni(const int8_t *x, int64_t ldx, int nt, const uint8_t *p,
+                                                         int64_t K, int32_t *acc) {
+    const __m512i mask = _mm512_set1_epi8(3);
+    __m512i s[BD_TOKENS][4];
+    for (int t = 0; t < BD_TOKENS; t++)
+        for (int j = 0; j < 4; j++) s[t][j] = _mm512_setzero_si512();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {
+        __m512i pv = _mm512_loadu_si512((const void *)(p + k));
+        __m512i c0 = _mm512_and_si512(pv, mask), c1 = _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask);
+        __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), c3 = _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask);
+        for (int t = 0; t < BD_TOKENS; t++) {  /* unrolled by the compiler; tokens past nt are skipped */
+            if (t >= nt) break;
+            __m512i xv = _mm512_loadu_si512((const void *)(x + t * ldx + k));
+            s[t][0] = _mm512_dpbusd_epi32(s[t][0], c0, xv);
+            s[t][1] = _mm512_dpbusd_epi32(s[t][1], c1, xv);
+            s[t][2] = _mm512_dpbusd_epi32(s[t][2], c2, xv);
+            s[t][3] = _mm512_dpbusd_epi32(s[t][3], c3, xv);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        int32_t tail[4];
+        row4_scalar(x + t * ldx + k, p + k, K - k, tail);
+        for (int j = 0; j < 4; j++) acc[4 * t + j] = _mm512_reduce_add_epi32(s[t][j]) + tail[j];
+    }
 }
 
 __attribute__((target(BD_VNNI))) static float head_row_vnni(const int8_t *w, const uint8_t *qa, const int8_t *qs,
@@ -150,6 +234,7 @@ static int detected_isa(void) {
 
 static int isa = -1;
 static row4_fn row4 = row4_scalar;
+static rows4_fn rows4 = rows4_scalar;
 static head_row_fn head_row = head_row_scalar;
 
 /* Use the kernels of `level`, capped at what this CPU has (a negative level: the best it has). Returns the
@@ -158,10 +243,11 @@ int bitdistill_set_isa(int level) {
     const int best = detected_isa();
     isa = level < 0 || level > best ? best : level;
     row4 = row4_scalar;
+    rows4 = rows4_scalar;
     head_row = head_row_scalar;
 #ifdef BD_X86
-    if (isa == BD_ISA_AVX2) { row4 = row4_avx2; head_row = head_row_avx2; }
-    if (isa == BD_ISA_AVX512_VNNI) { row4 = row4_vnni; head_row = head_row_vnni; }
+    if (isa == BD_ISA_AVX2) { row4 = row4_avx2; rows4 = rows4_avx2; head_row = head_row_avx2; }
+    if (isa == BD_ISA_AVX512_VNNI) { row4 = row4_vnni; rows4 = rows4_vnni; head_row = head_row_vnni; }
 #endif
     return isa;
 }
@@ -199,17 +285,22 @@ void bd_linears(const int8_t *xq, const float *xs, const int32_t *sx, int64_t M,
         while (r >= ls[i].P) r -= ls[i++].P;
         const bd_linear *l = &ls[i];
         const uint8_t *pr = l->packed + r * K;
-        for (int64_t m = 0; m < M; m++) {
-            int32_t acc[4];
-            row4(xq + m * K, pr, K, acc);
-            const float denom = xs[m] * l->scale;
-            for (int j = 0; j < 4; j++) {
-                const int64_t col = j * l->P + r;
-                float y = (float)(acc[j] - sx[m]) / denom;
-                if (l->bias) y = y + l->bias[col];
-                y = bd_round(y, bf16);
-                if (store_bf16) ((uint16_t *)outs[i])[m * ldo[i] + col] = bd_f32_to_bf16(y);
-                else ((float *)outs[i])[m * ldo[i] + col] = y;
+        for (int64_t m0 = 0; m0 < M; m0 += BD_TOKENS) {
+            const int nt = M - m0 < BD_TOKENS ? (int)(M - m0) : BD_TOKENS;
+            int32_t acc[4 * BD_TOKENS];
+            if (nt == 1) row4(xq + m0 * K, pr, K, acc);
+            else rows4(xq + m0 * K, K, nt, pr, K, acc);
+            for (int t = 0; t < nt; t++) {
+                const int64_t m = m0 + t;
+                const float denom = xs[m] * l->scale;
+                for (int j = 0; j < 4; j++) {
+                    const int64_t col = j * l->P + r;
+                    float y = (float)(acc[4 * t + j] - sx[m]) / denom;
+                    if (l->bias) y = y + l->bias[col];
+                    y = bd_round(y, bf16);
+                    if (store_bf16) ((uint16_t *)outs[i])[m * ldo[i] + col] = bd_f32_to_bf16(y);
+                    else ((float *)outs[i])[m * ldo[i] + col] = y;
+                }
             }
         }
     }
@@ -259,11 +350,16 @@ int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_
     if (P * K * M < PARALLEL_MIN_WORK) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < P; r++) {
-        for (int64_t m = 0; m < M; m++) {
-            int32_t acc[4], sx = 0;
-            for (int64_t k = 0; k < K; k++) sx += x[m * K + k];
-            row4(x + m * K, packed + r * K, K, acc);
-            for (int j = 0; j < 4; j++) out[m * N + j * P + r] = acc[j] - sx;
+        for (int64_t m0 = 0; m0 < M; m0 += BD_TOKENS) {
+            const int nt = M - m0 < BD_TOKENS ? (int)(M - m0) : BD_TOKENS;
+            int32_t acc[4 * BD_TOKENS];
+            if (nt == 1) row4(x + m0 * K, packed + r * K, K, acc);
+            else rows4(x + m0 * K, K, nt, packed + r * K, K, acc);
+            for (int t = 0; t < nt; t++) {
+                int32_t sx = 0;
+                for (int64_t k = 0; k < K; k++) sx += x[(m0 + t) * K + k];
+                for (int j = 0; j < 4; j++) out[(m0 + t) * N + j * P + r] = acc[4 * t + j] - sx;
+            }
         }
     }
     return 0;
