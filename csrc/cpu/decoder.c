@@ -120,12 +120,15 @@ static void attend(const float *q, const void *k_cache, const void *v_cache, int
     for (int64_t d = 0; d < D; d++) out[d] = bd_round(out[d], bf16);
 }
 
-/* Normalize rows of x [M, K] (norm may have no weight: only quantize) and quantize them for the next linears. */
-static void norm_quantize(const bd_model *m, const float *x, float *y, int64_t M, int64_t K, const bd_norm *norm,
-                          const bd_scratch *s) {
+/* Add the residual branch d (NULL: none) to the rows of x [M, K], normalize them into y (norm may have no
+ * weight: only quantize) and quantize them for the next linears: one pass, one barrier. */
+static void norm_quantize(const bd_model *m, float *x, const float *d, float *y, int64_t M, int64_t K,
+                          const bd_norm *norm, const bd_scratch *s) {
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < M; r++) {
-        const float *src = x + r * K;
+        float *src = x + r * K;
+        if (d)
+            for (int64_t i = 0; i < K; i++) src[i] = bd_round(src[i] + d[r * K + i], m->bf16);
         if (norm->weight) {
             rms_norm(src, y + r * K, K, norm, m->bf16);
             src = y + r * K;
@@ -150,7 +153,7 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
     for (int64_t li = 0; li < m->n_layers; li++) {
         const bd_layer *L = &m->layers[li];
         /* attention */
-        norm_quantize(m, s->h, s->xn, M, H, &L->input_norm, s);
+        norm_quantize(m, s->h, li > 0 ? s->tmp : NULL, s->xn, M, H, &L->input_norm, s);
         {
             void *outs[3];
             int64_t ldo[3], off = 0;
@@ -184,15 +187,14 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
             attend(s->qkv + r * QKV + hd * D, (const char *)L->k_cache + off, (const char *)L->v_cache + off, p + 1, D,
                    m->scaling, scores, s->att + r * QD + hd * D, bf16);
         }
-        norm_quantize(m, s->att, s->att, M, QD, L->attn_sub_norm.weight ? &L->attn_sub_norm : &none, s);
+        norm_quantize(m, s->att, NULL, s->att, M, QD, L->attn_sub_norm.weight ? &L->attn_sub_norm : &none, s);
         {
             void *outs[1] = {s->tmp};
             int64_t ldo[1] = {H};
             bd_linears(s->xq, s->xs, s->sx, M, QD, &L->o, 1, outs, ldo, bf16, 0);
         }
-        residual(s->h, s->tmp, M, H, bf16);
         /* MLP */
-        norm_quantize(m, s->h, s->xn, M, H, &L->post_norm, s);
+        norm_quantize(m, s->h, s->tmp, s->xn, M, H, &L->post_norm, s);
         {
             void *outs[2] = {s->mlp, s->mlp + (L->n_mlp_in == 2 ? I : 0)};
             int64_t ldo[2] = {2 * I, 2 * I};
@@ -216,8 +218,8 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
             int64_t ldo[1] = {H};
             bd_linears(s->xq, s->xs, s->sx, M, I, &L->down, 1, outs, ldo, bf16, 0);
         }
-        residual(s->h, s->tmp, M, H, bf16);
     }
+    residual(s->h, s->tmp, M, H, bf16); /* the last layer's; each other one is added by the next layer's norm */
 }
 
 /* Run h_in [B, T, hidden] (model dtype; B sequences of T new tokens at positions pos..pos+T-1, sequence b in
