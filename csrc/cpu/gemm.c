@@ -8,9 +8,10 @@
  * Unpacking the 2-bit codes costs a shift and a mask per code vector; it is cheaper here than a lookup table
  * (TL1/TL2, T-MAC), which pays off where multiply-accumulate is slow, not where VNNI is present.
  *
- * Int8 head: logits = scale[v] * sum_b s_b * dot_b, the activation quantized per 64-feature block (scale s_b)
- * and |q| times sign-applied weights multiplied as unsigned x signed bytes (no saturation: 128 * 127 * 2 fits
- * int16 for AVX2's pair sums; VNNI sums four into int32).
+ * Int8 head: logits = scale[v] * sum_b s_b * dot_b, the activation quantized per 64-feature block (scale s_b).
+ * AVX2 multiplies |q| by sign-applied weights as unsigned x signed bytes (no saturation: 128 * 127 * 2 fits
+ * int16 for its pair sums); VNNI multiplies w + 128 by q (four products summed into int32) and takes 128 sum q
+ * back per token. Each block's integer dot is exact; the float sum over blocks runs in another order per kernel.
  *
  * Nothing here allocates memory: callers pass scratch.
  */
@@ -30,6 +31,11 @@ typedef void (*row4_fn)(const int8_t *x, const uint8_t *p, int64_t K, int32_t ac
 typedef void (*rows4_fn)(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int64_t K, int32_t *acc);
 #define BD_TOKENS 4
 typedef float (*head_row_fn)(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t Kp);
+/* One head row against nt <= BD_HEAD_TOKENS tokens (codes qs/qa with row stride Kp, block scales bs with stride
+ * Kp / BD_HEAD_BLOCK, corr: see bd_head_logits): out[t]. */
+typedef void (*head_rows_fn)(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, const float *corr,
+                             int nt, int64_t Kp, float *out);
+#define BD_HEAD_TOKENS 4
 
 static void row4_scalar(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
@@ -57,6 +63,13 @@ static float head_row_scalar(const int8_t *w, const uint8_t *qa, const int8_t *q
         acc += bs[b] * (float)d;
     }
     return acc;
+}
+
+static void head_rows_scalar(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, const float *corr,
+                             int nt, int64_t Kp, float *out) {
+    (void)corr;
+    for (int t = 0; t < nt; t++)
+        out[t] = head_row_scalar(w, qa + t * Kp, qs + t * Kp, bs + t * (Kp / BD_HEAD_BLOCK), Kp);
 }
 
 #ifdef BD_X86
@@ -142,6 +155,13 @@ __attribute__((target("avx2,fma"))) static float head_row_avx2(const int8_t *w, 
     return _mm_cvtss_f32(s);
 }
 
+static void head_rows_avx2(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, const float *corr,
+                           int nt, int64_t Kp, float *out) {
+    (void)corr;
+    for (int t = 0; t < nt; t++)
+        out[t] = head_row_avx2(w, qa + t * Kp, qs + t * Kp, bs + t * (Kp / BD_HEAD_BLOCK), Kp);
+}
+
 #define BD_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
 
 __attribute__((target(BD_VNNI))) static void row4_vnni(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
@@ -205,19 +225,26 @@ __attribute__((target(BD_VNNI))) static void rows4_vnni(const int8_t *x, int64_t
     }
 }
 
-__attribute__((target(BD_VNNI))) static float head_row_vnni(const int8_t *w, const uint8_t *qa, const int8_t *qs,
-                                                             const float *bs, int64_t Kp) {
-    const __m512i zero = _mm512_setzero_si512();
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t b = 0; b < Kp / BD_HEAD_BLOCK; b++) {
+/* Weights read once per block for up to four tokens, as unsigned w + 128 (vpdpbusd multiplies unsigned by signed
+ * bytes): sum (w + 128) q = sum w q + 128 sum q, the second term taken back per token once (corr). */
+__attribute__((target(BD_VNNI))) static void head_rows_vnni(const int8_t *w, const uint8_t *qa, const int8_t *qs,
+                                                             const float *bs, const float *corr, int nt, int64_t Kp,
+                                                             float *out) {
+    const __m512i zero = _mm512_setzero_si512(), flip = _mm512_set1_epi8((char)0x80);
+    const int64_t nb = Kp / BD_HEAD_BLOCK;
+    __m512 acc[BD_HEAD_TOKENS];
+    (void)qa;
+    for (int t = 0; t < BD_HEAD_TOKENS; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
         const int64_t k = b * BD_HEAD_BLOCK;
-        __m512i wv = _mm512_loadu_si512((const void *)(w + k));
-        __mmask64 neg = _mm512_movepi8_mask(_mm512_loadu_si512((const void *)(qs + k)));
-        __m512i ws = _mm512_mask_sub_epi8(wv, neg, zero, wv);
-        __m512i d = _mm512_dpbusd_epi32(zero, _mm512_loadu_si512((const void *)(qa + k)), ws);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(bs[b]), acc);
+        const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + k)), flip);
+        for (int t = 0; t < BD_HEAD_TOKENS; t++) {
+            if (t >= nt) break;
+            __m512i d = _mm512_dpbusd_epi32(zero, wu, _mm512_loadu_si512((const void *)(qs + t * Kp + k)));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(bs[t * nb + b]), acc[t]);
+        }
     }
-    return _mm512_reduce_add_ps(acc);
+    for (int t = 0; t < nt; t++) out[t] = _mm512_reduce_add_ps(acc[t]) - corr[t];
 }
 #endif
 
@@ -235,7 +262,7 @@ static int detected_isa(void) {
 static int isa = -1;
 static row4_fn row4 = row4_scalar;
 static rows4_fn rows4 = rows4_scalar;
-static head_row_fn head_row = head_row_scalar;
+static head_rows_fn head_rows = head_rows_scalar;
 
 /* Use the kernels of `level`, capped at what this CPU has (a negative level: the best it has). Returns the
  * level in use. Not thread safe: call it before decoding, not during. */
@@ -244,10 +271,10 @@ int bitdistill_set_isa(int level) {
     isa = level < 0 || level > best ? best : level;
     row4 = row4_scalar;
     rows4 = rows4_scalar;
-    head_row = head_row_scalar;
+    head_rows = head_rows_scalar;
 #ifdef BD_X86
-    if (isa == BD_ISA_AVX2) { row4 = row4_avx2; rows4 = rows4_avx2; head_row = head_row_avx2; }
-    if (isa == BD_ISA_AVX512_VNNI) { row4 = row4_vnni; rows4 = rows4_vnni; head_row = head_row_vnni; }
+    if (isa == BD_ISA_AVX2) { row4 = row4_avx2; rows4 = rows4_avx2; head_rows = head_rows_avx2; }
+    if (isa == BD_ISA_AVX512_VNNI) { row4 = row4_vnni; rows4 = rows4_vnni; head_rows = head_rows_vnni; }
 #endif
     return isa;
 }
@@ -328,12 +355,26 @@ void bd_head_quantize(const float *x, int64_t M, int64_t Kp, uint8_t *qa, int8_t
 
 void bd_head_logits(const bd_head *h, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t M,
                     float *logits, int64_t ldl) {
-    const int64_t nb = h->Kp / BD_HEAD_BLOCK;
+    const int64_t nb = h->Kp / BD_HEAD_BLOCK, Kp = h->Kp;
+    float corr[M]; /* 128 * sum_b s_b * sum(codes of block b) per token, for kernels that offset the weights */
+    for (int64_t m = 0; m < M; m++) {
+        float c = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            int32_t q = 0;
+            for (int64_t k = b * BD_HEAD_BLOCK; k < (b + 1) * BD_HEAD_BLOCK; k++) q += qs[m * Kp + k];
+            c += bs[m * nb + b] * (float)q;
+        }
+        corr[m] = 128.0f * c;
+    }
 #pragma omp for schedule(static)
     for (int64_t v = 0; v < h->V; v++) {
-        const int8_t *w = h->w + v * h->Kp;
-        for (int64_t m = 0; m < M; m++)
-            logits[m * ldl + v] = h->scale[v] * head_row(w, qa + m * h->Kp, qs + m * h->Kp, bs + m * nb, h->Kp);
+        const int8_t *w = h->w + v * Kp;
+        for (int64_t m0 = 0; m0 < M; m0 += BD_HEAD_TOKENS) {
+            const int nt = M - m0 < BD_HEAD_TOKENS ? (int)(M - m0) : BD_HEAD_TOKENS;
+            float out[BD_HEAD_TOKENS];
+            head_rows(w, qa + m0 * Kp, qs + m0 * Kp, bs + m0 * nb, corr + m0, nt, Kp, out);
+            for (int t = 0; t < nt; t++) logits[(m0 + t) * ldl + v] = h->scale[v] * out[t];
+        }
     }
 }
 
@@ -343,10 +384,17 @@ void bd_head_logits(const bd_head *h, const uint8_t *qa, const int8_t *qs, const
  * than with the fork/join of a parallel region (and far faster when cores are shared). */
 #define PARALLEL_MIN_WORK (1 << 16)
 
-/* Exact int32 out [M, 4 P] = x [M, K] (int8 codes) @ T^T for the packed T (uint8 [P, K]). */
+/* Exact int32 out [M, 4 P] = x [M, K] (int8 codes) @ T^T for the packed T (uint8 [P, K]); M <= 4096 (the code
+ * sums live on the stack). */
 int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_t *packed, int64_t P, int32_t *out,
                              int nthreads) {
     const int64_t N = 4 * P;
+    int32_t sums[M > 0 ? M : 1];
+    for (int64_t m = 0; m < M; m++) {
+        int32_t total = 0;
+        for (int64_t k = 0; k < K; k++) total += x[m * K + k];
+        sums[m] = total;
+    }
     if (P * K * M < PARALLEL_MIN_WORK) nthreads = 1;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t r = 0; r < P; r++) {
@@ -355,11 +403,8 @@ int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_
             int32_t acc[4 * BD_TOKENS];
             if (nt == 1) row4(x + m0 * K, packed + r * K, K, acc);
             else rows4(x + m0 * K, K, nt, packed + r * K, K, acc);
-            for (int t = 0; t < nt; t++) {
-                int32_t sx = 0;
-                for (int64_t k = 0; k < K; k++) sx += x[(m0 + t) * K + k];
-                for (int j = 0; j < 4; j++) out[(m0 + t) * N + j * P + r] = acc[4 * t + j] - sx;
-            }
+            for (int t = 0; t < nt; t++)
+                for (int j = 0; j < 4; j++) out[(m0 + t) * N + j * P + r] = acc[4 * t + j] - sums[m0 + t];
         }
     }
     return 0;
