@@ -146,10 +146,12 @@ def copy_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def nll_ppl(logits: torch.Tensor, windows: torch.Tensor) -> float:
-    """exp(mean next-token NLL) of ``logits [W, L, V]`` on ``windows [W, L]``."""
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                   windows[:, 1:].reshape(-1)).exp())
+def nll_ppl(logits_of, windows: torch.Tensor) -> float:
+    """exp(mean next-token NLL) on ``windows [W, L]``, one window's logits ``[L, V]`` at a time from ``logits_of``
+    (the logits of all windows at once would take gigabytes)."""
+    nll = sum(float(torch.nn.functional.cross_entropy(logits_of(w)[:-1].float(), w[1:], reduction="sum"))
+              for w in windows)
+    return float(torch.tensor(nll / (windows.numel() - windows.shape[0])).exp())
 
 
 def llama_ppl(path: Path, windows: torch.Tensor, threads: int) -> float:
@@ -159,12 +161,12 @@ def llama_ppl(path: Path, windows: torch.Tensor, threads: int) -> float:
     length = windows.shape[1]
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=length, n_batch=length, n_threads=threads, logits_all=True,
                           verbose=False)
-    logits = []
-    for w in windows.tolist():
+    def logits_of(w: torch.Tensor) -> torch.Tensor:
         llm.reset()
-        llm.eval(w)
-        logits.append(torch.from_numpy(np.array(llm.scores[:length], dtype=np.float32)))
-    return nll_ppl(torch.stack(logits), windows)
+        llm.eval(w.tolist())
+        return torch.from_numpy(np.array(llm.scores[:length], dtype=np.float32))
+
+    return nll_ppl(logits_of, windows)
 
 
 def llama_bench_run(binary: Path, gguf: Path, n: int, threads: int) -> dict:
@@ -202,9 +204,10 @@ def implementations(name: str, paths: dict[str, Path], prompt: torch.Tensor, arg
         perplexity(model, windows) if args.ppl_windows else None)
     for int8_head in (False, True):
         decoder = FastDecoder(model, length, int8_head=int8_head, backend="native")
-        scorer = FastDecoder(model, args.ppl_length, int8_head=int8_head, backend="native", max_batch=args.ppl_windows)
+        scorer = FastDecoder(model, args.ppl_length, int8_head=int8_head, backend="native")
         add("fast int8 head" if int8_head else "fast", lambda d=decoder: d.generate(prompt, n)[0, prompt.shape[1]:],
-            n, packed_bytes(model, int8_head), 1.0, nll_ppl(scorer.logits(windows), windows) if args.ppl_windows else None)
+            n, packed_bytes(model, int8_head), 1.0,
+            nll_ppl(lambda w, s=scorer: s.logits(w[None])[0], windows) if args.ppl_windows else None)
         del scorer
     batch = FastDecoder(model, length, int8_head=True, backend="native", max_batch=args.batch)
     prompts = wiki_windows(args.batch + 1, prompt.shape[1])[1:]
