@@ -315,10 +315,12 @@ def main() -> None:
                 out = outputs[name]
                 same = int((out[: len(ref)] == ref[: len(out)]).all())
             s = samples[name]
+            best_llama = max(max(samples[k]) for k in ("llama.cpp", "llama-bench") if k in samples)
             bench.add(model=model_name, impl=name, threads=args.threads, new_tokens=args.new_tokens,
-                      prompt_tokens=args.prompt_tokens, tokens_per_s=rate[name],
+                      prompt_tokens=args.prompt_tokens, tokens_per_s=rate[name], tokens_per_s_best=max(s),
                       spread=(_quantile(s, 0.8) - _quantile(s, 0.2)) / rate[name],
                       vs_llama_cpp=rate[name] / ours_llama, vs_fastest_llama_cpp=rate[name] / fastest_llama,
+                      best_vs_llama_cpp=max(s) / best_llama,
                       ternary_share=impl["share"], bytes_per_token=impl["bytes"],
                       bandwidth_share=impl["bytes"] * rate[name] / bandwidth if "prefill" not in name else "",
                       copy_gbps=bandwidth / 1e9, ppl=impl["ppl"], same_tokens_as_load_packed=same,
@@ -331,7 +333,7 @@ def main() -> None:
     note = (f"Run `{run_id}`: greedy decoding, {args.prompt_tokens}-token wiki.test.raw prompt, {args.new_tokens} new "
             f"tokens, {args.threads} threads, {args.repeats} interleaved rounds (one call of every implementation per "
             "round); tokens_per_s is the median over rounds (batch rows: all sequences' tokens; prefill rows: prompt "
-            "tokens per second), spread = (p80 - p20) / median. vs_llama_cpp: against the faster of llama.cpp "
+            "tokens per second), spread = (p80 - p20) / median; tokens_per_s_best / best_vs_llama_cpp: the fastest round and its ratio to the faster llama.cpp row's fastest round (on a loaded machine the best round is closest to an unloaded one). vs_llama_cpp: against the faster of llama.cpp "
             "(llama-cpp-python) and llama-bench on bitdistill's GGUF of the same packed folder; vs_fastest_llama_cpp: "
             "against the fastest llama.cpp row of the model (for the student: llama.cpp's TQ2_0 of the teacher, other "
             "bytes). bytes_per_token: weights, scales, norms and head read for one new token, one embedding row, no "
@@ -343,6 +345,7 @@ def main() -> None:
             "llama.cpp sources its sdist vendors. load_avg: the machine's 1-minute load during the rounds (2 cores). "
             f"Command: `{command}`.")
     print(bench.write(["model", "impl", "tokens_per_s", "spread", "vs_llama_cpp", "vs_fastest_llama_cpp",
+                       "tokens_per_s_best", "best_vs_llama_cpp",
                        "ternary_share", "bytes_per_token", "bandwidth_share", "ppl", "same_tokens_as_load_packed",
                        "load_avg_1min"],
                       title="Decode speed on CPU: bitdistill's native stack and llama.cpp", note=note))
