@@ -322,7 +322,8 @@ def main() -> None:
                       vs_llama_cpp=rate[name] / ours_llama, vs_fastest_llama_cpp=rate[name] / fastest_llama,
                       best_vs_llama_cpp=max(s) / best_llama,
                       ternary_share=impl["share"], bytes_per_token=impl["bytes"],
-                      bandwidth_share=impl["bytes"] * rate[name] / bandwidth if "prefill" not in name else "",
+                      bandwidth_share=(impl["bytes"] * rate[name] / (args.batch if "batch" in name else 1) / bandwidth
+                                       if "prefill" not in name else ""),
                       copy_gbps=bandwidth / 1e9, ppl=impl["ppl"], same_tokens_as_load_packed=same,
                       load_avg_1min=statistics.median(loads), load_avg_max=max(loads), repeats=args.repeats,
                       isa=cpu_isa(), llama_cpp=llama_version, run=run_id, command=command)
@@ -337,7 +338,7 @@ def main() -> None:
             "(llama-cpp-python) and llama-bench on bitdistill's GGUF of the same packed folder; vs_fastest_llama_cpp: "
             "against the fastest llama.cpp row of the model (for the student: llama.cpp's TQ2_0 of the teacher, other "
             "bytes). bytes_per_token: weights, scales, norms and head read for one new token, one embedding row, no "
-            "KV cache; bandwidth_share = bytes_per_token x tokens_per_s / copy_gbps (best 2-thread copy of 256 MiB "
+            "KV cache; bandwidth_share = bytes_per_token x steps per second / copy_gbps (best 2-thread copy of 256 MiB "
             "in this run, read + written bytes). ppl: the same 8 x 256-token windows (llama-bench: its GGUF's "
             "llama-cpp-python value). same_tokens_as_load_packed: 1 if the generated tokens equal load_packed's "
             "(llama.cpp quantizes activations per 256-block, the int8 head is approximate, the native stack reduces "
