@@ -55,7 +55,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | bool | None = None  # None: not tried yet; False: unavailable
 _why_unavailable = ""
 
-_P, _I64, _I32, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "bitdistill_packed_int_mm": ([_P, _I64, _I64, _P, _I64, _P, _I32], _I32),
     "bitdistill_linears_scratch_bytes": ([_I64, _I64], _I64),
