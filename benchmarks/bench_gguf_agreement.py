@@ -48,9 +48,9 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from bitdistill import FastDecoder, load_packed
+    from bitdistill.cpu_ext import NativeInt8Head
     from bitdistill.export.folder import pack_pretrained
     from bitdistill.export.gguf import pack_gguf
-    from bitdistill.nn.fast_decode import _Int8Head
 
     hf_logging.set_verbosity_error()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -95,7 +95,7 @@ def main() -> None:
     windows = wiki_windows(args.windows, args.window)
     nll = {"load_packed": 0.0, "llama.cpp": 0.0, "load_packed int8 head": 0.0, "native fast path": 0.0,
            "torch-ops fast path": 0.0}
-    int8 = _Int8Head(model.lm_head.weight)
+    int8 = NativeInt8Head(model.lm_head.weight)
     with torch.no_grad():
         for w in windows:
             hidden = model.model(w[None]).last_hidden_state

@@ -2,105 +2,162 @@
 
 Two integer paths, both exact (the accumulator ``X_q @ T^T`` is an exact integer):
 
-* **native** (up to ``NATIVE_MAX_TOKENS`` tokens): a small C kernel (``packed_cpu.c``) reads the packed
-  ``uint8 [N/4, K]`` bytes directly, unpacks them in AVX2 registers and multiplies them with the int8
-  activation codes (``vpmaddubsw``), int32 accumulation; each packed row is read once and reused for
-  every token; OpenMP over rows for large layers, one thread below 64K packed-bytes×tokens. Activation quantization
-  and the epilogue run in the same call (same float32 operations as the reference, so results are
-  bit-identical). It allocates no weight-sized memory. It is compiled with the system C compiler on first use into
-  ``$BITDISTILL_CACHE`` (default ``~/.cache/bitdistill``) and loaded with ``ctypes``; set
-  ``BITDISTILL_NATIVE_CPU=0`` to disable it. Without a compiler the tiled path is used.
-* **tiled** (no compiler, or more tokens): unpacks at most ``TILE_BYTES`` of float32 weight codes at a
+* **native** (up to ``NATIVE_MAX_TOKENS`` tokens): the library ``bitdistill._cpu`` (C sources in ``csrc/cpu/``)
+  reads the packed ``uint8 [N/4, K]`` bytes directly, unpacks them in registers and multiplies them with the int8
+  activation codes, int32 accumulation; each packed row is read once and reused for every token; OpenMP over rows
+  for large layers, one thread below 64K packed-bytes×tokens. Its kernels are picked at run time for the CPU's
+  instructions (:func:`cpu_isa`: scalar, AVX2, AVX-512 VNNI), each bit-identical to the scalar one. Activation
+  quantization and the epilogue run in the same call (same float32 operations as the reference, so results are
+  bit-identical). The library is built by ``pip install`` (wheel or editable) or, in a checkout,
+  ``python setup.py build_ext --inplace`` (see ``setup.py``); it is loaded with ``ctypes``. Set
+  ``BITDISTILL_NATIVE_CPU=0`` to disable it. Without it the tiled path is used.
+* **tiled** (no library, or more tokens): unpacks at most ``TILE_BYTES`` of float32 weight codes at a
   time and multiplies them with the float32 activation codes (MKL/oneDNN GEMM). Integer-valued
   float32 products are exact for ``K < 2**17`` (:data:`bitdistill.quant.reference.MAX_EXACT_K`).
 
 Neither path keeps any copy of the weight besides the packed bytes.
 
-The same C file runs a whole Llama-family decoder stack per call for batch-1 decoding
-(:class:`NativeDecoderStack`, used by :class:`bitdistill.FastDecoder`).
+The same library runs a whole Llama-family decoder stack for a batch of sequences (:class:`NativeDecoderStack`,
+used by :class:`bitdistill.FastDecoder`) and an int8 output head (:class:`NativeInt8Head`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-import hashlib
+import importlib.machinery
 import os
-import shutil
-import subprocess
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bitdistill._native_hash import cpu_source_hash
 from bitdistill.errors import UserError
-from bitdistill.io import atomic_write
 from bitdistill.quant.reference import MAX_EXACT_K, activation_quant
 
-__all__ = ["NATIVE_MAX_TOKENS", "TILE_BYTES", "NativeDecoderStack", "NativeLayer", "NativeLinear", "NativeNorm",
-           "SharedInputPackedLinears", "native_available", "packed_int_mm", "packed_linear_cpu"]
+__all__ = ["BUILD_HINT", "ISA_NAMES", "NATIVE_MAX_TOKENS", "TILE_BYTES", "NativeDecoderStack", "NativeInt8Head",
+           "NativeLayer", "NativeLinear", "NativeNorm", "SharedInputPackedLinears", "cpu_isa", "ctypes_layout",
+           "forced_isa", "native_available", "native_layout", "native_unavailable_reason", "packed_int_mm", "packed_linear_cpu"]
 
 NATIVE_MAX_TOKENS = 4096
 TILE_BYTES = 1 << 21
-_SOURCE = Path(__file__).with_name("packed_cpu.c")
+ISA_NAMES = ("scalar", "avx2", "avx512_vnni")
+HEAD_BLOCK = 64  # BD_HEAD_BLOCK in csrc/cpu/bitdistill_cpu.h
+BUILD_HINT = ("the native CPU library bitdistill._cpu is not built: `pip install -e .` (or, in a checkout, "
+              "`python setup.py build_ext --inplace`) with a C compiler that has OpenMP (gcc)")
+_PACKAGE = Path(__file__).resolve().parent
+_CHECKOUT_SOURCES = _PACKAGE.parent / "csrc" / "cpu"
 _lock = threading.Lock()
 _lib: ctypes.CDLL | bool | None = None  # None: not tried yet; False: unavailable
+_why_unavailable = ""
+
+_P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "bitdistill_packed_int_mm": ([_P, _I64, _I64, _P, _I64, _P, _I32], _I32),
+    "bitdistill_linears_scratch_bytes": ([_I64, _I64], _I64),
+    "bitdistill_packed_linears": ([_P, _I32, _I64, _I64, _I32, _P, _P, _P, _P, _P, _P, _I32], _I32),
+    "bitdistill_head_scratch_bytes": ([_I64, _I64], _I64),
+    "bitdistill_head": ([_P, _P, _I64, _P, _P, _I32], _I32),
+    "bitdistill_decode_scratch_bytes": ([_P, _I32], _I64),
+    "bitdistill_decode": ([_P, _P, _I32, _P, _I64, _I64, _I64, _I32, _P, _P, _I32], _I32),
+    "bitdistill_layout": ([_P, _I64], _I64),
+    "bitdistill_set_isa": ([_I32], _I32),
+    "bitdistill_isa": ([], _I32),
+    "bitdistill_source_hash": ([], ctypes.c_char_p),
+}
 
 
-def _compile_flags() -> list[str]:
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
-    return flags
+def _library_path() -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _PACKAGE / f"_cpu{suffix}"
+        if path.is_file():
+            return path
+    return None
 
 
-def _build() -> ctypes.CDLL | bool:
+def _load() -> ctypes.CDLL | bool:
+    global _why_unavailable
     if os.environ.get("BITDISTILL_NATIVE_CPU", "1") == "0":
+        _why_unavailable = "BITDISTILL_NATIVE_CPU=0"
         return False
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
-    if cc is None:
+    path = _library_path()
+    if path is None:
+        _why_unavailable = BUILD_HINT
         return False
-    flags = _compile_flags()
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join([cc, *flags]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("BITDISTILL_CACHE", Path.home() / ".cache" / "bitdistill"))
-    lib_path = cache / f"packed_cpu-{key}.so"
-    try:
-        if not lib_path.is_file():
-            atomic_write(lib_path, lambda tmp: subprocess.run([cc, *flags, str(_SOURCE), "-o", str(tmp)], check=True,
-                                                              capture_output=True, timeout=120))
-        lib = ctypes.CDLL(str(lib_path))
-    except (OSError, UserError, subprocess.SubprocessError) as exc:
-        warnings.warn(f"bitdistill: could not build the native packed CPU kernel ({exc}); using the slower "
-                      "tiled torch path", stacklevel=3)
-        return False
-    fn = lib.bitdistill_packed_int_mm
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_void_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    fn = lib.bitdistill_packed_linear_f32
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                   ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    fn = lib.bitdistill_packed_linears
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p,
-                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    fn = lib.bitdistill_decode
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return lib
+    lib = ctypes.CDLL(str(path))
+    for name, (args, res) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    built = lib.bitdistill_source_hash().decode()
+    if _CHECKOUT_SOURCES.is_dir() and built != cpu_source_hash(_CHECKOUT_SOURCES):
+        _why_unavailable = (f"{path.name} was built from other sources than {_CHECKOUT_SOURCES} (stale build); "
+                            "rebuild it: `python setup.py build_ext --inplace` or `pip install -e .`")
+    elif _layout(lib) != ctypes_layout():
+        _why_unavailable = f"{path.name}'s struct layouts differ from cpu_ext.py's ctypes mirrors; rebuild it"
+    else:
+        return lib
+    warnings.warn(f"bitdistill: {_why_unavailable}; using the torch CPU path", stacklevel=3)
+    return False
 
 
 def native_available() -> bool:
-    """Whether the native kernel is built (building it on first call)."""
+    """Whether the native library is built and loaded (loading it on first call)."""
     global _lib
     if _lib is None:
         with _lock:
             if _lib is None:
-                _lib = _build()
+                _lib = _load()
     return _lib is not False
+
+
+def native_unavailable_reason() -> str:
+    """Why :func:`native_available` is False ("" when it is True)."""
+    native_available()
+    return _why_unavailable
+
+
+def cpu_isa() -> str:
+    """The instruction set of the kernels in use: one of :data:`ISA_NAMES` (``"scalar"`` without the library)."""
+    return ISA_NAMES[_lib.bitdistill_isa()] if native_available() else "scalar"
+
+
+@contextlib.contextmanager
+def forced_isa(name: str) -> Iterator[str]:
+    """Use the kernels of ``name`` (capped at what this CPU has) inside the block; yields the one in use.
+    Not thread safe: for tests and benchmarks."""
+    if not native_available():
+        raise RuntimeError(BUILD_HINT)
+    before = _lib.bitdistill_isa()
+    try:
+        yield ISA_NAMES[_lib.bitdistill_set_isa(ISA_NAMES.index(name))]
+    finally:
+        _lib.bitdistill_set_isa(before)
+
+
+def _layout(lib: ctypes.CDLL) -> list[int]:
+    out = (ctypes.c_int64 * 256)()
+    n = lib.bitdistill_layout(out, 256)
+    return list(out[:n])
+
+
+def native_layout() -> list[int]:
+    """The C structs' sizes and offsets as the library reports them (see ``bitdistill_layout``)."""
+    if not native_available():
+        raise RuntimeError(BUILD_HINT)
+    return _layout(_lib)
+
+
+def ctypes_layout() -> list[int]:
+    """The same list from this module's ctypes mirrors: per struct its size, then each field's offset."""
+    out = []
+    for struct in (_Linear, _Norm, _Head, _Layer, _Model):
+        out.append(ctypes.sizeof(struct))
+        out += [getattr(struct, name).offset for name, _ in struct._fields_]
+    return out
 
 
 def _native_int_mm(x_codes: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -123,6 +180,10 @@ def _tiled_int_mm(x_codes: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
             codes = ((chunk >> (2 * i)) & 3).to(xf.dtype).sub_(1)
             torch.matmul(xf, codes.t(), out=out[:, i, r0:r0 + rows])
     return out.reshape(x_codes.shape[0], 4 * p)
+
+
+def _linears_scratch(m: int, k: int) -> torch.Tensor:
+    return torch.empty(_lib.bitdistill_linears_scratch_bytes(m, k), dtype=torch.uint8)
 
 
 def packed_int_mm(x_codes: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -152,17 +213,7 @@ def packed_linear_cpu(
     (activation quantization and the epilogue in float32, the product exact).
     """
     if x.shape[0] <= NATIVE_MAX_TOKENS and native_available():
-        xf = x.detach().float().contiguous()
-        packed = packed.contiguous()
-        bf = None if bias is None else bias.detach().float().contiguous()
-        out = torch.empty((x.shape[0], packed.shape[0] * 4), dtype=torch.float32)
-        status = _lib.bitdistill_packed_linear_f32(
-            xf.data_ptr(), xf.shape[0], xf.shape[1], packed.data_ptr(), packed.shape[0],
-            float(weight_scale.reshape(())), None if bf is None else bf.data_ptr(), out.data_ptr(),
-            torch.get_num_threads())
-        if status != 0:
-            raise MemoryError("bitdistill native packed kernel could not allocate its scratch buffers")
-        return out.to(x.dtype)
+        return SharedInputPackedLinears([(packed, weight_scale, bias)])(x)[0]
     x_codes, x_scale = activation_quant(x)
     acc = packed_int_mm(x_codes, packed).float()
     y = acc.div_(x_scale * weight_scale.float().reshape(()))
@@ -177,16 +228,16 @@ class SharedInputPackedLinears:
     ``y_i = packed_linear_cpu(x, packed_i, weight_scale_i, bias_i)`` for every ``i``, bit for bit, but the
     input is quantized once, bfloat16 is read and written by the kernel (no float32 copies) and the call
     costs one ``ctypes`` crossing. Built once per group; the tensors are referenced, not copied (biases
-    are kept as float32). Without the native kernel each output comes from :func:`packed_linear_cpu`.
+    are kept as float32). Without the native library each output comes from :func:`packed_linear_cpu`.
 
     Args:
-        weights: ``(packed uint8 [N_i / 4, K], weight_scale [1], bias [N_i] or None)`` per linear, all with
-            the same ``K``.
+        weights: ``(packed uint8 [N_i / 4, K], weight_scale [1], bias [N_i] or None)`` per linear (at most 8), all
+            with the same ``K``.
     """
 
     def __init__(self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
-        if not weights or len({p.shape[1] for p, _, _ in weights}) != 1:
-            raise ValueError("SharedInputPackedLinears needs one or more packed weights with the same in_features")
+        if not weights or len(weights) > 8 or len({p.shape[1] for p, _, _ in weights}) != 1:
+            raise ValueError("SharedInputPackedLinears needs 1 to 8 packed weights with the same in_features")
         self.weights = weights
         self.in_features = weights[0][0].shape[1]
         self.out_features = [p.shape[0] * 4 for p, _, _ in weights]
@@ -208,11 +259,75 @@ class SharedInputPackedLinears:
         x = x.detach().contiguous()
         outs = [torch.empty((m, n), dtype=x.dtype) for n in self.out_features]
         ptrs = (ctypes.c_void_p * len(outs))(*[o.data_ptr() for o in outs])
-        status = _lib.bitdistill_packed_linears(x.data_ptr(), int(x.dtype == torch.bfloat16), m, self.in_features,
-                                                len(outs), *self._args, ptrs, torch.get_num_threads())
-        if status != 0:
-            raise MemoryError("bitdistill native packed kernel could not allocate its scratch buffers")
+        scratch = _linears_scratch(m, self.in_features)
+        _lib.bitdistill_packed_linears(x.data_ptr(), int(x.dtype == torch.bfloat16), m, self.in_features, len(outs),
+                                       *self._args, ptrs, scratch.data_ptr(), torch.get_num_threads())
         return outs
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("packed", ctypes.c_void_p), ("P", ctypes.c_int64), ("scale", ctypes.c_float),
+                ("bias", ctypes.c_void_p)]
+
+
+class _Norm(ctypes.Structure):
+    _fields_ = [("weight", ctypes.c_void_p), ("eps", ctypes.c_float)]
+
+
+class _Head(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("V", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("Kp", ctypes.c_int64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [*[(n, _Norm) for n in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_sub_norm",
+                                       "ffn_sub_norm")],
+                ("qkv", _Linear * 3), ("n_qkv", ctypes.c_int32), ("o", _Linear), ("mlp_in", _Linear * 2),
+                ("n_mlp_in", ctypes.c_int32), ("down", _Linear), ("k_cache", ctypes.c_void_p),
+                ("v_cache", ctypes.c_void_p)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [*[(n, ctypes.c_int64) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "intermediate",
+                                               "rot", "max_len", "max_batch", "max_chunk")],
+                ("scaling", ctypes.c_float), ("bf16", ctypes.c_int32), ("act", ctypes.c_int32),
+                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("final_norm", _Norm),
+                ("layers", ctypes.POINTER(_Layer)), ("head", _Head)]
+
+
+class NativeInt8Head:
+    """An output head with int8 weights (per-row absmax scale; approximate): half the bytes of a bfloat16 head.
+
+    The input is quantized to int8 in blocks of 64 features, each with its own scale (as llama.cpp's ``Q8_0``
+    activations, with wider blocks), and multiplied with the int8 rows by the library's integer kernels; without
+    the library, the same weights run through ``torch._weight_int8pack_mm`` with float inputs.
+
+    Args:
+        weight: ``[V, K]`` float head weight (``lm_head.weight``).
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        w = weight.detach().float()
+        self.vocab, self.in_features = w.shape
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        codes = torch.round(w / scale[:, None]).to(torch.int8)
+        self.padded = -(-self.in_features // HEAD_BLOCK) * HEAD_BLOCK
+        self.weight = torch.nn.functional.pad(codes, (0, self.padded - self.in_features)).contiguous()
+        self.scale = scale.contiguous()
+        self.struct = _Head(self.weight.data_ptr(), self.scale.data_ptr(), self.vocab, self.in_features, self.padded)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., K]`` -> float32 logits ``[..., V]``."""
+        x2d = x.detach().reshape(-1, self.in_features).float().contiguous()
+        if not native_available():
+            codes = self.weight[:, :self.in_features].contiguous()
+            return torch._weight_int8pack_mm(x2d, codes, self.scale).reshape(*x.shape[:-1], self.vocab)
+        m = x2d.shape[0]
+        out = torch.empty((m, self.vocab), dtype=torch.float32)
+        scratch = torch.empty(_lib.bitdistill_head_scratch_bytes(m, self.padded), dtype=torch.uint8)
+        _lib.bitdistill_head(ctypes.byref(self.struct), x2d.data_ptr(), m, out.data_ptr(), scratch.data_ptr(),
+                             torch.get_num_threads())
+        return out.reshape(*x.shape[:-1], self.vocab)
 
 
 @dataclass(frozen=True)
@@ -253,43 +368,21 @@ class NativeLayer:
     ffn_sub_norm: NativeNorm | None = None
 
 
-class _Linear(ctypes.Structure):
-    _fields_ = [("packed", ctypes.c_void_p), ("P", ctypes.c_int64), ("scale", ctypes.c_float),
-                ("bias", ctypes.c_void_p)]
-
-
-class _Norm(ctypes.Structure):
-    _fields_ = [("weight", ctypes.c_void_p), ("eps", ctypes.c_float)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [*[(n, _Norm) for n in ("input_norm", "post_norm", "q_norm", "k_norm", "attn_sub_norm",
-                                       "ffn_sub_norm")],
-                ("qkv", _Linear * 3), ("n_qkv", ctypes.c_int32), ("o", _Linear), ("mlp_in", _Linear * 2),
-                ("n_mlp_in", ctypes.c_int32), ("down", _Linear), ("k_cache", ctypes.c_void_p),
-                ("v_cache", ctypes.c_void_p)]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [*[(n, ctypes.c_int64) for n in ("n_layers", "hidden", "n_heads", "n_kv", "head_dim", "intermediate",
-                                               "rot", "max_len")],
-                ("scaling", ctypes.c_float), ("bf16", ctypes.c_int32), ("act", ctypes.c_int32),
-                ("cos", ctypes.c_void_p), ("sin", ctypes.c_void_p), ("final_norm", _Norm),
-                ("layers", ctypes.POINTER(_Layer))]
-
-
 ACTIVATIONS = ("silu", "relu2")
 
 
 class NativeDecoderStack:
-    """A Llama-family decoder stack (every layer plus the final norm) in one native call per step, batch 1.
+    """A Llama-family decoder stack (every layer, the final norm, optionally an int8 head) in one native call per
+    step, for up to ``max_batch`` sequences decoded together.
 
-    Each call runs ``T`` new tokens at positions ``pos..pos+T-1`` through every layer, writes their keys and
-    values into this object's static cache (``[n_kv, max_length, head_dim]`` per layer, in the model dtype)
-    and returns the final norm of the last token's hidden state. The math is the eager model's, in float32,
-    rounded to the model dtype wherever torch rounds (see ``bitdistill_decode`` in ``packed_cpu.c``); the
-    projections are exact, while reductions (RMSNorm, attention) differ from torch's kernels in summation
-    order, i.e. in the last float32 bits before rounding. The tensors are referenced, not copied.
+    Each call runs ``T`` new tokens of each sequence at positions ``pos..pos+T-1`` through every layer (in chunks
+    of at most ``max_chunk`` tokens per sequence: a prompt runs as GEMMs), writes their keys and values into this
+    object's static cache (``[max_batch, n_kv, max_length, head_dim]`` per layer, in the model dtype) and returns
+    the final norm of the last (or every) token's hidden state, and the head's logits when it has one. The math
+    is the eager model's, in float32, rounded to the model dtype wherever torch rounds (see ``csrc/cpu/decoder.c``);
+    the projections are exact, while reductions (RMSNorm, attention) differ from torch's kernels in summation
+    order, i.e. in the last float32 bits before rounding. The weight tensors are referenced, not copied. Its
+    scratch is allocated once, here: a call allocates only the tensors it returns.
 
     Args:
         layers: the decoder layers, in order.
@@ -299,28 +392,41 @@ class NativeDecoderStack:
         act: the MLP activation, one of :data:`ACTIVATIONS` (SiLU, or ReLU squared for BitNet).
         cos, sin: ``[max_length, rot]`` rotary tables in the model dtype (``rot <= head_dim``: partial rotary).
         dtype: float32 or bfloat16, the dtype of every norm weight, table and hidden state.
+        head: an int8 head run inside the call, or None (the caller applies its own to the returned states).
+        max_batch: the most sequences one call holds.
+        max_chunk: the most tokens per sequence one pass through the layers holds (default ``min(max_length, 64)``).
+        threads: the most threads a call uses (default ``torch.get_num_threads()``); each call uses
+            ``min(threads, torch.get_num_threads())``.
     """
 
     def __init__(self, layers: list[NativeLayer], *, final_norm: NativeNorm, n_heads: int, n_kv: int, head_dim: int,
-                 scaling: float, act: str, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype) -> None:
+                 scaling: float, act: str, cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype,
+                 head: NativeInt8Head | None = None, max_batch: int = 1, max_chunk: int | None = None,
+                 threads: int | None = None) -> None:
         if not native_available():
-            raise UserError("the native CPU kernel is not available (no C compiler, or BITDISTILL_NATIVE_CPU=0); "
-                            "install gcc or decode without the native stack")
+            raise UserError(f"the native CPU stack is not available: {_why_unavailable}")
         if dtype not in (torch.float32, torch.bfloat16) or act not in ACTIVATIONS or n_heads % n_kv:
             raise ValueError(f"NativeDecoderStack: unsupported dtype {dtype}, act {act!r} or heads {n_heads}/{n_kv}")
         self.dtype = dtype
         self.max_length, rot = cos.shape
+        self.max_batch = max_batch
         self.hidden = final_norm.weight.shape[0]
+        self.head = head
+        self.threads = threads or torch.get_num_threads()
         self._keep: list[torch.Tensor] = []  # every tensor whose address the C structs hold
-        self.k_cache = [torch.zeros(n_kv, self.max_length, head_dim, dtype=dtype) for _ in layers]
-        self.v_cache = [torch.zeros(n_kv, self.max_length, head_dim, dtype=dtype) for _ in layers]
+        shape = (max_batch, n_kv, self.max_length, head_dim)
+        self.k_cache = [torch.zeros(shape, dtype=dtype) for _ in layers]
+        self.v_cache = [torch.zeros(shape, dtype=dtype) for _ in layers]
         self._layers = (_Layer * len(layers))(*[self._layer(layer, k, v) for layer, k, v in
                                                  zip(layers, self.k_cache, self.v_cache, strict=True)])
         self._model = _Model(n_layers=len(layers), hidden=self.hidden, n_heads=n_heads, n_kv=n_kv, head_dim=head_dim,
                              intermediate=layers[0].down.packed.shape[1], rot=rot, max_len=self.max_length,
+                             max_batch=max_batch, max_chunk=max_chunk or min(self.max_length, 64),
                              scaling=scaling, bf16=int(dtype == torch.bfloat16), act=ACTIVATIONS.index(act),
                              cos=self._ptr(cos), sin=self._ptr(sin), final_norm=self._norm(final_norm),
-                             layers=self._layers)
+                             layers=self._layers, head=head.struct if head is not None else _Head())
+        self._scratch = torch.empty(_lib.bitdistill_decode_scratch_bytes(ctypes.byref(self._model), self.threads),
+                                    dtype=torch.uint8)
 
     def _ptr(self, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> int | None:
         if t is None:
@@ -343,15 +449,34 @@ class NativeDecoderStack:
                       (_Linear * 2)(*[self._linear(lin) for lin in layer.mlp_in]), len(layer.mlp_in),
                       self._linear(layer.down), k_cache.data_ptr(), v_cache.data_ptr())
 
-    def __call__(self, h: torch.Tensor, pos: int) -> torch.Tensor:
-        """``h [T, hidden]`` (the embedded new tokens) at positions ``pos..pos+T-1`` -> ``[hidden]``."""
-        t = h.shape[0]
-        if h.dim() != 2 or h.shape[1] != self.hidden or not 0 <= pos <= pos + t <= self.max_length or t == 0:
-            raise ValueError(f"NativeDecoderStack: h {tuple(h.shape)} at position {pos} does not fit hidden "
-                             f"{self.hidden}, max_length {self.max_length}")
+    def forward(self, h: torch.Tensor, pos: int, *, all_positions: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``h [B, T, hidden]`` (the embedded new tokens of B sequences) at positions ``pos..pos+T-1`` ->
+        (final-normed states, logits): ``[B, hidden]`` and ``[B, V]`` float32 for the last token, or ``[B, T, ...]``
+        for every token with ``all_positions``; logits None without a head."""
+        if h.dim() != 3 or h.shape[2] != self.hidden:
+            raise ValueError(f"NativeDecoderStack: h must be [batch, tokens, {self.hidden}], got {tuple(h.shape)}")
+        b, t = h.shape[:2]
+        if not 1 <= b <= self.max_batch:
+            raise UserError(f"batch {b} exceeds this decoder's max_batch {self.max_batch}; build it with a larger "
+                            "max_batch")
+        if t == 0 or not 0 <= pos <= pos + t <= self.max_length:
+            raise UserError(f"{t} tokens at position {pos} exceed this decoder's max_length {self.max_length}; build "
+                            "it with a larger max_length")
         h = h.detach().to(self.dtype).contiguous()
-        out = torch.empty(self.hidden, dtype=self.dtype)
-        if _lib.bitdistill_decode(ctypes.byref(self._model), h.data_ptr(), t, pos, out.data_ptr(),
-                                  torch.get_num_threads()):
-            raise MemoryError("bitdistill native decoder could not allocate its scratch buffers")
-        return out
+        rows = (b, t) if all_positions else (b,)
+        out = torch.empty((*rows, self.hidden), dtype=self.dtype)
+        logits = None if self.head is None else torch.empty((*rows, self.head.vocab), dtype=torch.float32)
+        status = _lib.bitdistill_decode(ctypes.byref(self._model), self._scratch.data_ptr(), self.threads,
+                                        h.data_ptr(), b, t, pos, int(all_positions), out.data_ptr(),
+                                        None if logits is None else logits.data_ptr(), torch.get_num_threads())
+        if status:
+            raise RuntimeError(f"bitdistill_decode refused batch {b}, {t} tokens at {pos} (status {status})")
+        return out, logits
+
+    def __call__(self, h: torch.Tensor, pos: int) -> torch.Tensor:
+        """``h [T, hidden]`` (one sequence's embedded new tokens) at positions ``pos..pos+T-1`` -> the final norm
+        of the last token's state, ``[hidden]``."""
+        if h.dim() != 2:
+            raise ValueError(f"NativeDecoderStack: h must be [tokens, {self.hidden}], got {tuple(h.shape)}")
+        return self.forward(h[None], pos)[0][0]

@@ -109,10 +109,12 @@ def test_decoder_is_reusable_and_int8_head_is_close():
     assert decoder.generate(a, 12, eos_token_id=eos).shape[1] == a.shape[1] + 2
 
 
-def test_refusals():
+def test_refusals(capsys):
     packed = pack_in_memory(_student("llama"))
-    with pytest.raises(ValueError, match="batch 1"):
-        generate_fast(packed, torch.ones(2, 4, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="batch 2 exceeds this decoder's max_batch 1; build it with max_batch=2"):
+        FastDecoder(packed, 8).step(torch.ones(2, 4, dtype=torch.long), 0)
+    with pytest.raises(ValueError, match="4 tokens at position 6 exceed this decoder's max_length 8"):
+        FastDecoder(packed, 8).step(torch.ones(1, 4, dtype=torch.long), 6)
     with pytest.raises(ValueError, match="exceeds this decoder's max_length"):
         FastDecoder(packed, 8).generate(torch.ones(1, 6, dtype=torch.long), 4)
     with pytest.raises(ValueError, match="max_position_embeddings"):
@@ -129,8 +131,68 @@ def test_refusals():
     packed.model.layers[1].mlp.act_fn = torch.nn.GELU()
     with pytest.raises(ValueError, match="layer 1 has an MLP activation"):
         FastDecoder(packed, 16, backend="native")
-    assert FastDecoder(packed, 16).backend == "torch"  # auto: falls back to the model's own modules
+    assert FastDecoder(packed, 16).backend == "torch"  # auto: falls back to the model's own modules, saying why
+    assert capsys.readouterr().out == ("bitdistill: fast decoding runs the torch path, not the native stack: layer 1 "
+                                       "has an MLP activation the native stack does not implement (SiLU or ReLU "
+                                       "squared, the same in every layer)\n")
     packed = pack_in_memory(_student("llama"))
     packed.model.layers[0].input_layernorm.weight.data = packed.model.layers[0].input_layernorm.weight.data.double()
     with pytest.raises(ValueError, match="layer 0 has a norm the native stack does not implement, or one not in"):
         FastDecoder(packed, 16, backend="native")
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_batch_decodes_each_sequence_as_alone(arch, backend):
+    """Four prompts decoded together give each prompt's own greedy tokens (the native stack: one GEMM per
+    projection for all four), also with eos ending some sequences early."""
+    packed = pack_in_memory(_student(arch))
+    ids = torch.randint(3, 256, (4, 7), generator=torch.Generator().manual_seed(8))
+    batch = FastDecoder(packed, 20, backend=backend, max_batch=4)
+    together = batch.generate(ids, 10)
+    for i in range(4):
+        assert torch.equal(together[i:i + 1], _greedy(packed, ids[i:i + 1], 10)), i
+    eos = int(together[0, 9])
+    stopped = batch.generate(ids, 10, eos_token_id=eos)
+    first = int((stopped[0, 7:] == eos).nonzero()[0])
+    assert (stopped[0, 7 + first:] == eos).all()
+    assert torch.equal(generate_fast(packed, ids[:2], 10, backend=backend), together[:2])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_native_logits_of_every_position_match_the_eager_model(arch):
+    """A 80-token prompt (two chunks of the stack: GEMMs) on 2 OpenMP threads, the model's own head (not reset):
+    every position's logits as the eager forward's, and the same bits as on 1 thread."""
+    torch.manual_seed(0)
+    model = tiny_model(arch)
+    replace_linear_with_bitlinear(model)
+    packed = pack_in_memory(model)
+    ids = torch.randint(3, 256, (2, 80), generator=torch.Generator().manual_seed(9))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        decoder = FastDecoder(packed, 96, max_batch=2)
+        assert decoder.backend == "native"
+        got = decoder.logits(ids)
+        nxt = decoder.step(ids[:, :1], 80)  # a cached step after the prefill
+        torch.set_num_threads(1)
+        assert torch.equal(FastDecoder(packed, 96, max_batch=2).logits(ids), got)
+    finally:
+        torch.set_num_threads(before)
+    with torch.no_grad():
+        want = packed(ids).logits
+        want_next = packed(torch.cat([ids, ids[:, :1]], dim=1)).logits[:, -1]
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+    assert (nxt - want_next).abs().max() <= 1e-4 * want_next.abs().max()
+
+
+def test_native_int8_head_runs_inside_the_stack():
+    packed = pack_in_memory(_student("llama"))
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(10))
+    native = FastDecoder(packed, 16, int8_head=True, max_batch=2)
+    torch_ops = FastDecoder(packed, 16, int8_head=True, backend="torch", max_batch=2)
+    assert native.native.head is native.int8_head
+    got, want = native.step(ids, 0), torch_ops.step(ids, 0)
+    assert got.dtype == want.dtype and got.shape == want.shape == (2, packed.config.vocab_size)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()

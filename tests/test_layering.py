@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("bitdistill._lazy", "bitdistill._version", "bitdistill.errors", "bitdistill.io", "bitdistill.weights",
               "bitdistill.quant", "bitdistill.models", "bitdistill.data", "bitdistill.state_dict")),
-    ("ops", ("bitdistill.ops", "bitdistill.cpu_ext", "bitdistill.cuda_ext", "bitdistill._C", "bitdistill.kernels")),
+    ("ops", ("bitdistill.ops", "bitdistill.cpu_ext", "bitdistill._native_hash", "bitdistill._cpu", "bitdistill.cuda_ext",
+             "bitdistill._C", "bitdistill.kernels")),
     ("nn", ("bitdistill.nn",)),
     ("convert/export", ("bitdistill.convert", "bitdistill.export")),
     ("runs", ("bitdistill.allocator", "bitdistill.audit", "bitdistill.budget", "bitdistill.checkpoints", "bitdistill.fsdp",
@@ -26,8 +27,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                   "bitdistill.recover")),
     ("cli", ("bitdistill.cli",)),
 ]
-# Compiled modules (no .py file): the optional CUDA extension built from csrc/.
-EXTENSIONS = {"bitdistill._C"}
+# Compiled modules (no .py file): the optional CUDA extension built from csrc/, the CPU library from csrc/cpu/.
+EXTENSIONS = {"bitdistill._C", "bitdistill._cpu"}
 # The package root is the public facade: it names every layer's API (lazily) and is imported by no module.
 FACADE = "bitdistill"
 

@@ -47,7 +47,7 @@ def test_regular_install_ships_kernels_as_bitdistill_kernels(tmp_path):
     # setuptools builds in the source tree (build/, *.egg-info): build from a copy, so the checkout stays clean
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__",
-                                                             ".*_cache", "benchmarks", "tests", "runs"))
+                                                             ".*_cache", "benchmarks", "tests", "runs", "*.so"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                     "--target", str(target), str(src)], check=True, capture_output=True)
@@ -55,3 +55,8 @@ def test_regular_install_ships_kernels_as_bitdistill_kernels(tmp_path):
                env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
     assert Path(out).resolve() == (target / "bitdistill" / "kernels" / "__init__.py").resolve()
     assert (ROOT / "bitdistill" / "kernels" / "__init__.py").read_bytes() == Path(out).read_bytes()
+    # The native CPU library is built by the install itself (the one build path, setup.py), and it loads.
+    assert list((target / "bitdistill").glob("_cpu*.so"))
+    out = _run("from bitdistill import cpu_ext; print(cpu_ext.native_available(), cpu_ext.native_unavailable_reason())",
+               cwd=str(tmp_path), env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert out == "True", out

@@ -1,4 +1,4 @@
-"""Fast greedy decoding for packed (and student) Llama-family models on CPU, batch 1.
+"""Fast greedy decoding for packed (and student) Llama-family models on CPU, one or several sequences at once.
 
 ``transformers``' ``generate`` spends most of a small model's per-token time outside the matmuls: cache
 objects that grow by concatenation, mask construction, rotary tables recomputed per step, logits
@@ -14,14 +14,19 @@ processors, thousands of small ops. :class:`FastDecoder` has two backends.
   close logits, the same greedy tokens as ``generate`` on the test models; measured on SmolLM2 in
   ``benchmarks/results/decode_cpu.md``).
 * ``torch``: the model's own modules (so the layers compute exactly what they compute under
-  ``generate``) with a static KV cache (``[1, n_kv_heads, max_length, head_dim]`` per layer, written in
+  ``generate``) with a static KV cache (``[max_batch, n_kv_heads, max_length, head_dim]`` per layer, written in
   place), the rotary table computed once, one ``scaled_dot_product_attention`` call per layer, logits for
   the last position only, and the packed projections that share an input in one native call
   (:class:`bitdistill.cpu_ext.SharedInputPackedLinears`; same bits as the layers' own forward). Used for
   student models (latent weights), other devices and dtypes, or when asked (``backend="torch"``).
 
-Either backend can use an int8 output head (``int8_head=True``, approximate): per-row absmax int8 weights with
-float scales through ``torch._weight_int8pack_mm`` (half the bytes of a bf16 head).
+Either backend can use an int8 output head (``int8_head=True``, approximate): per-row absmax int8 weights, the
+input quantized per 64-feature block, multiplied by the native library's integer kernels
+(:class:`bitdistill.cpu_ext.NativeInt8Head`; half the bytes of a bf16 head; on the native backend it runs inside
+the same C call). A batch of prompts of one length decodes together (``max_batch``), and a prompt runs through the
+native stack as GEMMs (chunks of 64 tokens), not token by token.
+
+Where the native stack cannot run a model, ``backend="auto"`` prints one line naming why and uses ``torch``.
 
 Supported: ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3`` (fused ``qkv_proj`` / ``gate_up_proj``; partial
 rotary) and ``bitnet`` (transformers' ``BitNetForCausalLM``, what ``bitdistill pack`` makes of a SubLN student:
@@ -36,11 +41,13 @@ from torch import nn
 
 from bitdistill.cpu_ext import (
     NativeDecoderStack,
+    NativeInt8Head,
     NativeLayer,
     NativeLinear,
     NativeNorm,
     SharedInputPackedLinears,
     native_available,
+    native_unavailable_reason,
 )
 from bitdistill.errors import UserError
 from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES, fast_decode_unsupported
@@ -82,7 +89,7 @@ def _native_unsupported(model: nn.Module) -> str | None:
     if param.device.type != "cpu" or param.dtype not in (torch.float32, torch.bfloat16):
         return f"the native stack runs float32 or bfloat16 models on CPU, not {param.dtype} on {param.device.type}"
     if not native_available():
-        return "the native CPU kernel is not available (no C compiler, or BITDISTILL_NATIVE_CPU=0)"
+        return native_unavailable_reason()
     if type(model.model.norm).__name__ not in _RMS_NORMS or model.model.norm.weight.dtype != param.dtype:
         return "the final norm is not an RMSNorm the native stack implements, in the model's dtype"
     act = _activation(model.model.layers[0].mlp)
@@ -104,7 +111,8 @@ def _native_unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def _native_stack(model: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> NativeDecoderStack:
+def _native_stack(model: nn.Module, cos: torch.Tensor, sin: torch.Tensor, head: NativeInt8Head | None,
+                  max_batch: int) -> NativeDecoderStack:
     """The native stack of ``model`` (checked by :func:`_native_unsupported`); ``cos``/``sin`` ``[max_length, rot]``."""
     cfg, inner = model.config, model.model
     layers = []
@@ -124,7 +132,7 @@ def _native_stack(model: nn.Module, cos: torch.Tensor, sin: torch.Tensor) -> Nat
     return NativeDecoderStack(layers, final_norm=_native_norm(inner.norm), n_heads=n_heads,
                               n_kv=getattr(cfg, "num_key_value_heads", None) or n_heads, head_dim=attn.head_dim,
                               scaling=float(attn.scaling), act=_activation(inner.layers[0].mlp), cos=cos, sin=sin,
-                              dtype=inner.embed_tokens.weight.dtype)
+                              dtype=inner.embed_tokens.weight.dtype, head=head, max_batch=max_batch)
 
 
 class _Linears:
@@ -148,28 +156,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on the first ``cos.shape[-1]`` features of ``x [1, H, T, D]`` (``cos [1, 1, T, R]``)."""
+    """Rotate-half RoPE on the first ``cos.shape[-1]`` features of ``x [B, H, T, D]`` (``cos [1, 1, T, R]``)."""
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
-
-
-class _Int8Head(nn.Module):
-    """Output head with int8 weights (per-row absmax scale), activations kept in float: approximate."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        w = weight.detach().float()
-        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8).contiguous())
-        self.register_buffer("scale", scale.to(weight.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [1, T, hidden]`` -> logits ``[1, T, vocab]``."""
-        x2d = x.reshape(-1, x.shape[-1]).to(self.scale.dtype).contiguous()
-        return torch._weight_int8pack_mm(x2d, self.weight, self.scale).reshape(*x.shape[:-1], -1)
 
 
 class FastDecoder:
@@ -179,15 +171,18 @@ class FastDecoder:
         model: a ``transformers`` causal LM of a :data:`FAST_DECODE_ARCHS` architecture, e.g. from
             :func:`bitdistill.load_packed` or :func:`bitdistill.load_student`.
         max_length: the longest prompt + generation this decoder holds (its KV cache size).
-        int8_head: use an int8-weight output head (approximate; see :class:`_Int8Head`).
+        int8_head: use an int8-weight output head (approximate; see :class:`bitdistill.cpu_ext.NativeInt8Head`).
         backend: ``"native"`` (the whole stack in C; a packed model on CPU), ``"torch"`` (the model's modules),
-            or ``"auto"``: native where it applies, else torch. The chosen one is ``self.backend``.
+            or ``"auto"``: native where it applies, else torch with one printed line saying why. The chosen one is
+            ``self.backend``.
+        max_batch: the most sequences decoded together (the cache holds this many).
 
     The decoder reads the model's packed weights and scales when it is built; build a new one after
     changing them.
     """
 
-    def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool = False, backend: str = "auto") -> None:
+    def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool = False, backend: str = "auto",
+                 max_batch: int = 1) -> None:
         if backend not in FAST_DECODE_BACKENDS:
             raise UserError(f"backend must be one of {', '.join(FAST_DECODE_BACKENDS)}, got {backend!r}")
         cfg = model.config
@@ -197,10 +192,12 @@ class FastDecoder:
         if max_length <= 0 or max_length > cfg.max_position_embeddings:
             raise UserError(f"max_length must be in 1..{cfg.max_position_embeddings} (max_position_embeddings), "
                              f"got {max_length}")
+        if max_batch < 1:
+            raise UserError(f"max_batch must be >= 1, got {max_batch}")
         self.model = model
         self.inner = model.model
         self.layers = list(self.inner.layers)
-        self.max_length = max_length
+        self.max_length, self.max_batch = max_length, max_batch
         attn = self.layers[0].self_attn
         self.head_dim = attn.head_dim
         self.n_heads = cfg.num_attention_heads
@@ -214,18 +211,20 @@ class FastDecoder:
         with torch.no_grad():
             cos, sin = self.inner.rotary_emb(param[:1][None], positions)
         self.cos, self.sin = cos[:, None], sin[:, None]  # [1, 1, max_length, rot]
-        self.head = _Int8Head(model.lm_head.weight) if int8_head else model.lm_head
+        self.int8_head = NativeInt8Head(model.lm_head.weight) if int8_head else None
         reason = "backend='torch' was asked for" if backend == "torch" else _native_unsupported(model)
         if backend == "native" and reason is not None:
             raise UserError(f"backend='native' is not possible: {reason}; use backend='auto' or 'torch'")
+        if backend == "auto" and reason is not None:
+            print(f"bitdistill: fast decoding runs the torch path, not the native stack: {reason}")
         self.backend = "torch" if reason is not None else "native"
-        self.native = _native_stack(model, cos[0], sin[0]) if reason is None else None
+        self.native = (_native_stack(model, cos[0], sin[0], self.int8_head, max_batch) if reason is None else None)
         self.k_cache, self.v_cache, self.qkv, self.o, self.mlp_in, self.down = [], [], [], [], [], []
         if self.native is None:
             self._build_torch_backend()
 
     def _build_torch_backend(self) -> None:
-        shape = (1, self.n_kv, self.max_length, self.head_dim)
+        shape = (self.max_batch, self.n_kv, self.max_length, self.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         for layer in self.layers:
@@ -239,25 +238,29 @@ class FastDecoder:
     def _attention(self, layer: nn.Module, i: int, h: torch.Tensor, pos: int, cos: torch.Tensor,
                    sin: torch.Tensor) -> torch.Tensor:
         attn = layer.self_attn
-        t = h.shape[1]
+        b, t = h.shape[:2]
         if self.fused_qkv:
             (qkv,) = self.qkv[i](h)
             q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                                  self.n_kv * self.head_dim], dim=-1)
         else:
             q, k, v = self.qkv[i](h)
-        q = q.view(1, t, -1, self.head_dim)
-        k = k.view(1, t, -1, self.head_dim)
+        q = q.view(b, t, -1, self.head_dim)
+        k = k.view(b, t, -1, self.head_dim)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = v.view(1, t, -1, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-        self.k_cache[i][:, :, pos:pos + t] = k
-        self.v_cache[i][:, :, pos:pos + t] = v
-        keys, values = self.k_cache[i][:, :, :pos + t], self.v_cache[i][:, :, :pos + t]
-        out = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, scale=self.scaling, enable_gqa=self.gqa)
-        out = out.transpose(1, 2).reshape(1, t, -1)
+        self.k_cache[i][:b, :, pos:pos + t] = k
+        self.v_cache[i][:b, :, pos:pos + t] = v
+        keys, values = self.k_cache[i][:b, :, :pos + t], self.v_cache[i][:b, :, :pos + t]
+        mask = None
+        if t > 1 and pos > 0:  # a chunk after cached positions: causal within the chunk, all earlier keys visible
+            mask = torch.ones(t, pos + t, dtype=torch.bool, device=h.device).tril(diagonal=pos)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=t > 1 and pos == 0,
+                                             scale=self.scaling, enable_gqa=self.gqa)
+        out = out.transpose(1, 2).reshape(b, t, -1)
         if hasattr(attn, "attn_sub_norm"):  # BitNetForCausalLM (a packed SubLN student)
             out = attn.attn_sub_norm(out)
         return self.o[i](out)[0]
@@ -271,22 +274,52 @@ class FastDecoder:
             mid = layer.mlp.ffn_sub_norm(mid)
         return self.down[i](mid)[0]
 
-    def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
-        """Run ``ids [1, T]`` at positions ``pos..pos+T-1``; returns the last position's logits ``[1, vocab]``."""
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        if self.int8_head is not None:
+            return self.int8_head(h).to(self.dtype)
+        return self.model.lm_head(h)
+
+    def _check(self, ids: torch.Tensor, pos: int) -> None:
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise UserError(f"input_ids must be [batch, tokens], got {tuple(ids.shape)}")
+        if ids.shape[0] > self.max_batch:
+            raise UserError(f"batch {ids.shape[0]} exceeds this decoder's max_batch {self.max_batch}; build it with "
+                             f"max_batch={ids.shape[0]}")
+        if pos < 0 or pos + ids.shape[1] > self.max_length:
+            raise UserError(f"{ids.shape[1]} tokens at position {pos} exceed this decoder's max_length "
+                             f"{self.max_length}; build it with a larger max_length")
+
+    def _run(self, ids: torch.Tensor, pos: int, all_positions: bool) -> torch.Tensor:
+        self._check(ids, pos)
         if self.native is not None:
-            return self.head(self.native(self.inner.embed_tokens(ids)[0], pos)[None, None])[:, -1]
+            hidden, logits = self.native.forward(self.inner.embed_tokens(ids), pos, all_positions=all_positions)
+            return self.model.lm_head(hidden) if logits is None else logits.to(self.dtype)
         h = self.inner.embed_tokens(ids)
         cos, sin = self.cos[:, :, pos:pos + ids.shape[1]], self.sin[:, :, pos:pos + ids.shape[1]]
         for i, layer in enumerate(self.layers):
             h = h + self._attention(layer, i, layer.input_layernorm(h), pos, cos, sin)
             h = h + self._mlp(layer, i, layer.post_attention_layernorm(h))
-        return self.head(self.inner.norm(h[:, -1:]))[:, -1]
+        return self._head(self.inner.norm(h if all_positions else h[:, -1]))
+
+    @torch.no_grad()
+    def step(self, ids: torch.Tensor, pos: int) -> torch.Tensor:
+        """Run ``ids [B, T]`` (B sequences, in cache slots ``0..B-1``) at positions ``pos..pos+T-1``; returns the
+        last position's logits ``[B, vocab]``."""
+        return self._run(ids, pos, False)
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of every position of ``ids [B, T]`` from position 0 (a prompt through the stack as GEMMs):
+        ``[B, T, vocab]``, e.g. for perplexity. Overwrites the cache."""
+        return self._run(ids, 0, True)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None) -> torch.Tensor:
-        """Greedy continuation of ``input_ids [1, T]``; returns ``[1, T + n]`` (``n <= max_new_tokens``)."""
-        if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-            raise UserError(f"input_ids must be [1, T] (batch 1), got {tuple(input_ids.shape)}")
+        """Greedy continuation of ``input_ids [B, T]`` (B <= ``max_batch`` prompts of one length); returns
+        ``[B, T + n]`` (``n <= max_new_tokens``). Generation stops once every sequence has produced
+        ``eos_token_id``; a sequence that has is continued with it."""
+        if input_ids.dim() != 2:
+            raise UserError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
         t = input_ids.shape[1]
         if t + max_new_tokens > self.max_length:
             raise UserError(f"prompt {t} + max_new_tokens {max_new_tokens} exceeds this decoder's max_length "
@@ -294,10 +327,14 @@ class FastDecoder:
         ids = input_ids.to(self.device)
         out = [ids]
         logits = self.step(ids, 0)
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
         for n in range(max_new_tokens):
             token = logits.argmax(dim=-1, keepdim=True)
+            if eos_token_id is not None:
+                token = token.masked_fill(done[:, None], eos_token_id)
+                done |= token[:, 0] == eos_token_id
             out.append(token)
-            if n + 1 == max_new_tokens or (eos_token_id is not None and token.item() == eos_token_id):
+            if n + 1 == max_new_tokens or bool(done.all()):
                 break
             logits = self.step(token, t + n)
         return torch.cat(out, dim=1)
@@ -305,10 +342,11 @@ class FastDecoder:
 
 def generate_fast(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, int8_head: bool = False,
                   eos_token_id: int | None = None, backend: str = "auto") -> torch.Tensor:
-    """Greedy decoding with a static KV cache (see :class:`FastDecoder`); returns ``[1, T + n]`` token ids.
+    """Greedy decoding with a static KV cache (see :class:`FastDecoder`); ``input_ids [B, T]`` -> ``[B, T + n]``.
 
     Builds a decoder sized for this call; reuse a :class:`FastDecoder` to decode repeatedly without
     rebuilding the cache.
     """
-    decoder = FastDecoder(model, input_ids.shape[-1] + max_new_tokens, int8_head=int8_head, backend=backend)
+    decoder = FastDecoder(model, input_ids.shape[-1] + max_new_tokens, int8_head=int8_head, backend=backend,
+                          max_batch=input_ids.shape[0] if input_ids.dim() == 2 else 1)
     return decoder.generate(input_ids, max_new_tokens, eos_token_id=eos_token_id)

@@ -1,0 +1,336 @@
+/* A whole Llama-family decoder stack for B sequences of T new tokens (bitdistill.cpu_ext.NativeDecoderStack).
+ *
+ * Every step is the model's own math in float32, rounded to the model's dtype wherever torch rounds it
+ * (each RMSNorm output and weight product, each projection, each rotary product and sum, the attention
+ * output, the activation and its product, each residual add), so a bfloat16 model's activations carry
+ * bfloat16 values exactly as in the eager model. Reductions (the RMSNorm mean square, attention scores,
+ * softmax) run in a different order than torch's kernels, so values can differ from the eager model in the
+ * last float32 bits before rounding; the projections are exact given their inputs.
+ *
+ * One OpenMP parallel region per chunk of tokens runs every layer: the projections split over packed rows,
+ * rotary and attention over (token, head) pairs, norms over tokens, the head over vocabulary rows. Tokens go
+ * through the stack in chunks of at most max_chunk per sequence (prefill as GEMM), so the scratch, allocated
+ * once by the caller (bitdistill_decode_scratch_bytes), has a fixed size; nothing is allocated per call.
+ */
+#include "bitdistill_cpu.h"
+
+#include <stddef.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+/* Scratch of one decode call, carved from the caller's buffer (64-byte aligned pieces). */
+typedef struct {
+    float *h, *xn, *qkv, *att, *mlp, *tmp, *xs, *scores, *row, *head_x, *head_bs;
+    int32_t *sx;
+    int8_t *xq, *head_qs;
+    uint8_t *head_qa;
+} bd_scratch;
+
+static int64_t widest_in(const bd_model *m) {
+    const int64_t QD = m->n_heads * m->head_dim, I = m->intermediate, H = m->hidden;
+    int64_t w = H > I ? H : I;
+    return w > QD ? w : QD;
+}
+
+/* Lay the scratch out from base (NULL: only measure); returns the bytes it spans. */
+static int64_t carve(const bd_model *m, int nthreads, char *base, bd_scratch *s) {
+    const int64_t M = m->max_batch * m->max_chunk, H = m->hidden, QD = m->n_heads * m->head_dim;
+    const int64_t QKV = QD + 2 * m->n_kv * m->head_dim, W = widest_in(m), Kp = m->head.Kp;
+    int64_t off = 0;
+#define BD_PIECE(field, type, count)                                        \
+    do {                                                                    \
+        if (base) s->field = (type *)(base + off);                          \
+        off += ((int64_t)sizeof(type) * (count) + 63) / 64 * 64;            \
+    } while (0)
+    BD_PIECE(h, float, M * H);
+    BD_PIECE(xn, float, M * W);
+    BD_PIECE(qkv, float, M * QKV);
+    BD_PIECE(att, float, M * QD);
+    BD_PIECE(mlp, float, M * 2 * m->intermediate);
+    BD_PIECE(tmp, float, M * H);
+    BD_PIECE(xs, float, M);
+    BD_PIECE(sx, int32_t, M);
+    BD_PIECE(xq, int8_t, M * W);
+    BD_PIECE(scores, float, nthreads * m->max_len);
+    BD_PIECE(row, float, nthreads * W);
+    BD_PIECE(head_x, float, M * Kp);
+    BD_PIECE(head_bs, float, M * (Kp / BD_HEAD_BLOCK));
+    BD_PIECE(head_qa, uint8_t, M * Kp);
+    BD_PIECE(head_qs, int8_t, M * Kp);
+#undef BD_PIECE
+    return off;
+}
+
+int64_t bitdistill_decode_scratch_bytes(const bd_model *m, int nthreads) {
+    return carve(m, nthreads < 1 ? 1 : nthreads, NULL, NULL) + 64;
+}
+
+/* LlamaRMSNorm on one row: y = w * dtype(x * rsqrt(mean(x^2) + eps)), the product rounded to the dtype. */
+static void rms_norm(const float *x, float *y, int64_t n, const bd_norm *norm, int bf16) {
+    double ss = 0.0;
+    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+    float r = 1.0f / sqrtf((float)(ss / (double)n) + norm->eps);
+    for (int64_t i = 0; i < n; i++) y[i] = bd_round(bd_load(norm->weight, i, bf16) * bd_round(x[i] * r, bf16), bf16);
+}
+
+static void norm_in_place(float *x, int64_t n, const bd_norm *norm, float *scratch, int bf16) {
+    rms_norm(x, scratch, n, norm, bf16);
+    memcpy(x, scratch, sizeof(float) * (size_t)n);
+}
+
+/* Rotate-half RoPE on the first `rot` features of one head vector x [D] at one position. */
+static void rope(float *x, const void *cos, const void *sin, int64_t rot, int bf16) {
+    const int64_t half = rot / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float x1 = x[i], x2 = x[i + half];
+        float a = bd_round(x1 * bd_load(cos, i, bf16), bf16), b = bd_round(-x2 * bd_load(sin, i, bf16), bf16);
+        float c = bd_round(x2 * bd_load(cos, i + half, bf16), bf16);
+        float d = bd_round(x1 * bd_load(sin, i + half, bf16), bf16);
+        x[i] = bd_round(a + b, bf16);
+        x[i + half] = bd_round(c + d, bf16);
+    }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* Compiled for the baseline and for AVX2 / AVX-512 machines, picked at load time (the loops below vectorize). */
+#define BD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BD_CLONES
+#endif
+
+/* q . k_j for a float32 query and one cached key row: 16 partial sums (vectorizable; another summation order than
+ * a plain loop, as torch's kernels also use). */
+static inline float dot_row(const float *q, const void *k, int64_t off, int64_t D, int bf16) {
+    float part[16] = {0};
+    int64_t d = 0;
+    if (bf16) {
+        const uint16_t *kb = (const uint16_t *)k + off;
+        for (; d + 16 <= D; d += 16)
+            for (int i = 0; i < 16; i++) part[i] += q[d + i] * bd_bf16_to_f32(kb[d + i]);
+    } else {
+        const float *kf = (const float *)k + off;
+        for (; d + 16 <= D; d += 16)
+            for (int i = 0; i < 16; i++) part[i] += q[d + i] * kf[d + i];
+    }
+    float s = 0.0f;
+    for (; d < D; d++) s += q[d] * bd_load(k, off + d, bf16);
+    for (int i = 0; i < 16; i++) s += part[i];
+    return s;
+}
+
+/* Causal attention of one head's query q [D] over cached positions 0..n-1 of one kv head; out [D]. */
+BD_CLONES static void attend(const float *q, const void *k_cache, const void *v_cache, int64_t n, int64_t D,
+                             float scaling, float *scores, float *out, int bf16) {
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+        scores[j] = dot_row(q, k_cache, j * D, D, bf16) * scaling;
+        if (scores[j] > mx) mx = scores[j];
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; j++) { scores[j] = expf(scores[j] - mx); total += scores[j]; }
+    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        const float p = scores[j] / total;
+        if (bf16) {
+            const uint16_t *vb = (const uint16_t *)v_cache + j * D;
+            for (int64_t d = 0; d < D; d++) out[d] += p * bd_bf16_to_f32(vb[d]);
+        } else {
+            const float *vf = (const float *)v_cache + j * D;
+            for (int64_t d = 0; d < D; d++) out[d] += p * vf[d];
+        }
+    }
+    for (int64_t d = 0; d < D; d++) out[d] = bd_round(out[d], bf16);
+}
+
+/* Add the residual branch d (NULL: none) to the rows of x [M, K], normalize them into y (norm may have no
+ * weight: only quantize) and quantize them for the next linears: one pass, one barrier. */
+static void norm_quantize(const bd_model *m, float *x, const float *d, float *y, int64_t M, int64_t K,
+                          const bd_norm *norm, const bd_scratch *s) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++) {
+        float *src = x + r * K;
+        if (d)
+            for (int64_t i = 0; i < K; i++) src[i] = bd_round(src[i] + d[r * K + i], m->bf16);
+        if (norm->weight) {
+            rms_norm(src, y + r * K, K, norm, m->bf16);
+            src = y + r * K;
+        }
+        s->xs[r] = bd_quantize_row(src, K, s->xq + r * K, &s->sx[r]);
+    }
+}
+
+static void residual(float *h, const float *d, int64_t M, int64_t H, int bf16) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < M; r++)
+        for (int64_t i = r * H; i < (r + 1) * H; i++) h[i] = bd_round(h[i] + d[i], bf16);
+}
+
+/* One chunk: tokens t0..t0+Tc-1 of every sequence (rows b * Tc + t), run by every thread of a parallel region. */
+static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t Tc, int64_t pos0, const int bf16) {
+    const int64_t H = m->hidden, D = m->head_dim, QD = m->n_heads * D, KD = m->n_kv * D, I = m->intermediate;
+    const int64_t QKV = QD + 2 * KD, group = m->n_heads / m->n_kv, M = B * Tc, NH = m->n_heads + m->n_kv;
+    const bd_norm none = {NULL, 0.0f};
+    const size_t esz = bf16 ? 2 : 4;
+    float *row = s->row + thread_id() * widest_in(m), *scores = s->scores + thread_id() * m->max_len;
+    for (int64_t li = 0; li < m->n_layers; li++) {
+        const bd_layer *L = &m->layers[li];
+        /* attention */
+        norm_quantize(m, s->h, li > 0 ? s->tmp : NULL, s->xn, M, H, &L->input_norm, s);
+        {
+            void *outs[3];
+            int64_t ldo[3], off = 0;
+            for (int i = 0; i < L->n_qkv; i++) { outs[i] = s->qkv + off; ldo[i] = QKV; off += 4 * L->qkv[i].P; }
+            bd_linears(s->xq, s->xs, s->sx, M, H, L->qkv, L->n_qkv, outs, ldo, bf16, 0);
+        }
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < M * NH; u++) {
+            const int64_t r = u / NH, hd = u % NH, b = r / Tc, p = pos0 + r % Tc;
+            const char *cs = (const char *)m->cos + p * m->rot * esz, *sn = (const char *)m->sin + p * m->rot * esz;
+            float *q = s->qkv + r * QKV;
+            if (hd < m->n_heads) {
+                if (L->q_norm.weight) norm_in_place(q + hd * D, D, &L->q_norm, row, bf16);
+                rope(q + hd * D, cs, sn, m->rot, bf16);
+            } else {
+                const int64_t kv = hd - m->n_heads;
+                float *k = q + QD + kv * D, *v = q + QD + KD + kv * D;
+                if (L->k_norm.weight) norm_in_place(k, D, &L->k_norm, row, bf16);
+                rope(k, cs, sn, m->rot, bf16);
+                const int64_t base = ((b * m->n_kv + kv) * m->max_len + p) * D;
+                for (int64_t d = 0; d < D; d++) {
+                    bd_store(L->k_cache, base + d, k[d], bf16);
+                    bd_store(L->v_cache, base + d, v[d], bf16);
+                }
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t u = 0; u < M * m->n_heads; u++) {
+            const int64_t r = u / m->n_heads, hd = u % m->n_heads, b = r / Tc, p = pos0 + r % Tc;
+            const int64_t off = (b * m->n_kv + hd / group) * m->max_len * D * (int64_t)esz;
+            attend(s->qkv + r * QKV + hd * D, (const char *)L->k_cache + off, (const char *)L->v_cache + off, p + 1, D,
+                   m->scaling, scores, s->att + r * QD + hd * D, bf16);
+        }
+        norm_quantize(m, s->att, NULL, s->att, M, QD, L->attn_sub_norm.weight ? &L->attn_sub_norm : &none, s);
+        {
+            void *outs[1] = {s->tmp};
+            int64_t ldo[1] = {H};
+            bd_linears(s->xq, s->xs, s->sx, M, QD, &L->o, 1, outs, ldo, bf16, 0);
+        }
+        /* MLP */
+        norm_quantize(m, s->h, s->tmp, s->xn, M, H, &L->post_norm, s);
+        {
+            void *outs[2] = {s->mlp, s->mlp + (L->n_mlp_in == 2 ? I : 0)};
+            int64_t ldo[2] = {2 * I, 2 * I};
+            bd_linears(s->xq, s->xs, s->sx, M, H, L->mlp_in, L->n_mlp_in, outs, ldo, bf16, 0);
+        }
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < M; r++) {
+            const float *gate = s->mlp + r * 2 * I, *up = gate + I;
+            float *mid = s->xn + r * I;
+            for (int64_t j = 0; j < I; j++) {
+                float g = gate[j], a;
+                if (m->act == 0) a = bd_round(g / (1.0f + expf(-g)), bf16);
+                else { float z = g > 0.0f ? g : 0.0f; a = bd_round(z * z, bf16); }
+                mid[j] = bd_round(a * up[j], bf16);
+            }
+            if (L->ffn_sub_norm.weight) norm_in_place(mid, I, &L->ffn_sub_norm, row, bf16);
+            s->xs[r] = bd_quantize_row(mid, I, s->xq + r * I, &s->sx[r]);
+        }
+        {
+            void *outs[1] = {s->tmp};
+            int64_t ldo[1] = {H};
+            bd_linears(s->xq, s->xs, s->sx, M, I, &L->down, 1, outs, ldo, bf16, 0);
+        }
+    }
+    residual(s->h, s->tmp, M, H, bf16); /* the last layer's; each other one is added by the next layer's norm */
+}
+
+/* Run h_in [B, T, hidden] (model dtype; B sequences of T new tokens at positions pos..pos+T-1, sequence b in
+ * cache slot b) through every layer, writing keys and values into the caches. With all_positions the final norm
+ * of every token goes to out_h [B, T, hidden] (model dtype) and, when the model has a native head, its logits
+ * to logits [B, T, V] (float32); otherwise only the last token's, out_h [B, hidden] and logits [B, V].
+ * scratch: bitdistill_decode_scratch_bytes(m, scratch_threads) bytes, 64-byte aligned. Returns 0, or 1 when
+ * the arguments exceed the sizes the model and scratch were made for. */
+int bitdistill_decode(const bd_model *m, void *scratch, int scratch_threads, const void *h_in, int64_t B, int64_t T,
+                      int64_t pos, int all_positions, void *out_h, float *logits, int nthreads) {
+    const int bf16 = m->bf16;
+    const int64_t H = m->hidden, V = m->head.V, Kp = m->head.Kp, nb = Kp / BD_HEAD_BLOCK;
+    if (B < 1 || B > m->max_batch || T < 1 || pos < 0 || pos + T > m->max_len) return 1;
+    if (nthreads > scratch_threads) nthreads = scratch_threads;
+    if (nthreads < 1) nthreads = 1;
+    bd_scratch s;
+    carve(m, scratch_threads, (char *)scratch, &s);
+    for (int64_t c0 = 0; c0 < T; c0 += m->max_chunk) {
+        const int64_t Tc = T - c0 < m->max_chunk ? T - c0 : m->max_chunk, M = B * Tc;
+        const int final = all_positions || c0 + Tc == T;
+        const int64_t n_out = all_positions ? M : B;
+#pragma omp parallel num_threads(nthreads)
+        {
+#pragma omp for schedule(static)
+            for (int64_t r = 0; r < M; r++) {
+                const int64_t src = (r / Tc) * T + c0 + r % Tc;
+                for (int64_t i = 0; i < H; i++) s.h[r * H + i] = bd_load(h_in, src * H + i, bf16);
+            }
+            run_chunk(m, &s, B, Tc, pos + c0, bf16);
+            if (final) {
+#pragma omp for schedule(static)
+                for (int64_t o = 0; o < n_out; o++) {
+                    const int64_t r = all_positions ? o : o * Tc + Tc - 1, b = r / Tc;
+                    const int64_t dst = all_positions ? b * T + c0 + r % Tc : b;
+                    float *y = s.tmp + r * H;
+                    rms_norm(s.h + r * H, y, H, &m->final_norm, bf16);
+                    for (int64_t i = 0; i < H; i++) bd_store(out_h, dst * H + i, y[i], bf16);
+                    if (m->head.w && logits) {
+                        float *xp = s.head_x + o * Kp;
+                        for (int64_t i = 0; i < Kp; i++) xp[i] = i < H ? y[i] : 0.0f;
+                        bd_head_quantize(xp, 1, Kp, s.head_qa + o * Kp, s.head_qs + o * Kp, s.head_bs + o * nb);
+                    }
+                }
+                if (m->head.w && logits) {
+                    if (all_positions) {
+                        for (int64_t b = 0; b < B; b++)
+                            bd_head_logits(&m->head, s.head_qa + b * Tc * Kp, s.head_qs + b * Tc * Kp,
+                                           s.head_bs + b * Tc * nb, Tc, logits + (b * T + c0) * V, V);
+                    } else {
+                        bd_head_logits(&m->head, s.head_qa, s.head_qs, s.head_bs, B, logits, V);
+                    }
+                }
+            }
+        }
+    }
+    return 0;
+}
+
+/* Sizes and offsets of the structs cpu_ext.py mirrors with ctypes, in a fixed order: for each struct its size,
+ * then the offset of each field in declaration order. Writes at most n values; returns how many there are. */
+int64_t bitdistill_layout(int64_t *out, int64_t n) {
+    const int64_t v[] = {
+        sizeof(bd_linear), offsetof(bd_linear, packed), offsetof(bd_linear, P), offsetof(bd_linear, scale),
+        offsetof(bd_linear, bias),
+        sizeof(bd_norm), offsetof(bd_norm, weight), offsetof(bd_norm, eps),
+        sizeof(bd_head), offsetof(bd_head, w), offsetof(bd_head, scale), offsetof(bd_head, V), offsetof(bd_head, K),
+        offsetof(bd_head, Kp),
+        sizeof(bd_layer), offsetof(bd_layer, input_norm), offsetof(bd_layer, post_norm), offsetof(bd_layer, q_norm),
+        offsetof(bd_layer, k_norm), offsetof(bd_layer, attn_sub_norm), offsetof(bd_layer, ffn_sub_norm),
+        offsetof(bd_layer, qkv), offsetof(bd_layer, n_qkv), offsetof(bd_layer, o), offsetof(bd_layer, mlp_in),
+        offsetof(bd_layer, n_mlp_in), offsetof(bd_layer, down), offsetof(bd_layer, k_cache),
+        offsetof(bd_layer, v_cache),
+        sizeof(bd_model), offsetof(bd_model, n_layers), offsetof(bd_model, hidden), offsetof(bd_model, n_heads),
+        offsetof(bd_model, n_kv), offsetof(bd_model, head_dim), offsetof(bd_model, intermediate),
+        offsetof(bd_model, rot), offsetof(bd_model, max_len), offsetof(bd_model, max_batch),
+        offsetof(bd_model, max_chunk), offsetof(bd_model, scaling), offsetof(bd_model, bf16), offsetof(bd_model, act),
+        offsetof(bd_model, cos), offsetof(bd_model, sin), offsetof(bd_model, final_norm), offsetof(bd_model, layers),
+        offsetof(bd_model, head),
+    };
+    const int64_t count = (int64_t)(sizeof v / sizeof v[0]);
+    for (int64_t i = 0; i < n && i < count; i++) out[i] = v[i];
+    return count;
+}

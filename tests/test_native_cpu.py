@@ -1,0 +1,79 @@
+"""The native CPU library (csrc/cpu/): its ctypes mirrors, and every run-time picked kernel against the scalar one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitdistill import cpu_ext
+from bitdistill.quant.packing import pack_ternary, packed_linear_reference
+
+pytestmark = pytest.mark.skipif(not cpu_ext.native_available(), reason=cpu_ext.native_unavailable_reason())
+
+
+def _isas() -> list[str]:
+    """The kernels this CPU can run (forced_isa caps a request at what the CPU has)."""
+    found = []
+    for name in cpu_ext.ISA_NAMES:
+        with cpu_ext.forced_isa(name) as used:
+            if used == name:
+                found.append(name)
+    return found
+
+
+def test_ctypes_layouts_equal_the_c_structs():
+    assert cpu_ext.native_layout() == cpu_ext.ctypes_layout()
+    assert len(cpu_ext.ctypes_layout()) == 5 + sum(len(s._fields_) for s in (
+        cpu_ext._Linear, cpu_ext._Norm, cpu_ext._Head, cpu_ext._Layer, cpu_ext._Model))
+
+
+def test_the_best_kernel_is_picked_by_default():
+    assert cpu_ext.cpu_isa() == _isas()[-1]
+
+
+@pytest.mark.parametrize("k", [1, 31, 64, 100, 577, 2048])
+def test_every_kernel_equals_the_scalar_one_bit_for_bit(k):
+    gen = torch.Generator().manual_seed(k)
+    codes = torch.randint(-1, 2, (16, k), dtype=torch.int8, generator=gen)
+    codes[0] = 1  # extremes: all +1 / all -1 rows against all -128 / +127 activations
+    codes[1] = -1
+    packed = pack_ternary(codes)
+    x = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=gen)
+    x[0], x[1] = -128, 127
+    expected = x.long() @ codes.long().t()
+    with cpu_ext.forced_isa("scalar"):
+        scalar = cpu_ext.packed_int_mm(x, packed)
+    assert torch.equal(scalar.long(), expected)
+    for isa in _isas():
+        with cpu_ext.forced_isa(isa):
+            assert torch.equal(cpu_ext.packed_int_mm(x, packed), scalar), isa
+
+
+def test_threaded_linears_equal_the_reference():
+    """A layer above the one-thread threshold runs on 2 OpenMP threads; the result is the reference's, bit for bit."""
+    packed = pack_ternary(torch.randint(-1, 2, (512, 300), dtype=torch.int8))
+    x = torch.randn(3, 300).to(torch.bfloat16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = cpu_ext.packed_linear_cpu(x, packed, torch.tensor([1.7]), None)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, packed_linear_reference(x, packed, torch.tensor([1.7]), None))
+
+
+@pytest.mark.parametrize("k", [64, 100])
+def test_int8_head_kernels_agree_and_approximate_the_float_head(k):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, k, generator=gen) * 0.05
+    x = torch.randn(3, k, generator=gen) * 3
+    head = cpu_ext.NativeInt8Head(weight)
+    with cpu_ext.forced_isa("scalar"):
+        scalar = head(x)
+    for isa in _isas():
+        with cpu_ext.forced_isa(isa):
+            got = head(x)
+        assert torch.allclose(got, scalar, rtol=1e-5, atol=1e-5 * scalar.abs().max().item()), isa
+    exact = x @ weight.t()
+    assert scalar.shape == exact.shape == (3, 96)
+    assert (scalar - exact).abs().max() <= 0.02 * exact.abs().max()
