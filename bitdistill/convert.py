@@ -8,6 +8,7 @@ The student folder is an ordinary ``save_pretrained`` folder whose ``config.json
 from __future__ import annotations
 
 import copy
+import importlib.util
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -56,8 +57,10 @@ def check_model_source(src: str | Path, gguf_file: str | None, flag: str = "--gg
     """Fail early, in one line, on a local ``src`` that cannot be loaded as given (hub ids pass through).
 
     A folder without ``config.json`` that holds GGUF files names them and ``flag`` (the option that selects
-    one); a ``gguf_file`` missing from ``src`` is named too.
+    one); a ``gguf_file`` missing from ``src`` is named too, and so is a missing ``gguf`` package.
     """
+    if gguf_file is not None and importlib.util.find_spec("gguf") is None:
+        raise UserError(f"reading {flag} {gguf_file} needs the gguf package: pip install 'bitdistill[gguf]'")
     path = Path(str(src))
     if str(src).startswith("tiny:") or not path.exists():
         return

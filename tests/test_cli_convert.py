@@ -103,3 +103,16 @@ def test_convert_gguf_writes_the_tokenizer_and_eval_loads_it(tmp_path):
 
     _model, tokenizer, kind = load_for_eval(tmp_path / "s")
     assert kind == "student" and tokenizer("Paris").input_ids == tok("Paris").input_ids
+
+
+def test_a_gguf_source_without_the_gguf_package_is_one_line(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "m.gguf").write_bytes(b"GGUF")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--gguf_file", "m.gguf"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'bitdistill[gguf]'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()

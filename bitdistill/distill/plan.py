@@ -68,7 +68,7 @@ def _config(src, gguf_file: str | None = None, *, file_ok: bool = False):
             data = {k: v for k, v in json.loads(path.read_text()).items() if k != MARKER_KEY}
             return AutoConfig.for_model(**data)
         return AutoConfig.from_pretrained(src, gguf_file=gguf_file)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, ImportError):  # the loaders name the problem
         return None
 
 
