@@ -66,3 +66,16 @@ def test_cache_teacher_help_lists_only_what_it_uses(capsys):
     parser = build_parser(["cache-teacher"])
     dests = {a.dest for a in parser._subparsers._group_actions[0].choices["cache-teacher"]._actions}
     assert dests - {"help", "config"} == set(USED_FIELDS)
+
+
+def test_training_commands_default_openmp_to_passive_waiting_before_torch_loads():
+    code = ("import os, sys; os.environ.pop('OMP_WAIT_POLICY', None); from bitdistill.cli.main import main; "
+            "rc = main(['recover', '--time_budget', 'nonsense', '--teacher_model_name_or_path', 'tiny:llama', "
+            "'--train_files', 'missing.txt', '--output_dir', 'unused']); "
+            "print(os.environ.get('OMP_WAIT_POLICY'), rc)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300).stdout.split()
+    assert out == ["PASSIVE", "2"]
+    kept = subprocess.run([sys.executable, "-c", code.replace("os.environ.pop('OMP_WAIT_POLICY', None)",
+                                                              "os.environ['OMP_WAIT_POLICY'] = 'ACTIVE'")],
+                          capture_output=True, text=True, timeout=300).stdout.split()
+    assert kept == ["ACTIVE", "2"]

@@ -10,7 +10,9 @@ read-only location) print one line on stderr and exit 2; Ctrl-C prints one line 
 after every output being written has been removed. Programming errors keep their traceback. Set
 ``BITDISTILL_DEBUG=1`` for the traceback of a user error too. The training commands keep freed heap memory in
 the process (:func:`bitdistill.allocator.keep_freed_memory`; faster, same results; ``BITDISTILL_KEEP_FREED_MEMORY=0``
-leaves the allocator alone). :func:`main` called in-process (tests) does so for the calling process too.
+leaves the allocator alone). :func:`main` called in-process (tests) does so for the calling process too. They also
+default ``OMP_WAIT_POLICY`` to ``PASSIVE`` before torch is imported: under load, OpenMP threads spinning at barriers
+burn process CPU time, which is what ``--time_budget`` counts.
 """
 
 from __future__ import annotations
@@ -118,6 +120,8 @@ def _sigterm(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv and argv[0] in COMMANDS else None
+    if command in TRAINING_COMMANDS:  # before torch loads OpenMP: spinning threads of a loaded machine burn the
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # CPU budget (a set value is kept)
     args = build_parser([command] if command else []).parse_args(argv)
     debug = bool(os.environ.get("BITDISTILL_DEBUG"))
     if args.command in TRAINING_COMMANDS:
