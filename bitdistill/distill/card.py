@@ -191,7 +191,7 @@ def distill_card(model_args, data_args, loss_args, training_args, metrics: dict,
         f"Perplexity: window {data_args.max_seq_length}, stride {data_args.eval_stride or data_args.max_seq_length}, "
         f"max windows {data_args.eval_max_windows}",
     ]
-    recipe = metrics.get("recipe") or {}  # bitdistill.distill.plan: default parts skipped, export targets
+    recipe = metrics.get("recipe") or {}  # bitdistill.distill.recipe: default parts skipped, export targets
     details += [f"Recipe part skipped for this architecture: {part} ({why})"
                 for part, why in recipe.get("skipped", {}).items()]
     if recipe.get("exports"):

@@ -28,7 +28,7 @@ from bitdistill.distill.args import (
 from bitdistill.distill.card import distill_card
 from bitdistill.distill.embeddings import freeze_embeddings, student_from_config, transfer_embeddings
 from bitdistill.distill.engine import Distilled, distill_student, save_student
-from bitdistill.distill.plan import plan_recipe
+from bitdistill.distill.recipe import plan_recipe
 from bitdistill.distill.teacher_cache import TeacherCache, cache_teacher_logits
 from bitdistill.distill.terms import validate_loss_args
 from bitdistill.errors import UserError

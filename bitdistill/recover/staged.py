@@ -49,7 +49,7 @@ from bitdistill.convert import load_model
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
 from bitdistill.distill.engine import Distilled, distill_student, save_student
-from bitdistill.distill.plan import plan_recipe
+from bitdistill.distill.recipe import plan_recipe
 from bitdistill.distill.run import (
     METRICS_FILE,
     StudentCard,
