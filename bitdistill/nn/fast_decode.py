@@ -35,6 +35,8 @@ sub-norms before ``o_proj`` and ``down_proj``, ReLU-squared or SiLU).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -216,7 +218,7 @@ class FastDecoder:
         if backend == "native" and reason is not None:
             raise UserError(f"backend='native' is not possible: {reason}; use backend='auto' or 'torch'")
         if backend == "auto" and reason is not None:
-            print(f"bitdistill: fast decoding runs the torch path, not the native stack: {reason}")
+            print(f"bitdistill: fast decoding runs the torch path, not the native stack: {reason}", file=sys.stderr)
         self.backend = "torch" if reason is not None else "native"
         self.native = (_native_stack(model, cos[0], sin[0], self.int8_head, max_batch) if reason is None else None)
         self.k_cache, self.v_cache, self.qkv, self.o, self.mlp_in, self.down = [], [], [], [], [], []
