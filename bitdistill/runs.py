@@ -328,10 +328,11 @@ class RunTrainer(AtomicCheckpointMixin, Trainer):
             self._part_micro_batches = 0
         super().log(logs, start_time)
 
-    def set_initial_training_values(self, args, dataloader):
+    def set_initial_training_values(self, args, dataloader, *rest):
         """transformers' step and epoch counts; a budgeted run has neither limit (its budget stops it, its
-        schedule is refit to the plan), so both are unbounded until the budget has planned."""
-        values = list(super().set_initial_training_values(args, dataloader))
+        schedule is refit to the plan), so both are unbounded until the budget has planned. ``rest``: the total
+        train batch size that transformers before 5 also passes."""
+        values = list(super().set_initial_training_values(args, dataloader, *rest))
         if self.cpu_budget is not None:
             values[0] = values[-1] = sys.maxsize  # num_train_epochs, max_steps
         return tuple(values)
