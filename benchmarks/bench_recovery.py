@@ -130,8 +130,8 @@ def held_out_blocks(tokenizer) -> torch.Tensor:
     ``bitdistill recover`` splits it with its defaults), which no stage of it trains on. The e2e recipe is not told
     to hold them out: at 90 CPU-minutes it sees about 0.65 epochs (324k of the text's 498k tokens) and may have seen
     some of them, so its number can only flatter it."""
+    from bitdistill.budget import parse_cpu_budget
     from bitdistill.data.args import DataArguments
-    from bitdistill.recover.budget import parse_cpu_budget
     from bitdistill.recover.staged import RecoverArguments, _calibration
 
     args = RecoverArguments()  # the held-out tail is the same at every budget (tests/test_bench_recovery.py)

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.fsdp.shard import available_host_bytes
 from bitdistill.io import atomic_write
 from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
@@ -117,21 +118,10 @@ def state_bytes(n_sequences: int, seq_len: int, hidden: int, *, student_inputs: 
     return per * (n_sequences * (3 + int(student_inputs)) + val_sequences * 3)
 
 
-def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
 def check_state_budget(needed: int, *, memory_budget: int | None, work_dir: Path | None, layer_bytes: int) -> None:
     """Refuse (one line) when the cached teacher states exceed the memory budget (default: half the available
     memory) or the resume folder's disk lacks room for them plus the block parameters."""
-    budget = memory_budget if memory_budget is not None else _available_memory() // 2
+    budget = memory_budget if memory_budget is not None else available_host_bytes() // 2
     if needed > budget:
         raise UserError(f"cached hidden states need {needed / 2**20:.0f} MiB but the memory budget is "
                          f"{budget / 2**20:.0f} MiB; use fewer calibration tokens or raise the budget")
