@@ -118,29 +118,37 @@ class CpuBudgetCallback(TrainerCallback):
     ``cpu_s_left``. The trainer that runs it must not stop on its own before the budget is spent (see
     :meth:`bitdistill.runs.RunTrainer.set_initial_training_values`).
 
+    With ``clock``, the budget is that clock's CPU time since training began, so what a caller runs inside the
+    loop through ``clock.excluding`` (held-out evaluations) is not counted; without, a clock of its own.
+
     Attributes:
         used_s: CPU seconds used when training ended; ``steps`` the optimizer steps done; ``planned_steps`` the
             refit step count (or ``None``).
     """
 
     def __init__(self, budget_s: float, *, fit_schedule: bool = True, measure_from: int = 1, measure_to: int = 3,
-                 refits: int = 9) -> None:
+                 refits: int = 9, clock: CpuClock | None = None) -> None:
         self.budget_s = budget_s
         self.fit_schedule = fit_schedule
         self.plan = StepPlan(budget_s, measure_from=measure_from, measure_to=measure_to, refits=refits)
+        self.clock = clock
         self.start = 0.0
         self.used_s = 0.0
         self.steps = 0
+
+    def _used(self) -> float:
+        return self.clock.used() - self.start
 
     @property
     def planned_steps(self) -> int | None:
         return self.plan.planned_steps
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.process_time()
+        self.clock = self.clock or CpuClock()
+        self.start = self.clock.used()
 
     def on_step_end(self, args, state, control, **kwargs):
-        used = time.process_time() - self.start
+        used = self._used()
         if used >= self.budget_s:
             control.should_training_stop = True
             state.max_steps = state.global_step
@@ -154,10 +162,10 @@ class CpuBudgetCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:
             logs["planned_steps"] = self.planned_steps
-            logs["cpu_s_left"] = round(max(self.budget_s - (time.process_time() - self.start), 0.0), 1)
+            logs["cpu_s_left"] = round(max(self.budget_s - self._used(), 0.0), 1)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.used_s = time.process_time() - self.start
+        self.used_s = self._used()
         self.steps = state.global_step
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import tensorboard_into_output_dir
-from bitdistill.budget import CpuBudgetCallback
+from bitdistill.budget import CpuBudgetCallback, CpuClock
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import LossArguments
 from bitdistill.distill.attention import QKVCapture, resolve_layer_indices
@@ -150,7 +150,7 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
                     teacher_cache: TeacherCache | None = None, budget_s: float | None = None,
                     checkpoint: Path | None = None, quant_warmup_steps: int = 0,
                     callbacks: list[TrainerCallback] | None = None, all_args: dict | None = None,
-                    command: str | None = None) -> Distilled:
+                    command: str | None = None, clock: CpuClock | None = None) -> Distilled:
     """Distill ``student`` (trained in place) from ``teacher`` on ``blocks [N, S]``; returns it with its metrics.
 
     Args:
@@ -169,11 +169,13 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
         quant_warmup_steps: blend quantization in over this many steps.
         callbacks: extra ``TrainerCallback`` objects.
         all_args: every argument, for ``provenance.json``; command: the command line, for it.
+        clock: the clock ``budget_s`` is counted on (what runs through its ``excluding`` inside the loop, e.g. a
+            caller's held-out evaluations, is not counted); default: a clock of the training loop's own.
     """
     if budget_s is not None and training_args.max_steps > 0:
         raise UserError("--time_budget plans the steps itself; drop --max_steps (or the budget)")
     layer_map, attention_layers = _loss_structures(student, teacher, loss_args)
-    budget = CpuBudgetCallback(budget_s) if budget_s is not None else None
+    budget = CpuBudgetCallback(budget_s, clock=clock) if budget_s is not None else None
     run = setup_run(blocks, tokenizer, data_args, training_args, config, [*([budget] if budget else []),
                                                                            *(callbacks or [])])
     if quant_warmup_steps > 0:

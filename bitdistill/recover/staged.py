@@ -23,9 +23,11 @@ and is written to disk only as a resume point (``stage2_student``, and ``e2e/stu
 and, at the end, as ``<output_dir>/student``. The budget is process CPU time from the moment the teacher is
 loaded (:class:`~bitdistill.budget.CpuClock`); the held-out evaluations that report each stage, writing resume
 points and what runs around each KD stage's training loop are not counted. After each stage its held-out loss and perplexity (on
-the last ``held_out_blocks`` blocks of the training text, which no stage trains on) and its CPU time are
+the tuning split: the last ``held_out_tokens`` of the training text, which no stage trains on) and its CPU time are
 printed, appended to ``<output_dir>/audit_log.jsonl`` (``"event": "stage"``) and, at the end, written to
-``<output_dir>/recovery.json`` and the student's model card.
+``<output_dir>/recovery.json`` and the student's model card. Inside the KD stages the split is also evaluated at
+every tenth of the budget (:mod:`bitdistill.recover.curve`); ``recovery.json``'s ``held_out_curve`` holds those
+points and the stages' ends as ``[cpu_min, held_out_ppl]`` pairs.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import time
@@ -64,6 +67,7 @@ from bitdistill.errors import UserError
 from bitdistill.io import atomic_write
 from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
+from bitdistill.recover.curve import HeldOutCurveCallback, held_out_loss, tenth_marks
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
 from bitdistill.runs import build_blocks, config_changes, config_dict, tokens_per_step
 from bitdistill.validate import validate_run_args
@@ -81,6 +85,10 @@ JOINT_BLOCK_MICRO_BATCH = 1  # the joint block stage's default step: one sequenc
 JOINT_BLOCK_SEQ_LENGTH = 128  # of this many tokens (at most calibration_seq_length)
 SHORT_BUDGET_S = 30 * 60  # below this the joint block stage's default learning rate is
 SHORT_BLOCK_LR = 1e-2  # this one, from it JointConfig().lr (3e-3)
+HELD_OUT_TOKENS = 64 * 256  # the tuning split: 4 x 256 ranked two recipes opposite to wiki.test.raw (issue 50)
+BLOCK_VAL_BLOCKS = 4  # held-out blocks of the block stage's own before/after block losses, counted in its budget
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -106,9 +114,12 @@ class RecoverArguments:
     block_seq_length: int | None = field(default=None, metadata={
         "help": "Sequence length of the joint block stage's training blocks (default: 128, or "
                 "calibration_seq_length if shorter)."})
-    held_out_blocks: int = field(default=4, metadata={
-        "help": "Blocks of calibration_seq_length tokens at the end of the training text, never trained on, that "
-                "report each stage's held-out loss and perplexity."})
+    held_out_tokens: int | None = field(default=None, metadata={
+        "help": "The tuning split: tokens at the end of the training text (whole blocks of calibration_seq_length, "
+                "rounded up), never trained on, that report each stage's held-out loss and perplexity and the "
+                f"held-out curve (default {HELD_OUT_TOKENS}: 64 blocks of 256)."})
+    held_out_blocks: int | None = field(default=None, metadata={
+        "help": "Deprecated: --held_out_tokens N x calibration_seq_length."})
     block_init: str = field(default="keep", metadata={
         "help": "Initialization before the block stage: keep (the naive absmean copy; no init stage) or gptq "
                 "(calibrated ternary rounding, stage 'init')."})
@@ -150,8 +161,15 @@ class RecoverArguments:
                             block_lr=SHORT_BLOCK_LR if budget_s < SHORT_BUDGET_S else JointConfig().lr)
         else:
             defaults.update(block_micro_batch=2, block_lr=BlockwiseConfig().lr)
+        if self.held_out_blocks is not None:
+            if self.held_out_tokens is not None:
+                raise UserError("--held_out_blocks and --held_out_tokens both set the held-out split; drop "
+                                "--held_out_blocks")
+            logger.warning("--held_out_blocks is deprecated; use --held_out_tokens %d",
+                           self.held_out_blocks * self.calibration_seq_length)
+        defaults["held_out_tokens"] = _held_out_count(self) * self.calibration_seq_length
         given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
-        return dataclasses.replace(self, **{**defaults, **given})
+        return dataclasses.replace(self, **{**defaults, **given, "held_out_blocks": None})
 
 
 @dataclass
@@ -169,18 +187,14 @@ class StageResult:
                 f"CPU {self.cpu_s / 60:.1f} min")
 
 
-@torch.no_grad()
-def held_out_loss(model: nn.Module, blocks: torch.Tensor) -> float:
-    """Mean next-token cross-entropy of ``model`` over ``blocks [N, S]`` (each block predicts its last S - 1 tokens)."""
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for row in blocks:
-        logits = model(input_ids=row[None]).logits[0, :-1].float()
-        total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
-        count += row.numel() - 1
-    model.train(was)
-    return total / count
+def _held_out_count(recover_args: RecoverArguments) -> int:
+    """Blocks of ``calibration_seq_length`` tokens in the held-out split (of resolved or unresolved options)."""
+    s = recover_args.calibration_seq_length
+    if recover_args.held_out_tokens is not None:
+        return math.ceil(recover_args.held_out_tokens / s)
+    if recover_args.held_out_blocks is not None:
+        return recover_args.held_out_blocks
+    return math.ceil(HELD_OUT_TOKENS / s)
 
 
 def estimate_init_cpu_s(model: nn.Module, tokens: int, n_scales: int) -> float:
@@ -207,16 +221,16 @@ def _text_blocks(recover_args: RecoverArguments, data_args: DataArguments, token
 def _split(recover_args: RecoverArguments, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(calibration [N, S], training [T, B], held_out [H, S])`` of :func:`_text_blocks`: the first
     ``calibration_tokens``, everything but the held-out blocks (cut into blocks of ``B = block_seq_length``), the
-    last ``held_out_blocks``; a one-line error when the text is too short. ``recover_args`` is resolved
-    (:meth:`RecoverArguments.resolved`)."""
+    last ``held_out_tokens`` (the tuning split); a one-line error when the text is too short. ``recover_args`` is
+    resolved (:meth:`RecoverArguments.resolved`)."""
     s = recover_args.calibration_seq_length
     mb = recover_args.block_micro_batch
     n = math.ceil(recover_args.calibration_tokens / s / mb) * mb
-    h = recover_args.held_out_blocks
+    h = _held_out_count(recover_args)
     if blocks.shape[0] < n + h:
         raise UserError(f"the training text has {blocks.shape[0] * s} tokens in {s}-token blocks, fewer than the "
                          f"{n * s} calibration + {h * s} held-out tokens asked; give more text or lower "
-                         "--calibration_tokens / --held_out_blocks")
+                         "--calibration_tokens / --held_out_tokens")
     train = blocks[:blocks.shape[0] - h].reshape(-1)
     b = recover_args.block_seq_length or s
     if recover_args.block_mode == "joint" and train.numel() // b < mb:
@@ -262,8 +276,8 @@ def _check_args(recover_args: RecoverArguments, model_args: ModelArguments, loss
                          f"{recover_args.context_length} and {recover_args.context_fraction}")
     if not recover_args.context_learning_rate > 0:
         raise UserError(f"--context_learning_rate must be > 0, got {recover_args.context_learning_rate}")
-    if recover_args.calibration_tokens < 1 or recover_args.held_out_blocks < 1:
-        raise UserError("--calibration_tokens and --held_out_blocks must be >= 1")
+    if recover_args.calibration_tokens < 1 or _held_out_count(recover_args) < 1:
+        raise UserError("--calibration_tokens and --held_out_tokens (or --held_out_blocks) must be >= 1")
     if recover_args.block_seq_length is not None and recover_args.block_seq_length < 2:
         raise UserError(f"--block_seq_length must be at least 2 tokens, got {recover_args.block_seq_length}")
     if recover_args.block_seq_length is not None and recover_args.block_mode != "joint":
@@ -301,8 +315,9 @@ def _card_section(results: list[StageResult], budget: float) -> str:
 
 @dataclass
 class _Stage:
-    """What a KD stage needs besides the models: the held-out blocks that report it, the budget's clock, and the
-    run's arguments (for provenance and checkpoints)."""
+    """What a KD stage needs besides the models: the held-out blocks that report it, the budget's clock, the CPU
+    seconds at which the held-out curve is evaluated (``marks``) and the run's arguments (for provenance and
+    checkpoints)."""
 
     teacher: nn.Module
     tokenizer: object
@@ -313,6 +328,8 @@ class _Stage:
     loss_args: LossArguments
     recover_args: RecoverArguments
     command: str | None
+    marks: list[float] = field(default_factory=list)
+    log: Callable[[str], None] = print
 
 
 def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArguments, training_args, ctx: _Stage,
@@ -320,7 +337,8 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
     """One KD stage: the engine (:func:`~bitdistill.distill.engine.distill_student`) trains ``student`` in place
     from the teacher in memory on blocks of ``data_args.max_seq_length`` tokens, its schedule fit to ``budget_s``
     CPU seconds of training (what runs around the training loop is not counted); its audit log, provenance and
-    checkpoints go to ``folder`` (what a killed attempt left there is removed first)."""
+    checkpoints go to ``folder`` (what a killed attempt left there is removed first). The held-out points of
+    ``ctx.marks`` it passes are in the result's ``detail["curve"]``."""
     blocks, data = _kd_blocks(ctx.blocks, ctx.held, data_args)
     training = copy.copy(training_args)
     training.max_steps = -1  # the budget plans the steps
@@ -330,16 +348,18 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
     all_args = {"model": dataclasses.asdict(ctx.model_args), "data": dataclasses.asdict(data),
                 "loss": dataclasses.asdict(ctx.loss_args), "training": training.to_dict(),
                 "recover": dataclasses.asdict(ctx.recover_args), "stage": name}
-    t = time.process_time()
+    curve = HeldOutCurveCallback(ctx.held, ctx.clock, ctx.clock.used(), ctx.marks, ctx.log)
+    t, excluded = time.process_time(), ctx.clock.excluded
     result = distill_student(student, ctx.teacher, blocks, ctx.tokenizer, data_args=data, loss_args=ctx.loss_args,
                              training_args=training, config=config, budget_s=budget_s, all_args=all_args,
-                             command=ctx.command)
-    ctx.clock.excluded += time.process_time() - t - result.train_cpu_s
+                             command=ctx.command, callbacks=[curve], clock=ctx.clock)
+    ctx.clock.excluded = excluded + time.process_time() - t - result.train_cpu_s  # all but the budgeted loop
     release_memory()
     loss = ctx.clock.excluding(lambda: held_out_loss(result.student, ctx.held))
     return StageResult(name, loss, math.exp(loss), ctx.clock.used(), {
         "steps": result.steps, "planned_steps": result.planned_steps, "train_cpu_s": result.train_cpu_s,
-        "train_tokens": result.steps * tokens_per_step(training, data), "seq_length": data.max_seq_length}), result
+        "train_tokens": result.steps * tokens_per_step(training, data), "seq_length": data.max_seq_length,
+        "curve": curve.points}), result
 
 
 def _reused(folder: Path, model_args: ModelArguments, result: StageResult) -> Distilled:
@@ -448,7 +468,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     base = dict(lr=recover_args.block_lr, micro_batch=recover_args.block_micro_batch, loss=recover_args.block_loss,
                 student_inputs=recover_args.block_student_inputs, seed=training_args.seed)
     mem = None if recover_args.state_memory_mb is None else recover_args.state_memory_mb * 2**20
-    val = held[: (held.shape[0] // recover_args.block_micro_batch) * recover_args.block_micro_batch]
+    val = held[: min(held.shape[0], max(BLOCK_VAL_BLOCKS, per)) // per * per]
     val = val if val.shape[0] else None
     if recover_args.block_init == "gptq":
         rep = reconstruct_blocks_in_place(student, teacher, cal, BlockwiseConfig(init="gptq", steps=0, **base),
@@ -483,7 +503,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     if not context:
         log("no context stage: " + (f"--context_length {context_length} is not above --max_seq_length "
                                      f"{data_args.max_seq_length}" if context_fraction else "its share is 0"))
-    ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command)
+    ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command,
+                 tenth_marks(budget), log)
     last: tuple[DataArguments, object, Distilled] | None = None  # the last KD stage's data, training args and run
     e2e_file = out / "e2e" / "e2e.json"
     if e2e_file.is_file():
@@ -519,6 +540,8 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     summary = {"budget_cpu_s": budget, "teacher_held_out_loss": teacher_loss, "calibration_tokens": cal.numel(),
                "train_tokens": block_tokens + e2e_tokens, "block_train_tokens": block_tokens,
                "e2e_train_tokens": e2e_tokens,
+               "held_out_tokens": held.numel(), "held_out_curve": [
+                   p for r in results for p in [*r.detail.get("curve", []), [r.cpu_s / 60, r.held_out_perplexity]]],
                "stages": [dataclasses.asdict(r) for r in results], "recover_args": {
                    **dataclasses.asdict(recover_args),
                    "context_fraction": context_fraction if context else 0.0, "context_length": context_length}}
