@@ -83,7 +83,7 @@ if cmd == "distill":
     argv = ["distill", *common, "--max_steps", "2"]
 else:
     argv = ["recover", *common, "--time_budget", "40s", "--block_steps", "2", "--calibration_tokens", "256",
-            "--calibration_seq_length", "32", "--held_out_blocks", "4", "--block_micro_batch", "4",
+            "--calibration_seq_length", "32", "--held_out_tokens", "128", "--block_micro_batch", "4",
             "--block_fraction", "0.5", "--context_fraction", "0.25", "--context_length", "64"]
 sys.setprofile(prof)
 rc = main(argv)

@@ -157,7 +157,7 @@ def test_recover_defaults_then_pack_then_load_packed(arch, tmp_path, shared_data
     out = tmp_path / "run"
     rc = main(["recover", "--teacher_model_name_or_path", f"tiny:{arch}", "--train_files", str(tmp_path / "train.txt"),
                "--max_seq_length", "32", "--per_device_train_batch_size", "2", "--calibration_tokens", "256",
-               "--calibration_seq_length", "32", "--held_out_blocks", "2", "--block_micro_batch", "2",
+               "--calibration_seq_length", "32", "--held_out_tokens", "64", "--block_micro_batch", "2",
                "--block_fraction", "0.5", "--time_budget", "4s", "--data_cache_dir", str(tmp_path / "cache"),
                "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(out)])
     captured = capsys.readouterr()

@@ -20,13 +20,13 @@ def bench(shared_data):
 
 
 def test_bench_held_out_blocks_are_the_recipes_at_every_budget(bench):
-    """The benchmark scores every student on the blocks `bitdistill recover` holds out with its defaults, and those
-    do not move with the budget (the block stage's learning rate does)."""
+    """The benchmark scores every student on the tuning split `bitdistill recover` holds out with its defaults (64 x
+    256 tokens), and it does not move with the budget (the block stage's learning rate does)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(bench.TOKENIZER)
     held = bench.held_out_blocks(tok)
-    assert held.shape == (4, 256)
+    assert held.shape == (64, 256)
     data = DataArguments(train_files=[str(f) for f in bench.TRAIN])
     for minutes in (10, 30, 90):
         args = RecoverArguments().resolved(minutes * 60)
@@ -178,3 +178,90 @@ def test_loss_curves_name_a_missing_run_and_exit_2(tmp_path, shared_data, capsys
     with pytest.raises(SystemExit) as e:
         mod.main()
     assert e.value.code == 2 and "no e2e or staged run at 7 CPU-min, seed 0 under" in capsys.readouterr().err
+
+
+def test_default_recipe_passes_no_recipe_flag(bench, monkeypatch, tmp_path):
+    """The ``default`` rows run what `bitdistill recover` runs given only the teacher (and its tokenizer), the
+    text, the budget, the seed and the output: every other option parses to the command's own default."""
+    from bitdistill.cli import recover
+    from bitdistill.cli.hfargs import parse_dataclasses
+    from bitdistill.cli.main import build_parser
+    from bitdistill.distill.args import DISTILL_DEFAULTS
+
+    monkeypatch.setattr(bench, "_gguf", lambda: tmp_path / "teacher.gguf")
+    argv = bench.train_argv("default", 90, tmp_path / "run", seed=1)
+    flags = {a for a in argv if a.startswith("--")}
+    assert argv[0] == "recover" and flags == {
+        "--teacher_model_name_or_path", "--teacher_gguf_file", "--tokenizer_name_or_path", "--train_files",
+        "--time_budget", "--seed", "--output_dir"}
+    minimal = ["recover", *argv[argv.index("--teacher_model_name_or_path"):argv.index("--time_budget")]]
+    plain = parse_dataclasses(build_parser(["recover"]).parse_args([*minimal, "--output_dir", str(tmp_path / "run")]),
+                              recover._types(), defaults=DISTILL_DEFAULTS)
+    ours = parse_dataclasses(build_parser(["recover"]).parse_args(argv), recover._types(), defaults=DISTILL_DEFAULTS)
+    for a, b in zip(plain[:3] + plain[4:], ours[:3] + ours[4:], strict=True):
+        assert {k: v for k, v in vars(a).items() if k != "time_budget"} == {
+            k: v for k, v in vars(b).items() if k != "time_budget"}
+    assert ours[4].time_budget == "90m" and ours[3].seed == 1
+
+
+def _row(recipe, budget, seed, ppl, **extra):
+    return {"recipe": recipe, "budget_cpu_min": budget, "seed": seed, "ppl": ppl, "lastword_acc": 0.1,
+            "train_tokens": 1000, "cpu_s": budget * 60.0, "cpu_model": "cpu A", **extra}
+
+
+def test_report_shows_every_recipe_the_ratio_and_the_continuations(bench, monkeypatch, tmp_path):
+    """Old rows (no curve, no held-out tokens, no CPU model) stay readable; the default / baseline ratio is the
+    geometric mean over seeds 0 and 1 on one CPU model; the continuations of the 90- and 270-minute default students
+    stand beside the teacher's."""
+    import math
+
+    curve_file = tmp_path / "curve.jsonl"
+    monkeypatch.setattr(bench, "CURVE", curve_file)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    conts = {p: f"{p} | again\nand" for p in bench.PROMPTS}
+    curve = [[4.5, 900.0], [9.0, 160.0], [18.0, 120.0], [30.0, 95.0]]
+    rows = [{"recipe": "teacher", "budget_cpu_min": 0, "ppl": 28.7, "lastword_acc": 0.275, "train_tokens": 0,
+             "continuations": {p: "teacher text" for p in bench.PROMPTS}},
+            {"recipe": "staged", "budget_cpu_min": 90, "ppl": 85.6, "lastword_acc": 0.07, "train_tokens": 5,
+             "held_out_ppl": 90.0, "cpu_s": 5400.0}]  # an old row: no seed, no CPU model, 4 x 256 held out
+    rows += [_row("baseline", 30, s, p) for s, p in ((0, 150.0), (1, 140.0))]
+    rows += [_row("default", 30, s, p, default=True, held_out_tokens=16384, held_out_ppl=p,
+                  **bench.curve_fields(curve)) for s, p in ((0, 110.0), (1, 120.0))]
+    rows += [_row("baseline", 90, 0, 86.0), _row("default", 90, 0, 60.0, default=True, continuations=conts),
+             _row("default", 90, 1, 62.0, default=True, cpu_model="cpu B"), _row("baseline", 90, 1, 88.0),
+             _row("default", 270, 0, 50.0, default=True, continuations=conts), _row("e2e", 30, 0, 200.0)]
+    curve_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    md = bench.write_report(200).read_text()
+    assert [(b, round(new / base, 4)) for b, _, base, new in bench.default_vs_baseline(bench._rows())] == [
+        (30, round(math.sqrt(110 * 120) / math.sqrt(150 * 140), 4))]  # at 90 seed 1 ran on another CPU
+    assert "| 30 | cpu A | 144.9 | 114.9 | 0.793 | <= 0.78 |" in md
+    for recipe in ("baseline", "default", "staged", "e2e"):
+        assert f"| {recipe} |" in md
+    assert "| default | 30 | 0 | 110.0 | 3.83 | 110.0 | 16384 | 11.0 | 27.4 |" in md  # 150, 100 reached between points
+    assert "| staged | 90 | 0 | 85.6 | 2.98 | 90.0 | 1024 |  |  |" in md  # the old row
+    assert "| prompt | teacher | default, 90 CPU-min | default, 270 CPU-min |" in md
+    line = next(x for x in md.splitlines() if x.startswith(f"| *{bench.PROMPTS[0]}*"))
+    assert line.count("again\\nand") == 2 and "teacher text" in line and "\\|" in line
+    assert "PYTHONPATH=<dir>" in md and f"detached at `{bench.BASELINE_COMMIT}`" in md
+
+
+def test_curve_fields_name_the_first_minute_of_each_threshold(bench):
+    assert bench.curve_fields(None) == {}
+    got = bench.curve_fields([[3.0, 400.0], [9.0, 140.0], [30.0, 120.0]])
+    assert got["cpu_min_to_ppl_100"] is None and 3.0 < got["cpu_min_to_ppl_150"] < 9.0
+
+
+def test_import_baseline_relabels_the_pinned_rows_once(bench, tmp_path):
+    """The pinned commit's staged rows become ``baseline`` rows (a second import adds none); a row of another
+    recipe or commit is refused before anything is written."""
+    source, curve = tmp_path / "baseline.jsonl", tmp_path / "curve.jsonl"
+    rows = [{**_row("staged", 30, s, 150.0), "git_sha": bench.BASELINE_COMMIT} for s in (0, 1)]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench.import_baseline(source, curve) == 2 and bench.import_baseline(source, curve) == 0
+    assert [(r["recipe"], r["seed"]) for r in bench.read_rows(curve)] == [("baseline", 0), ("baseline", 1)]
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({**rows[0], "git_sha": "1234567"}) + "\n")
+    before = curve.read_text()
+    with pytest.raises(SystemExit, match="the baseline is the staged recipe at abf192d"):
+        bench.import_baseline(other, curve)
+    assert curve.read_text() == before

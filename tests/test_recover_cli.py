@@ -26,7 +26,7 @@ def setup(tmp_path_factory, shared_data):
         "--train_files", str(root / "train.txt"), "--max_seq_length", "32", "--per_device_train_batch_size", "2",
         "--data_cache_dir", str(root / "cache"), "--seed", "0", "--disable_tqdm", "true", "--report_to", "none",
         "--save_strategy", "no", "--calibration_tokens", "256", "--calibration_seq_length", "32",
-        "--held_out_blocks", "4", "--block_micro_batch", "4", "--block_fraction", "0.5"]}
+        "--held_out_tokens", "128", "--block_micro_batch", "4", "--block_fraction", "0.5"]}
 
 
 def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
@@ -47,6 +47,11 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     for s in summary["stages"]:
         assert f"stage {s['stage']}: held-out loss" in printed
         assert s["held_out_perplexity"] > 1 and s["cpu_s"] > 0
+    curve = summary["held_out_curve"]  # the tenths of the budget inside the KD stages, and every stage's end
+    assert e2e["detail"]["curve"] and len(curve) > len(summary["stages"]) and summary["held_out_tokens"] == 128
+    assert [c for c, _ in curve] == sorted(c for c, _ in curve) and curve[-1] == [context["cpu_s"] / 60,
+                                                                                context["held_out_perplexity"]]
+    assert context["cpu_s"] < 20 * 1.2  # the held-out evaluations inside the stages are not counted
     audit = [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in audit if r.get("event") == "stage"] == ["init", "blocks", "e2e", "context"]
     assert "## Staged recovery" in (out / "student" / "README.md").read_text()
@@ -63,6 +68,8 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     (["--time_budget", "0.0001s"], "first stage alone needs"),
     (["--time_budget", "10x"], "is not a CPU time"),
     (["--time_budget", "1m", "--calibration_tokens", "100000"], "fewer than the"),
+    (["--time_budget", "1m", "--held_out_tokens", "100000"], "held-out tokens asked; give more text or lower"),
+    (["--time_budget", "1m", "--held_out_blocks", "2"], "both set the held-out split; drop --held_out_blocks"),
     (["--time_budget", "1m", "--block_mode", "sequential", "--state_memory_mb", "0"], "memory budget"),
     (["--time_budget", "1m", "--block_mode", "parallel"], "unknown --block_mode"),
     (["--time_budget", "1m", "--block_loss", "l1"], "unknown block loss"),

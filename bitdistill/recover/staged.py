@@ -342,6 +342,7 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
     blocks, data = _kd_blocks(ctx.blocks, ctx.held, data_args)
     training = copy.copy(training_args)
     training.max_steps = -1  # the budget plans the steps
+    training.save_strategy = "no"  # a killed stage restarts from its beginning: checkpoints would only cost budget
     training.output_dir = str(folder)
     shutil.rmtree(folder, ignore_errors=True)
     config = config_dict(ctx.model_args, data, ctx.loss_args, training_args=training)
