@@ -120,7 +120,7 @@ def test_recover_refuses_text_too_short_for_the_context_stage(setup, capsys, sha
     short.write_text(text)
     out = setup["root"] / "short-run"
     rc = main(["recover", *setup["common"], "--train_files", str(short), "--calibration_tokens", "64",
-               "--held_out_blocks", "2", "--time_budget", "1m", "--context_fraction", "0.25", "--output_dir", str(out)])
+               "--held_out_tokens", "64", "--time_budget", "1m", "--context_fraction", "0.25", "--output_dir", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "the context stage needs" in err, err
     assert not (out / "student").exists() and not (out / "stage2_student").exists()
