@@ -301,9 +301,12 @@ def write_report(limit: int) -> Path:
               f"seeds {' and '.join(map(str, RATIO_SEEDS))} (perplexity on wiki.test.raw), where both recipes have "
               "both seeds at a budget on one CPU model; the floors are issue 50's.", "",
               "| budget_cpu_min | CPU | baseline ppl | default ppl | default / baseline | floor |", "|---|---|---|---|---|---|"]
-    for budget, cpu, base, new in default_vs_baseline(rows):
+    pairs = default_vs_baseline(rows)
+    for budget, cpu, base, new in pairs:
         floor = f"<= {FLOORS[budget]}" if budget in FLOORS else ""
         lines.append(f"| {budget} | {cpu} | {base:.1f} | {new:.1f} | {new / base:.3f} | {floor} |")
+    if not pairs:
+        lines[-2:] = ["No budget has rows of both recipes for both seeds on one CPU model yet."]
     staged = [r for r in rows if r.get("stages")]
     if staged:
         lines += ["", "Recover runs, per stage (held-out = the run's held-out split, which no stage trains on):", "",
@@ -371,13 +374,17 @@ def default_vs_baseline(rows: list[dict]) -> list[tuple[float, str, float, float
 
 def continuations(rows: list[dict]) -> list[str]:
     """The report's section of greedy continuations: per prompt, the teacher's beside the seed-0 ``default``
-    students' at :data:`CONTINUATION_BUDGETS` (those recorded)."""
-    shown = [r for r in rows if r["recipe"] == "teacher"] + sorted(
-        (r for r in rows if r.get("default") and r["seed"] == 0 and r["budget_cpu_min"] in CONTINUATION_BUDGETS
-         and r.get("continuations")), key=lambda r: r["budget_cpu_min"])
+    students' at :data:`CONTINUATION_BUDGETS`, then each other recipe's seed-0 student at its largest budget (those
+    recorded)."""
+    told = [r for r in rows if r.get("continuations") and r["seed"] == 0]
+    shown = [r for r in told if r["recipe"] == "teacher"] + sorted(
+        (r for r in told if r.get("default") and r["budget_cpu_min"] in CONTINUATION_BUDGETS),
+        key=lambda r: r["budget_cpu_min"])
+    for recipe in sorted({r["recipe"] for r in told} - {"teacher", "default"}, key=_recipe_rank):
+        shown.append(max((r for r in told if r["recipe"] == recipe), key=lambda r: r["budget_cpu_min"]))
     if not shown:
         return []
-    names = ["teacher" if r["recipe"] == "teacher" else f"default, {r['budget_cpu_min']} CPU-min" for r in shown]
+    names = ["teacher" if r["recipe"] == "teacher" else f"{r['recipe']}, {r['budget_cpu_min']} CPU-min" for r in shown]
     lines = ["## Greedy continuations (24 tokens, seed-0 students)", "", "| prompt | " + " | ".join(names) + " |",
              "|---" * (len(names) + 1) + "|"]
     for p in PROMPTS:
