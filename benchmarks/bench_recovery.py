@@ -134,10 +134,8 @@ def child_train(recipe: str, budget_min: float, out: Path, seed: int, extra: tup
                 "train_tokens": train["train_steps"] * tokens_per_step(training_args, data_args)}
     else:
         from bitdistill.cli import recover
-        from bitdistill.recover.staged import run_staged_recovery
 
-        parsed = parse_dataclasses(args, recover._types())
-        run_staged_recovery(*parsed)
+        recover.run(args)  # the recorded command, as written (options not given take the command's defaults)
         summary = json.loads((out / "recovery.json").read_text())
         info = {"cpu_s": summary["stages"][-1]["cpu_s"], "stages": summary["stages"],
                 "train_tokens": summary["train_tokens"], **curve_fields(summary.get("held_out_curve"))}

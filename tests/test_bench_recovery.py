@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -265,3 +266,31 @@ def test_import_baseline_relabels_the_pinned_rows_once(bench, tmp_path):
     with pytest.raises(SystemExit, match="the baseline is the staged recipe at abf192d"):
         bench.import_baseline(other, curve)
     assert curve.read_text() == before
+
+
+def test_default_rows_train_with_the_commands_defaults(bench, monkeypatch, tmp_path):
+    """The training child runs the recorded command as the console script does, so the options the ``default``
+    recipe leaves out take `bitdistill recover`'s defaults (``DISTILL_DEFAULTS``), never the dataclasses'."""
+    import bitdistill.allocator
+    import bitdistill.recover.staged as staged
+    from bitdistill.distill.args import DISTILL_DEFAULTS
+
+    seen = {}
+
+    def fake_run(model_args, data_args, loss_args, training_args, recover_args, task_args, **kwargs):
+        seen.update(data=data_args, loss=loss_args, training=training_args)
+        out = Path(training_args.output_dir)
+        out.mkdir(parents=True)
+        (out / "recovery.json").write_text(json.dumps({"stages": [{"cpu_s": 60.0}], "train_tokens": 10,
+                                                       "held_out_curve": [[1.0, 120.0]]}))
+        return out / "student"
+
+    monkeypatch.setattr(bench, "_gguf", lambda: tmp_path / "teacher.gguf")
+    monkeypatch.setattr(staged, "run_staged_recovery", fake_run)
+    monkeypatch.setattr(bitdistill.allocator, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    info = bench.child_train("default", 1, tmp_path / "run", 0)
+    assert seen["data"].max_seq_length == DISTILL_DEFAULTS["max_seq_length"]
+    assert seen["training"].per_device_train_batch_size == DISTILL_DEFAULTS["per_device_train_batch_size"]
+    assert seen["loss"].hidden_weight == DISTILL_DEFAULTS["hidden_weight"]
+    assert info["curve"] == [[1.0, 120.0]] and info["cpu_min_to_ppl_150"] == 1.0 and info["cpu_min_to_ppl_100"] is None
