@@ -12,12 +12,11 @@ recipe, one child process trains a student:
 * ``baseline`` — the recipe pinned by issue 50: the ``staged`` command of this script at commit ``abf192d``, run by
   that commit's script from a worktree detached there (``PYTHONPATH`` pointing at it) with ``--rows <file>``; its
   rows are then added here with ``--import-baseline <file>``;
-
 * ``e2e`` — today's best end-to-end recipe, ``bitdistill distill``'s defaults: logits KD (forward KL) + MiniLMv2
   attention relation on the last block (6 relation heads) + cosine hidden-state loss (weight 5) + SubLN, lr 1e-3
   linear, batch 2 x 128 tokens, from the naively ternarized teacher, ``--time_budget``: stopped by the CPU budget,
   its schedule fit to it;
-* ``staged`` — ``bitdistill recover`` with its defaults (joint block-wise reconstruction on the student's own
+* ``staged`` — ``bitdistill recover`` with the e2e recipe's flags passed explicitly (joint block-wise reconstruction on the student's own
   inputs, steps of 1 x 128 tokens at lr 1e-2 below 30 CPU-minutes and 3e-3 from 30, then the e2e recipe above
   from the reconstructed student, same flags; from 60 CPU-minutes the block stage gets 0.3 of the budget instead
   of 0.15).
