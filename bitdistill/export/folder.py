@@ -157,10 +157,11 @@ def pack_pretrained(
     torch_dtype = None if dtype in (None, "auto") else _parse_dtype(dtype)
     source = load_pack_source(src, from_plain=from_plain, gguf_file=gguf_file, skip=skip)
     model, skipped, kind, tokenizer = source.model, source.skipped, source.kind, source.tokenizer
-    if has_subln(model) and bitnet_unmappable(model.config) is None:
+    per_row = any(getattr(m, "per_row", False) for m in model.modules())  # transformers cannot hold it: extension
+    if has_subln(model) and bitnet_unmappable(model.config) is None and not per_row:
         model = subln_to_bitnet(model)
         kind = "BitNet student with SubLN, written as transformers' BitNetForCausalLM"
-    elif has_subln(model) or any(isinstance(m, BitConv1D) for m in model.modules()):
+    elif has_subln(model) or per_row or any(isinstance(m, BitConv1D) for m in model.modules()):
         kind += ", written in bitdistill's extension of the bitnet format (load it with bitdistill.load_packed)"
     if torch_dtype is None:
         torch_dtype = torch.float16 if source.dtype == torch.float16 else torch.bfloat16
