@@ -45,7 +45,7 @@ from bitdistill.nn.replace import student_marker
 from bitdistill.quant.packing import pack_ternary
 from bitdistill.quant.reference import weight_quant
 
-__all__ = ["MAPPABLE_ARCHITECTURES", "bitnet_arch_config", "bitnet_unmappable", "has_subln", "split_fused", "subln_to_bitnet"]
+__all__ = ["MAPPABLE_ARCHITECTURES", "bitnet_arch_config", "bitnet_unmappable", "has_subln", "packs_as_bitnet", "split_fused", "subln_to_bitnet"]
 
 MAPPABLE_ARCHITECTURES = tuple(t for t, spec in SUPPORTED_ARCHITECTURES.items() if spec.bitnet is None)
 # fused student projection -> BitNet's separate ones (their output rows in order)
@@ -61,6 +61,13 @@ _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 def has_subln(model: nn.Module) -> bool:
     """Whether ``model`` is a SubLN student (its marker lists SubLN modules)."""
     return bool((student_marker(model) or {}).get("subln_modules"))
+
+
+def packs_as_bitnet(model: nn.Module) -> bool:
+    """Whether ``bitdistill pack`` writes ``model`` as ``BitNetForCausalLM``: a SubLN student that maps exactly, with
+    one weight scale per tensor (transformers' bitnet loader holds no per-row scales: those go to the extension)."""
+    return (has_subln(model) and bitnet_unmappable(model.config) is None
+            and not any(getattr(m, "per_row", False) for m in model.modules()))
 
 
 def _refuse(model_type: str, why: str) -> UserError:
