@@ -322,3 +322,27 @@ def test_bitnet_form_of_a_per_row_subln_student_computes_the_same(arch):
     assert layers and all(m.per_row for m in layers)
     ids = torch.randint(0, 256, (1, 7))
     torch.testing.assert_close(_logits(bitnet, ids), _logits(student, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_recover_trains_and_packs_a_per_row_student(tmp_path, shared_data, capsys):
+    from run_utils import tiny_gpt2_vocab_folder
+
+    from bitdistill import load_student
+
+    wiki = shared_data / "wikitext-2-raw-v1"
+    (tmp_path / "train.txt").write_text((wiki / "wiki.train.prefix.raw").read_text()[:12000])
+    teacher = tiny_gpt2_vocab_folder(tmp_path / "teacher", "llama", shared_data / "tokenizers" / "gpt2")
+    out = tmp_path / "run"
+    rc = main(["recover", "--teacher_model_name_or_path", str(teacher), "--train_files", str(tmp_path / "train.txt"),
+               "--max_seq_length", "32", "--per_device_train_batch_size", "2", "--data_cache_dir", str(tmp_path / "c"),
+               "--seed", "0", "--disable_tqdm", "true", "--report_to", "none", "--save_strategy", "no",
+               "--calibration_tokens", "256", "--calibration_seq_length", "32", "--held_out_blocks", "4",
+               "--block_micro_batch", "4", "--block_fraction", "0.5", "--time_budget", "15s", "--block_steps", "3",
+               "--block_init", "gptq", "--block_seq_length", "16", "--weight_scale", "row", "--output_dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert PER_ROW_NOT_TRANSFORMERS in capsys.readouterr().out  # the export line, before training
+    student = load_student(out / "student").eval()
+    assert all(m.per_row for m in student.modules() if isinstance(m, BitLinear))
+    ids = torch.randint(0, 1000, (1, 12))
+    assert torch.equal(_logits(pack_in_memory(student), ids), _logits(student, ids))
