@@ -346,3 +346,12 @@ def test_recover_trains_and_packs_a_per_row_student(tmp_path, shared_data, capsy
     assert all(m.per_row for m in student.modules() if isinstance(m, BitLinear))
     ids = torch.randint(0, 1000, (1, 12))
     assert torch.equal(_logits(pack_in_memory(student), ids), _logits(student, ids))
+
+
+def test_fsdp_ternary_all_gather_keeps_per_row_layers_in_full_precision():
+    from bitdistill.fsdp.ternary import _eligible, use_ternary_all_gather
+
+    with pytest.raises(UserError, match="no eligible BitLinear"):
+        use_ternary_all_gather(_student("llama"), world_size=1)
+    assert "per-row" in _eligible(BitLinear(8, 4, per_row=True), 1)
+    assert _eligible(BitLinear(8, 4), 1) is None
