@@ -17,6 +17,7 @@ import torch
 
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir, check_output_location
+from bitdistill.nn.config import check_weight_scale
 from bitdistill.nn.replace import (
     ConversionReport,
     is_student_folder,
@@ -144,6 +145,7 @@ def convert_pretrained(
     gguf_file: str | None = None,
     dtype: str | torch.dtype = "float32",
     overwrite: bool = False,
+    weight_scale: str = "tensor",
 ) -> ConversionReport:
     """Load ``src``, convert its linear layers to BitLinear and save the student folder ``out``.
 
@@ -151,7 +153,9 @@ def convert_pretrained(
     ``overwrite``. Tokenizer and generation-config files next to ``src`` are copied; a GGUF source's
     tokenizer is read from the GGUF and saved, a ``tiny:<arch>`` source gets the byte-level
     :func:`bitdistill.models.tiny_tokenizer`, so the folder works with ``eval``, ``distill`` and ``pack``.
+    ``weight_scale`` is :attr:`BitNetConfig.weight_scale` (``"tensor"`` or ``"row"``).
     """
+    check_weight_scale(weight_scale)
     out = Path(out)
     sources = [src] if not str(src).startswith("tiny:") and is_local_source(src) else []
     check_output_location(out, sources)
@@ -160,7 +164,7 @@ def convert_pretrained(
     model = load_causal_lm(src, gguf_file=gguf_file, dtype=dtype)
     tokenizer = _tokenizer(str(src), gguf_file)
     report = replace_linear_with_bitlinear(model, modules_to_not_convert=modules_to_not_convert,
-                                           use_rms_norm=use_rms_norm)
+                                           use_rms_norm=use_rms_norm, weight_scale=weight_scale)
     if not report.converted and not report.already_converted:
         raise UserError(f"{src} has no linear layer to convert outside the skip list")
     with atomic_output_dir(out, overwrite=overwrite, sources=sources) as tmp:

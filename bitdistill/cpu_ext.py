@@ -59,7 +59,7 @@ _P, _I64, _I32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
     "bitdistill_packed_int_mm": ([_P, _I64, _I64, _P, _I64, _P, _I32], _I32),
     "bitdistill_linears_scratch_bytes": ([_I64, _I64], _I64),
-    "bitdistill_packed_linears": ([_P, _I32, _I64, _I64, _I32, _P, _P, _P, _P, _P, _P, _I32], _I32),
+    "bitdistill_packed_linears": ([_P, _I32, _I64, _I64, _I32, _P, _P, _P, _P, _P, _P, _P, _I32], _I32),
     "bitdistill_head_scratch_bytes": ([_I64, _I64], _I64),
     "bitdistill_head": ([_P, _P, _I64, _P, _P, _I32], _I32),
     "bitdistill_decode_scratch_bytes": ([_P, _I32], _I64),
@@ -216,7 +216,7 @@ def packed_linear_cpu(
         return SharedInputPackedLinears([(packed, weight_scale, bias)])(x)[0]
     x_codes, x_scale = activation_quant(x)
     acc = packed_int_mm(x_codes, packed).float()
-    y = acc.div_(x_scale * weight_scale.float().reshape(()))
+    y = acc.div_(x_scale * weight_scale.float().reshape(-1))
     if bias is not None:
         y = y.add_(bias.float())
     return y.to(x.dtype)
@@ -231,8 +231,8 @@ class SharedInputPackedLinears:
     are kept as float32). Without the native library each output comes from :func:`packed_linear_cpu`.
 
     Args:
-        weights: ``(packed uint8 [N_i / 4, K], weight_scale [1], bias [N_i] or None)`` per linear (at most 8), all
-            with the same ``K``.
+        weights: ``(packed uint8 [N_i / 4, K], weight_scale [1] or [N_i] (per row), bias [N_i] or None)`` per
+            linear (at most 8), all with the same ``K``.
     """
 
     def __init__(self, weights: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]) -> None:
@@ -243,11 +243,13 @@ class SharedInputPackedLinears:
         self.out_features = [p.shape[0] * 4 for p, _, _ in weights]
         self._packed = [p.contiguous() for p, _, _ in weights]
         self._bias = [None if b is None else b.detach().float().contiguous() for _, _, b in weights]
+        self._row_scale = [_row_scale(s) for _, s, _ in weights]
         n = len(weights)
         self._args = (
             (ctypes.c_void_p * n)(*[p.data_ptr() for p in self._packed]),
             (ctypes.c_int64 * n)(*[p.shape[0] for p in self._packed]),
-            (ctypes.c_float * n)(*[float(s.reshape(())) for _, s, _ in weights]),
+            (ctypes.c_float * n)(*[float(s.reshape(-1)[0]) for _, s, _ in weights]),
+            (ctypes.c_void_p * n)(*[None if r is None else r.data_ptr() for r in self._row_scale]),
             (ctypes.c_void_p * n)(*[None if b is None else b.data_ptr() for b in self._bias]),
         )
 
@@ -265,9 +267,14 @@ class SharedInputPackedLinears:
         return outs
 
 
+def _row_scale(weight_scale: torch.Tensor) -> torch.Tensor | None:
+    """A layer's per-row weight scales as contiguous float32 ``[N]`` for the C ``row_scale``; None for one per tensor."""
+    return None if weight_scale.numel() == 1 else weight_scale.detach().float().reshape(-1).contiguous()
+
+
 class _Linear(ctypes.Structure):
     _fields_ = [("packed", ctypes.c_void_p), ("P", ctypes.c_int64), ("scale", ctypes.c_float),
-                ("bias", ctypes.c_void_p)]
+                ("bias", ctypes.c_void_p), ("row_scale", ctypes.c_void_p)]
 
 
 class _Norm(ctypes.Structure):
@@ -332,7 +339,8 @@ class NativeInt8Head:
 
 @dataclass(frozen=True)
 class NativeLinear:
-    """One packed BitLinear: ``packed`` uint8 ``[N / 4, K]``, ``weight_scale`` ``[1]``, ``bias`` ``[N]`` or None."""
+    """One packed BitLinear: ``packed`` uint8 ``[N / 4, K]``, ``weight_scale`` ``[1]`` (or ``[N]``, one per output
+    row), ``bias`` ``[N]`` or None."""
 
     packed: torch.Tensor
     weight_scale: torch.Tensor
@@ -439,8 +447,8 @@ class NativeDecoderStack:
         return _Norm() if norm is None else _Norm(self._ptr(norm.weight), norm.eps)
 
     def _linear(self, lin: NativeLinear) -> _Linear:
-        return _Linear(self._ptr(lin.packed, torch.uint8), lin.packed.shape[0], float(lin.weight_scale.reshape(())),
-                       self._ptr(lin.bias, torch.float32))
+        return _Linear(self._ptr(lin.packed, torch.uint8), lin.packed.shape[0], float(lin.weight_scale.reshape(-1)[0]),
+                       self._ptr(lin.bias, torch.float32), self._ptr(_row_scale(lin.weight_scale), torch.float32))
 
     def _layer(self, layer: NativeLayer, k_cache: torch.Tensor, v_cache: torch.Tensor) -> _Layer:
         return _Layer(*[self._norm(getattr(layer, n)) for n in ("input_norm", "post_norm", "q_norm", "k_norm",

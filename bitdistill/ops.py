@@ -21,6 +21,9 @@ first CUDA call). The environment variable ``BITDISTILL_BACKEND`` picks the back
   instead of ``torch._int_mm``, the same result).
 
 Inputs the kernels do not take (dtypes other than float32/bfloat16/float16) run the reference on CUDA too.
+Per-row weight scales (``gamma [N]``, ``weight_scale [N]``: ``BitNetConfig(weight_scale="row")``) run the reference
+on every device: the Triton and CUDA kernels take one scale per tensor, and ``weight_quant_per_row`` has no
+kernel at all (the dispatch below routes on the scale's size, never by accident).
 :func:`_packed_linear_backend` is the single place where the packed inference backend is chosen.
 
 =========================  =========================================================================
@@ -28,6 +31,7 @@ op                         computes
 =========================  =========================================================================
 ``activation_quant``       ``x [M,K] -> (X_q int8 [M,K], s_x f32 [M,1])``
 ``weight_quant``           ``W [N,K] -> (T int8 [N,K], gamma f32 [])``
+``weight_quant_per_row``   ``W [N,K] -> (T int8 [N,K], gamma f32 [N])``, one absmean scale per output row
 ``int8_ternary_linear``    ``(X_q @ T^T) * gamma / s_x + bias -> [M,N]`` in ``out_dtype``
 ``ternary_grad_input``     ``grad_y [M,N] @ (T * gamma) -> [M,K]`` in ``grad_y``'s dtype
 ``int8_grad_weight``       ``grad_y^T [N,M] @ (X_q / s_x) -> [N,K]`` in ``grad_y``'s dtype
@@ -61,6 +65,7 @@ __all__ = [
     "packed_linear",
     "ternary_grad_input",
     "weight_quant",
+    "weight_quant_per_row",
 ]
 
 
@@ -84,6 +89,16 @@ def _(weight):
     return weight.new_empty(weight.shape, dtype=torch.int8), weight.new_empty((), dtype=torch.float32)
 
 
+@torch.library.custom_op("bitdistill::weight_quant_per_row", mutates_args=())
+def weight_quant_per_row(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return reference.weight_quant(weight, per_row=True)
+
+
+@weight_quant_per_row.register_fake
+def _(weight):
+    return weight.new_empty(weight.shape, dtype=torch.int8), weight.new_empty(weight.shape[:1], dtype=torch.float32)
+
+
 @torch.library.custom_op("bitdistill::int8_ternary_linear", mutates_args=())
 def int8_ternary_linear(
     x_codes: torch.Tensor,
@@ -101,8 +116,8 @@ def _int8_ternary_linear_reference(x_codes, x_scale, w_codes, gamma, bias, out_d
 
 
 def _dequant_int_product(acc, x_scale, gamma, bias, out_dtype):
-    """``acc [M, N]`` (float32 holding ``X_q @ T^T``) ``* gamma / s_x + bias`` in ``out_dtype``."""
-    y = acc.div_(x_scale * (1.0 / gamma))  # the packed format's order
+    """``acc [M, N]`` (float32 holding ``X_q @ T^T``) ``* gamma / s_x + bias`` in ``out_dtype`` (``gamma`` 0-dim or ``[N]``)."""
+    y = acc.div_(x_scale * (1.0 / gamma.reshape(-1)))  # the packed format's order
     if bias is not None:
         y = y.add_(bias.float())
     return y.to(out_dtype)
@@ -150,7 +165,8 @@ def _(x_codes, x_scale, w_codes, gamma, bias, out_dtype):
 
 
 def _dequant_ternary(weight: torch.Tensor, gamma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``T * gamma`` recomputed from the latent weight and its saved ``gamma``: ``[N, K]`` in ``dtype``."""
+    """``T * gamma`` recomputed from the latent weight and its saved ``gamma`` (0-dim or ``[N]``): ``[N, K]`` in ``dtype``."""
+    gamma = gamma.reshape(-1, 1)
     return (weight.float() / gamma).round_().clamp_(-1, 1).mul_(gamma).to(dtype)
 
 
@@ -240,6 +256,11 @@ def _use_triton(*float_tensors: torch.Tensor | None) -> bool:
     return backend() == "triton" and all(t is None or t.dtype in _KERNEL_DTYPES for t in float_tensors)
 
 
+def _per_tensor(scale: torch.Tensor) -> bool:
+    """Whether a weight scale (``gamma`` or ``weight_scale``) is one per tensor, the only kind the kernels take."""
+    return scale.numel() == 1
+
+
 @activation_quant.register_kernel("cuda")
 def _(x):
     if _use_triton(x):
@@ -256,14 +277,14 @@ def _(weight):
 
 @int8_ternary_linear.register_kernel("cuda")
 def _(x_codes, x_scale, w_codes, gamma, bias, out_dtype):
-    if out_dtype in _KERNEL_DTYPES and _use_triton(bias):
+    if out_dtype in _KERNEL_DTYPES and _per_tensor(gamma) and _use_triton(bias):
         return _kernel("linear", "int8_ternary_linear")(x_codes, x_scale, w_codes, gamma, bias, out_dtype)
     return _int8_ternary_linear_reference(x_codes, x_scale, w_codes, gamma, bias, out_dtype)
 
 
 @ternary_grad_input.register_kernel("cuda")
 def _(grad_y, weight, gamma):
-    if _use_triton(grad_y, weight):
+    if _per_tensor(gamma) and _use_triton(grad_y, weight):
         return _kernel("linear", "ternary_grad_input")(grad_y, weight, gamma)
     return _ternary_grad_input_reference(grad_y, weight, gamma)
 
@@ -275,14 +296,16 @@ def _(grad_y, x_codes, x_scale):
     return _int8_grad_weight_reference(grad_y, x_codes, x_scale)
 
 
-def _packed_linear_backend(x: torch.Tensor, packed: torch.Tensor) -> Callable:
+def _packed_linear_backend(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor) -> Callable:
     """The implementation ``impl(x2d, packed, weight_scale, bias)`` that runs ``packed_linear`` on CUDA.
 
     The one place where the packed inference backend is chosen: the CUDA C++ extension, the Triton
-    GEMV/GEMM, or the reference (see the module docstring for the rule).
+    GEMV/GEMM, or the reference (see the module docstring for the rule; per-row scales: the reference).
     """
     from bitdistill import cuda_ext
 
+    if not _per_tensor(weight_scale):
+        return packing.packed_linear_reference
     name = _requested()
     if name == "cuda":
         cuda_ext.load()
@@ -297,4 +320,4 @@ def _packed_linear_backend(x: torch.Tensor, packed: torch.Tensor) -> Callable:
 
 @packed_linear.register_kernel("cuda")
 def _(x, packed, weight_scale, bias):
-    return _packed_linear_backend(x, packed)(x, packed, weight_scale, bias)
+    return _packed_linear_backend(x, packed, weight_scale)(x, packed, weight_scale, bias)

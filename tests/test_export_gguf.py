@@ -42,7 +42,8 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def _student(arch: str = "llama", hidden: int = 256, inter: int = 256, seed: int = 0, **extra):
+def _student(arch: str = "llama", hidden: int = 256, inter: int = 256, seed: int = 0, weight_scale: str = "tensor",
+             **extra):
     """A random ternary student whose rows (in_features) are ``hidden`` / ``inter`` wide, with peaked logits."""
     from bitdistill.models import tiny_config
 
@@ -53,7 +54,7 @@ def _student(arch: str = "llama", hidden: int = 256, inter: int = 256, seed: int
     model = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0, 0.5)  # large logit margins: greedy tokens robust to rounding
-    replace_linear_with_bitlinear(model)
+    replace_linear_with_bitlinear(model, weight_scale=weight_scale)
     return model
 
 
@@ -121,6 +122,32 @@ def test_576_wide_student_falls_back_to_q8_0_and_reports_it(tmp_path, tokenizer_
     values = gguf.quants.dequantize(np.asarray(q8.data), q8.tensor_type).reshape(codes.shape)
     assert np.array_equal(np.sign(values), codes.numpy())
     assert np.allclose(values, codes.numpy() * gamma.item(), rtol=1e-3)
+
+
+@pytest.mark.parametrize(("hidden", "qtype"), [(256, "TQ2_0"), (96, "Q8_0")])
+def test_per_row_blocks_carry_their_rows_scale(tmp_path, tokenizer_dir, hidden, qtype):
+    """A per-row student (BitNetConfig(weight_scale="row")): every 256-wide block (32-wide for the Q8_0 fallback) lies
+    in one row and stores that row's scale, so the file holds T_r * gamma_r with gamma_r as a float16 block scale:
+    ``f16(gamma_r)`` for TQ2_0, ``127 * f16(gamma_r / 127)`` for Q8_0 (as for a per-tensor student)."""
+    model = _student(hidden=hidden, inter=hidden, weight_scale="row", num_hidden_layers=1)
+    with torch.no_grad():
+        for name, bl in model.named_modules():
+            if name.endswith("proj"):
+                bl.weight.mul_(torch.logspace(-1, 1, bl.weight.shape[0])[:, None])  # rows a hundredfold apart
+    report = gguf_export.save_gguf(model, tmp_path / "m.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    tensors = _reader_tensors(tmp_path / "m.gguf")
+    for layer in report.layers:
+        assert layer.qtype == qtype
+        t = tensors[layer.tensor]
+        codes, gamma = weight_quant(model.get_submodule(layer.module).weight.detach(), per_row=True)
+        if layer.tensor.endswith(("attn_q.weight", "attn_k.weight")):  # llama.cpp's interleaved RoPE row order
+            n = 4 if "attn_q" in layer.tensor else 2
+            codes = gguf_export._permute_rows(codes, n)
+            gamma = gguf_export._permute_rows(gamma[:, None], n)[:, 0]
+        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(codes.shape)
+        g = gamma.numpy()[:, None]
+        block_scale = (np.float16(g) if qtype == "TQ2_0" else np.float16(g / np.float32(127)) * np.float32(127))
+        assert np.array_equal(values, codes.numpy() * block_scale.astype(np.float32))
 
 
 def test_cli_strict_refuses_and_default_writes(tmp_path, tokenizer_dir, capsys):

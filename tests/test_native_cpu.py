@@ -25,6 +25,7 @@ def test_ctypes_layouts_equal_the_c_structs():
     assert cpu_ext.native_layout() == cpu_ext.ctypes_layout()
     assert len(cpu_ext.ctypes_layout()) == 5 + sum(len(s._fields_) for s in (
         cpu_ext._Linear, cpu_ext._Norm, cpu_ext._Head, cpu_ext._Layer, cpu_ext._Model))
+    assert [n for n, _ in cpu_ext._Linear._fields_] == ["packed", "P", "scale", "bias", "row_scale"]
 
 
 def test_the_best_kernel_is_picked_by_default():

@@ -30,17 +30,20 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
         ops.backend()
 
 
+_ONE_SCALE = torch.ones(1)
+
+
 def test_packed_linear_picks_the_cuda_extension_for_decode_when_built(monkeypatch):
     from bitdistill import cuda_ext
 
     packed = torch.zeros(1, 8, dtype=torch.uint8)
     monkeypatch.delenv("BITDISTILL_BACKEND", raising=False)
     monkeypatch.setattr(cuda_ext, "is_available", lambda: True)
-    assert ops._packed_linear_backend(torch.randn(16, 8), packed) is cuda_ext.packed_linear_cuda
-    assert ops._packed_linear_backend(torch.randn(17, 8), packed).__module__ == "bitdistill.kernels.packed"
-    assert ops._packed_linear_backend(torch.randn(1, 6), packed).__module__ == "bitdistill.kernels.packed"
+    assert ops._packed_linear_backend(torch.randn(16, 8), packed, _ONE_SCALE) is cuda_ext.packed_linear_cuda
+    assert ops._packed_linear_backend(torch.randn(17, 8), packed, _ONE_SCALE).__module__ == "bitdistill.kernels.packed"
+    assert ops._packed_linear_backend(torch.randn(1, 6), packed, _ONE_SCALE).__module__ == "bitdistill.kernels.packed"
     monkeypatch.setattr(cuda_ext, "is_available", lambda: False)
-    assert ops._packed_linear_backend(torch.randn(1, 8), packed).__module__ == "bitdistill.kernels.packed"
+    assert ops._packed_linear_backend(torch.randn(1, 8), packed, _ONE_SCALE).__module__ == "bitdistill.kernels.packed"
 
 
 def test_forcing_the_cuda_backend_without_the_extension_names_the_build(monkeypatch):
@@ -49,7 +52,7 @@ def test_forcing_the_cuda_backend_without_the_extension_names_the_build(monkeypa
     monkeypatch.setenv("BITDISTILL_BACKEND", "cuda")
     monkeypatch.setattr(cuda_ext, "_import", lambda: None)
     with pytest.raises(RuntimeError, match="not built"):
-        ops._packed_linear_backend(torch.randn(1, 8), torch.zeros(1, 8, dtype=torch.uint8))
+        ops._packed_linear_backend(torch.randn(1, 8), torch.zeros(1, 8, dtype=torch.uint8), _ONE_SCALE)
     assert ops.backend() == "triton"
 
 
@@ -57,11 +60,24 @@ def test_packed_linear_backend_choice(monkeypatch):
     x = torch.randn(2, 8)
     packed = torch.zeros(1, 8, dtype=torch.uint8)
     monkeypatch.delenv("BITDISTILL_BACKEND", raising=False)
-    impl = ops._packed_linear_backend(x, packed)
+    impl = ops._packed_linear_backend(x, packed, _ONE_SCALE)
     assert impl.__module__ == "bitdistill.kernels.packed"
-    assert ops._packed_linear_backend(x.double(), packed) is packing.packed_linear_reference
+    assert ops._packed_linear_backend(x.double(), packed, _ONE_SCALE) is packing.packed_linear_reference
     monkeypatch.setenv("BITDISTILL_BACKEND", "reference")
-    assert ops._packed_linear_backend(x, packed) is packing.packed_linear_reference
+    assert ops._packed_linear_backend(x, packed, _ONE_SCALE) is packing.packed_linear_reference
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_per_row_scales_run_the_reference_whatever_the_backend(monkeypatch, backend):
+    """The Triton and CUDA kernels take one weight scale per tensor: per-row scales are routed to the reference."""
+    from bitdistill import cuda_ext
+
+    monkeypatch.setenv("BITDISTILL_BACKEND", backend)
+    monkeypatch.setattr(cuda_ext, "is_available", lambda: True)
+    rows = torch.ones(4)
+    assert ops._packed_linear_backend(torch.randn(1, 8), torch.zeros(1, 8, dtype=torch.uint8), rows) is \
+        packing.packed_linear_reference
+    assert not ops._per_tensor(rows) and ops._per_tensor(torch.ones(())) and ops._per_tensor(_ONE_SCALE)
 
 
 def test_cpu_ops_are_the_reference():
@@ -162,7 +178,7 @@ def test_cuda_ops_run_triton_and_match_reference_backend(dtype, monkeypatch):
     packed = packing.pack_ternary(wc)
     ws = (1 / g).reshape(1)
     monkeypatch.setenv("BITDISTILL_BACKEND", "triton")
-    assert ops._packed_linear_backend(x, packed).__module__ == "bitdistill.kernels.packed"
+    assert ops._packed_linear_backend(x, packed, _ONE_SCALE).__module__ == "bitdistill.kernels.packed"
     got = [ops.packed_linear(x, packed, ws, None), ops.packed_linear(x[:2], packed, ws, None)]
     xc, xs = ops.activation_quant(x)
     rc, rs = reference.activation_quant(x)

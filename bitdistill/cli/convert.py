@@ -12,6 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip", action="append", default=None, metavar="PATTERN",
                    help="module pattern to keep full precision (repeatable; default: lm_head)")
     p.add_argument("--use_rms_norm", "--use-rms-norm", action="store_true", help="add an in-layer RMSNorm before activation quantization")
+    p.add_argument("--weight_scale", "--weight-scale", default="tensor",
+                   help="ternary weight scales: tensor (one per weight, BitNet b1.58) or row (one per output row)")
     p.add_argument("--dtype", default="float32", help="dtype to load and save in (float32, bfloat16, float16)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
@@ -21,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
 
     report = convert_pretrained(args.src, args.out, modules_to_not_convert=args.skip or ("lm_head",),
                                 use_rms_norm=args.use_rms_norm, gguf_file=args.gguf_file, dtype=args.dtype,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, weight_scale=args.weight_scale)
     print(report)
     print(f"wrote BitNet student to {args.out}")
     return 0

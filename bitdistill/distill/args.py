@@ -58,6 +58,9 @@ class ModelArguments:
     modules_to_not_convert: list[str] = field(default_factory=lambda: ["lm_head"], metadata={
         "help": "Module patterns of the student kept full precision."})
     subln: bool = field(default=False, metadata={"help": "Insert SubLN (RMSNorm before o_proj and down_proj)."})
+    weight_scale: str = field(default="tensor", metadata={
+        "help": "Ternary weight scales of a student converted here: tensor (one absmean scale per weight, BitNet "
+                "b1.58) or row (one per output row; packs into bitdistill's extension, not plain transformers)."})
     recipe_defaults: list[str] = field(default_factory=list, metadata={
         "help": "Options left at the command's recipe defaults (set by distill/recover): a default recipe part the "
                 "architecture cannot take (SubLN, the attention-relation loss) is skipped with one printed line; "

@@ -17,9 +17,10 @@ from pathlib import Path
 from torch import nn
 
 from bitdistill.distill.args import LossArguments, ModelArguments
+from bitdistill.errors import UserError
 from bitdistill.export.targets import ExportTargets, export_targets
 from bitdistill.nn.arch import RecipePlan, resolve_recipe_parts
-from bitdistill.nn.config import MARKER_KEY, student_marker
+from bitdistill.nn.config import MARKER_KEY, check_weight_scale, student_marker
 
 __all__ = ["RunPlan", "plan_recipe"]
 
@@ -92,9 +93,14 @@ def plan_recipe(model_args: ModelArguments, loss_args: LossArguments, *,
                    _config(student_src or model_args.teacher_model_name_or_path,
                            model_args.student_gguf_file if student_src else model_args.teacher_gguf_file))
     teacher_cfg = _config(model_args.teacher_model_name_or_path, model_args.teacher_gguf_file)
+    check_weight_scale(model_args.weight_scale)
     if student_cfg is None:
         return model_args, loss_args, None
     marker = student_marker(student_cfg) or {}
+    weight_scale = marker.get("weight_scale", "tensor") if marker else model_args.weight_scale
+    if marker and model_args.weight_scale != "tensor" and weight_scale != model_args.weight_scale:
+        raise UserError(f"--weight_scale {model_args.weight_scale}: the student {student_src} is already converted "
+                        f"with weight_scale={weight_scale}; pass a plain model (or a teacher to copy) to convert anew")
     has_subln = bool(marker.get("subln_modules"))
     defaulted = set(model_args.recipe_defaults)
     on = {"subln": model_args.subln and not has_subln, "attention": loss_args.attention_weight > 0,
@@ -118,6 +124,6 @@ def plan_recipe(model_args: ModelArguments, loss_args: LossArguments, *,
     loss_args = dataclasses.replace(loss_args, **changes["loss"])
     if plan.line():
         log(plan.line())
-    targets = export_targets(student_cfg, subln=has_subln or "subln" in plan.applied)
+    targets = export_targets(student_cfg, subln=has_subln or "subln" in plan.applied, weight_scale=weight_scale)
     log(targets.line())
     return model_args, loss_args, RunPlan(plan, targets)

@@ -36,6 +36,7 @@ from bitdistill.eval.perplexity import strided_perplexity
 from bitdistill.export.memory import pack_in_memory
 from bitdistill.io import atomic_write
 from bitdistill.models import tiny_tokenizer
+from bitdistill.nn.config import check_weight_scale
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 from bitdistill.nn.subln import insert_subln
 from bitdistill.runs import CONFIG_FILE, build_blocks, check_run_folder, config_dict
@@ -116,8 +117,10 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
         check_model_source(src, gguf, "--student_gguf_file" if model_args.student_model_name_or_path else
                            "--teacher_gguf_file")
         student = load_model(src, gguf_file=gguf, dtype=model_args.model_dtype)
+    check_weight_scale(model_args.weight_scale)
     if student_marker(student) is None:
-        report = replace_linear_with_bitlinear(student, modules_to_not_convert=model_args.modules_to_not_convert)
+        report = replace_linear_with_bitlinear(student, modules_to_not_convert=model_args.modules_to_not_convert,
+                                               weight_scale=model_args.weight_scale)
         if not report.converted:
             raise UserError(f"the student {type(student).__name__} has no linear layer to convert")
     if teacher is not None and _vocab(teacher) != _vocab(student):

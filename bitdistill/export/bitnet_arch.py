@@ -45,7 +45,7 @@ from bitdistill.nn.replace import student_marker
 from bitdistill.quant.packing import pack_ternary
 from bitdistill.quant.reference import weight_quant
 
-__all__ = ["MAPPABLE_ARCHITECTURES", "bitnet_arch_config", "bitnet_unmappable", "has_subln", "split_fused", "subln_to_bitnet"]
+__all__ = ["MAPPABLE_ARCHITECTURES", "bitnet_arch_config", "bitnet_unmappable", "has_subln", "packs_as_bitnet", "split_fused", "subln_to_bitnet"]
 
 MAPPABLE_ARCHITECTURES = tuple(t for t, spec in SUPPORTED_ARCHITECTURES.items() if spec.bitnet is None)
 # fused student projection -> BitNet's separate ones (their output rows in order)
@@ -61,6 +61,13 @@ _CONFIG_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 def has_subln(model: nn.Module) -> bool:
     """Whether ``model`` is a SubLN student (its marker lists SubLN modules)."""
     return bool((student_marker(model) or {}).get("subln_modules"))
+
+
+def packs_as_bitnet(model: nn.Module) -> bool:
+    """Whether ``bitdistill pack`` writes ``model`` as ``BitNetForCausalLM``: a SubLN student that maps exactly, with
+    one weight scale per tensor (transformers' bitnet loader holds no per-row scales: those go to the extension)."""
+    return (has_subln(model) and bitnet_unmappable(model.config) is None
+            and not any(getattr(m, "per_row", False) for m in model.modules()))
 
 
 def _refuse(model_type: str, why: str) -> UserError:
@@ -125,8 +132,8 @@ def _bitnet_name(name: str) -> str:
 def _plain_packed(layer: BitLinear, bias: bool) -> PackedBitLinear:
     """``layer`` packed without its in-layer norm (the norm becomes a BitNet sub-norm module)."""
     full = PackedBitLinear.from_bitlinear(layer)
-    out = PackedBitLinear(layer.in_features, layer.out_features, bias=bias, device=full.weight.device,
-                          dtype=layer.weight.dtype)
+    out = PackedBitLinear(layer.in_features, layer.out_features, bias=bias, per_row=layer.per_row,
+                          device=full.weight.device, dtype=layer.weight.dtype)
     out.weight.copy_(full.weight)
     out.weight_scale.copy_(full.weight_scale)
     if layer.bias is not None:
@@ -140,18 +147,21 @@ def _plain_packed(layer: BitLinear, bias: bool) -> PackedBitLinear:
 def split_fused(layer: BitLinear, sizes: list[int]) -> list[PackedBitLinear]:
     """A fused BitLinear (``[sum(sizes), in]``) as packed layers of ``sizes`` output rows, exactly.
 
-    Ternarization is per tensor, so the parts take the fused codes row for row and every part keeps the fused
-    scale: each part's output is the fused output's slice, bit for bit. No bias, no in-layer norm (Phi-3's).
+    The parts take the fused codes row for row and every part keeps the fused scale (per tensor: one absmean over
+    the fused weight; per row: its rows' scales): each part's output is the fused output's slice, bit for bit. No
+    bias, no in-layer norm (Phi-3's).
     """
     if layer.bias is not None or layer.rms_norm is not None:
         raise ValueError("split_fused expects a fused projection without bias or in-layer norm")
-    codes, gamma = weight_quant(layer.weight_out_in().detach())
+    codes, gamma = weight_quant(layer.weight_out_in().detach(), layer.per_row)
+    scales = (1.0 / gamma).reshape(-1)
     parts = []
-    for rows in codes.split(sizes, dim=0):
-        part = PackedBitLinear(layer.in_features, rows.shape[0], bias=False, device=codes.device,
-                               dtype=layer.weight.dtype)
+    for rows, part_scales in zip(codes.split(sizes, dim=0),
+                                 scales.split(sizes) if layer.per_row else [scales] * len(sizes), strict=True):
+        part = PackedBitLinear(layer.in_features, rows.shape[0], bias=False, per_row=layer.per_row,
+                               device=codes.device, dtype=layer.weight.dtype)
         part.weight.copy_(pack_ternary(rows))
-        part.weight_scale.copy_((1.0 / gamma).reshape(1))
+        part.weight_scale.copy_(part_scales)
         parts.append(part)
     return parts
 

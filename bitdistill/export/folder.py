@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from bitdistill.errors import UserError
-from bitdistill.export.bitnet_arch import bitnet_unmappable, has_subln, subln_to_bitnet
+from bitdistill.export.bitnet_arch import has_subln, packs_as_bitnet, subln_to_bitnet
 from bitdistill.export.format import COPY_FILES, DEFAULT_MAX_SHARD_BYTES
 from bitdistill.export.loader import load_packed, unpack_to_student
 from bitdistill.export.writer import PackReport, save_packed
@@ -157,10 +157,11 @@ def pack_pretrained(
     torch_dtype = None if dtype in (None, "auto") else _parse_dtype(dtype)
     source = load_pack_source(src, from_plain=from_plain, gguf_file=gguf_file, skip=skip)
     model, skipped, kind, tokenizer = source.model, source.skipped, source.kind, source.tokenizer
-    if has_subln(model) and bitnet_unmappable(model.config) is None:
+    per_row = any(getattr(m, "per_row", False) for m in model.modules())
+    if packs_as_bitnet(model):
         model = subln_to_bitnet(model)
         kind = "BitNet student with SubLN, written as transformers' BitNetForCausalLM"
-    elif has_subln(model) or any(isinstance(m, BitConv1D) for m in model.modules()):
+    elif has_subln(model) or per_row or any(isinstance(m, BitConv1D) for m in model.modules()):
         kind += ", written in bitdistill's extension of the bitnet format (load it with bitdistill.load_packed)"
     if torch_dtype is None:
         torch_dtype = torch.float16 if source.dtype == torch.float16 else torch.bfloat16

@@ -13,7 +13,8 @@ bitdistill's extension (``docs/pack.md``), for students the format cannot expres
 converted layers only (SubLN beside q/k norms, Gemma's extra norms, ... on architectures transformers'
 ``BitNetForCausalLM`` does not cover) or GPT-2 style ``Conv1D`` projections. The tensors are the same (a
 ``Conv1D`` layer's codes stored ``[out/4, in]`` like any other, its transposed weight; ``<m>.rms_norm.weight``
-where the norm is), and ``quantization_config`` says ``"linear_class": "bitdistill"`` with
+where the norm is; ``<m>.weight_scale`` float32 ``[out]``, ``1 / gamma_r`` per output row, for a per-row
+student, with ``"weight_scale": "row"``), and ``quantization_config`` says ``"linear_class": "bitdistill"`` with
 ``"rms_norm_modules": [...]`` and ``"rms_norm_eps"``: plain transformers refuses that ``linear_class`` in one
 line rather than load a model that would compute something else; ``load_packed`` builds the architecture and
 puts a :class:`~bitdistill.nn.PackedBitLinear` wherever the folder holds a ``weight_scale``.
@@ -80,7 +81,7 @@ def converted_layers(model: nn.Module) -> dict[str, nn.Module]:
 def packed_quantization_config(model: nn.Module) -> dict:
     """The ``quantization_config`` for ``model``'s packed checkpoint (``modules_to_not_convert`` never empty):
     the ``bitnet`` format's, or bitdistill's extension of it when only some converted layers carry an in-layer
-    RMSNorm (SubLN) or some are ``Conv1D`` layers (see the module docstring).
+    RMSNorm (SubLN), some are ``Conv1D`` layers, or the layers have per-row weight scales (see the module docstring).
 
     Raises:
         ValueError: in-layer RMSNorms with different eps values, the output head is converted,
@@ -102,7 +103,12 @@ def packed_quantization_config(model: nn.Module) -> dict:
     qc = {"quant_method": "bitnet", "linear_class": "bitlinear", "quantization_mode": "offline",
           "modules_to_not_convert": kept}
     conv1d = any(isinstance(m, BitConv1D) for m in converted.values())
-    if len(norms) == 1 and not conv1d:
+    per_row = {bool(m.per_row) for m in converted.values()}
+    if len(per_row) > 1:
+        raise UserError("some converted layers have per-row weight scales and others one per tensor; convert the "
+                        "whole student with one BitNetConfig.weight_scale")
+    per_row = per_row.pop()
+    if len(norms) == 1 and not conv1d and not per_row:
         (use_rms_norm, eps), = norms
         if use_rms_norm:
             qc.update(use_rms_norm=True, rms_norm_eps=float(eps))
@@ -115,6 +121,8 @@ def packed_quantization_config(model: nn.Module) -> dict:
     qc.update(linear_class=EXTENSION_LINEAR_CLASS, rms_norm_modules=normed)
     if normed:
         qc["rms_norm_eps"] = float(next(iter(eps)))
+    if per_row:
+        qc["weight_scale"] = "row"
     return qc
 
 

@@ -4,7 +4,9 @@ Everything binary goes through the ``gguf`` package (llama.cpp's own Python writ
 architecture tensor-name maps and the ``TQ2_0`` / ``TQ1_0`` / ``Q8_0`` quantizers. A ternary layer with
 codes ``T`` and per-tensor scale ``gamma`` is handed to the quantizer as exactly ``T * gamma``: every
 256-wide block's absmax is ``gamma`` (or 0 for an all-zero block), so the written codes are exactly ``T``
-and each block's scale is ``gamma`` rounded to float16 (the block-scale type of both formats).
+and each block's scale is ``gamma`` rounded to float16 (the block-scale type of both formats). A per-row
+student (``BitNetConfig(weight_scale="row")``) is handed over as ``T_r * gamma_r``: a block lies inside one row,
+so it gets its row's scale the same way.
 
 llama.cpp's ternary types need rows (``in_features``) that are a multiple of 256. Other ternary layers
 go out as ``Q8_0`` of ``T * gamma`` (32-wide blocks of int8 ``±127`` / 0 with a float16 scale: the same
@@ -124,14 +126,16 @@ class GGUFReport:
 
 
 def _ternary(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes int8 [out, in], gamma float32 [])`` of a converted layer."""
+    """``(codes int8 [out, in], gamma float32 [] or [out, 1])`` of a converted layer (``[out, 1]``: per-row scales,
+    which every block of a row takes, so the file holds them exactly as it holds a per-tensor one)."""
     if isinstance(module, PackedBitLinear):
-        return unpack_ternary(module.weight, torch.int8), 1.0 / module.weight_scale.float().reshape(())
+        gamma = 1.0 / module.weight_scale.float()
+        return unpack_ternary(module.weight, torch.int8), gamma.reshape(-1, 1) if module.per_row else gamma.reshape(())
     w = module.weight_out_in().detach()
     if not torch.isfinite(w).all():
         raise UserError(f"cannot export {name!r}: its weight contains NaN or Inf; fix the checkpoint first")
-    codes, gamma = weight_quant(w)
-    return codes.to(torch.int8), gamma.float().reshape(())
+    codes, gamma = weight_quant(w, module.per_row)
+    return codes.to(torch.int8), gamma.float().reshape(-1, 1) if module.per_row else gamma.float().reshape(())
 
 
 def _converted(model: nn.Module) -> dict[str, nn.Module]:

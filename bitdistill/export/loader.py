@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import re
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def load_packed(path: str | Path, *, dtype: str | torch.dtype = "auto", device: 
         if scale is None:
             raise UserError(f"tensor '{name}.weight_scale' is missing from the weights in {path}; the folder is "
                             "incomplete: re-pack the student")
+        _check_scale_length(path, name, scale.shape, m.out_features)
         new.weight_scale = scale.float().reshape(-1).to(m.weight.device)
         new.bias = m.bias
         if m.rms_norm is not None:
@@ -93,8 +95,11 @@ def _load_extension(path: Path, config: dict, qc: dict, index: dict, dtype) -> n
             raise UserError(f"{path} holds packed weights for {name!r}, which its architecture does not have; "
                             "re-pack the student") from None
         in_f, out_f = old.weight.shape if is_conv1d(old) else (old.in_features, old.out_features)
+        scale_shape = index[f"{name}.weight_scale"].shape
+        _check_scale_length(path, name, scale_shape, out_f)
         model.set_submodule(name, PackedBitLinear(in_f, out_f, bias=getattr(old, "bias", None) is not None,
-                                                  use_rms_norm=name in normed, rms_norm_eps=eps, device="meta"))
+                                                  use_rms_norm=name in normed, rms_norm_eps=eps,
+                                                  per_row=math.prod(scale_shape) != 1, device="meta"))
     tensors = read_tensors(path, list(index))
     if dtype != "auto":
         tensors = {k: t.to(dtype) if t.is_floating_point() and not k.endswith(".weight_scale") else t
@@ -112,6 +117,14 @@ def _load_extension(path: Path, config: dict, qc: dict, index: dict, dtype) -> n
     validate_loaded(model, path, packed_modules=packed)
     model.config.quantization_config = dict(qc)  # as load_packed keeps it, so save_packed writes it back
     return model
+
+
+def _check_scale_length(path: Path, name: str, shape, out_features: int) -> None:
+    """A layer's ``weight_scale`` holds one value (per tensor) or ``out_features`` (per row), as one 1-D tensor."""
+    n = math.prod(shape)
+    if len(shape) > 1 or n not in (1, out_features):
+        raise UserError(f"tensor '{name}.weight_scale' in {path} has shape {list(shape)}; a weight scale holds 1 value "
+                        f"(per tensor) or {out_features} (one per output row): the folder is corrupt, re-pack the student")
 
 
 _UNPACKING_WARNING = "You don't have a GPU available to load the model"
@@ -171,15 +184,19 @@ def unpack_to_student(model: nn.Module):
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     kept = [re.escape(n) + "$" for n in qc["modules_to_not_convert"]]
     first = next(iter(packed.values()))
+    if len({m.per_row for m in packed.values()}) > 1:
+        raise UserError("unpack_to_student: some packed layers have per-row weight scales and others one per tensor; "
+                        "a student holds one kind (BitNetConfig.weight_scale)")
+    weight_scale = "row" if first.per_row else "tensor"
     if is_extension(qc):  # the norms go where the folder had them, as a SubLN student keeps them
         normed = tuple(n for n, m in packed.items() if m.rms_norm is not None)
         eps = next((packed[n].rms_norm.variance_epsilon for n in normed), 1e-6)
         conversion = BitNetConfig(modules_to_not_convert=kept, convert_output_head=True, subln_modules=normed,
-                                  subln_eps=eps)
+                                  subln_eps=eps, weight_scale=weight_scale)
     else:
         conversion = BitNetConfig(modules_to_not_convert=kept, use_rms_norm=first.use_rms_norm,
                                   rms_norm_eps=first.rms_norm.variance_epsilon if first.rms_norm else 1e-6,
-                                  convert_output_head=True)
+                                  convert_output_head=True, weight_scale=weight_scale)
     replace_linear_with_bitlinear(fresh, conversion)
     state = {}
     for key, t in model.state_dict().items():

@@ -7,7 +7,7 @@ import copy
 from torch import nn
 
 from bitdistill.errors import UserError
-from bitdistill.export.bitnet_arch import bitnet_unmappable, has_subln, subln_to_bitnet
+from bitdistill.export.bitnet_arch import packs_as_bitnet, subln_to_bitnet
 from bitdistill.export.format import packed_quantization_config
 from bitdistill.export.writer import pack_model
 from bitdistill.nn.bitlinear import BitLinear
@@ -33,7 +33,7 @@ def pack_in_memory(student: nn.Module) -> nn.Module:
         ValueError: the student cannot be packed (in-layer norms with different eps values, a converted
             output head, ``out_features % 4 != 0``, NaN/Inf); the message says why.
     """
-    if has_subln(student) and bitnet_unmappable(student.config) is None:
+    if packs_as_bitnet(student):
         return subln_to_bitnet(student)
     packed_quantization_config(student)
     state = pack_model(student)

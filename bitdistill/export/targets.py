@@ -15,7 +15,7 @@ from bitdistill.export.bitnet_arch import bitnet_arch_config, bitnet_unmappable
 from bitdistill.export.gguf import bitnet_graph_unsupported
 from bitdistill.nn.arch import lookup
 
-__all__ = ["ExportTargets", "export_targets"]
+__all__ = ["PER_ROW_NOT_TRANSFORMERS", "ExportTargets", "export_targets"]
 
 
 @dataclass(frozen=True)
@@ -46,12 +46,25 @@ class ExportTargets:
         return "the student will export to: " + "; ".join(parts)
 
 
-def export_targets(config, *, subln: bool) -> ExportTargets:
+#: Why plain transformers cannot load a per-row student (``BitNetConfig(weight_scale="row")``).
+PER_ROW_NOT_TRANSFORMERS = "per-row weight scales: transformers' bitnet loader holds one weight scale per tensor"
+
+
+def export_targets(config, *, subln: bool, weight_scale: str = "tensor") -> ExportTargets:
     """The formats a student of ``config`` (a transformers config; SubLN inserted or not) exports to.
 
     ``bitdistill pack`` and ``--format gguf`` decide from the trained student itself; this is the same decision
     from its config, so runs can print it before training (tests check the two agree on every listed architecture).
+    A per-row student (``weight_scale="row"``) always packs into the extension; GGUF is unchanged (each 256-wide
+    block of a row stores its row's scale).
     """
+    targets = _targets(config, subln=subln)
+    if weight_scale == "row":
+        return ExportTargets("extension", PER_ROW_NOT_TRANSFORMERS, targets.llama_cpp, targets.gguf_arch)
+    return targets
+
+
+def _targets(config, *, subln: bool) -> ExportTargets:
     spec = lookup(config)
     model_type = getattr(config, "model_type", None)
     if subln:

@@ -77,9 +77,10 @@ class PackReport:
 
 
 def _packed_tensors(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(uint8 [out/4, in], float32 [1])`` for a BitLinear or PackedBitLinear; raises on unpackable layers."""
+    """``(uint8 [out/4, in], float32 [1] or [out])`` for a BitLinear or PackedBitLinear (``[out]``: per-row scales);
+    raises on unpackable layers."""
     if isinstance(module, PackedBitLinear):
-        return module.weight.detach(), module.weight_scale.detach().float().reshape(1)
+        return module.weight.detach(), module.weight_scale.detach().float().reshape(-1)
     if module.out_features % 4 != 0:
         raise UserError(f"cannot pack {name!r}: out_features={module.out_features} is not a multiple of 4 (the "
                         "format stores 4 rows per byte); convert the student with this module in "
@@ -87,8 +88,8 @@ def _packed_tensors(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.T
     w = module.weight_out_in().detach()  # a Conv1D layer's [in, out] weight, transposed
     if not torch.isfinite(w).all():
         raise UserError(f"cannot pack {name!r}: its weight contains NaN or Inf; fix the checkpoint first")
-    codes, gamma = weight_quant(w)
-    return pack_ternary(codes), (1.0 / gamma).reshape(1)
+    codes, gamma = weight_quant(w, module.per_row)
+    return pack_ternary(codes), (1.0 / gamma).reshape(-1)
 
 
 def pack_model(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
@@ -100,7 +101,7 @@ def pack_model(model: nn.Module, *, dtype: torch.dtype | None = None) -> dict[st
 
     Returns:
         ``{key: tensor}`` in state-dict order: ``<m>.weight`` uint8 ``[out/4, in]`` and
-        ``<m>.weight_scale`` float32 ``[1]`` for converted layers, every other tensor unchanged (or cast);
+        ``<m>.weight_scale`` float32 ``[1]`` (``[out]`` per row) for converted layers, every other tensor unchanged (or cast);
         a tensor shared with an earlier key (tied embeddings) appears once, under its first key.
 
     Raises:
@@ -161,8 +162,8 @@ def _model_card(model: nn.Module, report: PackReport, qc: dict, source: str | No
     by = f"Written by `bitdistill pack`{f' from `{source}`' if source else ''}."
     if is_extension(qc):
         load = [f"{by} It is bitdistill's extension of the `bitnet` format (in-layer norms on "
-                f"{len(qc.get('rms_norm_modules', []))} layers only, or Conv1D projections: see bitdistill's "
-                "docs/pack.md), which plain transformers refuses; load it with bitdistill:", "",
+                f"{len(qc.get('rms_norm_modules', []))} layers only, Conv1D projections or per-row weight scales: see "
+                "bitdistill's docs/pack.md), which plain transformers refuses; load it with bitdistill:", "",
                 "```python", "from bitdistill import load_packed", "model = load_packed(\"path/to/this/folder\")",
                 "```", ""]
     else:
@@ -180,8 +181,9 @@ def _model_card(model: nn.Module, report: PackReport, qc: dict, source: str | No
         f"| in-layer RMSNorm | {qc.get('use_rms_norm', False)} |",
         f"| tensor bytes | {report.bytes_after / mib:.2f} MiB (source {report.bytes_before / mib:.2f} MiB, "
         f"bf16 {report.bf16_bytes / mib:.2f} MiB) |", "",
-        "Weights are ternarized per tensor (absmean scale `gamma`, stored as `weight_scale = 1/gamma`), "
-        "activations quantized per token to int8 (absmax), as in BitNet b1.58.", ""])
+        f"Weights are ternarized per {'output row' if qc.get('weight_scale') == 'row' else 'tensor'} (absmean scale "
+        "`gamma`, stored as `weight_scale = 1/gamma`), activations quantized per token to int8 (absmax), as in "
+        "BitNet b1.58.", ""])
 
 
 def save_packed(

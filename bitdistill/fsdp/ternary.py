@@ -211,6 +211,8 @@ def _eligible(module: nn.Module, world_size: int) -> str | None:
     """Why ``module``'s weight cannot take the ternary all-gather on ``world_size`` ranks, or ``None``."""
     if type(module) is not BitLinear or isinstance(module, BitConv1D):
         return "not a BitLinear with an [out, in] weight"
+    if module.per_row:
+        return "per-row weight scales (the ternary all-gather carries one scale per tensor)"
     out_features, in_features = module.weight.shape
     if in_features % 4:
         return f"in_features={in_features} is not a multiple of 4 (four codes a byte)"

@@ -9,7 +9,9 @@ Backward is the straight-through estimator: both quantizers are treated as the i
 
     grad_x = grad_y @ W_q          grad_W = grad_y^T @ x_q          grad_b = sum(grad_y)
 
-in the activation dtype. :class:`BitLinearFunction` saves the int8 codes ``X_q`` and the per-token
+in the activation dtype. With ``per_row=True`` (``BitNetConfig(weight_scale="row")``) ``gamma`` is ``[out_features]``,
+one absmean scale per output row, applied per output column of ``y``; everything else is unchanged.
+:class:`BitLinearFunction` saves the int8 codes ``X_q`` and the per-token
 scales ``s_x`` instead of the full-precision input (a quarter of an fp32 input's bytes, half of a
 bf16 one's), plus ``gamma``; ``W_q`` is recomputed from the latent weight, which autograd keeps anyway.
 """
@@ -25,12 +27,16 @@ __all__ = ["BitConv1D", "BitLinear", "BitLinearFunction", "BitRMSNorm", "bitline
 
 
 class BitLinearFunction(torch.autograd.Function):
-    """``y = BitLinear(x, W, b)`` on 2-D ``x [M, K]``, ``W [N, K]``, ``b [N]``; STE backward."""
+    """``y = BitLinear(x, W, b)`` on 2-D ``x [M, K]``, ``W [N, K]``, ``b [N]``; STE backward.
+
+    ``per_row``: one weight scale per output row (``gamma [N]``) instead of one per tensor.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                per_row: bool = False) -> torch.Tensor:
         x_codes, x_scale = ops.activation_quant(x)
-        w_codes, gamma = _ternarize(weight)
+        w_codes, gamma = _ternarize(weight, per_row)
         y = ops.int8_ternary_linear(x_codes, x_scale, w_codes, gamma, bias, x.dtype)
         ctx.save_for_backward(x_codes, x_scale, weight, gamma)
         ctx.has_bias = bias is not None
@@ -47,14 +53,20 @@ class BitLinearFunction(torch.autograd.Function):
             grad_w = ops.int8_grad_weight(grad_y, x_codes, x_scale).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(0)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def _ternarize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(T int8 [N, K], gamma f32 [])``: from ``ops.weight_quant``, or from the weight itself when it carries them
-    (the tensors of FSDP2's ternary all-gather, :mod:`bitdistill.fsdp.ternary`, whose gamma is exact over shards)."""
+def _ternarize(weight: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(T int8 [N, K], gamma f32 [] or [N])``: from ``ops.weight_quant`` (``ops.weight_quant_per_row``), or from the
+    weight itself when it carries them (the tensors of FSDP2's ternary all-gather, :mod:`bitdistill.fsdp.ternary`,
+    whose gamma is exact over shards; one per tensor only)."""
     own = getattr(weight, "ternary_codes_and_scale", None)
-    return own() if own is not None else ops.weight_quant(weight)
+    if own is not None:
+        if per_row:
+            raise ValueError("FSDP2's ternary all-gather carries one weight scale per tensor, and this BitLinear uses "
+                             "one per row (weight_scale='row'); leave the ternary all-gather off for it")
+        return own()
+    return ops.weight_quant_per_row(weight) if per_row else ops.weight_quant(weight)
 
 
 def _check_input(x: torch.Tensor, in_features: int, where: str) -> None:
@@ -74,10 +86,12 @@ def _check_input(x: torch.Tensor, in_features: int, where: str) -> None:
         raise TypeError(f"{where} expects a floating-point input (float32/bfloat16/float16), got {x.dtype}")
 
 
-def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Functional BitLinear: ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` -> ``[..., N]`` in ``x``'s dtype."""
+def bitlinear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+              per_row: bool = False) -> torch.Tensor:
+    """Functional BitLinear: ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` -> ``[..., N]`` in ``x``'s dtype
+    (``per_row``: one weight scale per output row)."""
     _check_input(x, weight.shape[1], "bitlinear")
-    y = BitLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    y = BitLinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, per_row)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
@@ -113,6 +127,8 @@ class BitLinear(nn.Linear):
         use_rms_norm: apply an RMSNorm with a learnable weight (key ``rms_norm.weight``, like
             transformers' BitLinear) to the input before activation quantization.
         rms_norm_eps: epsilon of that RMSNorm.
+        per_row: one absmean weight scale per output row instead of one per tensor (not a tensor: the scales are
+            recomputed from the latent weight every forward, like the per-tensor one).
     """
 
     def __init__(
@@ -125,18 +141,21 @@ class BitLinear(nn.Linear):
         *,
         use_rms_norm: bool = False,
         rms_norm_eps: float = 1e-6,
+        per_row: bool = False,
     ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.per_row = per_row
         self.use_rms_norm = use_rms_norm
         self.rms_norm = BitRMSNorm(in_features, rms_norm_eps, device=device, dtype=dtype) if use_rms_norm else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, use_rms_norm: bool = False, rms_norm_eps: float = 1e-6) -> BitLinear:
+    def from_linear(cls, linear: nn.Linear, *, use_rms_norm: bool = False, rms_norm_eps: float = 1e-6,
+                    per_row: bool = False) -> BitLinear:
         """A BitLinear that shares ``linear``'s parameters (same tensors: device, dtype, requires_grad, ties kept)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"BitLinear.from_linear expects an nn.Linear, got {type(linear).__name__}")
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-                  use_rms_norm=False)
+                  use_rms_norm=False, per_row=per_row)
         new._adopt(linear.weight, linear.bias, use_rms_norm, rms_norm_eps)
         new.train(linear.training)
         return new
@@ -156,12 +175,13 @@ class BitLinear(nn.Linear):
         _check_input(x, self.in_features, type(self).__name__)
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        y = BitLinearFunction.apply(x.reshape(-1, self.in_features), self.weight_out_in(), self.bias)
+        y = BitLinearFunction.apply(x.reshape(-1, self.in_features), self.weight_out_in(), self.bias, self.per_row)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weights=ternary(absmean, per-tensor), activations=int8(absmax, per-token), "
+                f"weights=ternary(absmean, {'per-row' if self.per_row else 'per-tensor'}), "
+                f"activations=int8(absmax, per-token), "
                 f"use_rms_norm={self.use_rms_norm}")
 
 
@@ -173,12 +193,14 @@ class BitConv1D(BitLinear):
     """
 
     @classmethod
-    def from_conv1d(cls, conv: nn.Module, *, use_rms_norm: bool = False, rms_norm_eps: float = 1e-6) -> BitConv1D:
+    def from_conv1d(cls, conv: nn.Module, *, use_rms_norm: bool = False, rms_norm_eps: float = 1e-6,
+                    per_row: bool = False) -> BitConv1D:
         """A BitConv1D sharing the parameters of a transformers ``Conv1D`` (``weight [in, out]``, ``bias [out]``)."""
         in_features, out_features = conv.weight.shape
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = in_features, out_features
+        new.per_row = per_row
         new.rms_norm = None
         new._adopt(conv.weight, conv.bias, use_rms_norm, rms_norm_eps)
         new.train(conv.training)

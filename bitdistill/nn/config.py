@@ -5,7 +5,10 @@ In the spirit of torchao's ``quantize_(model, Config)``, one frozen dataclass is
 its config (``config.bitdistill``)::
 
     {"format": "bitnet-b1.58-student", "version": 1, "modules_to_not_convert": [<exact names kept>],
-     "use_rms_norm": false, "rms_norm_eps": 1e-06, "subln_modules": [...], "subln_eps": 1e-06}
+     "use_rms_norm": false, "rms_norm_eps": 1e-06, "subln_modules": [...], "subln_eps": 1e-06,
+     "weight_scale": "tensor"}
+
+(``weight_scale`` is written only for ``"row"``; a marker without it, as every older student's, means ``"tensor"``.)
 
 The marker lists the exact module names left in full precision (not the patterns the user gave), so
 :func:`bitnet_config` reads back the config that reproduces the conversion exactly. :func:`folder_kind`
@@ -20,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from bitdistill.errors import UserError
 from bitdistill.weights import read_config
 
-__all__ = ["MARKER_FORMAT", "MARKER_KEY", "MARKER_VERSION", "BitNetConfig", "bitnet_config", "folder_kind",
+__all__ = ["MARKER_FORMAT", "MARKER_KEY", "MARKER_VERSION", "WEIGHT_SCALES", "BitNetConfig", "bitnet_config", "check_weight_scale", "folder_kind",
            "is_packed_config", "marker_from_config", "read_config_json", "student_marker"]
 
 MARKER_KEY = "bitdistill"
@@ -32,6 +36,8 @@ MARKER_VERSION = 1
 PACKED_QUANT_METHOD = "bitnet"
 
 FolderKind = Literal["plain", "student", "packed"]
+#: ``BitNetConfig.weight_scale``: one absmean weight scale per tensor (BitNet b1.58, the default) or per output row.
+WEIGHT_SCALES = ("tensor", "row")
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,9 @@ class BitNetConfig:
         subln_modules: converted modules that get a SubLN norm (an in-layer RMSNorm, weight 1), e.g. from
             :func:`bitdistill.nn.subln.subln_module_names`; ``insert_subln`` also calibrates them.
         subln_eps: epsilon of the SubLN norms.
+        weight_scale: ``"tensor"`` (one absmean scale per weight tensor, BitNet b1.58) or ``"row"`` (one per
+            output row, as ParetoQ's ternary models). A per-row student packs into bitdistill's extension of the
+            packed format, which plain transformers' ``bitnet`` loader cannot hold (``docs/pack.md``).
     """
 
     modules_to_not_convert: tuple[str, ...] = ("lm_head",)
@@ -56,6 +65,7 @@ class BitNetConfig:
     convert_output_head: bool = False
     subln_modules: tuple[str, ...] = field(default=())
     subln_eps: float = 1e-6
+    weight_scale: Literal["tensor", "row"] = "tensor"
 
     def __post_init__(self) -> None:
         for name in ("modules_to_not_convert", "subln_modules"):
@@ -67,6 +77,17 @@ class BitNetConfig:
         for name in ("rms_norm_eps", "subln_eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"BitNetConfig.{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_scale not in WEIGHT_SCALES:
+            raise ValueError(f"BitNetConfig.weight_scale must be one of {', '.join(WEIGHT_SCALES)}, got "
+                             f"{self.weight_scale!r}")
+
+
+def check_weight_scale(value: str, where: str = "--weight_scale") -> str:
+    """``value`` if it is one of :data:`WEIGHT_SCALES`, else a one-line :class:`UserError` naming ``where``."""
+    if value not in WEIGHT_SCALES:
+        raise UserError(f"{where} must be one of {', '.join(WEIGHT_SCALES)}, got {value!r}; pass {where} tensor "
+                        f"(one scale per weight tensor, the default) or {where} row (one per output row)")
+    return value
 
 
 def _is_dict_config(config) -> bool:
@@ -89,7 +110,8 @@ def marker_from_config(config: BitNetConfig, kept: Iterable[str], previous: dict
     """The ``config.bitdistill`` marker of a model converted with ``config`` that kept the modules ``kept``.
 
     ``previous`` (the model's marker before this conversion, if any) keeps its other keys and its in-layer
-    norm setting, so converting twice or after SubLN records the union.
+    norm setting, so converting twice or after SubLN records the union. ``weight_scale`` is recorded only when
+    ``"row"`` (markers without it read as ``"tensor"``).
     """
     previous = previous or {}
     marker = {
@@ -102,6 +124,8 @@ def marker_from_config(config: BitNetConfig, kept: Iterable[str], previous: dict
     }
     if config.subln_modules:
         marker.update(subln_modules=list(config.subln_modules), subln_eps=float(config.subln_eps))
+    if config.weight_scale != "tensor":
+        marker["weight_scale"] = config.weight_scale
     return marker
 
 
@@ -113,7 +137,10 @@ def bitnet_config(source) -> BitNetConfig | None:
 
     Returns:
         The kept modules as exact-name patterns, ``convert_output_head=True`` (the kept list decides), the
-        in-layer norm and SubLN settings as recorded.
+        in-layer norm, SubLN and weight-scale settings as recorded.
+
+    Raises:
+        UserError: the marker's ``weight_scale`` is not one this version knows.
     """
     if isinstance(source, (str, Path)):
         path = Path(source)
@@ -121,10 +148,14 @@ def bitnet_config(source) -> BitNetConfig | None:
     marker = student_marker(source)
     if marker is None:
         return None
+    weight_scale = marker.get("weight_scale", "tensor")
+    if weight_scale not in WEIGHT_SCALES:
+        raise UserError(f"the student's config.json records weight_scale={weight_scale!r}, which this bitdistill does "
+                        f"not know (one of {', '.join(WEIGHT_SCALES)}); upgrade bitdistill or re-convert the student")
     return BitNetConfig(modules_to_not_convert=tuple(re.escape(n) + "$" for n in marker["modules_to_not_convert"]),
                         use_rms_norm=bool(marker["use_rms_norm"]), rms_norm_eps=float(marker["rms_norm_eps"]),
                         convert_output_head=True, subln_modules=tuple(marker.get("subln_modules") or ()),
-                        subln_eps=float(marker.get("subln_eps", 1e-6)))
+                        subln_eps=float(marker.get("subln_eps", 1e-6)), weight_scale=weight_scale)
 
 
 def read_config_json(path: str | Path) -> dict:

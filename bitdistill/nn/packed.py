@@ -2,7 +2,8 @@
 
 It holds exactly the tensors of the Hugging Face ``bitnet`` format (``linear_class: "bitlinear"``):
 ``weight`` ``uint8 [out/4, in]`` (see :mod:`bitdistill.quant.packing` for the layout),
-``weight_scale`` ``[1]`` = ``1 / gamma``, an optional ``bias`` and an optional in-layer RMSNorm
+``weight_scale`` ``[1]`` = ``1 / gamma`` (``[out]``, one per output row, for a per-row student: bitdistill's
+extension of the format, ``docs/pack.md``), an optional ``bias`` and an optional in-layer RMSNorm
 (``rms_norm.weight``), so its state dict is the packed checkpoint's. Forward::
 
     y = (X_q @ T^T) / (s_x * weight_scale) + bias
@@ -35,11 +36,12 @@ class PackedBitLinear(nn.Module):
         in_features, out_features: sizes; ``out_features % 4 == 0``.
         bias: whether the layer has a bias (float buffer ``[out_features]``).
         use_rms_norm, rms_norm_eps: in-layer RMSNorm before activation quantization (as BitLinear).
+        per_row: one weight scale per output row (``weight_scale [out_features]``) instead of ``[1]``.
         device, dtype: of the float tensors (bias, RMSNorm weight); ``weight_scale`` is float32.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, use_rms_norm: bool = False,
-                 rms_norm_eps: float = 1e-6, device=None, dtype=None) -> None:
+                 rms_norm_eps: float = 1e-6, per_row: bool = False, device=None, dtype=None) -> None:
         super().__init__()
         if out_features % 4 != 0:
             raise ValueError(f"PackedBitLinear needs out_features % 4 == 0 (4 rows per byte), got {out_features}; "
@@ -47,7 +49,8 @@ class PackedBitLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.register_buffer("weight", torch.zeros(out_features // 4, in_features, dtype=torch.uint8, device=device))
-        self.register_buffer("weight_scale", torch.ones(1, dtype=torch.float32, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features if per_row else 1, dtype=torch.float32,
+                                                        device=device))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
@@ -59,7 +62,8 @@ class PackedBitLinear(nn.Module):
 
     @classmethod
     def like(cls, layer: nn.Module, *, device=None, dtype=None) -> PackedBitLinear:
-        """An empty (zero-code) PackedBitLinear with ``layer``'s geometry: features, bias, in-layer RMSNorm and eps.
+        """An empty (zero-code) PackedBitLinear with ``layer``'s geometry: features, bias, in-layer RMSNorm and eps,
+        per-row scales (``layer.per_row``; a layer without the attribute has one scale per tensor).
 
         ``layer`` is any linear-like module with ``in_features``, ``out_features``, ``bias`` and ``rms_norm``
         (``None`` or a norm with ``variance_epsilon``): our BitLinear, transformers' packed BitLinear. The one
@@ -67,7 +71,13 @@ class PackedBitLinear(nn.Module):
         """
         rms = getattr(layer, "rms_norm", None)
         return cls(layer.in_features, layer.out_features, bias=layer.bias is not None, use_rms_norm=rms is not None,
-                   rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6, device=device, dtype=dtype)
+                   rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6,
+                   per_row=bool(getattr(layer, "per_row", False)), device=device, dtype=dtype)
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the layer has one weight scale per output row (``weight_scale [out_features]``)."""
+        return self.weight_scale.numel() != 1
 
     @classmethod
     def from_bitlinear(cls, layer: BitLinear) -> PackedBitLinear:
@@ -75,11 +85,11 @@ class PackedBitLinear(nn.Module):
         w = layer.weight_out_in().detach()
         if not torch.isfinite(w).all():
             raise ValueError("cannot pack a BitLinear whose weight contains NaN or Inf")
-        codes, gamma = weight_quant(w)
+        codes, gamma = weight_quant(w, layer.per_row)
         rms = layer.rms_norm
         new = cls.like(layer, device=w.device, dtype=w.dtype)
         new.weight.copy_(pack_ternary(codes))
-        new.weight_scale.copy_((1.0 / gamma).reshape(1))
+        new.weight_scale.copy_((1.0 / gamma).reshape(-1))
         if layer.bias is not None:
             new.bias.copy_(layer.bias.detach())
         if rms is not None:
@@ -91,16 +101,20 @@ class PackedBitLinear(nn.Module):
 
         Its latent weight is ``T * gamma / f`` with ``f`` the fraction of non-zero codes, so that
         ``mean(|W|) = gamma`` and ternarization gives back ``T`` and (up to float32 rounding of the
-        mean, and of ``dtype``) ``gamma``.
+        mean, and of ``dtype``) ``gamma``; per row (``gamma_r``, ``f_r``) for a per-row layer.
         """
-        gamma = 1.0 / self.weight_scale.float().reshape(())
         codes = unpack_ternary(self.weight, torch.float32)
-        nonzero = codes.abs().mean().clamp_(min=1.0 / codes.numel())
+        if self.per_row:
+            gamma = 1.0 / self.weight_scale.float().reshape(-1, 1)
+            nonzero = codes.abs().mean(dim=1, keepdim=True).clamp_(min=1.0 / codes.shape[1])
+        else:
+            gamma = 1.0 / self.weight_scale.float().reshape(())
+            nonzero = codes.abs().mean().clamp_(min=1.0 / codes.numel())
         w = codes * (gamma / nonzero)
         rms = self.rms_norm
         layer = BitLinear(self.in_features, self.out_features, bias=self.bias is not None, device=self.weight.device,
                           dtype=dtype, use_rms_norm=rms is not None,
-                          rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6)
+                          rms_norm_eps=rms.variance_epsilon if rms is not None else 1e-6, per_row=self.per_row)
         with torch.no_grad():
             layer.weight.copy_(w)
             if self.bias is not None:
@@ -124,4 +138,5 @@ class PackedBitLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"weights=ternary packed 4/byte, use_rms_norm={self.use_rms_norm}")
+                f"weights=ternary packed 4/byte, {'per-row' if self.per_row else 'per-tensor'} scales, "
+                f"use_rms_norm={self.use_rms_norm}")

@@ -118,6 +118,7 @@ def replace_linear_with_bitlinear(
     use_rms_norm: bool = _UNSET,
     rms_norm_eps: float = _UNSET,
     convert_output_head: bool = _UNSET,
+    weight_scale: str = _UNSET,
 ) -> ConversionReport:
     """Convert ``model``'s ``nn.Linear`` and ``Conv1D`` layers to BitLinear, in place, as ``config`` says.
 
@@ -126,7 +127,7 @@ def replace_linear_with_bitlinear(
         config: a :class:`BitNetConfig` (default ``BitNetConfig()``: everything but the output head and
             ``lm_head``). Skip patterns that match nothing warn.
         filter_fn: ``filter_fn(module, name) -> bool``; only modules for which it returns True are converted.
-        modules_to_not_convert, use_rms_norm, rms_norm_eps, convert_output_head: a convenience for
+        modules_to_not_convert, use_rms_norm, rms_norm_eps, convert_output_head, weight_scale: a convenience for
             ``config=BitNetConfig(...)`` with these fields (not together with ``config``).
 
     Returns:
@@ -137,7 +138,8 @@ def replace_linear_with_bitlinear(
         ValueError: a weight to convert contains NaN/Inf; both ``config`` and keyword fields given.
     """
     fields = {k: v for k, v in (("modules_to_not_convert", modules_to_not_convert), ("use_rms_norm", use_rms_norm),
-                                ("rms_norm_eps", rms_norm_eps), ("convert_output_head", convert_output_head))
+                                ("rms_norm_eps", rms_norm_eps), ("convert_output_head", convert_output_head),
+                                ("weight_scale", weight_scale))
               if v is not _UNSET}
     if config is not None and fields:
         raise ValueError(f"pass either a BitNetConfig or its fields as keywords, not both (got {', '.join(fields)})")
@@ -146,6 +148,7 @@ def replace_linear_with_bitlinear(
     config = config if config is not None else BitNetConfig(**fields)
     use_rms_norm, rms_norm_eps = config.use_rms_norm, config.rms_norm_eps
     convert_output_head = config.convert_output_head
+    per_row = config.weight_scale == "row"
     patterns = list(config.modules_to_not_convert)
     used_patterns: set[str] = set()
     heads = set() if convert_output_head else _output_head_names(model)
@@ -153,6 +156,10 @@ def replace_linear_with_bitlinear(
     targets: list[tuple[str, nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(module, BitLinear):
+            if module.per_row != per_row:
+                raise UserError(f"{name!r} is already a BitLinear with weight_scale="
+                                f"{'row' if module.per_row else 'tensor'}; convert the whole model with one "
+                                "weight_scale (the student's own marker records it)")
             report.already_converted.append(name)
             continue
         is_linear = isinstance(module, nn.Linear)
@@ -176,9 +183,9 @@ def replace_linear_with_bitlinear(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         if is_conv1d(module):
-            new = BitConv1D.from_conv1d(module, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps)
+            new = BitConv1D.from_conv1d(module, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps, per_row=per_row)
         else:
-            new = BitLinear.from_linear(module, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps)
+            new = BitLinear.from_linear(module, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps, per_row=per_row)
         setattr(parent, child, new)
         report.converted.append(name)
 

@@ -75,7 +75,8 @@ def packed_linear_reference(
     Args:
         x: ``[..., K]`` activations.
         packed: ``uint8 [N // 4, K]`` packed ternary weight.
-        weight_scale: ``[1]`` (or 0-dim), the inverse weight scale ``1 / gamma`` as stored on disk.
+        weight_scale: ``[1]`` (or 0-dim), the inverse weight scale ``1 / gamma`` as stored on disk, or ``[N]``,
+            one per output row (bitdistill's extension of the format, ``docs/pack.md``).
         bias: ``[N]`` or ``None``.
 
     Returns:
@@ -84,7 +85,7 @@ def packed_linear_reference(
     w_codes = unpack_ternary(packed)
     x_codes, x_scale = activation_quant(x)
     acc = int_matmul(x_codes.reshape(-1, x.shape[-1]), w_codes)
-    y = acc / (x_scale.reshape(-1, 1) * weight_scale.float().reshape(()))
+    y = acc / (x_scale.reshape(-1, 1) * weight_scale.float().reshape(-1))
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], w_codes.shape[0])

@@ -8,6 +8,11 @@ Weights, one scale per tensor (absmean)::
     T     = clamp(round(W / gamma), -1, 1)          # int8 codes in {-1, 0, +1}
     W_q   = T * gamma                                # dequantized ("fake-quant") weight
 
+or, with ``per_row=True`` (``BitNetConfig(weight_scale="row")``), one scale per output row ``r``::
+
+    gamma_r = max(mean(|W_r|), 1e-5)                 # gamma float32 [out_features]
+    T_r     = clamp(round(W_r / gamma_r), -1, 1)
+
 Activations, one scale per token (absmax over the last dimension)::
 
     s_x = 127 / max(max(|x|), 1e-5)
@@ -16,7 +21,7 @@ Activations, one scale per token (absmax over the last dimension)::
 
 Linear layer::
 
-    y = (X_q @ T^T) * gamma / s_x + bias
+    y = (X_q @ T^T) * gamma / s_x + bias               # gamma broadcast over output columns when per row
 
 computed in float32 as ``acc / (s_x * (1 / gamma))``: the same operations, in the same order, as the
 packed format (whose ``weight_scale`` is ``1 / gamma``) and transformers' BitLinear, so that a packed
@@ -53,17 +58,24 @@ ACT_QMIN = -128
 MAX_EXACT_K = 2**24 // 128
 
 
-def weight_quant(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ternarize a weight tensor with one absmean scale.
+def weight_quant(weight: torch.Tensor, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternarize a weight tensor with one absmean scale (per tensor, or per output row).
 
     Args:
-        weight: any shape, any float dtype (typically ``[out_features, in_features]``).
+        weight: any shape, any float dtype (typically ``[out_features, in_features]``); 2-D when ``per_row``.
+        per_row: one scale per row ``r`` of ``weight``: ``gamma_r = max(mean(|W_r|), 1e-5)``.
 
     Returns:
         ``(codes, gamma)``: ``codes`` int8 of ``weight``'s shape with values in {-1, 0, 1};
-        ``gamma`` a float32 0-dim tensor, ``max(mean(|W|), 1e-5)``.
+        ``gamma`` float32, ``max(mean(|W|), 1e-5)``: 0-dim, or ``[out_features]`` when ``per_row``.
     """
     w = weight.detach().float()
+    if per_row:
+        if w.dim() != 2:
+            raise ValueError(f"per-row weight_quant expects a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+        gamma = w.abs().mean(dim=1).clamp_(min=EPS)
+        codes = (w / gamma[:, None]).round_().clamp_(-1, 1).to(torch.int8)
+        return codes, gamma
     gamma = w.abs().mean().clamp_(min=EPS)
     codes = (w / gamma).round_().clamp_(-1, 1).to(torch.int8)  # in place on the quotient only
     return codes, gamma
@@ -86,10 +98,10 @@ def activation_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+def fake_quant_weight(weight: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     """``T * gamma`` in ``weight``'s dtype (the dequantized ternary weight), same shape."""
-    codes, gamma = weight_quant(weight)
-    return (codes.float() * gamma).to(weight.dtype)
+    codes, gamma = weight_quant(weight, per_row)
+    return (codes.float() * (gamma[:, None] if per_row else gamma)).to(weight.dtype)
 
 
 def fake_quant_activation(x: torch.Tensor) -> torch.Tensor:
@@ -116,7 +128,7 @@ def int_matmul(x_codes: torch.Tensor, w_codes: torch.Tensor) -> torch.Tensor:
 
 
 def bitlinear_reference(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, per_row: bool = False
 ) -> torch.Tensor:
     """Forward of a BitNet b1.58 linear layer: ``(X_q @ T^T) * gamma / s_x + bias``.
 
@@ -124,12 +136,13 @@ def bitlinear_reference(
         x: ``[..., K]`` activations (float32/bfloat16/float16).
         weight: ``[N, K]`` latent full-precision weight.
         bias: ``[N]`` or ``None``.
+        per_row: one weight scale per output row (``gamma [N]``) instead of one per tensor.
 
     Returns:
         ``[..., N]`` in ``x``'s dtype.
     """
     x_codes, x_scale = activation_quant(x)
-    w_codes, gamma = weight_quant(weight)
+    w_codes, gamma = weight_quant(weight, per_row)
     acc = int_matmul(x_codes.reshape(-1, x.shape[-1]), w_codes)
     y = acc / (x_scale.reshape(-1, 1) * (1.0 / gamma))
     if bias is not None:

@@ -197,7 +197,7 @@ def _calibrate_layer(student_layer: nn.Module, teacher_layer: nn.Module, x: torc
         w = tw.t() if is_conv1d(teacher_layer.get_submodule(name)) else tw
         g = group[name]
         fit = calibrated_ternary(w, hs[g], scales=scales, factor=factors[g])
-        latent = encode_ternary(fit.codes, fit.alpha, w, dtype=bl.weight.dtype)
+        latent = encode_ternary(fit.codes, fit.alpha, w, dtype=bl.weight.dtype, per_row=bl.per_row)
         bl.weight.copy_(latent.t() if isinstance(bl, BitConv1D) else latent)
         err += fit.error
         base += fit.absmean_error

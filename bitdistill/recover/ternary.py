@@ -144,7 +144,7 @@ def calibrated_ternary(weight: torch.Tensor, hessian: torch.Tensor, *,
 
 
 def encode_ternary(codes: torch.Tensor, alpha: float, reference: torch.Tensor | None = None, *,
-                   margin: float = 0.05, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                   margin: float = 0.05, dtype: torch.dtype = torch.float32, per_row: bool = False) -> torch.Tensor:
     """Latent weights ``W`` with ``clamp(round(W / mean|W|), -1, 1) == codes`` and ``mean|W| == alpha``.
 
     Each entry is ``sign * m * alpha``: zero codes get ``m <= 0.5 - margin``, nonzero ones ``m >= 0.5 +
@@ -158,12 +158,17 @@ def encode_ternary(codes: torch.Tensor, alpha: float, reference: torch.Tensor | 
         reference: ``[out, in]`` weights whose magnitudes and signs (of zero codes) are kept where allowed.
         margin: distance kept from the rounding boundary 0.5, in units of ``alpha``.
         dtype: dtype of the result.
+        per_row: encode for a per-row BitLinear (``gamma_r = mean|W_r|``): the mean of ``m`` is 1 in every row, so
+            every row's scale is ``alpha``.
 
     Returns:
-        ``[out, in]`` latent weights; all zeros when every code is zero (the layer outputs zero either way).
+        ``[out, in]`` latent weights; all zeros when every code is zero (the layer outputs zero either way), and
+        with ``per_row`` in every row whose codes are all zero.
     """
     if not 0 < margin < 0.5:
         raise ValueError(f"margin must be in (0, 0.5), got {margin}")
+    if per_row:
+        return _encode_rows(codes, alpha, reference, margin).to(dtype)
     c = codes.double()
     nz = c != 0
     if not nz.any():
@@ -181,3 +186,21 @@ def encode_ternary(codes: torch.Tensor, alpha: float, reference: torch.Tensor | 
         m[nz] = lo + need / nz.sum()
     sign = torch.where(nz, c.sign(), torch.where(z0 < 0, -1.0, 1.0))
     return (sign * m * alpha).to(dtype)
+
+
+def _encode_rows(codes: torch.Tensor, alpha: float, reference: torch.Tensor | None, margin: float) -> torch.Tensor:
+    """:func:`encode_ternary` with the mean of ``m`` fixed to 1 in each row (float64 ``[out, in]``)."""
+    c = codes.double()
+    nz = c != 0
+    z0 = reference.detach().double() / alpha if reference is not None else c
+    lo = 0.5 + margin
+    m = torch.where(nz, z0.abs().clamp(min=lo), z0.abs().clamp(max=0.5 - margin))
+    count = nz.sum(1, keepdim=True)
+    zero_sum = torch.where(nz, 0.0, m).sum(1, keepdim=True)
+    excess = torch.where(nz, m - lo, 0.0).sum(1, keepdim=True)
+    need = c.shape[1] - zero_sum - count * lo  # per row, as in encode_ternary (>= 0)
+    stretched = torch.where(excess > 0, lo + (m - lo) * (need / excess.clamp_min(1e-300)),
+                            lo + need / count.clamp_min(1))
+    m = torch.where(nz, stretched, m)
+    sign = torch.where(nz, c.sign(), torch.where(z0 < 0, -1.0, 1.0))
+    return torch.where(count > 0, sign * m * alpha, 0.0)

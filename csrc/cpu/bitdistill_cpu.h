@@ -21,12 +21,14 @@ enum { BD_ISA_SCALAR = 0, BD_ISA_AVX2 = 1, BD_ISA_AVX512_VNNI = 2 };
 /* The int8 head quantizes its input in blocks of this many features, each with its own scale. */
 #define BD_HEAD_BLOCK 64
 
-/* One packed BitLinear: uint8 [P, K] codes, the per-tensor weight scale, float32 bias [4 P] or NULL. */
+/* One packed BitLinear: uint8 [P, K] codes, the per-tensor weight scale, float32 bias [4 P] or NULL, and
+ * float32 row_scale [4 P] (one weight scale per output row, used instead of scale) or NULL. */
 typedef struct {
     const uint8_t *packed;
     int64_t P;
     float scale;
     const float *bias;
+    const float *row_scale;
 } bd_linear;
 
 typedef struct {
@@ -98,7 +100,8 @@ static inline float bd_round(float v, int bf16) { return bf16 ? bd_bf16_to_f32(b
 float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t *sum);
 
 /* Linears sharing the quantized input xq [M, K] (per-token scales xs [M], code sums sx [M]): output i
- * ([M, 4 P_i]) goes to outs[i] with row stride ldo[i], as y = acc / (xs * scale) + bias in float32 rounded
+ * ([M, 4 P_i]) goes to outs[i] with row stride ldo[i], as y = acc / (xs * scale) + bias (scale: row_scale[col]
+ * where given) in float32 rounded
  * to the dtype (bf16), stored as bfloat16 when store_bf16 else float32. A worksharing loop over all packed
  * rows: call it from every thread of a parallel region (or from one thread outside any). */
 void bd_linears(const int8_t *xq, const float *xs, const int32_t *sx, int64_t M, int64_t K, const bd_linear *ls,

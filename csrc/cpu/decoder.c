@@ -314,7 +314,7 @@ int bitdistill_decode(const bd_model *m, void *scratch, int scratch_threads, con
 int64_t bitdistill_layout(int64_t *out, int64_t n) {
     const int64_t v[] = {
         sizeof(bd_linear), offsetof(bd_linear, packed), offsetof(bd_linear, P), offsetof(bd_linear, scale),
-        offsetof(bd_linear, bias),
+        offsetof(bd_linear, bias), offsetof(bd_linear, row_scale),
         sizeof(bd_norm), offsetof(bd_norm, weight), offsetof(bd_norm, eps),
         sizeof(bd_head), offsetof(bd_head, w), offsetof(bd_head, scale), offsetof(bd_head, V), offsetof(bd_head, K),
         offsetof(bd_head, Kp),

@@ -319,9 +319,10 @@ void bd_linears(const int8_t *xq, const float *xs, const int32_t *sx, int64_t M,
             else rows4(xq + m0 * K, K, nt, pr, K, acc);
             for (int t = 0; t < nt; t++) {
                 const int64_t m = m0 + t;
-                const float denom = xs[m] * l->scale;
+                const float denom_tensor = xs[m] * l->scale;
                 for (int j = 0; j < 4; j++) {
                     const int64_t col = j * l->P + r;
+                    const float denom = l->row_scale ? xs[m] * l->row_scale[col] : denom_tensor;
                     float y = (float)(acc[4 * t + j] - sx[m]) / denom;
                     if (l->bias) y = y + l->bias[col];
                     y = bd_round(y, bf16);
@@ -417,15 +418,16 @@ int64_t bitdistill_linears_scratch_bytes(int64_t M, int64_t K) {
 
 /* Several BitLinear forwards sharing one input (q/k/v, gate/up): x [M, K] (float32, or bfloat16 when x_bf16) is
  * quantized once, then weight i writes out[i] [M, 4 P[i]] in the input's dtype. Each output equals the torch
- * reference (activation quantization and epilogue in float32, the product exact) cast to the dtype. */
+ * reference (activation quantization and epilogue in float32, the product exact) cast to the dtype. Weight i's
+ * scale is weight_scale[i], or row_scale[i][col] per output row where row_scale[i] is not NULL. */
 int bitdistill_packed_linears(const void *x, int x_bf16, int64_t M, int64_t K, int n, const uint8_t *const *packed,
-                              const int64_t *P, const float *weight_scale, const float *const *bias, void *const *out,
-                              void *scratch, int nthreads) {
+                              const int64_t *P, const float *weight_scale, const float *const *row_scale,
+                              const float *const *bias, void *const *out, void *scratch, int nthreads) {
     bd_linear ls[8];
     int64_t ldo[8], total = 0;
     if (n > 8) return 1;
     for (int i = 0; i < n; i++) {
-        ls[i] = (bd_linear){packed[i], P[i], weight_scale[i], bias[i]};
+        ls[i] = (bd_linear){packed[i], P[i], weight_scale[i], bias[i], row_scale[i]};
         ldo[i] = 4 * P[i];
         total += P[i];
     }
