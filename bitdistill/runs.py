@@ -49,6 +49,7 @@ __all__ = [
     "config_changes",
     "config_dict",
     "record_provenance",
+    "recorded_config",
     "setup_run",
     "tokens_per_step",
 ]
@@ -127,6 +128,19 @@ def _resolve_checkpoint(training_args, output_dir: Path) -> Path | None:
         return last
     require_complete(Path(r), required=(CONFIG_FILE,))
     return Path(r)
+
+
+def recorded_config(training_args) -> dict | None:
+    """The run configuration recorded in the checkpoint ``--resume_from_checkpoint`` names; ``None`` for a new run or
+    when there is none to read (:func:`check_run_folder` then says why). A resumed run takes the values its defaults
+    resolved to from here (e.g. the SubLN eps), so a default that changed since does not change the run."""
+    try:
+        checkpoint = _resolve_checkpoint(training_args, Path(training_args.output_dir))
+        if checkpoint is None or not (checkpoint / CONFIG_FILE).is_file():
+            return None
+        return read_json(checkpoint / CONFIG_FILE, "")
+    except (OSError, UserError):
+        return None
 
 
 def check_eval_schedule(training_args) -> int | None:

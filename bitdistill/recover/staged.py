@@ -58,6 +58,8 @@ from bitdistill.distill.run import (
     make_trainable,
     packed_and_task_metrics,
     prepare_student,
+    record_subln_eps,
+    resumed_subln_eps,
 )
 from bitdistill.distill.terms import validate_loss_args
 from bitdistill.errors import UserError
@@ -377,10 +379,12 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     final = out / "student"
     if final.exists():
         raise FileExistsError(f"{final} already exists; choose another --output_dir")
-    config = config_dict(model_args, data_args, loss_args, recover_args, training_args=training_args)
     config_file = out / RECOVER_CONFIG_FILE
-    if config_file.is_file():
-        saved = read_json(config_file, "remove it (and the stages' folders) or choose another --output_dir")
+    saved = read_json(config_file, "remove it (and the stages' folders) or choose another --output_dir") \
+        if config_file.is_file() else None
+    model_args = resumed_subln_eps(model_args, saved)
+    config = config_dict(model_args, data_args, loss_args, recover_args, training_args=training_args)
+    if saved is not None:
         if changes := config_changes(saved, config):
             raise UserError(f"{out} holds a staged run started with other options ({changes}); rerun it with the "
                             "same options or choose another --output_dir")
@@ -418,10 +422,11 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         raise UserError(f"--time_budget {recover_args.time_budget} leaves {share:.3g} "
                          f"CPU-s for init + blocks, but the first stage alone needs about {estimate:.2g} CPU-s "
                          "for this teacher and calibration size; raise the budget or lower --calibration_tokens")
-    _atomic_json(config_file, config)  # creates the folder
     clock = CpuClock()
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=cal[:8])
+    model_args, config = record_subln_eps(model_args, config, student)
+    _atomic_json(config_file, config)  # creates the folder
     if plan is not None:
         plan.record(student)
     student.eval()
