@@ -86,6 +86,11 @@ def build_blocks(data_args: DataArguments, tokenizer) -> torch.Tensor:
     return blocks
 
 
+def eval_token_ids(data_args: DataArguments, tokenizer) -> torch.Tensor | None:
+    """The token ids ``[T]`` of ``--eval_files`` (the perplexity text), ``None`` without."""
+    return tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
+
+
 def config_dict(*arg_dataclasses, training_args) -> dict:
     """The run configuration: every field of ``arg_dataclasses`` (later ones win) and the training options
     that shape the optimization, JSON-ready. Written into every checkpoint and compared on resume."""
@@ -249,8 +254,9 @@ class RunSetup:
 
 
 def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, training_args, config: dict,
-              callbacks: list[TrainerCallback] | None) -> RunSetup:
-    """Split off the held-out blocks, tokenize the evaluation text and build the callbacks of a run.
+              callbacks: list[TrainerCallback] | None, perplexity_ids: torch.Tensor | None = None) -> RunSetup:
+    """Split off the held-out blocks, tokenize the evaluation text (unless ``perplexity_ids``, its token ids ``[T]``
+    from :func:`eval_token_ids`, are given) and build the callbacks of a run.
 
     ``RunSetup.training_args`` is a copy of ``training_args`` adjusted for block datasets (and without pinned
     memory when there is no accelerator to copy to): its evaluation
@@ -266,7 +272,7 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
     v = data_args.validation_blocks
     train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
     val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
-    ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
+    ppl_ids = perplexity_ids if perplexity_ids is not None else eval_token_ids(data_args, tokenizer)
     training_args.eval_strategy = "no"
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True

@@ -149,15 +149,15 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
                     data_args: DataArguments, loss_args: LossArguments, training_args, config: dict,
                     teacher_cache: TeacherCache | None = None, budget_s: float | None = None,
                     checkpoint: Path | None = None, quant_warmup_steps: int = 0,
-                    callbacks: list[TrainerCallback] | None = None, all_args: dict | None = None,
-                    command: str | None = None) -> Distilled:
+                    callbacks: list[TrainerCallback] | None = None, perplexity_ids: torch.Tensor | None = None,
+                    all_args: dict | None = None, command: str | None = None) -> Distilled:
     """Distill ``student`` (trained in place) from ``teacher`` on ``blocks [N, S]``; returns it with its metrics.
 
     Args:
         student: the converted student (``requires_grad`` set where it trains).
         teacher: the frozen teacher, or ``None`` with ``teacher_cache``.
         blocks: the training token blocks; the last ``data_args.validation_blocks`` are held out.
-        tokenizer: tokenizes ``data_args.eval_files`` for the perplexity evaluations.
+        tokenizer: tokenizes ``data_args.eval_files`` for the perplexity evaluations (unless ``perplexity_ids``).
         data_args, loss_args: the run's data and loss options.
         training_args: a ``transformers.TrainingArguments``; ``output_dir`` receives the audit log, provenance and
             checkpoints. With ``budget_s`` its ``max_steps`` must be unset (-1).
@@ -168,14 +168,16 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
         checkpoint: a checkpoint of this run to resume from.
         quant_warmup_steps: blend quantization in over this many steps.
         callbacks: extra ``TrainerCallback`` objects.
+        perplexity_ids: ``data_args.eval_files`` already tokenized (``[T]``, :func:`bitdistill.runs.eval_token_ids`),
+            so a caller running the engine several times on the same text tokenizes it once.
         all_args: every argument, for ``provenance.json``; command: the command line, for it.
     """
     if budget_s is not None and training_args.max_steps > 0:
         raise UserError("--time_budget plans the steps itself; drop --max_steps (or the budget)")
     layer_map, attention_layers = _loss_structures(student, teacher, loss_args)
     budget = CpuBudgetCallback(budget_s) if budget_s is not None else None
-    run = setup_run(blocks, tokenizer, data_args, training_args, config, [*([budget] if budget else []),
-                                                                           *(callbacks or [])])
+    run = setup_run(blocks, tokenizer, data_args, training_args, config,
+                    [*([budget] if budget else []), *(callbacks or [])], perplexity_ids)
     if quant_warmup_steps > 0:
         run.callbacks.append(_WarmupCallback(QuantWarmup(student, quant_warmup_steps)))
     prepare_student_for_fsdp(run.training_args, student)  # FSDP: wrap class, rank 0 can save, opt-in ternary gather

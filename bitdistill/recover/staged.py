@@ -67,7 +67,7 @@ from bitdistill.io import atomic_write
 from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
-from bitdistill.runs import build_blocks, config_changes, config_dict, tokens_per_step
+from bitdistill.runs import build_blocks, config_changes, config_dict, eval_token_ids, tokens_per_step
 from bitdistill.validate import validate_run_args
 from bitdistill.weights import read_json
 
@@ -315,6 +315,7 @@ class _Stage:
     loss_args: LossArguments
     recover_args: RecoverArguments
     command: str | None
+    perplexity_ids: torch.Tensor | None  # --eval_files, tokenized once
 
 
 def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArguments, training_args, ctx: _Stage,
@@ -334,8 +335,8 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
                 "recover": dataclasses.asdict(ctx.recover_args), "stage": name}
     t = time.process_time()
     result = distill_student(student, ctx.teacher, blocks, ctx.tokenizer, data_args=data, loss_args=ctx.loss_args,
-                             training_args=training, config=config, budget_s=budget_s, all_args=all_args,
-                             command=ctx.command)
+                             training_args=training, config=config, budget_s=budget_s,
+                             perplexity_ids=ctx.perplexity_ids, all_args=all_args, command=ctx.command)
     ctx.clock.excluded += time.process_time() - t - result.train_cpu_s
     release_memory()
     loss = ctx.clock.excluding(lambda: held_out_loss(result.student, ctx.held))
@@ -344,15 +345,16 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
         "train_tokens": result.steps * tokens_per_step(training, data), "seq_length": data.max_seq_length}), result
 
 
-def _reused(folder: Path, model_args: ModelArguments, result: StageResult) -> Distilled:
+def _reused(folder: Path, model_args: ModelArguments, result: StageResult,
+            perplexity_ids: torch.Tensor | None) -> Distilled:
     """A KD stage a killed run finished, from its resume point ``<folder>/student``: the student and what its run
-    measured (its metrics file, ``<folder>/provenance.json``, its steps)."""
+    measured (its metrics file, ``<folder>/provenance.json``, its steps), with the run's ``perplexity_ids``."""
     student = make_trainable(load_model(folder / "student", dtype=model_args.model_dtype), model_args)
     metrics = read_json(folder / "student" / METRICS_FILE, "remove the stage's folder to train it again")
     prov = folder / PROVENANCE_FILE
     return Distilled(student, metrics, read_json(prov, "remove the stage's folder") if prov.is_file() else None,
                      result.detail.get("steps", 0), result.detail.get("planned_steps"), 0.0,
-                     metrics.get("train", {}).get("train_runtime", 0.0), None)
+                     metrics.get("train", {}).get("train_runtime", 0.0), perplexity_ids)
 
 
 def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
@@ -391,6 +393,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     tokenizer = load_tokenizer(model_args)
     text_blocks = _text_blocks(recover_args, data_args, tokenizer)  # the only tokenization of the training text
     cal, train, held = _split(recover_args, text_blocks)
+    eval_ids = eval_token_ids(data_args, tokenizer)  # --eval_files, tokenized once for every KD stage
     teacher = load_teacher(model_args)  # the only teacher: every stage uses it in memory
     decoder_layers(teacher, fix="block-wise recovery needs a standard decoder stack; use `bitdistill distill` instead")
     limit = getattr(teacher.config, "max_position_embeddings", None)
@@ -488,12 +491,12 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     if not context:
         log("no context stage: " + (f"--context_length {context_length} is not above --max_seq_length "
                                      f"{data_args.max_seq_length}" if context_fraction else "its share is 0"))
-    ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command)
+    ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command, eval_ids)
     last: tuple[DataArguments, object, Distilled] | None = None  # the last KD stage's data, training args and run
     e2e_file = out / "e2e" / "e2e.json"
     if e2e_file.is_file():
         reuse(e2e_file, "e2e", out / "e2e")
-        distilled = clock.excluding(lambda: _reused(out / "e2e", model_args, results[-1]))
+        distilled = clock.excluding(lambda: _reused(out / "e2e", model_args, results[-1], eval_ids))
         student = distilled.student
         last = (data_args, training_args, distilled)
     elif budget - clock.used() > 0:
