@@ -195,6 +195,49 @@ def test_joint_reconstruction_budget_and_bad_options():
         reconstruct_jointly_in_place(student, teacher, _ids(2), JointConfig(micro_batch=4), steps=1)
 
 
+def test_joint_held_out_evaluations_leave_training_and_budget_unchanged():
+    """``eval_every`` adds held-out block losses during the stage without changing a step: the same losses, the
+    same student, the last evaluation equal to ``val_after``."""
+    teacher, student = _pair("llama")
+    plain = copy.deepcopy(student)
+    cfg = JointConfig(lr=2e-3, micro_batch=2, seed=3)
+    rep = reconstruct_jointly_in_place(student, teacher, _ids(8), cfg, steps=8, val_ids=_ids(4, seed=2), eval_every=3)
+    ref = reconstruct_jointly_in_place(plain, teacher, _ids(8), cfg, steps=8, val_ids=_ids(4, seed=2))
+    assert rep.losses == ref.losses and [s for s, _ in rep.val_history] == [3, 6]
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), plain.state_dict().values(), strict=True))
+    rep = reconstruct_jointly_in_place(student, teacher, _ids(8), cfg, steps=4, val_ids=_ids(4, seed=2), eval_every=2)
+    assert rep.val_history[-1] == (4, rep.val_after)
+
+
+def test_adam_loop_budget_does_not_count_evaluations(monkeypatch):
+    """On a fake CPU clock (each step 1 s, each evaluation 10 s) a 5 s budget takes the steps 5 s buy whatever the
+    evaluations cost, and the schedule sees the plan."""
+    import time
+
+    from bitdistill.recover.loop import adam_loop
+
+    now = [0.0]
+    monkeypatch.setattr(time, "process_time", lambda: now[0])
+    w = torch.zeros(3)
+    seen = []
+
+    def step_loss(step):
+        now[0] += 1.0
+        return (w - 1).pow(2).sum()
+
+    def evaluate(step):
+        now[0] += 10.0
+        seen.append(step)
+
+    lrs = []
+    done = adam_loop([w], 0.1, step_loss, lambda k, planned: lrs.append(planned) or 1.0, budget_s=5.0,
+                     evaluate=evaluate, eval_every=1)
+    assert done.steps == 5 and done.cpu_s == 5.0 and seen == [1, 2, 3, 4, 5]
+    assert done.planned == 5 and lrs[-1] == 5 and not w.requires_grad and float(w.sum()) > 0
+    with pytest.raises(ValueError, match="either a number of steps or a CPU budget"):
+        adam_loop([w], 0.1, step_loss, lambda k, p: 1.0)
+
+
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
     teacher, fresh = _pair("qwen2")
     ids, val = _ids(8), _ids(4, seed=2)
@@ -283,6 +326,8 @@ def test_joint_stage_refits_its_plan_when_step_cost_drifts(monkeypatch):
     """The joint block stage plans with the same StepPlan: steps that get dearer still end the schedule with
     the budget. A fake CPU clock is advanced by each training step's loss: step k costs 1 + k / 100 s, so
     the first plan (from steps 2-3, 1.025 s a step) is 58 steps, and 60 s buy 49."""
+    import time
+
     import bitdistill.recover.joint as joint
 
     clock, calls = [0.0], [0]
@@ -293,7 +338,7 @@ def test_joint_stage_refits_its_plan_when_step_cost_drifts(monkeypatch):
         clock[0] += 1.0 + calls[0] / 100
         return local_loss(*args, **kwargs)
 
-    monkeypatch.setattr(joint.time, "process_time", lambda: clock[0])
+    monkeypatch.setattr(time, "process_time", lambda: clock[0])
     monkeypatch.setattr(joint, "_local_loss", dearer)
     teacher, student = _pair("llama")
     rep = reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(micro_batch=2), budget_cpu_s=60.0)
