@@ -74,7 +74,9 @@ class Distilled:
 @dataclasses.dataclass
 class TrainedRun:
     """What :func:`run_trainer` measured: evaluations before (``None`` when resumed or not asked) and after, the
-    Trainer's train metrics, the provenance record (``None`` off the main process), wall seconds and steps."""
+    train metrics (the Trainer's, with ``train_steps``, ``train_cpu_s`` and, in a budget, ``budget_cpu_s`` and
+    ``planned_steps``), the provenance record (``None`` off the main process), wall seconds, steps, process CPU
+    seconds of the training loop and the budget's last plan (``None`` without a budget)."""
 
     start: dict | None
     train: dict
@@ -82,6 +84,8 @@ class TrainedRun:
     provenance: dict | None
     train_seconds: float
     steps: int
+    train_cpu_s: float
+    planned_steps: int | None
 
 
 def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, all_args: dict, command: str | None,
@@ -98,18 +102,24 @@ def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, 
     if checkpoint is None and evaluate:
         run.audit.evaluation_begins()
         start = trainer.evaluate(metric_key_prefix="start")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - started
+    train_seconds, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu
     if evaluate:
         run.audit.evaluation_begins()
         final = trainer.evaluate(metric_key_prefix="final")
     train = dict(result.metrics)
-    if trainer.cpu_budget is not None and train.get("train_runtime"):  # transformers counted the epochs' samples
-        a = trainer.args
-        samples = trainer.state.global_step * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
-        train["train_samples_per_second"] = round(samples / train["train_runtime"], 3)
-    return TrainedRun(start, train, final, prov, train_seconds, trainer.state.global_step)
+    budget, steps = trainer.cpu_budget, trainer.state.global_step
+    if budget is not None:
+        train_cpu_s = budget.used_s
+        if train.get("train_runtime"):  # transformers counted the epochs' samples
+            a = trainer.args
+            samples = steps * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+            train["train_samples_per_second"] = round(samples / train["train_runtime"], 3)
+    train.update({"train_steps": steps, "train_cpu_s": train_cpu_s,
+                  **({"budget_cpu_s": budget.budget_s, "planned_steps": budget.planned_steps} if budget else {})})
+    return TrainedRun(start, train, final, prov, train_seconds, steps, train_cpu_s,
+                      budget.planned_steps if budget else None)
 
 
 def _loss_structures(student: nn.Module, teacher: nn.Module | None, loss_args: LossArguments
@@ -194,21 +204,18 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
     logger.info("training (%s)", f"a budget of {budget_s:.0f} CPU-s" if budget_s is not None else
                 f"{training_args.max_steps} steps" if training_args.max_steps > 0 else
                 f"{training_args.num_train_epochs} epochs")
-    cpu = time.process_time()
     done = run_trainer(trainer, run, checkpoint=checkpoint, all_args=all_args or {}, command=command,
                        evaluate=run.ppl_ids is not None)
-    train_cpu_s = budget.used_s if budget is not None else time.process_time() - cpu
     if done.start is not None:
         metrics["student_start"] = done.start
         _log_perplexity("student perplexity before training", done.start.get("start_perplexity"))
-    metrics["train"] = {**done.train, "train_steps": done.steps, "train_cpu_s": train_cpu_s,
-                        **({"budget_cpu_s": budget_s, "planned_steps": budget.planned_steps} if budget else {})}
+    metrics["train"] = done.train
     if done.final is not None:
         metrics["student_end"] = done.final
         _log_perplexity("student perplexity after training", done.final.get("final_perplexity"))
     trained = unsharded_student(trainer.accelerator.unwrap_model(trainer.model))  # FSDP: a collective; None off rank 0
-    return Distilled(trained, metrics, done.provenance, done.steps, budget.planned_steps if budget else None,
-                     train_cpu_s, done.train_seconds, run.ppl_ids)
+    return Distilled(trained, metrics, done.provenance, done.steps, done.planned_steps, done.train_cpu_s,
+                     done.train_seconds, run.ppl_ids)
 
 
 def _log_perplexity(what: str, value: float | None) -> None:

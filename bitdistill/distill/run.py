@@ -14,7 +14,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import release_memory
-from bitdistill.budget import parse_cpu_budget
+from bitdistill.budget import run_budget
 from bitdistill.convert import check_model_source, load_causal_lm, load_model
 from bitdistill.data.tokenizer_check import check_tokenizer
 from bitdistill.distill.args import (
@@ -228,14 +228,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     model_args, loss_args, plan = plan_recipe(model_args, loss_args)
     validate_run_args(model_args, data_args, training_args)
     validate_loss_args(loss_args)
-    budget_s = None
-    if budget_args.time_budget is not None:
-        budget_s = parse_cpu_budget(budget_args.time_budget)
-        if training_args.max_steps > 0:
-            raise UserError("--time_budget plans the steps itself; drop --max_steps (or the budget)")
-        if training_args.resume_from_checkpoint not in (None, "", "false", "False"):
-            raise UserError("--time_budget counts the CPU time of one process and cannot resume a checkpoint; "
-                            "resume with --max_steps, or start a new --output_dir")
+    budget_s = run_budget(budget_args.time_budget, training_args)
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
