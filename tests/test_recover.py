@@ -139,16 +139,21 @@ def test_block_reconstruction_lowers_every_blocks_error(arch):
         assert b["val_after"] < b["val_before"], b
 
 
-# Gemma 2 and 3 (post-attention and post-feedforward norms): 10 steps on 8 random sequences lower the training loss
-# (0.45 -> 0.21) but raise the held-out block error (0.44 -> 0.47 at lr 2e-3; at 1e-3 and 16 sequences it falls for
-# Gemma 3 only), so this property of tiny random models does not hold for them; their recipe runs in
-# test_architectures.py.
-_JOINT_OVERFITS = ("gemma2", "gemma3")
+# Gemma 2 and 3: 10 joint steps at lr 2e-3 raise the held-out block error of tiny random models (seed 0, teacher
+# inputs: Gemma 2 0.436 -> 0.467, Gemma 3 0.454 -> 0.494; Llama 0.125 -> 0.097). Measured, one change at a time:
+# not the soft-capping (both soft-caps off: the same numbers), not the (1 + w) norms (every norm, or only the
+# post-attention/post-feedforward norms, frozen: still rising), not too few blocks (64 training and 32 held-out
+# sequences: 0.435 -> 0.460 and 0.447 -> 0.465); the step size: at lr 1e-3 it falls with teacher inputs
+# (0.436 -> 0.416, 0.454 -> 0.414) but still rises with student inputs (0.436 -> 0.447, 0.454 -> 0.456), and
+# other seeds go either way. Their recipe runs in test_architectures.py.
+_JOINT_STEP_TOO_LARGE = ("gemma2", "gemma3")
 
 
 @pytest.mark.parametrize("arch", [a if a in ("llama", "gpt2") else pytest.param(a, marks=[pytest.mark.slow, *(
-    [pytest.mark.xfail(reason="tiny random Gemma 2/3 overfit 8 random sequences in 10 joint steps", strict=False)]
-    if a in _JOINT_OVERFITS else [])]) for a in TINY_ARCHITECTURES])
+    [pytest.mark.xfail(reason="lr 2e-3 is too large a step for tiny random Gemma 2/3 blocks: their held-out block "
+                              "error rises (not soft-capping, the (1 + w) norms or too few blocks: measured, see "
+                              "above)", strict=False)]
+    if a in _JOINT_STEP_TOO_LARGE else [])]) for a in TINY_ARCHITECTURES])
 @pytest.mark.parametrize("inputs", ["teacher", "student"])
 def test_joint_reconstruction_lowers_the_block_error_and_touches_only_blocks(arch, inputs):
     teacher, student = _pair(arch)
