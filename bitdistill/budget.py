@@ -3,7 +3,7 @@ stopping a ``transformers.Trainer`` when spent, with a progress bar that shows t
 
 Budgets are in **process CPU time** (user + system of all threads, ``time.process_time()``), so other jobs on
 a shared machine do not change how much work a budget buys (they only change how long it takes). Every budgeted
-loop reads this module: ``bitdistill distill --time_budget``, each stage of ``bitdistill recover`` (its joint
+loop reads this module: ``bitdistill distill --time_budget`` and ``self-distill --time_budget``, each stage of ``bitdistill recover`` (its joint
 block stage plans with :class:`StepPlan`; its e2e and context stages run the engine with a
 :class:`CpuBudgetCallback`) and the recipe's overall :class:`CpuClock`.
 """
@@ -22,7 +22,7 @@ from transformers.trainer_callback import ProgressCallback
 
 from bitdistill.errors import UserError
 
-__all__ = ["BudgetProgressCallback", "CpuBudgetCallback", "CpuClock", "StepPlan", "parse_cpu_budget"]
+__all__ = ["BudgetProgressCallback", "CpuBudgetCallback", "CpuClock", "StepPlan", "parse_cpu_budget", "run_budget"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,21 @@ def parse_cpu_budget(text: str | float | int) -> float:
     if value <= 0:
         raise UserError(f"--time_budget must be positive, got {text!r}")
     return value
+
+
+def run_budget(time_budget: str | float | None, training_args) -> float | None:
+    """The CPU seconds of a trainer run's ``--time_budget`` (``None``: no budget), checked against its
+    ``transformers.TrainingArguments``: a budget plans the steps itself (no ``--max_steps``) and counts the CPU time
+    of one process, so it cannot resume a checkpoint. One-line :class:`UserError` otherwise."""
+    if time_budget is None:
+        return None
+    budget_s = parse_cpu_budget(time_budget)
+    if training_args.max_steps > 0:
+        raise UserError("--time_budget plans the steps itself; drop --max_steps (or the budget)")
+    if training_args.resume_from_checkpoint not in (None, "", "false", "False"):
+        raise UserError("--time_budget counts the CPU time of one process and cannot resume a checkpoint; "
+                        "resume with --max_steps, or start a new --output_dir")
+    return budget_s
 
 
 class StepPlan:

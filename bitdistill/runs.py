@@ -49,6 +49,7 @@ __all__ = [
     "config_changes",
     "config_dict",
     "record_provenance",
+    "recorded_config",
     "setup_run",
     "tokens_per_step",
 ]
@@ -83,6 +84,11 @@ def build_blocks(data_args: DataArguments, tokenizer) -> torch.Tensor:
         raise UserError(f"{blocks.shape[0]} blocks of {data_args.max_seq_length} tokens leave none for training "
                         f"after holding out {data_args.validation_blocks}; give more text")
     return blocks
+
+
+def eval_token_ids(data_args: DataArguments, tokenizer) -> torch.Tensor | None:
+    """The token ids ``[T]`` of ``--eval_files`` (the perplexity text), ``None`` without."""
+    return tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
 
 
 def config_dict(*arg_dataclasses, training_args) -> dict:
@@ -127,6 +133,19 @@ def _resolve_checkpoint(training_args, output_dir: Path) -> Path | None:
         return last
     require_complete(Path(r), required=(CONFIG_FILE,))
     return Path(r)
+
+
+def recorded_config(training_args) -> dict | None:
+    """The run configuration recorded in the checkpoint ``--resume_from_checkpoint`` names; ``None`` for a new run or
+    when there is none to read (:func:`check_run_folder` then says why). A resumed run takes the values its defaults
+    resolved to from here (e.g. the SubLN eps), so a default that changed since does not change the run."""
+    try:
+        checkpoint = _resolve_checkpoint(training_args, Path(training_args.output_dir))
+        if checkpoint is None or not (checkpoint / CONFIG_FILE).is_file():
+            return None
+        return read_json(checkpoint / CONFIG_FILE, "")
+    except (OSError, UserError):
+        return None
 
 
 def check_eval_schedule(training_args) -> int | None:
@@ -235,8 +254,9 @@ class RunSetup:
 
 
 def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, training_args, config: dict,
-              callbacks: list[TrainerCallback] | None) -> RunSetup:
-    """Split off the held-out blocks, tokenize the evaluation text and build the callbacks of a run.
+              callbacks: list[TrainerCallback] | None, perplexity_ids: torch.Tensor | None = None) -> RunSetup:
+    """Split off the held-out blocks, tokenize the evaluation text (unless ``perplexity_ids``, its token ids ``[T]``
+    from :func:`eval_token_ids`, are given) and build the callbacks of a run.
 
     ``RunSetup.training_args`` is a copy of ``training_args`` adjusted for block datasets (and without pinned
     memory when there is no accelerator to copy to): its evaluation
@@ -252,7 +272,7 @@ def setup_run(blocks: torch.Tensor, tokenizer, data_args: DataArguments, trainin
     v = data_args.validation_blocks
     train_ds = BlockDataset(blocks[: blocks.shape[0] - v])
     val_ds = BlockDataset(blocks[blocks.shape[0] - v:], offset=blocks.shape[0] - v) if v else None
-    ppl_ids = tokenize_text(load_text(data_args.eval_files), tokenizer) if data_args.eval_files else None
+    ppl_ids = perplexity_ids if perplexity_ids is not None else eval_token_ids(data_args, tokenizer)
     training_args.eval_strategy = "no"
     training_args.remove_unused_columns = False
     training_args.prediction_loss_only = True

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lowest first. A module's layer is that of its longest listed prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("bitdistill._lazy", "bitdistill._version", "bitdistill.errors", "bitdistill.io", "bitdistill.weights",
-              "bitdistill.quant", "bitdistill.models", "bitdistill.data", "bitdistill.state_dict")),
+              "bitdistill.host", "bitdistill.quant", "bitdistill.models", "bitdistill.data", "bitdistill.state_dict")),
     ("ops", ("bitdistill.ops", "bitdistill.cpu_ext", "bitdistill._native_hash", "bitdistill._cpu", "bitdistill.cuda_ext",
              "bitdistill._C", "bitdistill.kernels")),
     ("nn", ("bitdistill.nn",)),

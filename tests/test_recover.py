@@ -139,16 +139,24 @@ def test_block_reconstruction_lowers_every_blocks_error(arch):
         assert b["val_after"] < b["val_before"], b
 
 
-# Gemma 2 and 3 (post-attention and post-feedforward norms): 10 steps on 8 random sequences lower the training loss
-# (0.45 -> 0.21) but raise the held-out block error (0.44 -> 0.47 at lr 2e-3; at 1e-3 and 16 sequences it falls for
-# Gemma 3 only), so this property of tiny random models does not hold for them; their recipe runs in
-# test_architectures.py.
-_JOINT_OVERFITS = ("gemma2", "gemma3")
+# Gemma 2 and 3: 10 joint steps at lr 2e-3 raise the held-out block error of tiny random models (seed 0, teacher
+# inputs: Gemma 2 0.436 -> 0.467, Gemma 3 0.454 -> 0.494; Llama 0.125 -> 0.097). Measured, one change at a time:
+# not the soft-capping (both soft-caps off: the same numbers), not the (1 + w) norms (every norm, or only the
+# post-attention/post-feedforward norms, frozen: still rising), not too few blocks (64 training and 32 held-out
+# sequences: 0.435 -> 0.460 and 0.447 -> 0.465), not the embedding scale (embeddings / sqrt(hidden): the same
+# curve). It is the step size: with 64/32 sequences Gemma 2's held-out error falls while the rate warms up
+# (0.435, 0.410, 0.403 at steps 0, 2, 4), then rises at the peak rate (0.424, 0.457, 0.460 at 6, 8, 10); at lr 1e-3
+# it falls to 0.386 at step 6 and ends at 0.392. At 1e-3 with 8/4 sequences it falls with teacher inputs
+# (0.436 -> 0.416, 0.454 -> 0.414) but not with student inputs (0.436 -> 0.447, 0.454 -> 0.456), and other seeds
+# go either way, so no single rate makes the property hold. Their recipe runs in test_architectures.py.
+_JOINT_STEP_TOO_LARGE = ("gemma2", "gemma3")
 
 
 @pytest.mark.parametrize("arch", [a if a in ("llama", "gpt2") else pytest.param(a, marks=[pytest.mark.slow, *(
-    [pytest.mark.xfail(reason="tiny random Gemma 2/3 overfit 8 random sequences in 10 joint steps", strict=False)]
-    if a in _JOINT_OVERFITS else [])]) for a in TINY_ARCHITECTURES])
+    [pytest.mark.xfail(reason="lr 2e-3 overshoots on tiny random Gemma 2/3 blocks: the held-out block error falls "
+                              "during warm-up, then rises at the peak rate (not soft-capping, the (1 + w) norms, the "
+                              "embedding scale or too few blocks: measured, see above)", strict=False)]
+    if a in _JOINT_STEP_TOO_LARGE else [])]) for a in TINY_ARCHITECTURES])
 @pytest.mark.parametrize("inputs", ["teacher", "student"])
 def test_joint_reconstruction_lowers_the_block_error_and_touches_only_blocks(arch, inputs):
     teacher, student = _pair(arch)
@@ -193,6 +201,49 @@ def test_joint_reconstruction_budget_and_bad_options():
         reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(lr=0.0), steps=1)
     with pytest.raises(ValueError, match="N >= micro_batch"):
         reconstruct_jointly_in_place(student, teacher, _ids(2), JointConfig(micro_batch=4), steps=1)
+
+
+def test_joint_held_out_evaluations_leave_training_and_budget_unchanged():
+    """``eval_every`` adds held-out block losses during the stage without changing a step: the same losses, the
+    same student, the last evaluation equal to ``val_after``."""
+    teacher, student = _pair("llama")
+    plain = copy.deepcopy(student)
+    cfg = JointConfig(lr=2e-3, micro_batch=2, seed=3)
+    rep = reconstruct_jointly_in_place(student, teacher, _ids(8), cfg, steps=8, val_ids=_ids(4, seed=2), eval_every=3)
+    ref = reconstruct_jointly_in_place(plain, teacher, _ids(8), cfg, steps=8, val_ids=_ids(4, seed=2))
+    assert rep.losses == ref.losses and [s for s, _ in rep.val_history] == [3, 6]
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), plain.state_dict().values(), strict=True))
+    rep = reconstruct_jointly_in_place(student, teacher, _ids(8), cfg, steps=4, val_ids=_ids(4, seed=2), eval_every=2)
+    assert rep.val_history[-1] == (4, rep.val_after)
+
+
+def test_adam_loop_budget_does_not_count_evaluations(monkeypatch):
+    """On a fake CPU clock (each step 1 s, each evaluation 10 s) a 5 s budget takes the steps 5 s buy whatever the
+    evaluations cost, and the schedule sees the plan."""
+    import time
+
+    from bitdistill.recover.loop import adam_loop
+
+    now = [0.0]
+    monkeypatch.setattr(time, "process_time", lambda: now[0])
+    w = torch.zeros(3)
+    seen = []
+
+    def step_loss(step):
+        now[0] += 1.0
+        return (w - 1).pow(2).sum()
+
+    def evaluate(step):
+        now[0] += 10.0
+        seen.append(step)
+
+    lrs = []
+    done = adam_loop([w], 0.1, step_loss, lambda k, planned: lrs.append(planned) or 1.0, budget_s=5.0,
+                     evaluate=evaluate, eval_every=1)
+    assert done.steps == 5 and done.cpu_s == 5.0 and seen == [1, 2, 3, 4, 5]
+    assert done.planned == 5 and lrs[-1] == 5 and not w.requires_grad and float(w.sum()) > 0
+    with pytest.raises(ValueError, match="either a number of steps or a CPU budget"):
+        adam_loop([w], 0.1, step_loss, lambda k, p: 1.0)
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path):
@@ -283,6 +334,8 @@ def test_joint_stage_refits_its_plan_when_step_cost_drifts(monkeypatch):
     """The joint block stage plans with the same StepPlan: steps that get dearer still end the schedule with
     the budget. A fake CPU clock is advanced by each training step's loss: step k costs 1 + k / 100 s, so
     the first plan (from steps 2-3, 1.025 s a step) is 58 steps, and 60 s buy 49."""
+    import time
+
     import bitdistill.recover.joint as joint
 
     clock, calls = [0.0], [0]
@@ -293,7 +346,7 @@ def test_joint_stage_refits_its_plan_when_step_cost_drifts(monkeypatch):
         clock[0] += 1.0 + calls[0] / 100
         return local_loss(*args, **kwargs)
 
-    monkeypatch.setattr(joint.time, "process_time", lambda: clock[0])
+    monkeypatch.setattr(time, "process_time", lambda: clock[0])
     monkeypatch.setattr(joint, "_local_loss", dearer)
     teacher, student = _pair("llama")
     rep = reconstruct_jointly_in_place(student, teacher, _ids(8), JointConfig(micro_batch=2), budget_cpu_s=60.0)

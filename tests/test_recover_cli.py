@@ -197,3 +197,28 @@ def test_recover_defaults_on_an_architecture_without_subln_skip_it(setup, capsys
     marker = json.loads((out / "student" / "config.json").read_text())["bitdistill"]
     assert set(marker["recipe"]["skipped"]) == {"subln"}
     assert "Recipe part skipped for this architecture: subln" in (out / "student" / "README.md").read_text()
+
+
+def test_recover_tokenizes_the_eval_text_once(setup, shared_data, monkeypatch, capsys):
+    """Every KD stage (e2e and context here) and the packed student's perplexity read ``--eval_files`` tokenized once."""
+    from transformers import PreTrainedTokenizerBase
+
+    root = setup["root"]
+    eval_text = (shared_data / "wikitext-2-raw-v1" / "wiki.test.raw").read_text()[:3000]
+    (root / "eval.txt").write_text(eval_text)
+    calls = []
+    real = PreTrainedTokenizerBase.__call__
+
+    def counting(self, text=None, *args, **kwargs):
+        calls.append(text == eval_text)
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", counting)
+    out = root / "eval-once"
+    rc = main(["recover", *setup["common"], "--time_budget", "8s", "--block_steps", "2", "--context_fraction", "0.25",
+               "--eval_files", str(root / "eval.txt"), "--eval_max_windows", "2", "--output_dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert [s["stage"] for s in json.loads((out / "recovery.json").read_text())["stages"]] == ["blocks", "e2e", "context"]
+    metrics = json.loads((out / "student" / "distill_metrics.json").read_text())
+    assert metrics["student_end"]["final_perplexity"] > 1 and metrics["packed"]["perplexity"] > 1
+    assert sum(calls) == 1, calls

@@ -217,3 +217,31 @@ def test_tiny_model_runs_without_a_tokenizer_of_its_own(setup, tmp_path, monkeyp
     assert len(AutoTokenizer.from_pretrained(out / "model")) == 256
     assert _metrics(out / "model")["start"]
     assert list(out.glob("runs/*/events.out.tfevents.*")) and not (tmp_path / "runs").exists()
+
+
+def test_budgeted_self_distill_spends_the_budget_on_the_planned_steps(setup, capsys):
+    """``--time_budget``: the schedule fit to the planned steps, the plan in the progress bar, the logs, the metrics
+    and the card; what a budget cannot do is refused in one line before any work."""
+    import re
+
+    root = setup["root"]
+    common = ["self-distill", "--model_config", str(setup["llama"]), *setup["common"], "--save_strategy", "no"]
+    out = root / "budget"
+    assert main([*common, "--time_budget", "6s", "--disable_tqdm", "false", "--output_dir", str(out)]) == 0
+    captured = capsys.readouterr()
+    train = _metrics(out / "model")["train"]
+    steps, planned = train["train_steps"], train["planned_steps"]
+    assert train["budget_cpu_s"] == 6.0 and 4.0 <= train["train_cpu_s"] < 8.0, train
+    assert planned is not None and 0.7 * planned <= steps <= planned, train
+    totals = {int(t) for t in re.findall(r"\d+/(\d+) \[", captured.err)}  # tqdm's "step/total [elapsed<left"
+    assert planned in totals and max(totals) < 1000, totals
+    assert "'planned_steps': " in captured.out and "'cpu_s_left': " in captured.out
+    assert f"{planned} steps planned" in (out / "model" / "README.md").read_text()
+    for flags, match in ((["--time_budget", "10x"], "is not a CPU time"),
+                         (["--time_budget", "5s", "--max_steps", "3"], "drop --max_steps"),
+                         (["--time_budget", "5s", "--resume_from_checkpoint", "latest"], "cannot resume a checkpoint")):
+        bad = root / "budget-bad"
+        assert main([*common, *flags, "--output_dir", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert match in err and len([line for line in err.splitlines() if "error:" in line]) == 1, err
+        assert not bad.exists()

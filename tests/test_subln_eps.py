@@ -79,3 +79,74 @@ def test_cli_default_and_explicit_eps(tmp_path):
         assert main([*common, *extra, "--output_dir", str(tmp_path / out)]) == 0
         student = load_student(tmp_path / out / "student")
         assert student_marker(student)["subln_eps"] == want and _subln_eps(student) == {want}
+
+
+def _resume_setup(tmp_path, shared_data):
+    from run_utils import tiny_gpt2_vocab_folder
+
+    tok = shared_data / "tokenizers" / "gpt2"
+    teacher = tiny_gpt2_vocab_folder(tmp_path / "t", "llama", tok, rms_norm_eps=1e-5)
+    (tmp_path / "train.txt").write_text((shared_data / "wikitext-2-raw-v1" / "wiki.train.prefix.raw").read_text()[:12000])
+    return ["--teacher_model_name_or_path", str(teacher), "--train_files", str(tmp_path / "train.txt"),
+            "--max_seq_length", "16", "--per_device_train_batch_size", "1", "--subln", "true", "--report_to", "none",
+            "--disable_tqdm", "true", "--data_cache_dir", str(tmp_path / "cache"), "--seed", "0"]
+
+
+@pytest.mark.parametrize("recorded", ["old-default", "new"])
+def test_distill_resumes_with_the_eps_its_run_recorded(tmp_path, shared_data, recorded):
+    """A run recorded with the old default (1e-6: what every run from before the eps followed ``rms_norm_eps``
+    recorded) and a new one (the teacher's 1e-5, recorded) each resume, without ``--subln_eps``, with the eps they
+    were started with."""
+    import json
+
+    from run_utils import StopAt, parse_cli
+
+    from bitdistill.distill.run import run_distillation
+
+    common = [*_resume_setup(tmp_path, shared_data), "--max_steps", "3", "--save_steps", "2",
+              "--output_dir", str(tmp_path / "run")]
+    first = [*common, *(["--subln_eps", "1e-6"] if recorded != "new" else [])]
+    run_distillation(*parse_cli("distill", first), callbacks=[StopAt(2)])
+    config = json.loads((tmp_path / "run" / "checkpoint-2" / "distill_config.json").read_text())
+    assert config["subln_eps"] == (1e-5 if recorded == "new" else 1e-6)
+    (tmp_path / "run" / "student").rename(tmp_path / "first")  # as if the run had been killed after step 2
+    run_distillation(*parse_cli("distill", [*common, "--resume_from_checkpoint", "latest"]))
+    want = 1e-5 if recorded == "new" else 1e-6
+    student = load_student(tmp_path / "run" / "student")
+    assert _subln_eps(student) == {want} and student_marker(student)["subln_eps"] == want
+    assert json.loads((tmp_path / "run" / "student" / "distill_config.json").read_text())["subln_eps"] == want
+
+
+@pytest.mark.parametrize("old", [True, False])
+def test_recover_resumes_with_the_eps_its_run_recorded(tmp_path, shared_data, monkeypatch, old):
+    """A staged run recorded with the old default (1e-6) resumes without ``--subln_eps``; a new one records the
+    teacher's eps (1e-5) in ``recover_config.json`` and the student's configuration."""
+    import json
+
+    from transformers import TrainerCallback
+
+    from bitdistill.cli.main import main
+    from bitdistill.recover import staged
+
+    argv = ["recover", *_resume_setup(tmp_path, shared_data), "--time_budget", "6s", "--block_steps", "2",
+            "--calibration_tokens", "64", "--calibration_seq_length", "16", "--held_out_blocks", "2",
+            "--block_micro_batch", "2", "--block_fraction", "0.5", "--save_strategy", "no",
+            "--output_dir", str(tmp_path / "run")]
+    real = staged.distill_student
+
+    class Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            raise RuntimeError("killed")
+
+    def killed(*args, callbacks=None, **kwargs):
+        return real(*args, callbacks=[*(callbacks or []), Kill()], **kwargs)
+
+    monkeypatch.setattr(staged, "distill_student", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        main([*argv, *(["--subln_eps", "1e-6"] if old else [])])
+    want = 1e-6 if old else 1e-5
+    assert json.loads((tmp_path / "run" / "recover_config.json").read_text())["subln_eps"] == want
+    monkeypatch.setattr(staged, "distill_student", real)
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "run" / "student" / "distill_config.json").read_text())["subln_eps"] == want
+    assert _subln_eps(load_student(tmp_path / "run" / "student")) == {want}

@@ -9,9 +9,10 @@ def _types() -> tuple:
     from transformers import TrainingArguments
 
     from bitdistill.data.args import DataArguments
+    from bitdistill.distill.args import BudgetArguments
     from bitdistill.selfdistill.args import SelfDistillArguments, SelfDistillModelArguments
 
-    return (SelfDistillModelArguments, SelfDistillArguments, DataArguments, TrainingArguments)
+    return (SelfDistillModelArguments, SelfDistillArguments, DataArguments, TrainingArguments, BudgetArguments)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
     from bitdistill.selfdistill.run import run_self_distillation
 
-    model_args, sd_args, data_args, training_args = parse_dataclasses(args, _types())
-    out = run_self_distillation(model_args, sd_args, data_args, training_args, command=command_from_args(args))
+    model_args, sd_args, data_args, training_args, budget_args = parse_dataclasses(args, _types())
+    out = run_self_distillation(model_args, sd_args, data_args, training_args, budget_args,
+                                command=command_from_args(args))
     print(f"wrote the multi-exit model to {out}")
     return 0

@@ -124,7 +124,8 @@ class EvalTaskArguments:
 
 @dataclass
 class BudgetArguments:
-    """A CPU-time budget in place of a step count (``bitdistill distill``; ``recover`` has its own)."""
+    """A CPU-time budget in place of a step count (``bitdistill distill`` and ``self-distill``; ``recover`` has its
+    own)."""
 
     time_budget: str | None = field(default=None, metadata={
         "help": "Train for this much process CPU time (90m, 1.5h, 600s) instead of --max_steps: the learning-rate "

@@ -74,7 +74,9 @@ class Distilled:
 @dataclasses.dataclass
 class TrainedRun:
     """What :func:`run_trainer` measured: evaluations before (``None`` when resumed or not asked) and after, the
-    Trainer's train metrics, the provenance record (``None`` off the main process), wall seconds and steps."""
+    train metrics (the Trainer's, with ``train_steps``, ``train_cpu_s`` and, in a budget, ``budget_cpu_s`` and
+    ``planned_steps``), the provenance record (``None`` off the main process), wall seconds, steps, process CPU
+    seconds of the training loop and the budget's last plan (``None`` without a budget)."""
 
     start: dict | None
     train: dict
@@ -82,6 +84,8 @@ class TrainedRun:
     provenance: dict | None
     train_seconds: float
     steps: int
+    train_cpu_s: float
+    planned_steps: int | None
 
 
 def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, all_args: dict, command: str | None,
@@ -98,18 +102,24 @@ def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, 
     if checkpoint is None and evaluate:
         run.audit.evaluation_begins()
         start = trainer.evaluate(metric_key_prefix="start")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - started
+    train_seconds, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu
     if evaluate:
         run.audit.evaluation_begins()
         final = trainer.evaluate(metric_key_prefix="final")
     train = dict(result.metrics)
-    if trainer.cpu_budget is not None and train.get("train_runtime"):  # transformers counted the epochs' samples
-        a = trainer.args
-        samples = trainer.state.global_step * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
-        train["train_samples_per_second"] = round(samples / train["train_runtime"], 3)
-    return TrainedRun(start, train, final, prov, train_seconds, trainer.state.global_step)
+    budget, steps = trainer.cpu_budget, trainer.state.global_step
+    if budget is not None:
+        train_cpu_s = budget.used_s
+        if train.get("train_runtime"):  # transformers counted the epochs' samples
+            a = trainer.args
+            samples = steps * a.per_device_train_batch_size * a.gradient_accumulation_steps * a.world_size
+            train["train_samples_per_second"] = round(samples / train["train_runtime"], 3)
+    train.update({"train_steps": steps, "train_cpu_s": train_cpu_s,
+                  **({"budget_cpu_s": budget.budget_s, "planned_steps": budget.planned_steps} if budget else {})})
+    return TrainedRun(start, train, final, prov, train_seconds, steps, train_cpu_s,
+                      budget.planned_steps if budget else None)
 
 
 def _loss_structures(student: nn.Module, teacher: nn.Module | None, loss_args: LossArguments
@@ -149,15 +159,16 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
                     data_args: DataArguments, loss_args: LossArguments, training_args, config: dict,
                     teacher_cache: TeacherCache | None = None, budget_s: float | None = None,
                     checkpoint: Path | None = None, quant_warmup_steps: int = 0,
-                    callbacks: list[TrainerCallback] | None = None, all_args: dict | None = None,
-                    command: str | None = None, clock: CpuClock | None = None) -> Distilled:
+                    callbacks: list[TrainerCallback] | None = None, perplexity_ids: torch.Tensor | None = None,
+                    all_args: dict | None = None, command: str | None = None,
+                    clock: CpuClock | None = None) -> Distilled:
     """Distill ``student`` (trained in place) from ``teacher`` on ``blocks [N, S]``; returns it with its metrics.
 
     Args:
         student: the converted student (``requires_grad`` set where it trains).
         teacher: the frozen teacher, or ``None`` with ``teacher_cache``.
         blocks: the training token blocks; the last ``data_args.validation_blocks`` are held out.
-        tokenizer: tokenizes ``data_args.eval_files`` for the perplexity evaluations.
+        tokenizer: tokenizes ``data_args.eval_files`` for the perplexity evaluations (unless ``perplexity_ids``).
         data_args, loss_args: the run's data and loss options.
         training_args: a ``transformers.TrainingArguments``; ``output_dir`` receives the audit log, provenance and
             checkpoints. With ``budget_s`` its ``max_steps`` must be unset (-1).
@@ -168,6 +179,8 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
         checkpoint: a checkpoint of this run to resume from.
         quant_warmup_steps: blend quantization in over this many steps.
         callbacks: extra ``TrainerCallback`` objects.
+        perplexity_ids: ``data_args.eval_files`` already tokenized (``[T]``, :func:`bitdistill.runs.eval_token_ids`),
+            so a caller running the engine several times on the same text tokenizes it once.
         all_args: every argument, for ``provenance.json``; command: the command line, for it.
         clock: the clock ``budget_s`` is counted on (what runs through its ``excluding`` inside the loop, e.g. a
             caller's held-out evaluations, is not counted); default: a clock of the training loop's own.
@@ -176,8 +189,8 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
         raise UserError("--time_budget plans the steps itself; drop --max_steps (or the budget)")
     layer_map, attention_layers = _loss_structures(student, teacher, loss_args)
     budget = CpuBudgetCallback(budget_s, clock=clock) if budget_s is not None else None
-    run = setup_run(blocks, tokenizer, data_args, training_args, config, [*([budget] if budget else []),
-                                                                           *(callbacks or [])])
+    run = setup_run(blocks, tokenizer, data_args, training_args, config,
+                    [*([budget] if budget else []), *(callbacks or [])], perplexity_ids)
     if quant_warmup_steps > 0:
         run.callbacks.append(_WarmupCallback(QuantWarmup(student, quant_warmup_steps)))
     prepare_student_for_fsdp(run.training_args, student)  # FSDP: wrap class, rank 0 can save, opt-in ternary gather
@@ -194,21 +207,18 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
     logger.info("training (%s)", f"a budget of {budget_s:.0f} CPU-s" if budget_s is not None else
                 f"{training_args.max_steps} steps" if training_args.max_steps > 0 else
                 f"{training_args.num_train_epochs} epochs")
-    cpu = time.process_time()
     done = run_trainer(trainer, run, checkpoint=checkpoint, all_args=all_args or {}, command=command,
                        evaluate=run.ppl_ids is not None)
-    train_cpu_s = budget.used_s if budget is not None else time.process_time() - cpu
     if done.start is not None:
         metrics["student_start"] = done.start
         _log_perplexity("student perplexity before training", done.start.get("start_perplexity"))
-    metrics["train"] = {**done.train, "train_steps": done.steps, "train_cpu_s": train_cpu_s,
-                        **({"budget_cpu_s": budget_s, "planned_steps": budget.planned_steps} if budget else {})}
+    metrics["train"] = done.train
     if done.final is not None:
         metrics["student_end"] = done.final
         _log_perplexity("student perplexity after training", done.final.get("final_perplexity"))
     trained = unsharded_student(trainer.accelerator.unwrap_model(trainer.model))  # FSDP: a collective; None off rank 0
-    return Distilled(trained, metrics, done.provenance, done.steps, budget.planned_steps if budget else None,
-                     train_cpu_s, done.train_seconds, run.ppl_ids)
+    return Distilled(trained, metrics, done.provenance, done.steps, done.planned_steps, done.train_cpu_s,
+                     done.train_seconds, run.ppl_ids)
 
 
 def _log_perplexity(what: str, value: float | None) -> None:

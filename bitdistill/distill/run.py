@@ -14,7 +14,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import release_memory
-from bitdistill.budget import parse_cpu_budget
+from bitdistill.budget import run_budget
 from bitdistill.convert import check_model_source, load_causal_lm, load_model
 from bitdistill.data.tokenizer_check import check_tokenizer
 from bitdistill.distill.args import (
@@ -39,11 +39,12 @@ from bitdistill.models import tiny_tokenizer
 from bitdistill.nn.config import check_weight_scale
 from bitdistill.nn.replace import replace_linear_with_bitlinear, student_marker
 from bitdistill.nn.subln import insert_subln
-from bitdistill.runs import CONFIG_FILE, build_blocks, check_run_folder, config_dict
+from bitdistill.runs import CONFIG_FILE, build_blocks, check_run_folder, config_dict, recorded_config
 from bitdistill.validate import validate_cache_args, validate_run_args
 
 __all__ = ["METRICS_FILE", "StudentCard", "load_teacher", "load_tokenizer", "make_trainable",
-           "packed_and_task_metrics", "prepare_student", "run_cache_teacher", "run_distillation"]
+           "packed_and_task_metrics", "prepare_student", "record_subln_eps", "resumed_subln_eps", "run_cache_teacher",
+           "run_distillation"]
 
 METRICS_FILE = "distill_metrics.json"
 logger = logging.getLogger(__name__)
@@ -135,6 +136,27 @@ def prepare_student(model_args: ModelArguments, teacher: nn.Module | None,
     return make_trainable(student, model_args)
 
 
+def resumed_subln_eps(model_args: ModelArguments, saved: dict | None) -> ModelArguments:
+    """``model_args`` with the SubLN eps of the run being resumed, whose configuration is ``saved`` (``None``: a new
+    run), when ``--subln_eps`` is not given: the eps it recorded. Runs from before the eps followed the model's
+    ``rms_norm_eps`` recorded the old default, 1e-6, and resume with it; one that recorded ``None`` used the
+    model's, the default now."""
+    if not model_args.subln or model_args.subln_eps is not None or saved is None:
+        return model_args
+    eps = saved.get("subln_eps")
+    return model_args if eps is None else dataclasses.replace(model_args, subln_eps=float(eps))
+
+
+def record_subln_eps(model_args: ModelArguments, config: dict, student: nn.Module) -> tuple[ModelArguments, dict]:
+    """``(model_args, config)`` with the SubLN eps ``student`` was given in place of the ``None`` that asked for the
+    default, so the run's saved configuration records the eps it trained with and a resume reuses it
+    (:func:`resumed_subln_eps`)."""
+    eps = (student_marker(student) or {}).get("subln_eps")
+    if not model_args.subln or model_args.subln_eps is not None or eps is None:
+        return model_args, config
+    return dataclasses.replace(model_args, subln_eps=float(eps)), {**config, "subln_eps": float(eps)}
+
+
 def make_trainable(student: nn.Module, model_args: ModelArguments) -> nn.Module:
     """``student`` in training mode with every parameter trained except the embeddings/head the flags freeze."""
     student.requires_grad_(True)
@@ -209,17 +231,11 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     model_args, loss_args, plan = plan_recipe(model_args, loss_args)
     validate_run_args(model_args, data_args, training_args)
     validate_loss_args(loss_args)
-    budget_s = None
-    if budget_args.time_budget is not None:
-        budget_s = parse_cpu_budget(budget_args.time_budget)
-        if training_args.max_steps > 0:
-            raise UserError("--time_budget plans the steps itself; drop --max_steps (or the budget)")
-        if training_args.resume_from_checkpoint not in (None, "", "false", "False"):
-            raise UserError("--time_budget counts the CPU time of one process and cannot resume a checkpoint; "
-                            "resume with --max_steps, or start a new --output_dir")
+    budget_s = run_budget(budget_args.time_budget, training_args)
     output_dir = Path(training_args.output_dir)
     given_training_args = training_args.to_dict()
     final_dir = output_dir / "student"
+    model_args = resumed_subln_eps(model_args, recorded_config(training_args))
     config = config_dict(model_args, data_args, loss_args, training_args=training_args)
     checkpoint = check_run_folder(training_args, config, final_dir)
 
@@ -235,6 +251,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     teacher = None if cache is not None else load_teacher(model_args)
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=blocks[:1])
+    model_args, config = record_subln_eps(model_args, config, student)
     if plan is not None:
         plan.record(student)
     logger.info("student ready: %s, %.1fM parameters", type(student).__name__,

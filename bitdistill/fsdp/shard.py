@@ -16,12 +16,12 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
+from bitdistill.host import available_host_bytes
 from bitdistill.io import atomic_output_dir, check_output_location
 from bitdistill.nn.arch import decoder_layers
 from bitdistill.nn.config import student_marker
 
 __all__ = [
-    "available_host_bytes",
     "check_full_state_dict_fits",
     "decoder_block_class",
     "full_state_dict",
@@ -76,14 +76,6 @@ def full_state_dict_bytes(model: nn.Module) -> int:
         seen.add(id(t))
         total += t.numel() * t.element_size()  # a DTensor's numel is its global one
     return total
-
-
-def available_host_bytes() -> int:
-    """Memory the OS can still give this process (psutil's ``available``: ``MemAvailable`` on Linux; psutil comes
-    with accelerate)."""
-    import psutil
-
-    return int(psutil.virtual_memory().available)
 
 
 def check_full_state_dict_fits(model: nn.Module, *, available: int | None = None, where: str = "rank 0's host memory",

@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
-from bitdistill.fsdp.shard import available_host_bytes
+from bitdistill.host import available_host_bytes
 from bitdistill.io import atomic_write
 from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.nn.bitlinear import BitConv1D, BitLinear
 from bitdistill.recover.layers import LayerCall, capture_layer_call, layer_output
+from bitdistill.recover.loop import adam_loop
 from bitdistill.recover.ternary import calibrated_ternary, encode_ternary, hessian_inverse_factor
 
 __all__ = ["BLOCK_LOSSES", "BlockwiseConfig", "BlockwiseReport", "block_loss", "check_state_budget",
@@ -216,33 +217,31 @@ def _val_error(layer: nn.Module, kind: str, x_in: torch.Tensor, y: torch.Tensor,
 def _train_layer(layer: nn.Module, cfg: BlockwiseConfig, steps: int, x_in: torch.Tensor, y: torch.Tensor,
                  x_t: torch.Tensor, call: LayerCall, block: int, desc: str, progress: bool,
                  step_cost: Callable[[float], None] | None) -> None:
+    """``steps`` Adam steps (:func:`~bitdistill.recover.loop.adam_loop`) on ``layer``, the learning rate
+    cosine-decayed to 0, each on a random micro-batch of the cached states."""
     from tqdm.auto import tqdm
 
     params = [p for p in layer.parameters() if p.is_floating_point()]
-    was = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed + block)
     n = x_in.shape[0]
+
+    def step_loss(step: int) -> torch.Tensor:
+        idx = torch.randperm(n, generator=gen)[: call.batch]
+        return block_loss(cfg.loss, layer_output(layer, x_in[idx], call), y[idx], x_t[idx])
+
+    def on_step(step: int, planned: int, loss: torch.Tensor, cpu_s: float) -> None:
+        bar.update()
+        if step_cost is not None:
+            step_cost(cpu_s)
+
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     layer.train()
     try:
-        for step in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-            t0 = time.process_time()
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-            idx = torch.randperm(n, generator=gen)[: call.batch]
-            loss = block_loss(cfg.loss, layer_output(layer, x_in[idx], call), y[idx], x_t[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step_cost is not None:
-                step_cost(time.process_time() - t0)
+        adam_loop(params, cfg.lr, step_loss, lambda step, planned: 0.5 * (1 + math.cos(math.pi * step / planned)),
+                  steps=steps, on_step=on_step)
     finally:
-        for p, w in zip(params, was, strict=True):
-            p.requires_grad_(w)
+        bar.close()
         layer.eval()
-        del opt
 
 
 def _time_step(layer: nn.Module, cfg: BlockwiseConfig, x_in: torch.Tensor, y: torch.Tensor, x_t: torch.Tensor,

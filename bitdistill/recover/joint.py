@@ -17,7 +17,7 @@ Gradients never cross blocks, so the blocks are independent problems solved in o
 blocks' parameters train (latent weights through the straight-through estimator, norms, biases); the
 learning rate warms up for ``warmup`` steps, then decays linearly to 0 at the step the CPU budget is planned
 to end (planned from the measured CPU time of the steps so far and refit as it drifts:
-:class:`~bitdistill.budget.StepPlan`). With ``bf16`` the teacher's and the student's block forwards
+:class:`~bitdistill.budget.StepPlan`, in the shared loop :func:`~bitdistill.recover.loop.adam_loop`). With ``bf16`` the teacher's and the student's block forwards
 of a training step run under ``torch.autocast(bfloat16)`` on the student's device (the loss and the held-out
 reports stay float32).
 """
@@ -25,18 +25,19 @@ reports stay float32).
 from __future__ import annotations
 
 import math
-import time
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from bitdistill.budget import StepPlan
+from bitdistill.budget import CpuClock
 from bitdistill.errors import UserError
 from bitdistill.nn.arch import decoder_layers
 from bitdistill.recover.blockwise import BLOCK_LOSSES, block_loss
 from bitdistill.recover.layers import capture_layer_call, layer_output
+from bitdistill.recover.loop import LoopResult, adam_loop
 
 __all__ = ["JOINT_INPUTS", "JointConfig", "JointReport", "reconstruct_jointly_in_place"]
 
@@ -79,13 +80,15 @@ class JointConfig:
 @dataclass
 class JointReport:
     """``steps`` taken (``planned_steps`` from the CPU budget), ``losses`` (mean block loss per step),
-    ``val_before`` / ``val_after`` (mean block loss on the held-out blocks, teacher inputs), ``cpu_s``."""
+    ``val_before`` / ``val_after`` (mean block loss on the held-out blocks, teacher inputs), ``val_history``
+    (``(step, that loss)`` every ``eval_every`` steps), ``cpu_s`` (of the training steps)."""
 
     steps: int = 0
     planned_steps: int = 0
     losses: list[float] = field(default_factory=list)
     val_before: float = float("nan")
     val_after: float = float("nan")
+    val_history: list[tuple[int, float]] = field(default_factory=list)
     cpu_s: float = 0.0
 
 
@@ -120,38 +123,32 @@ def _held_out(student_layers, teacher_layers, teacher, val_ids, cfg: JointConfig
     return sum(losses) / len(losses)
 
 
-def _train(s_layers, t_layers, teacher, input_ids, cfg: JointConfig, params, budget_cpu_s, steps, start,
-           report: JointReport, log) -> tuple[int, int]:
-    """The Adam loop; returns ``(steps taken, planned steps)``."""
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+def _train(s_layers, t_layers, teacher, input_ids, cfg: JointConfig, params, budget_cpu_s, steps, clock: CpuClock,
+           report: JointReport, log, evaluate: Callable[[int], None] | None, eval_every: int) -> LoopResult:
+    """The Adam steps (:func:`~bitdistill.recover.loop.adam_loop`): warm-up, then linear decay to the planned end."""
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
-    planned = steps if steps is not None else 10**9
-    plan = StepPlan(budget_cpu_s) if budget_cpu_s is not None else None
     device_type = params[0].device.type
-    step = 0
-    while step < planned:
-        if budget_cpu_s is not None and time.process_time() - start >= budget_cpu_s:
-            break
+
+    def step_loss(step: int) -> torch.Tensor:
+        nonlocal order
         while len(order) < cfg.micro_batch:
             order += torch.randperm(input_ids.shape[0], generator=gen).tolist()
         batch, order = input_ids[order[:cfg.micro_batch]], order[cfg.micro_batch:]
-        factor = min((step + 1) / (cfg.warmup + 1), max(0.0, (planned - step) / max(1, planned - cfg.warmup)))
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * factor
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
             states, call = _teacher_states(t_layers, teacher, batch)
-            loss = _local_loss(s_layers, states, call, cfg)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
+            return _local_loss(s_layers, states, call, cfg)
+
+    def schedule(step: int, planned: int) -> float:
+        return min((step + 1) / (cfg.warmup + 1), max(0.0, (planned - step) / max(1, planned - cfg.warmup)))
+
+    def on_step(step: int, planned: int, loss: torch.Tensor, _cpu_s: float) -> None:
         report.losses.append(loss.item())
-        if plan is not None and (refit := plan.update(step, time.process_time() - start)) is not None:
-            planned = refit
         if log is not None and step % 10 == 0:
-            log(f"joint reconstruction step {step}/{planned if planned < 10**9 else '?'}: loss {loss.item():.4f}")
-    return step, planned
+            log(f"joint reconstruction step {step}/{planned if planned < sys.maxsize else '?'}: loss {loss.item():.4f}")
+
+    return adam_loop(params, cfg.lr, step_loss, schedule, steps=steps, budget_s=budget_cpu_s, clock=clock,
+                     on_step=on_step, evaluate=evaluate, eval_every=eval_every)
 
 
 def reconstruct_jointly_in_place(
@@ -164,6 +161,7 @@ def reconstruct_jointly_in_place(
     steps: int | None = None,
     val_ids: torch.Tensor | None = None,
     log: Callable[[str], None] | None = None,
+    eval_every: int = 0,
 ) -> JointReport:
     """Train every decoder block of ``student`` against ``teacher``'s, all at once (see the module docstring).
 
@@ -178,6 +176,8 @@ def reconstruct_jointly_in_place(
         steps: a fixed number of steps (exactly one of the two).
         val_ids: ``[V, S]`` held-out blocks for ``val_before`` / ``val_after``.
         log: called with a line every 10 steps and at the end.
+        eval_every: with ``val_ids``, the held-out block loss every this many steps too (0: only before and
+            after), in ``JointReport.val_history``; its CPU time is not counted in the budget.
 
     Returns:
         A :class:`JointReport`.
@@ -198,20 +198,16 @@ def reconstruct_jointly_in_place(
     was = student.training
     student.eval()  # no dropout: the targets are deterministic
     report.val_before = _held_out(s_layers, t_layers, teacher, val_ids, cfg)
-    start = time.process_time()  # the held-out reports are not part of the budget
+
+    def evaluate(step: int) -> None:
+        report.val_history.append((step, _held_out(s_layers, t_layers, teacher, val_ids, cfg)))
+
+    clock = CpuClock()  # the held-out reports are not part of the budget
     params = [p for p in s_layers.parameters() if p.is_floating_point()]
-    was_grad = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-    try:
-        step, planned = _train(s_layers, t_layers, teacher, input_ids, cfg, params, budget_cpu_s, steps, start, report,
-                               log)
-    finally:
-        for p, w in zip(params, was_grad, strict=True):
-            p.requires_grad_(w)
-    report.steps = step
-    report.planned_steps = planned if planned < 10**9 else step
-    report.cpu_s = time.process_time() - start
+    done = _train(s_layers, t_layers, teacher, input_ids, cfg, params, budget_cpu_s, steps, clock, report, log,
+                  evaluate if val_ids is not None else None, eval_every)
+    report.steps, report.planned_steps, report.cpu_s = done.steps, done.planned, done.cpu_s
+    step = done.steps
     report.val_after = _held_out(s_layers, t_layers, teacher, val_ids, cfg)
     student.train(was)
     if log is not None:

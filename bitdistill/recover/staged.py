@@ -61,6 +61,8 @@ from bitdistill.distill.run import (
     make_trainable,
     packed_and_task_metrics,
     prepare_student,
+    record_subln_eps,
+    resumed_subln_eps,
 )
 from bitdistill.distill.terms import validate_loss_args
 from bitdistill.errors import UserError
@@ -69,7 +71,7 @@ from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.curve import HeldOutCurveCallback, held_out_loss, tenth_marks
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
-from bitdistill.runs import build_blocks, config_changes, config_dict, tokens_per_step
+from bitdistill.runs import build_blocks, config_changes, config_dict, eval_token_ids, tokens_per_step
 from bitdistill.validate import validate_run_args
 from bitdistill.weights import read_json
 
@@ -328,6 +330,7 @@ class _Stage:
     loss_args: LossArguments
     recover_args: RecoverArguments
     command: str | None
+    perplexity_ids: torch.Tensor | None  # --eval_files, tokenized once
     marks: list[float] = field(default_factory=list)
     log: Callable[[str], None] = print
 
@@ -352,8 +355,9 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
     curve = HeldOutCurveCallback(ctx.held, ctx.clock, ctx.clock.used(), ctx.marks, ctx.log)
     t, excluded = time.process_time(), ctx.clock.excluded
     result = distill_student(student, ctx.teacher, blocks, ctx.tokenizer, data_args=data, loss_args=ctx.loss_args,
-                             training_args=training, config=config, budget_s=budget_s, all_args=all_args,
-                             command=ctx.command, callbacks=[curve], clock=ctx.clock)
+                             training_args=training, config=config, budget_s=budget_s,
+                             perplexity_ids=ctx.perplexity_ids, all_args=all_args, command=ctx.command,
+                             callbacks=[curve], clock=ctx.clock)
     ctx.clock.excluded = excluded + time.process_time() - t - result.train_cpu_s  # all but the budgeted loop
     release_memory()
     loss = ctx.clock.excluding(lambda: held_out_loss(result.student, ctx.held))
@@ -363,15 +367,16 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
         "curve": curve.points}), result
 
 
-def _reused(folder: Path, model_args: ModelArguments, result: StageResult) -> Distilled:
+def _reused(folder: Path, model_args: ModelArguments, result: StageResult,
+            perplexity_ids: torch.Tensor | None) -> Distilled:
     """A KD stage a killed run finished, from its resume point ``<folder>/student``: the student and what its run
-    measured (its metrics file, ``<folder>/provenance.json``, its steps)."""
+    measured (its metrics file, ``<folder>/provenance.json``, its steps), with the run's ``perplexity_ids``."""
     student = make_trainable(load_model(folder / "student", dtype=model_args.model_dtype), model_args)
     metrics = read_json(folder / "student" / METRICS_FILE, "remove the stage's folder to train it again")
     prov = folder / PROVENANCE_FILE
     return Distilled(student, metrics, read_json(prov, "remove the stage's folder") if prov.is_file() else None,
                      result.detail.get("steps", 0), result.detail.get("planned_steps"), 0.0,
-                     metrics.get("train", {}).get("train_runtime", 0.0), None)
+                     metrics.get("train", {}).get("train_runtime", 0.0), perplexity_ids)
 
 
 def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, loss_args: LossArguments,
@@ -398,16 +403,19 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     final = out / "student"
     if final.exists():
         raise FileExistsError(f"{final} already exists; choose another --output_dir")
-    config = config_dict(model_args, data_args, loss_args, recover_args, training_args=training_args)
     config_file = out / RECOVER_CONFIG_FILE
-    if config_file.is_file():
-        saved = read_json(config_file, "remove it (and the stages' folders) or choose another --output_dir")
+    saved = read_json(config_file, "remove it (and the stages' folders) or choose another --output_dir") \
+        if config_file.is_file() else None
+    model_args = resumed_subln_eps(model_args, saved)
+    config = config_dict(model_args, data_args, loss_args, recover_args, training_args=training_args)
+    if saved is not None:
         if changes := config_changes(saved, config):
             raise UserError(f"{out} holds a staged run started with other options ({changes}); rerun it with the "
                             "same options or choose another --output_dir")
     tokenizer = load_tokenizer(model_args)
     text_blocks = _text_blocks(recover_args, data_args, tokenizer)  # the only tokenization of the training text
     cal, train, held = _split(recover_args, text_blocks)
+    eval_ids = eval_token_ids(data_args, tokenizer)  # --eval_files, tokenized once for every KD stage
     teacher = load_teacher(model_args)  # the only teacher: every stage uses it in memory
     decoder_layers(teacher, fix="block-wise recovery needs a standard decoder stack; use `bitdistill distill` instead")
     limit = getattr(teacher.config, "max_position_embeddings", None)
@@ -439,10 +447,11 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         raise UserError(f"--time_budget {recover_args.time_budget} leaves {share:.3g} "
                          f"CPU-s for init + blocks, but the first stage alone needs about {estimate:.2g} CPU-s "
                          "for this teacher and calibration size; raise the budget or lower --calibration_tokens")
-    _atomic_json(config_file, config)  # creates the folder
     clock = CpuClock()
     torch.manual_seed(training_args.seed)
     student = prepare_student(model_args, teacher, calibration_input_ids=cal[:8])
+    model_args, config = record_subln_eps(model_args, config, student)
+    _atomic_json(config_file, config)  # creates the folder
     if plan is not None:
         plan.record(student)
     student.eval()
@@ -504,13 +513,13 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     if not context:
         log("no context stage: " + (f"--context_length {context_length} is not above --max_seq_length "
                                      f"{data_args.max_seq_length}" if context_fraction else "its share is 0"))
-    ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command,
+    ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command, eval_ids,
                  tenth_marks(budget), log)
     last: tuple[DataArguments, object, Distilled] | None = None  # the last KD stage's data, training args and run
     e2e_file = out / "e2e" / "e2e.json"
     if e2e_file.is_file():
         reuse(e2e_file, "e2e", out / "e2e")
-        distilled = clock.excluding(lambda: _reused(out / "e2e", model_args, results[-1]))
+        distilled = clock.excluding(lambda: _reused(out / "e2e", model_args, results[-1], eval_ids))
         student = distilled.student
         last = (data_args, training_args, distilled)
     elif budget - clock.used() > 0:

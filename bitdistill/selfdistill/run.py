@@ -21,9 +21,11 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import redact_command
+from bitdistill.budget import CpuBudgetCallback, run_budget
 from bitdistill.convert import check_model_source, load_model, parse_dtype
 from bitdistill.data.args import DataArguments
 from bitdistill.data.tokenizer_check import check_tokenizer
+from bitdistill.distill.args import BudgetArguments
 from bitdistill.distill.engine import run_trainer
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_output_dir
@@ -109,16 +111,20 @@ def _load_tokenizer(model_args: SelfDistillModelArguments):
 
 
 def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDistillArguments,
-                          data_args: DataArguments, training_args, *, command: str | None = None,
-                          callbacks: list[TrainerCallback] | None = None) -> Path:
+                          data_args: DataArguments, training_args, budget_args: BudgetArguments | None = None, *,
+                          command: str | None = None, callbacks: list[TrainerCallback] | None = None) -> Path:
     """Train with exits and the self-distillation loss; save to ``<output_dir>/model`` and return that folder.
 
     ``training_args`` is a ``transformers.TrainingArguments``; its ``eval_steps`` (with ``eval_strategy``
     other than ``"no"``) schedule the per-exit evaluations, ``resume_from_checkpoint`` may be ``latest``.
+    ``budget_args.time_budget`` trains for that much process CPU time instead of ``max_steps`` steps, the
+    learning-rate schedule fit to the steps it buys (:class:`~bitdistill.budget.CpuBudgetCallback`).
     """
     validate_self_distill_args(model_args, sd_args)
     validate_data_args(data_args)
     validate_training_args(training_args)
+    budget_args = budget_args or BudgetArguments()
+    budget_s = run_budget(budget_args.time_budget, training_args)
     if sd_args.exit_variant == "concat" and sd_args.hint_weight > 0:
         raise UserError("feature hints need per-block exits, but --exit_variant concat has one fused classifier; "
                         "pass --hint_weight 0 or use --exit_variant shared/separate")
@@ -145,13 +151,15 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
     if eval_layers is not None:
         MultiExitLM(model, eval_layers)  # the layers evaluated through the model's own head must exist
 
-    run = setup_run(blocks, tokenizer, data_args, training_args, config, callbacks)
+    budget = [CpuBudgetCallback(budget_s)] if budget_s is not None else []
+    run = setup_run(blocks, tokenizer, data_args, training_args, config, [*budget, *(callbacks or [])])
     trainer = SelfDistillTrainer(
         model=module, args=run.training_args, train_dataset=run.train_ds, validation_dataset=run.val_ds,
         perplexity_ids=run.ppl_ids, perplexity_window=data_args.max_seq_length, perplexity_stride=data_args.eval_stride,
         perplexity_max_windows=data_args.eval_max_windows, eval_exit_layers=eval_layers, callbacks=run.callbacks)
     all_args = {"model": dataclasses.asdict(model_args), "self_distill": dataclasses.asdict(sd_args),
-                "data": dataclasses.asdict(data_args), "training": given_training_args}
+                "data": dataclasses.asdict(data_args), "training": given_training_args,
+                "budget": dataclasses.asdict(budget_args)}
     done = run_trainer(trainer, run, checkpoint=checkpoint, all_args=all_args, command=command,
                        evaluate=run.ppl_ids is not None or run.val_ds is not None)
     metrics: dict[str, dict] = {} if done.start is None else {"start": done.start}
@@ -220,6 +228,13 @@ def load_multi_exit(path: str | Path, *, dtype: str = "float32") -> MultiExitLM:
     return mx.eval()
 
 
+def _budget_line(train: dict) -> str:
+    if "budget_cpu_s" not in train:
+        return ""
+    return (f"; a budget of {train['budget_cpu_s']:.0f} CPU-s ({train['train_cpu_s']:.0f} used, "
+            f"{train['planned_steps']} steps planned)")
+
+
 def _model_card(model_args, sd_args, data_args, metrics: dict, command: str | None, train_seconds: float,
                 steps: int) -> str:
     source = model_args.model_name_or_path or f"random init from {model_args.model_config}"
@@ -246,7 +261,7 @@ Load it with `bitdistill.load_multi_exit(path)`; the folder is also a plain caus
 
 - Command: `{command or '(library call)'}`
 - Training data: {', '.join(data_args.train_files) or data_args.dataset_name}; blocks of {data_args.max_seq_length} tokens
-- Steps: {steps}; {train_seconds:.0f} s
+- Steps: {steps}; {train_seconds:.0f} s{_budget_line(metrics.get("train", {}))}
 - Provenance (versions, git commit, device, every argument): `provenance.json` next to the checkpoints;
   per-step time and memory: `audit_log.jsonl`
 

@@ -1,0 +1,77 @@
+"""The Adam loop of recover's block stages (:mod:`~bitdistill.recover.blockwise`, :mod:`~bitdistill.recover.joint`).
+
+:func:`adam_loop` takes the optimizer steps of a stage: the learning rate of each step from the stage's schedule,
+the step's loss from the stage (which draws its own batch), a fixed number of steps or a process-CPU budget (the
+steps it buys planned and refit by :class:`~bitdistill.budget.StepPlan`), and an optional held-out evaluation every
+``eval_every`` steps whose CPU time the budget does not count (:class:`~bitdistill.budget.CpuClock`).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from bitdistill.budget import CpuClock, StepPlan
+
+__all__ = ["LoopResult", "adam_loop"]
+
+
+class LoopResult:
+    """``steps`` taken, ``planned`` (the fixed count, or the budget's last plan; ``steps`` when it never planned),
+    ``cpu_s`` (process CPU seconds of the steps, evaluations excluded)."""
+
+    def __init__(self, steps: int, planned: int, cpu_s: float) -> None:
+        self.steps, self.planned, self.cpu_s = steps, planned, cpu_s
+
+
+def adam_loop(params: list[torch.Tensor], lr: float, step_loss: Callable[[int], torch.Tensor],
+              schedule: Callable[[int, int], float], *, steps: int | None = None, budget_s: float | None = None,
+              clock: CpuClock | None = None, on_step: Callable[[int, int, torch.Tensor, float], None] | None = None,
+              evaluate: Callable[[int], None] | None = None, eval_every: int = 0) -> LoopResult:
+    """Adam on ``params`` (trained with ``requires_grad`` set for the loop, restored after).
+
+    Args:
+        params: the tensors trained.
+        lr: the peak learning rate; step ``k`` (0-based) runs at ``lr * schedule(k, planned)``, ``planned`` the
+            steps planned at that point (a budget's plan changes as it is refit).
+        step_loss: ``k -> scalar loss`` of step ``k`` (the stage draws its batch and runs its forward here).
+        steps: a fixed number of steps, or
+        budget_s: process CPU seconds on ``clock`` (default: one started now): no step starts once they are spent,
+            and the plan is made from the measured step cost (exactly one of the two).
+        on_step: ``(k + 1, planned, loss, step CPU seconds)`` after each step.
+        evaluate: ``k + 1 -> None`` after every ``eval_every`` steps (0: never), its CPU time not counted.
+    """
+    if (steps is None) == (budget_s is None):
+        raise ValueError("adam_loop takes either a number of steps or a CPU budget")
+    clock = clock or CpuClock()
+    planned = steps if steps is not None else sys.maxsize
+    plan = StepPlan(budget_s) if budget_s is not None else None
+    was = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    step = 0
+    try:
+        while step < planned and (budget_s is None or clock.used() < budget_s):
+            t0 = time.process_time()
+            for group in opt.param_groups:
+                group["lr"] = lr * schedule(step, planned)
+            loss = step_loss(step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if plan is not None and (refit := plan.update(step, clock.used())) is not None:
+                planned = refit
+            if on_step is not None:
+                on_step(step, planned, loss, time.process_time() - t0)
+            if evaluate is not None and eval_every > 0 and step % eval_every == 0:
+                clock.excluding(functools.partial(evaluate, step))
+    finally:
+        for p, w in zip(params, was, strict=True):
+            p.requires_grad_(w)
+    return LoopResult(step, planned if planned != sys.maxsize else step, clock.used())
