@@ -332,8 +332,9 @@ def test_llama_cpp_tokenizes_like_transformers(pre, tmp_path, tokenizer_dir, sha
 # ---- GPT-NeoX and GPT-2: llama.cpp's gptneox and gpt2 graphs ----
 
 
-def _layer_norm_student(arch: str, hidden: int, inter: int, seed: int = 0, **extra):
-    """A random ternary GPT-NeoX / GPT-2 student (4 heads, 2 blocks, 512-token vocabulary) with peaked logits."""
+def _layer_norm_student(arch: str, hidden: int, inter: int, seed: int = 0, keep: tuple[str, ...] = (), **extra):
+    """A random ternary GPT-NeoX / GPT-2 student (4 heads, 2 blocks, 512-token vocabulary) with peaked logits; the
+    ``keep`` modules stay in floating point."""
     from bitdistill.models import tiny_config
 
     cfg = tiny_config(arch)
@@ -348,7 +349,7 @@ def _layer_norm_student(arch: str, hidden: int, inter: int, seed: int = 0, **ext
                 p.uniform_(-0.2, 0.2)
             elif p.dim() == 1:
                 p.uniform_(0.5, 1.5)
-    replace_linear_with_bitlinear(model)
+    replace_linear_with_bitlinear(model, modules_to_not_convert=["lm_head", *keep])
     return model
 
 
@@ -361,9 +362,10 @@ def _llama_logits(path: Path, prompt: list[int]) -> torch.Tensor:
     return torch.tensor(np.asarray(llm.scores[:len(prompt)]))
 
 
-# (hidden, intermediate, extra config): odd rows (every layer but one falls back to Q8_0; a tied GPT-NeoX head and
-# its sequential residual) and 256-multiple rows (every layer TQ2_0)
+# (hidden, intermediate, extra config): odd rows (every layer but ffn_down falls back to Q8_0; block 0's fused QKV
+# kept in float; a tied GPT-NeoX head and its sequential residual) and 256-multiple rows (every layer TQ2_0)
 SHAPES = {"odd": (192, 512, {"tie_word_embeddings": True, "use_parallel_residual": False}), "256": (256, 512, {})}
+FLOAT_QKV = {"gpt_neox": "gpt_neox.layers.0.attention.query_key_value", "gpt2": "transformer.h.0.attn.c_attn"}
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
@@ -373,7 +375,8 @@ def test_layer_norm_students_run_in_llama_cpp(arch, shape, tmp_path, tokenizer_d
     llama.cpp's logits are the student's to its activation rounding, and its greedy tokens are the student's."""
     _llama_cpp()
     hidden, inter, extra = SHAPES[shape]
-    model = _layer_norm_student(arch, hidden, inter, **{k: v for k, v in extra.items() if arch == "gpt_neox"})
+    model = _layer_norm_student(arch, hidden, inter, keep=(FLOAT_QKV[arch],) if shape == "odd" else (),
+                                **{k: v for k, v in extra.items() if arch == "gpt_neox"})
     out = tmp_path / "m.gguf"
     if shape == "256":  # the CLI on a packed folder (GPT-2's is the bitdistill extension): load_packed, then GGUF
         save_packed(model, tmp_path / "packed", tokenizer=_tokenizer(tokenizer_dir))
@@ -387,6 +390,7 @@ def test_layer_norm_students_run_in_llama_cpp(arch, shape, tmp_path, tokenizer_d
         kinds = {layer.qtype for layer in report.layers if not layer.tensor.endswith("ffn_down.weight")}
         assert kinds == {"Q8_0"} and all("in_features 192 % 256 != 0" in layer.reason
                                          for layer in report.layers if layer.qtype == "Q8_0")
+        assert len(report.layers) == 7 and FLOAT_QKV[arch] not in {layer.module for layer in report.layers}
         assert {layer.qtype for layer in report.layers if layer.tensor.endswith("ffn_down.weight")} == {"TQ2_0"}
         assert 0 < report.ternary_share < 1
     tensors = _reader_tensors(out)
@@ -395,8 +399,9 @@ def test_layer_norm_students_run_in_llama_cpp(arch, shape, tmp_path, tokenizer_d
     with torch.no_grad():
         ours = model(torch.tensor([prompt])).logits[0]
     theirs = _llama_logits(out, prompt)
-    # llama.cpp rounds activations to int8 per 32 (Q8_0) or 256 (TQ2_0) values, the student per token
-    torch.testing.assert_close(theirs, ours, rtol=0, atol=0.03 * ours.abs().max().item())
+    # llama.cpp rounds activations to int8 per 32 (Q8_0) or 256 (TQ2_0) values, the student per token: up to 1.3%
+    # of the logits' standard deviation here; one block's QKV rows left per head is 37%
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0.05 * ours.std().item())
     greedy = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, min_new_tokens=16)
     assert _llama_greedy(out, prompt, 16) == greedy[0, len(prompt):].tolist()
 
