@@ -436,3 +436,15 @@ def test_layer_norm_graph_refusals_agree_with_the_targets_line(arch, extra, matc
     assert len(str(info.value).splitlines()) == 1 and not (tmp_path / "m.gguf").exists()
     targets = export_targets(model.config, subln=False)
     assert targets.gguf_arch is None and match in targets.llama_cpp
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])
+def test_layer_norm_student_with_in_layer_norms_is_refused(arch, tmp_path, tokenizer_dir):
+    """An in-layer RMSNorm in every BitLinear (use_rms_norm) has no place in llama.cpp's gptneox / gpt2 graphs."""
+    from bitdistill.models import tiny_model
+
+    model = tiny_model(arch)
+    replace_linear_with_bitlinear(model, use_rms_norm=True)
+    with pytest.raises(ValueError, match="in-layer RMSNorm") as info:
+        gguf_export.save_gguf(model, tmp_path / "m.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    assert len(str(info.value).splitlines()) == 1 and list(tmp_path.iterdir()) == []
