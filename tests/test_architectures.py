@@ -152,7 +152,8 @@ def test_table_cell_matches_the_code(row, tmp_path):
                                   for a in TINY_ARCHITECTURES])
 def test_recover_defaults_then_pack_then_load_packed(arch, tmp_path, shared_data, capsys):
     """``bitdistill recover`` with the recipe's defaults and a budget of seconds trains a tiny teacher of every
-    listed architecture; its student packs and load_packed runs it (the fast decoder where the table says so)."""
+    listed architecture; its student packs and load_packed runs it (the fast decoder where the table says so), and
+    the packed student goes to the GGUF graph the line printed before training named, where it named one."""
     (tmp_path / "train.txt").write_text((shared_data / "wikitext-2-raw-v1" / "wiki.train.prefix.raw").read_text()[:8000])
     out = tmp_path / "run"
     rc = main(["recover", "--teacher_model_name_or_path", f"tiny:{arch}", "--train_files", str(tmp_path / "train.txt"),
@@ -164,7 +165,8 @@ def test_recover_defaults_then_pack_then_load_packed(arch, tmp_path, shared_data
     assert rc == 0, captured.err[-2000:]
     plan = resolve_recipe_parts(tiny_config(arch), DEFAULTS)
     assert ("recipe parts skipped" in captured.out) == bool(plan.skipped)
-    assert "the student will export to: packed folder" in captured.out
+    targets = export_targets(tiny_config(arch), subln="subln" in plan.applied)
+    assert targets.line() in captured.out
     student = load_student(out / "student")
     assert bool(json.loads((out / "student" / "config.json").read_text())["bitdistill"].get("subln_modules")) == (
         "subln" in plan.applied)
@@ -181,6 +183,9 @@ def test_recover_defaults_then_pack_then_load_packed(arch, tmp_path, shared_data
         assert len(why.splitlines()) == 1 and packed.config.model_type in why
         with pytest.raises(UserError, match=r"use model\.generate"):
             FastDecoder(packed, max_length=IDS.shape[1] + 5)
+    if targets.llama_cpp is None:
+        pytest.importorskip("gguf")
+        assert gguf_export.save_gguf(packed, tmp_path / "m.gguf", tokenizer=_gguf_tokenizer()).arch == targets.gguf_arch
 
 
 def test_fused_projection_splits_bit_exactly():

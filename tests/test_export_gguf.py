@@ -187,13 +187,13 @@ def test_refusals_are_one_line(tmp_path, packed_dir, tokenizer_dir, capsys, monk
     assert "--overwrite" in _fail(["pack", str(packed_dir), str(out), "--format", "gguf"], capsys)
     assert out.read_bytes() == b"old"
     assert "OUT.gguf" in _fail(["pack", str(packed_dir), str(tmp_path / "m.bin"), "--format", "gguf"], capsys)
-    # no llama.cpp mapping for GPT-NeoX here
+    # no llama.cpp mapping for OLMo here
     from bitdistill.models import tiny_model
 
-    neox = tiny_model("gpt_neox")
-    replace_linear_with_bitlinear(neox)
-    with pytest.raises(ValueError, match="no mapping here for model_type 'gpt_neox'"):
-        gguf_export.save_gguf(neox, tmp_path / "n.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    olmo = tiny_model("olmo")
+    replace_linear_with_bitlinear(olmo)
+    with pytest.raises(ValueError, match="no mapping here for model_type 'olmo'"):
+        gguf_export.save_gguf(olmo, tmp_path / "n.gguf", tokenizer=_tokenizer(tokenizer_dir))
     # an in-layer RMSNorm in every BitLinear: no llama.cpp graph has it
     normed = _student()
     for m in normed.modules():
@@ -354,3 +354,124 @@ def test_llama_cpp_tokenizes_like_transformers(pre, tmp_path, tokenizer_dir, sha
     text = (shared_data / "wikitext-2-raw-v1" / "wiki.test.raw").read_text()[:20000] + " 12345 3.14159  x\n\n y"
     want = tok(text, add_special_tokens=False).input_ids
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == want
+
+
+# ---- GPT-NeoX and GPT-2: llama.cpp's gptneox and gpt2 graphs ----
+
+
+def _layer_norm_student(arch: str, hidden: int, inter: int, seed: int = 0, keep: tuple[str, ...] = (), **extra):
+    """A random ternary GPT-NeoX / GPT-2 student (4 heads, 2 blocks, 512-token vocabulary) with peaked logits; the
+    ``keep`` modules stay in floating point."""
+    from bitdistill.models import tiny_config
+
+    cfg = tiny_config(arch)
+    cfg.update({"vocab_size": 512, "hidden_size": hidden, "num_attention_heads": 4, "bos_token_id": 0,
+                "eos_token_id": 0, ("n_inner" if arch == "gpt2" else "intermediate_size"): inter, **extra})
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0, 0.5)  # large logit margins: greedy tokens robust to rounding
+        for name, p in model.named_parameters():  # biases and norm weights that matter
+            if name.endswith("bias"):
+                p.uniform_(-0.2, 0.2)
+            elif p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+    replace_linear_with_bitlinear(model, modules_to_not_convert=["lm_head", *keep])
+    return model
+
+
+def _llama_logits(path: Path, prompt: list[int]) -> torch.Tensor:
+    """llama.cpp's logits ``[len(prompt), vocab]`` for ``prompt`` (one batch, F32 KV cache)."""
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False, logits_all=True,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm.eval(prompt)
+    return torch.tensor(np.asarray(llm.scores[:len(prompt)]))
+
+
+# (hidden, intermediate, extra config): odd rows (every layer but ffn_down falls back to Q8_0; block 0's fused QKV
+# kept in float; a tied GPT-NeoX head and its sequential residual) and 256-multiple rows (every layer TQ2_0)
+SHAPES = {"odd": (192, 512, {"tie_word_embeddings": True, "use_parallel_residual": False}), "256": (256, 512, {})}
+FLOAT_QKV = {"gpt_neox": "gpt_neox.layers.0.attention.query_key_value", "gpt2": "transformer.h.0.attn.c_attn"}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])
+def test_layer_norm_students_run_in_llama_cpp(arch, shape, tmp_path, tokenizer_dir, capsys):
+    """A GPT-NeoX / GPT-2 student exported (through `bitdistill pack` and its packed folder for 256-multiple rows):
+    llama.cpp's logits are the student's to its activation rounding, and its greedy tokens are the student's."""
+    _llama_cpp()
+    hidden, inter, extra = SHAPES[shape]
+    model = _layer_norm_student(arch, hidden, inter, keep=(FLOAT_QKV[arch],) if shape == "odd" else (),
+                                **{k: v for k, v in extra.items() if arch == "gpt_neox"})
+    out = tmp_path / "m.gguf"
+    if shape == "256":  # the CLI on a packed folder (GPT-2's is the bitdistill extension): load_packed, then GGUF
+        save_packed(model, tmp_path / "packed", tokenizer=_tokenizer(tokenizer_dir))
+        assert main(["pack", str(tmp_path / "packed"), str(out), "--format", "gguf"]) == 0
+        printed = capsys.readouterr().out
+        assert f"llama.cpp arch {'gptneox' if arch == 'gpt_neox' else 'gpt2'}: 8 of 8 ternary layers as TQ2_0" in printed
+        assert "100.0% of ternary weights stay ternary" in printed
+    else:
+        report = gguf_export.save_gguf(model, out, tokenizer=_tokenizer(tokenizer_dir))
+        assert report.arch == ("gptneox" if arch == "gpt_neox" else "gpt2")
+        kinds = {layer.qtype for layer in report.layers if not layer.tensor.endswith("ffn_down.weight")}
+        assert kinds == {"Q8_0"} and all("in_features 192 % 256 != 0" in layer.reason
+                                         for layer in report.layers if layer.qtype == "Q8_0")
+        assert len(report.layers) == 7 and FLOAT_QKV[arch] not in {layer.module for layer in report.layers}
+        assert {layer.qtype for layer in report.layers if layer.tensor.endswith("ffn_down.weight")} == {"TQ2_0"}
+        assert 0 < report.ternary_share < 1
+    tensors = _reader_tensors(out)
+    assert ("output.weight" in tensors) == (arch == "gpt_neox")  # GPT-2's tied head is token_embd; NeoX needs one
+    prompt = _tokenizer(tokenizer_dir)(TEXT[:60]).input_ids
+    with torch.no_grad():
+        ours = model(torch.tensor([prompt])).logits[0]
+    theirs = _llama_logits(out, prompt)
+    # llama.cpp rounds activations to int8 per 32 (Q8_0) or 256 (TQ2_0) values, the student per token: up to 1.3%
+    # of the logits' standard deviation here; one block's QKV rows left per head is 37%
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0.05 * ours.std().item())
+    greedy = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16, min_new_tokens=16)
+    assert _llama_greedy(out, prompt, 16) == greedy[0, len(prompt):].tolist()
+
+
+def test_fused_qkv_stays_fused_with_its_codes(tmp_path, tokenizer_dir):
+    """GPT-NeoX's per-head query_key_value rows go out as llama.cpp's [q; k; v] and GPT-2's Conv1D c_attn as
+    [out, in]: one tensor each, the student's codes moved, never re-rounded, under its one scale."""
+    for arch, module in (("gpt_neox", "gpt_neox.layers.1.attention.query_key_value"), ("gpt2", "transformer.h.1.attn.c_attn")):
+        model = _layer_norm_student(arch, 256, 256)
+        out = tmp_path / f"{arch}.gguf"
+        gguf_export.save_gguf(model, out, tokenizer=_tokenizer(tokenizer_dir))
+        t = _reader_tensors(out)["blk.1.attn_qkv.weight"]
+        codes, gamma = weight_quant(model.get_submodule(module).weight_out_in().detach())
+        values = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).reshape(codes.shape)
+        if arch == "gpt_neox":  # [heads, 3, head_dim] rows -> [3, heads, head_dim]
+            codes = codes.reshape(4, 3, 64, 256).transpose(0, 1).reshape(768, 256)
+        assert np.array_equal(np.sign(values), codes.numpy())
+        assert np.all(np.abs(values[values != 0]) == np.float32(np.float16(gamma.item())))
+
+
+@pytest.mark.parametrize(("arch", "extra", "match"), [
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scales attention scores by 1/sqrt"),
+    ("gpt_neox", {"hidden_act": "relu"}, "GELU MLP, the model uses 'relu'"),
+    ("gpt_neox", {"attention_bias": False}, "attention_bias=True"),
+])
+def test_layer_norm_graph_refusals_agree_with_the_targets_line(arch, extra, match, tmp_path, tokenizer_dir):
+    from bitdistill.export.targets import export_targets
+
+    model = _layer_norm_student(arch, 64, 128, **extra)
+    with pytest.raises(ValueError, match=match) as info:
+        gguf_export.save_gguf(model, tmp_path / "m.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    assert len(str(info.value).splitlines()) == 1 and not (tmp_path / "m.gguf").exists()
+    targets = export_targets(model.config, subln=False)
+    assert targets.gguf_arch is None and match in targets.llama_cpp
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "gpt2"])
+def test_layer_norm_student_with_in_layer_norms_is_refused(arch, tmp_path, tokenizer_dir):
+    """An in-layer RMSNorm in every BitLinear (use_rms_norm) has no place in llama.cpp's gptneox / gpt2 graphs."""
+    from bitdistill.models import tiny_model
+
+    model = tiny_model(arch)
+    replace_linear_with_bitlinear(model, use_rms_norm=True)
+    with pytest.raises(ValueError, match="in-layer RMSNorm") as info:
+        gguf_export.save_gguf(model, tmp_path / "m.gguf", tokenizer=_tokenizer(tokenizer_dir))
+    assert len(str(info.value).splitlines()) == 1 and list(tmp_path.iterdir()) == []

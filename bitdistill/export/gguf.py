@@ -14,8 +14,10 @@ ternary function, 8.5 bits per weight) unless ``strict``, which refuses them. Th
 layer became and the share of ternary weights that stayed ternary in the file.
 
 Architectures: ``llama`` and ``mistral`` (llama.cpp ``llama``; q/k rows permuted for its interleaved RoPE),
-``qwen2``, ``qwen3``, ``phi3`` (fused ``qkv_proj`` / ``gate_up_proj``): the ``gguf`` field of the architecture
-table (:data:`bitdistill.nn.arch.SUPPORTED_ARCHITECTURES`). A SubLN student (norms before ``o_proj`` and
+``qwen2``, ``qwen3``, ``phi3`` (fused ``qkv_proj`` / ``gate_up_proj``), ``gpt_neox`` (llama.cpp ``gptneox``; the
+per-head fused ``query_key_value`` rows reordered to ``[q; k; v]``) and ``gpt2`` (``Conv1D`` weights transposed):
+the ``gguf`` field of the architecture table (:data:`bitdistill.nn.arch.SUPPORTED_ARCHITECTURES`), with
+:func:`gguf_graph_unsupported` for what a config can add that the graph lacks. A SubLN student (norms before ``o_proj`` and
 ``down_proj``) goes out as llama.cpp's ``bitnet`` graph, the only one with those norms, through its exact
 ``BitNetForCausalLM`` form (:func:`bitdistill.export.bitnet_arch.subln_to_bitnet`: Llama, Mistral, Phi-3 split
 exactly, a SubLN eps unlike ``rms_norm_eps`` folded into scales) when the graphs match
@@ -36,18 +38,22 @@ from torch import nn
 
 from bitdistill.errors import UserError
 from bitdistill.io import atomic_write
-from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES, lookup
-from bitdistill.nn.bitlinear import BitConv1D, BitLinear
+from bitdistill.nn.arch import SUPPORTED_ARCHITECTURES, ArchSpec, is_conv1d, lookup
+from bitdistill.nn.bitlinear import BitLinear
 from bitdistill.nn.packed import PackedBitLinear
 from bitdistill.quant.packing import unpack_ternary
 from bitdistill.quant.reference import weight_quant
 
 __all__ = ["GGUF_ARCHITECTURES", "GGUF_TYPES", "PRE_TOKENIZERS", "GGUFLayer", "GGUFReport", "bitnet_graph_unsupported",
-           "pack_gguf", "require_gguf", "save_gguf"]
+           "gguf_graph_unsupported", "pack_gguf", "require_gguf", "save_gguf"]
 
 GGUF_TYPES = ("tq2_0", "tq1_0")
 GGUF_ARCHITECTURES = tuple(t for t, spec in SUPPORTED_ARCHITECTURES.items() if spec.gguf and t != "bitnet")
 BLOCK = 256  # QK_K: the block width of llama.cpp's ternary types
+# The activations llama.cpp's gpt2 and gptneox graphs can stand for: both call build_ffn(..., LLM_FFN_GELU, ...),
+# which is ggml_gelu (the tanh approximation; HF "gelu" is erf GELU, within 5e-4 of it, as in llama.cpp's own
+# conversion of GPT-NeoX models).
+_GELU = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 
 # llama.cpp pre-tokenizer name -> the Hugging Face ``pre_tokenizer`` (tokenizer.json) it reproduces.
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
@@ -141,9 +147,6 @@ def _ternary(name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def _converted(model: nn.Module) -> dict[str, nn.Module]:
     out = {}
     for name, m in model.named_modules():
-        if isinstance(m, BitConv1D):
-            raise UserError(f"cannot export {name!r}: GPT-2 style Conv1D students have no llama.cpp mapping here; "
-                             "use a Llama, Mistral, Qwen2, Qwen3 or Phi-3 student")
         if isinstance(m, (BitLinear, PackedBitLinear)):
             out[name] = m
     if not out:
@@ -177,6 +180,34 @@ def bitnet_graph_unsupported(cfg) -> str | None:
         return "llama.cpp's bitnet graph needs num_attention_heads * head_dim == hidden_size"
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"llama.cpp's bitnet graph uses SiLU gating, the student uses {cfg.hidden_act!r}"
+    return None
+
+
+def gguf_graph_unsupported(cfg) -> str | None:
+    """Why the llama.cpp graph the architecture table names for ``cfg.model_type`` (its ``gguf`` field) cannot run a
+    model of config ``cfg`` exactly (``None``: it can); decided from the config, before any work. The ``bitnet``
+    graph's further conditions are :func:`bitnet_graph_unsupported`."""
+    model_type = getattr(cfg, "model_type", None)
+    spec = SUPPORTED_ARCHITECTURES.get(model_type)
+    if spec is None or spec.gguf is None:
+        return f"bitdistill has no llama.cpp mapping for {model_type!r}"
+    _, scaling = _rope(cfg)
+    if scaling is not None:
+        return (f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not exported to GGUF by bitdistill; "
+                "export a model without rope_scaling")
+    if spec.gguf_permute_qk and getattr(cfg, "sliding_window", None):
+        return (f"sliding_window={cfg.sliding_window}: llama.cpp's llama graph attends to the whole context; export a "
+                "model with sliding_window=None")
+    if spec.gguf in ("gpt2", "gptneox"):
+        act = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
+        if act not in _GELU:
+            return f"llama.cpp's {spec.gguf} graph has a GELU MLP, the model uses {act!r}"
+    if spec.gguf == "gpt2" and (not getattr(cfg, "scale_attn_weights", True)
+                                or getattr(cfg, "scale_attn_by_inverse_layer_idx", False)):
+        return ("llama.cpp's gpt2 graph scales attention scores by 1/sqrt(head_dim) alone (scale_attn_weights=True, "
+                "scale_attn_by_inverse_layer_idx=False)")
+    if spec.gguf == "gptneox" and not getattr(cfg, "attention_bias", True):
+        return "llama.cpp's gptneox graph needs the query_key_value and dense biases (attention_bias=True)"
     return None
 
 
@@ -218,23 +249,31 @@ def _rope(cfg) -> tuple[float, dict | None]:
     return float(theta), None if kind in (None, "default") else scaling
 
 
-def _hparams(writer, cfg, arch: str, permute: bool) -> None:
-    theta, scaling = _rope(cfg)
-    if scaling is not None:
-        raise UserError(f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} is not exported to GGUF "
-                         "by bitdistill; export a model without rope_scaling")
+def _rotary_fraction(cfg) -> float:
+    """The rotated share of each head (GPT-NeoX's ``rotary_pct``): 4.x config attribute or 5.x ``rope_parameters``."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return float(params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None)) or 1.0)
+
+
+def _hparams(writer, cfg, arch: str) -> None:
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     writer.add_block_count(cfg.num_hidden_layers)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
-    writer.add_feed_forward_length(cfg.intermediate_size)
+    # GPT-2 keeps its MLP width in n_inner (None: 4 * n_embd)
+    writer.add_feed_forward_length((cfg.n_inner or 4 * cfg.hidden_size) if arch == "gpt2" else cfg.intermediate_size)
     writer.add_head_count(n_head)
     writer.add_head_count_kv(n_kv)
-    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_rope_freq_base(theta)
-    writer.add_rope_dimension_count(int(head_dim * float(getattr(cfg, "partial_rotary_factor", 1.0) or 1.0)))
+    rms_eps = getattr(cfg, "rms_norm_eps", None)
+    if rms_eps is not None:
+        writer.add_layer_norm_rms_eps(float(rms_eps))
+    else:  # LayerNorm graphs (gpt2, gptneox)
+        writer.add_layer_norm_eps(float(getattr(cfg, "layer_norm_eps", None) or cfg.layer_norm_epsilon))
+    if arch != "gpt2":  # GPT-2 has learned positions (position_embd), no RoPE
+        writer.add_rope_freq_base(_rope(cfg)[0])
+        writer.add_rope_dimension_count(int(head_dim * _rotary_fraction(cfg)))
     writer.add_vocab_size(cfg.vocab_size)
     if head_dim != cfg.hidden_size // n_head:
         writer.add_key_length(head_dim)
@@ -242,14 +281,31 @@ def _hparams(writer, cfg, arch: str, permute: bool) -> None:
     if arch == "phi3":
         writer.add_rope_scaling_orig_ctx_len(getattr(cfg, "original_max_position_embeddings", None)
                                              or cfg.max_position_embeddings)
-    if permute and getattr(cfg, "sliding_window", None):
-        raise UserError(f"sliding_window={cfg.sliding_window}: llama.cpp's llama graph attends to the whole "
-                         "context; export a model with sliding_window=None")
+    if arch == "gptneox":
+        writer.add_parallel_residual(bool(getattr(cfg, "use_parallel_residual", True)))
 
 
 def _permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """HF rotate-half q/k rows -> llama.cpp's interleaved RoPE order (per head: pairs (i, i + d/2) adjacent)."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _qkv_rows(t: torch.Tensor, n_head: int) -> torch.Tensor:
+    """A per-head fused QKV weight ``[heads * 3 * head_dim, in]`` or bias -> llama.cpp's ``[q; k; v]`` row order
+    (``[3 * heads * head_dim, ...]``), what its graphs' ``build_qkv`` views."""
+    return t.reshape(n_head, 3, t.shape[0] // n_head // 3, *t.shape[1:]).swapaxes(0, 1).reshape(t.shape)
+
+
+def _to_gguf_layout(t: torch.Tensor, spec: ArchSpec | None, module_name: str, module: nn.Module,
+                    n_head: int) -> torch.Tensor:
+    """Tensor ``t`` of ``module`` as llama.cpp lays it out: a float ``Conv1D`` weight ``[in, out]`` transposed to
+    ``[out, in]`` (a converted layer's codes already are), a per-head fused QKV weight or bias in ``[q; k; v]`` rows.
+    Both only move values, so a ternary layer keeps its codes and its one scale."""
+    if is_conv1d(module) and t.dim() == 2:
+        t = t.t()
+    if spec is not None and spec.qkv_per_head and module_name.endswith(spec.qkv[0]):
+        t = _qkv_rows(t, n_head)
+    return t
 
 
 def _tokenizer(writer, gguf, tokenizer, vocab_size: int) -> None:
@@ -370,15 +426,19 @@ def save_gguf(
         model = _as_bitnet(model)
         cfg, model_type = model.config, "bitnet"
         converted = _converted(model)
+    spec = SUPPORTED_ARCHITECTURES.get(model_type)
     if model_type == "bitnet":
         _check_bitnet(model, converted)
         arch, permute = "bitnet", False
-    elif (spec := SUPPORTED_ARCHITECTURES.get(model_type)) is not None and spec.gguf is not None:
+    elif spec is not None and spec.gguf is not None:
         arch, permute = spec.gguf, spec.gguf_permute_qk
     else:
         raise UserError(f"llama.cpp has no mapping here for model_type {model_type!r}; the GGUF export supports "
                          f"{', '.join(GGUF_ARCHITECTURES)} (and Llama SubLN students, or their packed "
                          "BitNetForCausalLM, as bitnet)")
+    why = gguf_graph_unsupported(cfg)
+    if why is not None:
+        raise UserError(f"cannot export this {model_type} model to llama.cpp: {why}")
     ternary_q = getattr(gguf.GGMLQuantizationType, gguf_type.upper())
     model_arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
     names = gguf.get_tensor_name_map(model_arch, cfg.num_hidden_layers)
@@ -393,18 +453,18 @@ def save_gguf(
         if key.endswith("rotary_emb.inv_freq") or (module_name in converted and leaf == "weight_scale"):
             continue
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if t.numel() and ident in seen:
-            continue  # tied output head: llama.cpp reuses token_embd
-        seen.add(ident)
         hf_key = key
         for old, new in _SUBLN_RENAME.items():
             hf_key = re.sub(rf"{re.escape(old)}\.weight$", f"{new}.weight", hf_key)
         name = names.get_name(hf_key, try_suffixes=(".weight", ".bias"))
+        if t.numel() and ident in seen and not (arch == "gptneox" and name == "output.weight"):
+            continue  # tied output head: llama.cpp reuses token_embd (its gptneox graph alone requires `output`)
+        seen.add(ident)
         if name is None:
             raise UserError(f"no llama.cpp {arch} tensor for {key!r}; this model's layout is not exported to GGUF")
         if module_name in converted and leaf == "weight":
             codes, gamma = _ternary(module_name, converted[module_name])
-            w = codes.float() * gamma
+            w = _to_gguf_layout(codes.float() * gamma, spec, module_name, converted[module_name], n_head)
             if permute and name.endswith(("attn_q.weight", "attn_k.weight")):
                 w = _permute_rows(w, n_head if name.endswith("attn_q.weight") else n_kv)
             out_f, in_f = w.shape
@@ -428,15 +488,16 @@ def save_gguf(
         qtype = _float_type(gguf, (float_dtype or t.dtype) if matrix else torch.float32)
         if permute and name.endswith(("attn_q.bias", "attn_k.bias")):
             t = _permute_rows(t, n_head if "attn_q" in name else n_kv)
+        t = _to_gguf_layout(t, spec, module_name, model.get_submodule(module_name), n_head)
         tensors.append((name, _array(gguf, t, qtype), qtype))
 
     report.path = str(out_file)
-    _write(gguf, out_file, arch, cfg, permute, tokenizer, tensors, overwrite)
+    _write(gguf, out_file, arch, cfg, tokenizer, tensors, overwrite)
     report.file_bytes = out_file.stat().st_size
     return report
 
 
-def _write(gguf, out_file: Path, arch: str, cfg, permute: bool, tokenizer, tensors, overwrite: bool) -> None:
+def _write(gguf, out_file: Path, arch: str, cfg, tokenizer, tensors, overwrite: bool) -> None:
     """Write header, metadata and tensors through :func:`bitdistill.io.atomic_write` (a temporary sibling renamed
     into place; a full disk is one line and leaves nothing)."""
 
@@ -448,7 +509,7 @@ def _write(gguf, out_file: Path, arch: str, cfg, permute: bool, tokenizer, tenso
         writer.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if any(q == gguf.GGMLQuantizationType.TQ2_0
                                                                     for *_, q in tensors)
                              else gguf.LlamaFileType.MOSTLY_TQ1_0)
-        _hparams(writer, cfg, arch, permute)
+        _hparams(writer, cfg, arch)
         _tokenizer(writer, gguf, tokenizer, cfg.vocab_size)
         for name, data, qtype in tensors:
             writer.add_tensor(name, data, raw_dtype=qtype)

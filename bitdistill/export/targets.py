@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bitdistill.export.bitnet_arch import bitnet_arch_config, bitnet_unmappable
-from bitdistill.export.gguf import bitnet_graph_unsupported
+from bitdistill.export.gguf import bitnet_graph_unsupported, gguf_graph_unsupported
 from bitdistill.nn.arch import lookup
 
 __all__ = ["PER_ROW_NOT_TRANSFORMERS", "ExportTargets", "export_targets"]
@@ -66,7 +66,6 @@ def export_targets(config, *, subln: bool, weight_scale: str = "tensor") -> Expo
 
 def _targets(config, *, subln: bool) -> ExportTargets:
     spec = lookup(config)
-    model_type = getattr(config, "model_type", None)
     if subln:
         unmappable = bitnet_unmappable(config)
         if unmappable is None:
@@ -74,14 +73,9 @@ def _targets(config, *, subln: bool) -> ExportTargets:
             return ExportTargets("bitnet-arch", None, graph, None if graph else "bitnet")
         return ExportTargets("extension", f"no transformers architecture has its SubLN layout: {unmappable}",
                              f"llama.cpp's only graph with SubLN is bitnet (a Llama block), and {unmappable}", None)
+    why = gguf_graph_unsupported(config)
+    gguf_arch = None if why else spec.gguf
     if spec is not None and spec.conv1d:
         transformers = "its Conv1D projections are not nn.Linear, which transformers' bitnet loader converts"
-        return ExportTargets("extension", transformers, _no_gguf(spec, model_type), None)
-    why = _no_gguf(spec, model_type)
-    return ExportTargets("bitnet", None, why, None if why else spec.gguf)
-
-
-def _no_gguf(spec, model_type) -> str | None:
-    if spec is None or spec.gguf is None or spec.conv1d:
-        return f"bitdistill has no llama.cpp mapping for {model_type!r}"
-    return None
+        return ExportTargets("extension", transformers, why, gguf_arch)
+    return ExportTargets("bitnet", None, why, gguf_arch)

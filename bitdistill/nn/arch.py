@@ -42,7 +42,9 @@ class ArchSpec:
         subln: ``None`` where SubLN can go before ``attn_out`` and ``mlp_out``, else why not.
         attention: ``None`` where the attention-relation loss can read Q/K/V, else why not.
         fast_decode: the fast decoder (:class:`bitdistill.nn.fast_decode.FastDecoder`) runs it.
-        gguf: llama.cpp's architecture name for a student without SubLN (``None``: no GGUF mapping here).
+        gguf: llama.cpp's architecture name for a student without SubLN (``None``: no GGUF mapping here). A fused
+            ``qkv_per_head`` projection is written as llama.cpp's ``[q; k; v]`` rows and ``conv1d`` weights as
+            ``[out, in]`` (both reorder a tensor only, so a fused ternary layer keeps its one scale).
         gguf_permute_qk: llama.cpp's graph uses interleaved RoPE, so q/k rows are permuted on export.
         bitnet: ``None`` where a SubLN student maps exactly onto transformers' ``BitNetForCausalLM``, else why not.
         conv1d: its projections are transformers ``Conv1D`` layers (``weight [in, out]``; GPT-2).
@@ -90,9 +92,10 @@ SUPPORTED_ARCHITECTURES: dict[str, ArchSpec] = {
                          mlp_in=("mlp.dense_h_to_4h",), final_norm="gpt_neox.final_layer_norm", qkv_per_head=True,
                          subln="SubLN is defined for RMSNorm decoders (o_proj/down_proj); GPT-NeoX has LayerNorm "
                                "blocks with a parallel residual",
+                         gguf="gptneox",
                          bitnet="it uses LayerNorm with bias, a parallel residual and partial rotary embeddings"),
     "gpt2": ArchSpec(("attn.c_attn",), "attn.c_proj", "mlp.c_proj", mlp_in=("mlp.c_fc",),
-                     final_norm="transformer.ln_f", conv1d=True,
+                     final_norm="transformer.ln_f", conv1d=True, gguf="gpt2",
                      subln="SubLN is defined for RMSNorm decoders (o_proj/down_proj); GPT-2 has LayerNorm blocks "
                            "of Conv1D projections",
                      bitnet="it uses LayerNorm with bias, learned positions and Conv1D projections"),
