@@ -75,9 +75,13 @@ int64_t bitdistill_decode_scratch_bytes(const bd_model *m, int nthreads) {
 }
 
 /* LlamaRMSNorm on one row: y = w * dtype(x * rsqrt(mean(x^2) + eps)), the product rounded to the dtype. */
-static void rms_norm(const float *x, float *y, int64_t n, const bd_norm *norm, int bf16) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+BD_CLONES static void rms_norm(const float *x, float *y, int64_t n, const bd_norm *norm, int bf16) {
+    double part[8] = {0}, ss = 0.0; /* 8 partial sums: the loop vectorizes */
+    int64_t i0 = 0;
+    for (; i0 + 8 <= n; i0 += 8)
+        for (int i = 0; i < 8; i++) part[i] += (double)x[i0 + i] * x[i0 + i];
+    for (; i0 < n; i0++) ss += (double)x[i0] * x[i0];
+    for (int i = 0; i < 8; i++) ss += part[i];
     float r = 1.0f / sqrtf((float)(ss / (double)n) + norm->eps);
     for (int64_t i = 0; i < n; i++) y[i] = bd_round(bd_load(norm->weight, i, bf16) * bd_round(x[i] * r, bf16), bf16);
 }
@@ -99,13 +103,6 @@ static void rope(float *x, const void *cos, const void *sin, int64_t rot, int bf
         x[i + half] = bd_round(c + d, bf16);
     }
 }
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-/* Compiled for the baseline and for AVX2 / AVX-512 machines, picked at load time (the loops below vectorize). */
-#define BD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BD_CLONES
-#endif
 
 /* q . k_j for a float32 query and one cached key row: 16 partial sums (vectorizable; another summation order than
  * a plain loop, as torch's kernels also use). */
@@ -135,8 +132,13 @@ BD_CLONES static void attend(const float *q, const void *k_cache, const void *v_
         scores[j] = dot_row(q, k_cache, j * D, D, bf16) * scaling;
         if (scores[j] > mx) mx = scores[j];
     }
-    float total = 0.0f;
-    for (int64_t j = 0; j < n; j++) { scores[j] = expf(scores[j] - mx); total += scores[j]; }
+    float part[16] = {0}, total = 0.0f;
+    for (int64_t j = 0; j < n; j++) scores[j] = bd_exp(scores[j] - mx);
+    int64_t j0 = 0;
+    for (; j0 + 16 <= n; j0 += 16)
+        for (int i = 0; i < 16; i++) part[i] += scores[j0 + i];
+    for (; j0 < n; j0++) total += scores[j0];
+    for (int i = 0; i < 16; i++) total += part[i];
     for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
     for (int64_t j = 0; j < n; j++) {
         const float p = scores[j] / total;
@@ -149,6 +151,17 @@ BD_CLONES static void attend(const float *q, const void *k_cache, const void *v_
         }
     }
     for (int64_t d = 0; d < D; d++) out[d] = bd_round(out[d], bf16);
+}
+
+/* The MLP's act(gate) * up for one token: gate, up = g [0:I], g [I:2I]; out [I]. */
+BD_CLONES static void gated_act(const float *g, int64_t I, int act, float *out, int bf16) {
+    if (act == 0)
+        for (int64_t j = 0; j < I; j++) out[j] = bd_round(bd_round(g[j] / (1.0f + bd_exp(-g[j])), bf16) * g[I + j], bf16);
+    else
+        for (int64_t j = 0; j < I; j++) {
+            const float z = g[j] > 0.0f ? g[j] : 0.0f;
+            out[j] = bd_round(bd_round(z * z, bf16) * g[I + j], bf16);
+        }
 }
 
 /* Add the residual branch d (NULL: none) to the rows of x [M, K], normalize them into y (norm may have no
@@ -233,14 +246,8 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < M; r++) {
-            const float *gate = s->mlp + r * 2 * I, *up = gate + I;
             float *mid = s->xn + r * I;
-            for (int64_t j = 0; j < I; j++) {
-                float g = gate[j], a;
-                if (m->act == 0) a = bd_round(g / (1.0f + expf(-g)), bf16);
-                else { float z = g > 0.0f ? g : 0.0f; a = bd_round(z * z, bf16); }
-                mid[j] = bd_round(a * up[j], bf16);
-            }
+            gated_act(s->mlp + r * 2 * I, I, m->act, mid, bf16);
             if (L->ffn_sub_norm.weight) norm_in_place(mid, I, &L->ffn_sub_norm, row, bf16);
             s->xs[r] = bd_quantize_row(mid, I, s->xq + r * I, &s->sx[r]);
         }

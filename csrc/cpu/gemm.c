@@ -286,15 +286,16 @@ int bitdistill_isa(void) {
 
 __attribute__((constructor)) static void init_isa(void) { bitdistill_set_isa(-1); }
 
-float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t *sum) {
+BD_CLONES float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t *sum) {
     float amax = 0.0f;
-    for (int64_t k = 0; k < K; k++) { float a = fabsf(row[k]); if (a > amax) amax = a; }
+    for (int64_t k = 0; k < K; k++) { float a = fabsf(row[k]); amax = a > amax ? a : amax; }
     float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
     int32_t total = 0;
     for (int64_t k = 0; k < K; k++) {
         float v = nearbyintf(row[k] * s);
-        q[k] = (int8_t)(v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v));
-        total += q[k];
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[k] = (int8_t)(int32_t)v;
+        total += (int32_t)v;
     }
     *sum = total;
     return s;
