@@ -104,8 +104,8 @@ static void rope(float *x, const void *cos, const void *sin, int64_t rot, int bf
     }
 }
 
-/* q . k_j for a float32 query and one cached key row: 16 partial sums (vectorizable; another summation order than
- * a plain loop, as torch's kernels also use). */
+/* q . k_j for a float32 query and one cached key row: 16 partial sums added as a tree (vectorizable; another
+ * summation order than a plain loop, as torch's kernels also use). */
 static inline float dot_row(const float *q, const void *k, int64_t off, int64_t D, int bf16) {
     float part[16] = {0};
     int64_t d = 0;
@@ -118,9 +118,10 @@ static inline float dot_row(const float *q, const void *k, int64_t off, int64_t 
         for (; d + 16 <= D; d += 16)
             for (int i = 0; i < 16; i++) part[i] += q[d + i] * kf[d + i];
     }
-    float s = 0.0f;
+    for (int w = 8; w >= 1; w /= 2)  /* a tree over the partial sums: a chain of 16 dependent adds costs more */
+        for (int i = 0; i < w; i++) part[i] += part[i + w];
+    float s = part[0];
     for (; d < D; d++) s += q[d] * bd_load(k, off + d, bf16);
-    for (int i = 0; i < 16; i++) s += part[i];
     return s;
 }
 

@@ -339,25 +339,25 @@ static inline void store_tile(const bd_linear *l, int64_t r0, int nr, int64_t m0
     const int nu = nr > nt ? nr : nt;
     float den[N], y[N];
     int32_t sub[N];
-    int64_t at[N], cols[N];
-    for (int j = 0; j < 4; j++)
-        for (int u = 0; u < BD_TILE; u++) {
-            const int64_t m = nt > 1 && u < nt ? m0 + u : m0, col = j * l->P + r0 + (nr > 1 && u < nr ? u : 0);
+    for (int u = 0; u < BD_TILE; u++) {
+        const int64_t m = nt > 1 && u < nt ? m0 + u : m0;
+        for (int j = 0; j < 4; j++) {
             den[j * BD_TILE + u] = xs[m] * l->scale;
             sub[j * BD_TILE + u] = sx[m];
-            at[j * BD_TILE + u] = m * ldo + col;
-            cols[j * BD_TILE + u] = col;
         }
+    }
     for (int i = 0; i < N; i++) y[i] = (float)(acc[i] - sub[i]) / den[i];
     if (l->bias)
-        for (int i = 0; i < N; i++) y[i] = y[i] + l->bias[cols[i]];
+        for (int j = 0; j < 4; j++)
+            for (int u = 0; u < nu; u++) y[j * BD_TILE + u] += l->bias[j * l->P + r0 + (nr > 1 ? u : 0)];
     for (int i = 0; i < N; i++) y[i] = bd_round(y[i], bf16);
-    for (int j = 0; j < 4; j++)
-        for (int u = 0; u < nu; u++) {
-            const int i = j * BD_TILE + u;
-            if (store_bf16) ((uint16_t *)out)[at[i]] = bd_f32_to_bf16(y[i]);
-            else ((float *)out)[at[i]] = y[i];
+    for (int u = 0; u < nu; u++) {
+        const int64_t at = (nr > 1 ? m0 : m0 + u) * ldo + r0 + (nr > 1 ? u : 0);
+        for (int j = 0; j < 4; j++) {
+            if (store_bf16) ((uint16_t *)out)[at + j * l->P] = bd_f32_to_bf16(y[j * BD_TILE + u]);
+            else ((float *)out)[at + j * l->P] = y[j * BD_TILE + u];
         }
+    }
 }
 
 /* Packed rows per work unit: a row tile for one token (its codes loaded once for BD_TILE rows), else single rows
@@ -368,13 +368,13 @@ static inline int64_t unit_rows(int64_t M) { return M == 1 ? BD_TILE : 1; }
 BD_CLONES void bd_linears(const int8_t *xq, const float *xs, const int32_t *sx, int64_t M, int64_t K,
                           const bd_linear *ls, int n, void *const *outs, const int64_t *ldo, int bf16, int store_bf16) {
     const int64_t rows = unit_rows(M);
-    int64_t total = 0;
-    for (int i = 0; i < n; i++) total += (ls[i].P + rows - 1) / rows;
+    int64_t total = 0, units[8];
+    for (int i = 0; i < n; i++) total += units[i] = (ls[i].P + rows - 1) / rows;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < total; g++) {
         int i = 0;
         int64_t u = g;
-        while (u >= (ls[i].P + rows - 1) / rows) u -= (ls[i++].P + rows - 1) / rows;
+        while (u >= units[i]) u -= units[i++];
         const bd_linear *l = &ls[i];
         const int64_t r0 = u * rows;
         const int nr = l->P - r0 < rows ? (int)(l->P - r0) : (int)rows;
