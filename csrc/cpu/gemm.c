@@ -214,46 +214,68 @@ __attribute__((target(BD_VNNI))) static inline __m512i hsum16_epi32(const __m512
             _mm512_dpbusd_epi32(s[3 * BD_TILE + u], _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);     \
     } while (0)
 
-/* 16 accumulators (4 planes x 4 units), one reduction for all. K past a multiple of 64 is read with masked loads
- * (zeros contribute nothing), so any K runs in vector code. */
+#define BD_LOAD(ptr) _mm512_loadu_si512((const void *)(ptr))
+#define BD_LOAD_TAIL(ptr) _mm512_maskz_loadu_epi8(tail, (const void *)(ptr))
+/* Full tiles, 64 features at k (LOAD: plain, or masked for the last partial block). */
+#define BD_TOKENS4(k, LOAD)                                                                        \
+    do {                                                                                           \
+        const __m512i pv = LOAD(p + (k));                                                          \
+        const __m512i x0 = LOAD(x + (k)), x1 = LOAD(x + ldx + (k));                                \
+        const __m512i x2 = LOAD(x + 2 * ldx + (k)), x3 = LOAD(x + 3 * ldx + (k));                  \
+        BD_VNNI_STEP(s, 0, pv, x0); BD_VNNI_STEP(s, 1, pv, x1);                                    \
+        BD_VNNI_STEP(s, 2, pv, x2); BD_VNNI_STEP(s, 3, pv, x3);                                    \
+    } while (0)
+#define BD_ROWS4(k, LOAD)                                                                          \
+    do {                                                                                           \
+        const __m512i xv = LOAD(x + (k));                                                          \
+        const __m512i p0 = LOAD(p + (k)), p1 = LOAD(p + K + (k));                                  \
+        const __m512i p2 = LOAD(p + 2 * K + (k)), p3 = LOAD(p + 3 * K + (k));                      \
+        BD_VNNI_STEP(s, 0, p0, xv); BD_VNNI_STEP(s, 1, p1, xv);                                    \
+        BD_VNNI_STEP(s, 2, p2, xv); BD_VNNI_STEP(s, 3, p3, xv);                                    \
+    } while (0)
+
+/* 16 accumulators (4 planes x 4 units), one reduction for all. Plain loads up to the last multiple of 64, one masked
+ * step for the rest (zeros contribute nothing), so any K runs in vector code; full tiles (four rows or four tokens)
+ * have their own loops (no branch per unit), partial ones run unit by unit. */
 __attribute__((target(BD_VNNI))) static void tile_vnni(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int nr,
                                                         int64_t K, int32_t *acc) {
     const __m512i mask = _mm512_set1_epi8(3);
+    const int64_t K64 = K / 64 * 64;
+    const __mmask64 tail = ((__mmask64)1 << (K - K64)) - 1;
     __m512i s[4 * BD_TILE];
 #pragma GCC unroll 16
     for (int i = 0; i < 4 * BD_TILE; i++) s[i] = _mm512_setzero_si512();
-    /* Plain loads up to the last multiple of 64, one masked step for the rest (zeros contribute nothing). */
-    const int64_t K64 = K / 64 * 64;
-    const __mmask64 tail = ((__mmask64)1 << (K - K64)) - 1;
-    if (nt == 1) {
-        for (int64_t k = 0; k < K; k += 64) {
-            const __mmask64 km = k < K64 ? ~(__mmask64)0 : tail;
-            const __m512i xv = k < K64 ? _mm512_loadu_si512((const void *)(x + k)) : _mm512_maskz_loadu_epi8(km, x + k);
-#pragma GCC unroll 4
-            for (int u = 0; u < BD_TILE; u++) {  /* unrolled (the accumulators stay in registers); rows past nr skipped */
-                if (u >= nr) break;
-                const uint8_t *pk = p + u * K + k;
-                /* the next tile's rows: four short streams at once defeat the hardware prefetcher */
-                _mm_prefetch((const char *)(pk + BD_TILE * K), _MM_HINT_T0);
-                const __m512i pv = k < K64 ? _mm512_loadu_si512((const void *)pk) : _mm512_maskz_loadu_epi8(km, pk);
-                BD_VNNI_STEP(s, u, pv, xv);
-            }
+    if (nt == BD_TILE) {
+        for (int64_t k = 0; k < K64; k += 64) BD_TOKENS4(k, BD_LOAD);
+        if (K64 < K) BD_TOKENS4(K64, BD_LOAD_TAIL);
+    } else if (nr == BD_TILE) {
+        for (int64_t k = 0; k < K64; k += 64) {
+            /* the next tile's rows: four short streams at once defeat the hardware prefetcher */
+            for (int u = 0; u < BD_TILE; u++) _mm_prefetch((const char *)(p + (BD_TILE + u) * K + k), _MM_HINT_T0);
+            BD_ROWS4(k, BD_LOAD);
         }
+        if (K64 < K) BD_ROWS4(K64, BD_LOAD_TAIL);
     } else {
-        for (int64_t k = 0; k < K; k += 64) {
-            const __mmask64 km = k < K64 ? ~(__mmask64)0 : tail;
-            const __m512i pv = k < K64 ? _mm512_loadu_si512((const void *)(p + k)) : _mm512_maskz_loadu_epi8(km, p + k);
-#pragma GCC unroll 4
-            for (int u = 0; u < BD_TILE; u++) {
-                if (u >= nt) break;
-                const int8_t *xk = x + u * ldx + k;
-                const __m512i xv = k < K64 ? _mm512_loadu_si512((const void *)xk) : _mm512_maskz_loadu_epi8(km, xk);
-                BD_VNNI_STEP(s, u, pv, xv);
-            }
+        int32_t part[4 * BD_TILE] = {0};
+        for (int u = 0; u < (nr > nt ? nr : nt); u++) {
+            const uint8_t *pu = nr > 1 ? p + u * K : p;
+            const int8_t *xu = nt > 1 ? x + u * ldx : x;
+            __m512i a[4 * BD_TILE];
+#pragma GCC unroll 16
+            for (int i = 0; i < 4 * BD_TILE; i++) a[i] = _mm512_setzero_si512();
+            for (int64_t k = 0; k < K64; k += 64) BD_VNNI_STEP(a, 0, BD_LOAD(pu + k), BD_LOAD(xu + k));
+            if (K64 < K) BD_VNNI_STEP(a, 0, BD_LOAD_TAIL(pu + K64), BD_LOAD_TAIL(xu + K64));
+            for (int j = 0; j < 4; j++) part[j * BD_TILE + u] = _mm512_reduce_add_epi32(a[j * BD_TILE]);
         }
+        memcpy(acc, part, sizeof part);
+        return;
     }
     _mm512_storeu_si512((void *)acc, hsum16_epi32(s));
 }
+#undef BD_TOKENS4
+#undef BD_ROWS4
+#undef BD_LOAD
+#undef BD_LOAD_TAIL
 #undef BD_VNNI_STEP
 
 /* Weights read once per block for up to four tokens, as unsigned w + 128 (vpdpbusd multiplies unsigned by signed
