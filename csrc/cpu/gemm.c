@@ -246,7 +246,10 @@ __attribute__((target(BD_VNNI))) static void tile_vnni(const int8_t *x, int64_t 
 #pragma GCC unroll 16
     for (int i = 0; i < 4 * BD_TILE; i++) s[i] = _mm512_setzero_si512();
     if (nt == BD_TILE) {
-        for (int64_t k = 0; k < K64; k += 64) BD_TOKENS4(k, BD_LOAD);
+        for (int64_t k = 0; k < K64; k += 64) {
+            _mm_prefetch((const char *)(p + 2 * K + k), _MM_HINT_T0);  /* two packed rows ahead */
+            BD_TOKENS4(k, BD_LOAD);
+        }
         if (K64 < K) BD_TOKENS4(K64, BD_LOAD_TAIL);
     } else if (nr == BD_TILE) {
         for (int64_t k = 0; k < K64; k += 64) {
