@@ -60,7 +60,7 @@ static int64_t carve(const bd_model *m, int nthreads, char *base, bd_scratch *s)
     BD_PIECE(xs, float, M);
     BD_PIECE(sx, int32_t, M);
     BD_PIECE(xq, int8_t, M * W);
-    BD_PIECE(scores, float, nthreads * m->max_len);
+    BD_PIECE(scores, float, nthreads * m->max_len * (m->n_heads / m->n_kv));
     BD_PIECE(row, float, nthreads * W);
     BD_PIECE(head_x, float, M * Kp);
     BD_PIECE(head_bs, float, M * (Kp / BD_HEAD_BLOCK));
@@ -104,54 +104,58 @@ static void rope(float *x, const void *cos, const void *sin, int64_t rot, int bf
     }
 }
 
-/* q . k_j for a float32 query and one cached key row: 16 partial sums added as a tree (vectorizable; another
- * summation order than a plain loop, as torch's kernels also use). */
-static inline float dot_row(const float *q, const void *k, int64_t off, int64_t D, int bf16) {
+/* q . k for float32 rows of D: 16 partial sums added as a tree (vectorizable; another summation order than a
+ * plain loop, as torch's kernels also use). */
+static inline float dot(const float *q, const float *k, int64_t D) {
     float part[16] = {0};
     int64_t d = 0;
-    if (bf16) {
-        const uint16_t *kb = (const uint16_t *)k + off;
-        for (; d + 16 <= D; d += 16)
-            for (int i = 0; i < 16; i++) part[i] += q[d + i] * bd_bf16_to_f32(kb[d + i]);
-    } else {
-        const float *kf = (const float *)k + off;
-        for (; d + 16 <= D; d += 16)
-            for (int i = 0; i < 16; i++) part[i] += q[d + i] * kf[d + i];
-    }
-    for (int w = 8; w >= 1; w /= 2)  /* a tree over the partial sums: a chain of 16 dependent adds costs more */
+    for (; d + 16 <= D; d += 16)
+        for (int i = 0; i < 16; i++) part[i] += q[d + i] * k[d + i];
+    for (int w = 8; w >= 1; w /= 2)  /* a chain of 16 dependent adds costs more than the dot product */
         for (int i = 0; i < w; i++) part[i] += part[i + w];
     float s = part[0];
-    for (; d < D; d++) s += q[d] * bd_load(k, off + d, bf16);
+    for (; d < D; d++) s += q[d] * k[d];
     return s;
 }
 
-/* Causal attention of one head's query q [D] over cached positions 0..n-1 of one kv head; out [D]. */
-BD_CLONES static void attend(const float *q, const void *k_cache, const void *v_cache, int64_t n, int64_t D,
-                             float scaling, float *scores, float *out, int bf16) {
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; j++) {
-        scores[j] = dot_row(q, k_cache, j * D, D, bf16) * scaling;
-        if (scores[j] > mx) mx = scores[j];
+/* Row j of a key or value cache [*, D] as float32. */
+static inline void cache_row(const void *cache, int64_t j, int64_t D, int bf16, float *row) {
+    if (bf16) {
+        const uint16_t *b = (const uint16_t *)cache + j * D;
+        for (int64_t d = 0; d < D; d++) row[d] = bd_bf16_to_f32(b[d]);
+    } else {
+        memcpy(row, (const float *)cache + j * D, sizeof(float) * (size_t)D);
     }
-    float part[16] = {0}, total = 0.0f;
-    for (int64_t j = 0; j < n; j++) scores[j] = bd_exp(scores[j] - mx);
-    int64_t j0 = 0;
-    for (; j0 + 16 <= n; j0 += 16)
-        for (int i = 0; i < 16; i++) part[i] += scores[j0 + i];
-    for (; j0 < n; j0++) total += scores[j0];
-    for (int i = 0; i < 16; i++) total += part[i];
-    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+}
+
+/* Causal attention of the G query heads q [G, D] that share one kv head, over its cached positions 0..n-1: out [G, D].
+ * Each key and value row is read (and widened) once for the G heads. scores: G n floats; row: D floats. */
+BD_CLONES static void attend(const float *q, int64_t G, const void *k_cache, const void *v_cache, int64_t n, int64_t D,
+                             float scaling, float *scores, float *row, float *out, int bf16) {
     for (int64_t j = 0; j < n; j++) {
-        const float p = scores[j] / total;
-        if (bf16) {
-            const uint16_t *vb = (const uint16_t *)v_cache + j * D;
-            for (int64_t d = 0; d < D; d++) out[d] += p * bd_bf16_to_f32(vb[d]);
-        } else {
-            const float *vf = (const float *)v_cache + j * D;
-            for (int64_t d = 0; d < D; d++) out[d] += p * vf[d];
+        cache_row(k_cache, j, D, bf16, row);
+        for (int64_t g = 0; g < G; g++) scores[g * n + j] = dot(q + g * D, row, D) * scaling;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *sc = scores + g * n, mx = -INFINITY, part[16] = {0}, total = 0.0f;
+        for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+        for (int64_t j = 0; j < n; j++) sc[j] = bd_exp(sc[j] - mx);
+        int64_t j0 = 0;
+        for (; j0 + 16 <= n; j0 += 16)
+            for (int i = 0; i < 16; i++) part[i] += sc[j0 + i];
+        for (; j0 < n; j0++) total += sc[j0];
+        for (int i = 0; i < 16; i++) total += part[i];
+        for (int64_t j = 0; j < n; j++) sc[j] = sc[j] / total;
+    }
+    for (int64_t i = 0; i < G * D; i++) out[i] = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        cache_row(v_cache, j, D, bf16, row);
+        for (int64_t g = 0; g < G; g++) {
+            const float p = scores[g * n + j];
+            for (int64_t d = 0; d < D; d++) out[g * D + d] += p * row[d];
         }
     }
-    for (int64_t d = 0; d < D; d++) out[d] = bd_round(out[d], bf16);
+    for (int64_t i = 0; i < G * D; i++) out[i] = bd_round(out[i], bf16);
 }
 
 /* The MLP's act(gate) * up for one token: gate, up = g [0:I], g [I:2I]; out [I]. */
@@ -194,7 +198,7 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
     const int64_t QKV = QD + 2 * KD, group = m->n_heads / m->n_kv, M = B * Tc, NH = m->n_heads + m->n_kv;
     const bd_norm none = {NULL, 0.0f};
     const size_t esz = bf16 ? 2 : 4;
-    float *row = s->row + thread_id() * widest_in(m), *scores = s->scores + thread_id() * m->max_len;
+    float *row = s->row + thread_id() * widest_in(m), *scores = s->scores + thread_id() * m->max_len * group;
     for (int64_t li = 0; li < m->n_layers; li++) {
         const bd_layer *L = &m->layers[li];
         /* attention */
@@ -226,11 +230,11 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < M * m->n_heads; u++) {
-            const int64_t r = u / m->n_heads, hd = u % m->n_heads, b = r / Tc, p = pos0 + r % Tc;
-            const int64_t off = (b * m->n_kv + hd / group) * m->max_len * D * (int64_t)esz;
-            attend(s->qkv + r * QKV + hd * D, (const char *)L->k_cache + off, (const char *)L->v_cache + off, p + 1, D,
-                   m->scaling, scores, s->att + r * QD + hd * D, bf16);
+        for (int64_t u = 0; u < M * m->n_kv; u++) {
+            const int64_t r = u / m->n_kv, kv = u % m->n_kv, b = r / Tc, p = pos0 + r % Tc;
+            const int64_t off = (b * m->n_kv + kv) * m->max_len * D * (int64_t)esz, q0 = kv * group * D;
+            attend(s->qkv + r * QKV + q0, group, (const char *)L->k_cache + off, (const char *)L->v_cache + off, p + 1, D,
+                   m->scaling, scores, row, s->att + r * QD + q0, bf16);
         }
         norm_quantize(m, s->att, NULL, s->att, M, QD, L->attn_sub_norm.weight ? &L->attn_sub_norm : &none, s);
         {

@@ -6,7 +6,10 @@
  *   AVX2          vpmaddubsw (c unsigned times x signed: pair sums |.| <= 512, no int16 saturation);
  *   AVX-512 VNNI  vpdpbusd (four products summed straight into int32 lanes).
  * Unpacking the 2-bit codes costs a shift and a mask per code vector; it is cheaper here than a lookup table
- * (TL1/TL2, T-MAC), which pays off where multiply-accumulate is slow, not where VNNI is present.
+ * (TL1/TL2, T-MAC), which pays off where multiply-accumulate is slow, not where VNNI is present. Work is done in
+ * tiles (tile_fn): four packed rows against one token (decode: the token's codes loaded once for 16 weight rows) or
+ * one packed row against four tokens (batches and prompts: the codes unpacked once for four tokens); the VNNI tile
+ * sums its 16 accumulators with one transposed reduction and scales the 16 results in one vectorized epilogue.
  *
  * Int8 head: logits = scale[v] * sum_b s_b * dot_b, the activation quantized per 64-feature block (scale s_b).
  * AVX2 multiplies |q| by sign-applied weights as unsigned x signed bytes (no saturation: 128 * 127 * 2 fits
