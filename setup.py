@@ -6,7 +6,8 @@ One build path for wheels, ``pip install -e .`` and a checkout (``python setup.p
   stack), a plain shared library loaded with ``ctypes`` by ``bitdistill/cpu_ext.py``. It is compiled for the
   baseline x86-64 instruction set; its AVX2 and AVX-512 VNNI kernels are compiled alongside and picked at run time
   for the CPU's instructions, so one build runs on every x86-64 machine. Built wherever a C compiler with OpenMP
-  is found; without one the package installs without it and the CPU path uses torch. ``BITDISTILL_BUILD_CPU=0``
+  is found; without one the package installs without it and the CPU path uses torch. ``-ffp-contract=off``: no
+  fused multiply-adds where the C code rounds each product as torch does. ``BITDISTILL_BUILD_CPU=0``
   skips it.
 * ``bitdistill._C``: the optional CUDA extension from ``csrc/*.cu``, built only when torch is a CUDA build and a
   CUDA toolkit (``nvcc``) is found. ``BITDISTILL_BUILD_CUDA=0`` skips it.
@@ -37,7 +38,7 @@ def _cpu_extensions() -> list[Extension]:
     return [Extension("bitdistill._cpu", [str(p) for p in CPU_SOURCES], include_dirs=["csrc/cpu"],
                       depends=[str(p) for p in sorted(Path("csrc/cpu").glob("*.h"))],
                       define_macros=[("BD_SOURCE_HASH", f'"{_cpu_source_hash()}"')],
-                      extra_compile_args=["-O3", "-fopenmp", "-std=gnu11"], extra_link_args=["-fopenmp"])]
+                      extra_compile_args=["-O3", "-fopenmp", "-std=gnu11", "-ffp-contract=off"], extra_link_args=["-fopenmp"])]
 
 
 def _cuda_extensions():

@@ -33,14 +33,17 @@ def test_the_best_kernel_is_picked_by_default():
 
 
 @pytest.mark.parametrize("k", [1, 31, 64, 100, 577, 2048])
-def test_every_kernel_equals_the_scalar_one_bit_for_bit(k):
-    gen = torch.Generator().manual_seed(k)
-    codes = torch.randint(-1, 2, (16, k), dtype=torch.int8, generator=gen)
+@pytest.mark.parametrize("rows", [4, 16, 28])  # 1, 4 and 7 packed rows: full and partial row tiles
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])  # row tiles (one token), partial and full token tiles
+def test_every_kernel_equals_the_scalar_one_bit_for_bit(k, rows, m):
+    gen = torch.Generator().manual_seed(k * 100 + rows + m)
+    codes = torch.randint(-1, 2, (rows, k), dtype=torch.int8, generator=gen)
     codes[0] = 1  # extremes: all +1 / all -1 rows against all -128 / +127 activations
     codes[1] = -1
     packed = pack_ternary(codes)
-    x = torch.randint(-128, 128, (5, k), dtype=torch.int8, generator=gen)
-    x[0], x[1] = -128, 127
+    x = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=gen)
+    x[0] = -128
+    x[-1] = 127 if m > 1 else x[-1]
     expected = x.long() @ codes.long().t()
     with cpu_ext.forced_isa("scalar"):
         scalar = cpu_ext.packed_int_mm(x, packed)
@@ -50,17 +53,45 @@ def test_every_kernel_equals_the_scalar_one_bit_for_bit(k):
             assert torch.equal(cpu_ext.packed_int_mm(x, packed), scalar), isa
 
 
-def test_threaded_linears_equal_the_reference():
-    """A layer above the one-thread threshold runs on 2 OpenMP threads; the result is the reference's, bit for bit."""
-    packed = pack_ternary(torch.randint(-1, 2, (512, 300), dtype=torch.int8))
-    x = torch.randn(3, 300).to(torch.bfloat16)
+@pytest.mark.parametrize("m", [1, 5])
+def test_threaded_kernels_equal_the_scalar_one(m):
+    """Above the one-thread threshold (packed bytes x tokens >= 64K) the product runs on 2 OpenMP threads; with 131
+    packed rows the last row tile is partial."""
+    gen = torch.Generator().manual_seed(m)
+    codes = torch.randint(-1, 2, (4 * 131, 577), dtype=torch.int8, generator=gen)
+    packed = pack_ternary(codes)
+    x = torch.randint(-128, 128, (m, 577), dtype=torch.int8, generator=gen)
+    assert packed.numel() * m >= 1 << 16
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        got = cpu_ext.packed_linear_cpu(x, packed, torch.tensor([1.7]), None)
+        with cpu_ext.forced_isa("scalar"):
+            scalar = cpu_ext.packed_int_mm(x, packed)
+        for isa in _isas():
+            with cpu_ext.forced_isa(isa):
+                assert torch.equal(cpu_ext.packed_int_mm(x, packed), scalar), isa
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(got, packed_linear_reference(x, packed, torch.tensor([1.7]), None))
+    assert torch.equal(scalar.long(), x.long() @ codes.long().t())
+
+
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_threaded_linears_equal_the_reference(m):
+    """A layer above the one-thread threshold runs on 2 OpenMP threads (row tiles for one token, token tiles for
+    more); each kernel's result is the reference's, bit for bit."""
+    packed = pack_ternary(torch.randint(-1, 2, (4 * 131, 600), dtype=torch.int8))
+    x = torch.randn(m, 600).to(torch.bfloat16)
+    assert packed.numel() * m >= 1 << 16
+    bias = torch.randn(4 * 131)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for isa in _isas():
+            with cpu_ext.forced_isa(isa):
+                got = cpu_ext.packed_linear_cpu(x, packed, torch.tensor([1.7]), bias)
+            assert torch.equal(got, packed_linear_reference(x, packed, torch.tensor([1.7]), bias)), isa
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("k", [64, 100])

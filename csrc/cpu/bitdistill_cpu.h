@@ -93,6 +93,36 @@ static inline void bd_store(void *p, int64_t i, float v, int bf16) {
 
 static inline float bd_round(float v, int bf16) { return bf16 ? bd_bf16_to_f32(bd_f32_to_bf16(v)) : v; }
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+/* Compiled for the baseline and for AVX2 / AVX-512 machines, picked at load time: the loops of such a function
+ * vectorize (the elementwise and attention code; the integer kernels pick theirs explicitly, gemm.c). */
+#define BD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BD_CLONES
+#endif
+
+/* exp(x) in float32 within 2 ulps (Cephes' expf: Cody-Waite reduction, degree-6 polynomial), branch free so a loop
+ * around it vectorizes; 0 below -87.3 (no denormals), +inf above 88.3 (where exp is within 1.6x of FLT_MAX).
+ * glibc's expf is one call per element and takes a slow error path on every underflow, which softmax hits often. */
+static inline float bd_exp(float x) {
+    const float lo = -87.33654f, hi = 88.3f;
+    const float xc = x < lo ? lo : (x > hi ? hi : x);
+    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round to nearest, |n| <= 127 */
+    const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    const float y = p * scale;
+    return x < lo ? 0.0f : (x > hi ? INFINITY : y);
+}
+
 /* gemm.c: shared by the decoder. */
 
 /* Per-token int8 activation quantization of one float32 row, as torch evaluates it:

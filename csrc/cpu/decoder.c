@@ -60,7 +60,7 @@ static int64_t carve(const bd_model *m, int nthreads, char *base, bd_scratch *s)
     BD_PIECE(xs, float, M);
     BD_PIECE(sx, int32_t, M);
     BD_PIECE(xq, int8_t, M * W);
-    BD_PIECE(scores, float, nthreads * m->max_len);
+    BD_PIECE(scores, float, nthreads * m->max_len * (m->n_heads / m->n_kv));
     BD_PIECE(row, float, nthreads * W);
     BD_PIECE(head_x, float, M * Kp);
     BD_PIECE(head_bs, float, M * (Kp / BD_HEAD_BLOCK));
@@ -75,9 +75,13 @@ int64_t bitdistill_decode_scratch_bytes(const bd_model *m, int nthreads) {
 }
 
 /* LlamaRMSNorm on one row: y = w * dtype(x * rsqrt(mean(x^2) + eps)), the product rounded to the dtype. */
-static void rms_norm(const float *x, float *y, int64_t n, const bd_norm *norm, int bf16) {
-    double ss = 0.0;
-    for (int64_t i = 0; i < n; i++) ss += (double)x[i] * x[i];
+BD_CLONES static void rms_norm(const float *x, float *y, int64_t n, const bd_norm *norm, int bf16) {
+    double part[8] = {0}, ss = 0.0; /* 8 partial sums: the loop vectorizes */
+    int64_t i0 = 0;
+    for (; i0 + 8 <= n; i0 += 8)
+        for (int i = 0; i < 8; i++) part[i] += (double)x[i0 + i] * x[i0 + i];
+    for (; i0 < n; i0++) ss += (double)x[i0] * x[i0];
+    for (int i = 0; i < 8; i++) ss += part[i];
     float r = 1.0f / sqrtf((float)(ss / (double)n) + norm->eps);
     for (int64_t i = 0; i < n; i++) y[i] = bd_round(bd_load(norm->weight, i, bf16) * bd_round(x[i] * r, bf16), bf16);
 }
@@ -100,55 +104,69 @@ static void rope(float *x, const void *cos, const void *sin, int64_t rot, int bf
     }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-/* Compiled for the baseline and for AVX2 / AVX-512 machines, picked at load time (the loops below vectorize). */
-#define BD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define BD_CLONES
-#endif
-
-/* q . k_j for a float32 query and one cached key row: 16 partial sums (vectorizable; another summation order than
- * a plain loop, as torch's kernels also use). */
-static inline float dot_row(const float *q, const void *k, int64_t off, int64_t D, int bf16) {
+/* q . k for float32 rows of D: 16 partial sums added as a tree (vectorizable; another summation order than a
+ * plain loop, as torch's kernels also use). */
+static inline float dot(const float *q, const float *k, int64_t D) {
     float part[16] = {0};
     int64_t d = 0;
-    if (bf16) {
-        const uint16_t *kb = (const uint16_t *)k + off;
-        for (; d + 16 <= D; d += 16)
-            for (int i = 0; i < 16; i++) part[i] += q[d + i] * bd_bf16_to_f32(kb[d + i]);
-    } else {
-        const float *kf = (const float *)k + off;
-        for (; d + 16 <= D; d += 16)
-            for (int i = 0; i < 16; i++) part[i] += q[d + i] * kf[d + i];
-    }
-    float s = 0.0f;
-    for (; d < D; d++) s += q[d] * bd_load(k, off + d, bf16);
-    for (int i = 0; i < 16; i++) s += part[i];
+    for (; d + 16 <= D; d += 16)
+        for (int i = 0; i < 16; i++) part[i] += q[d + i] * k[d + i];
+    for (int w = 8; w >= 1; w /= 2)  /* a chain of 16 dependent adds costs more than the dot product */
+        for (int i = 0; i < w; i++) part[i] += part[i + w];
+    float s = part[0];
+    for (; d < D; d++) s += q[d] * k[d];
     return s;
 }
 
-/* Causal attention of one head's query q [D] over cached positions 0..n-1 of one kv head; out [D]. */
-BD_CLONES static void attend(const float *q, const void *k_cache, const void *v_cache, int64_t n, int64_t D,
-                             float scaling, float *scores, float *out, int bf16) {
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < n; j++) {
-        scores[j] = dot_row(q, k_cache, j * D, D, bf16) * scaling;
-        if (scores[j] > mx) mx = scores[j];
+/* Row j of a key or value cache [*, D] as float32. */
+static inline void cache_row(const void *cache, int64_t j, int64_t D, int bf16, float *row) {
+    if (bf16) {
+        const uint16_t *b = (const uint16_t *)cache + j * D;
+        for (int64_t d = 0; d < D; d++) row[d] = bd_bf16_to_f32(b[d]);
+    } else {
+        memcpy(row, (const float *)cache + j * D, sizeof(float) * (size_t)D);
     }
-    float total = 0.0f;
-    for (int64_t j = 0; j < n; j++) { scores[j] = expf(scores[j] - mx); total += scores[j]; }
-    for (int64_t d = 0; d < D; d++) out[d] = 0.0f;
+}
+
+/* Causal attention of the G query heads q [G, D] that share one kv head, over its cached positions 0..n-1: out [G, D].
+ * Each key and value row is read (and widened) once for the G heads. scores: G n floats; row: D floats. */
+BD_CLONES static void attend(const float *q, int64_t G, const void *k_cache, const void *v_cache, int64_t n, int64_t D,
+                             float scaling, float *scores, float *row, float *out, int bf16) {
     for (int64_t j = 0; j < n; j++) {
-        const float p = scores[j] / total;
-        if (bf16) {
-            const uint16_t *vb = (const uint16_t *)v_cache + j * D;
-            for (int64_t d = 0; d < D; d++) out[d] += p * bd_bf16_to_f32(vb[d]);
-        } else {
-            const float *vf = (const float *)v_cache + j * D;
-            for (int64_t d = 0; d < D; d++) out[d] += p * vf[d];
+        cache_row(k_cache, j, D, bf16, row);
+        for (int64_t g = 0; g < G; g++) scores[g * n + j] = dot(q + g * D, row, D) * scaling;
+    }
+    for (int64_t g = 0; g < G; g++) {
+        float *sc = scores + g * n, mx = -INFINITY, part[16] = {0}, total = 0.0f;
+        for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
+        for (int64_t j = 0; j < n; j++) sc[j] = bd_exp(sc[j] - mx);
+        int64_t j0 = 0;
+        for (; j0 + 16 <= n; j0 += 16)
+            for (int i = 0; i < 16; i++) part[i] += sc[j0 + i];
+        for (; j0 < n; j0++) total += sc[j0];
+        for (int i = 0; i < 16; i++) total += part[i];
+        for (int64_t j = 0; j < n; j++) sc[j] = sc[j] / total;
+    }
+    for (int64_t i = 0; i < G * D; i++) out[i] = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        cache_row(v_cache, j, D, bf16, row);
+        for (int64_t g = 0; g < G; g++) {
+            const float p = scores[g * n + j];
+            for (int64_t d = 0; d < D; d++) out[g * D + d] += p * row[d];
         }
     }
-    for (int64_t d = 0; d < D; d++) out[d] = bd_round(out[d], bf16);
+    for (int64_t i = 0; i < G * D; i++) out[i] = bd_round(out[i], bf16);
+}
+
+/* The MLP's act(gate) * up for one token: gate, up = g [0:I], g [I:2I]; out [I]. */
+BD_CLONES static void gated_act(const float *g, int64_t I, int act, float *out, int bf16) {
+    if (act == 0)
+        for (int64_t j = 0; j < I; j++) out[j] = bd_round(bd_round(g[j] / (1.0f + bd_exp(-g[j])), bf16) * g[I + j], bf16);
+    else
+        for (int64_t j = 0; j < I; j++) {
+            const float z = g[j] > 0.0f ? g[j] : 0.0f;
+            out[j] = bd_round(bd_round(z * z, bf16) * g[I + j], bf16);
+        }
 }
 
 /* Add the residual branch d (NULL: none) to the rows of x [M, K], normalize them into y (norm may have no
@@ -180,7 +198,7 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
     const int64_t QKV = QD + 2 * KD, group = m->n_heads / m->n_kv, M = B * Tc, NH = m->n_heads + m->n_kv;
     const bd_norm none = {NULL, 0.0f};
     const size_t esz = bf16 ? 2 : 4;
-    float *row = s->row + thread_id() * widest_in(m), *scores = s->scores + thread_id() * m->max_len;
+    float *row = s->row + thread_id() * widest_in(m), *scores = s->scores + thread_id() * m->max_len * group;
     for (int64_t li = 0; li < m->n_layers; li++) {
         const bd_layer *L = &m->layers[li];
         /* attention */
@@ -212,11 +230,11 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < M * m->n_heads; u++) {
-            const int64_t r = u / m->n_heads, hd = u % m->n_heads, b = r / Tc, p = pos0 + r % Tc;
-            const int64_t off = (b * m->n_kv + hd / group) * m->max_len * D * (int64_t)esz;
-            attend(s->qkv + r * QKV + hd * D, (const char *)L->k_cache + off, (const char *)L->v_cache + off, p + 1, D,
-                   m->scaling, scores, s->att + r * QD + hd * D, bf16);
+        for (int64_t u = 0; u < M * m->n_kv; u++) {
+            const int64_t r = u / m->n_kv, kv = u % m->n_kv, b = r / Tc, p = pos0 + r % Tc;
+            const int64_t off = (b * m->n_kv + kv) * m->max_len * D * (int64_t)esz, q0 = kv * group * D;
+            attend(s->qkv + r * QKV + q0, group, (const char *)L->k_cache + off, (const char *)L->v_cache + off, p + 1, D,
+                   m->scaling, scores, row, s->att + r * QD + q0, bf16);
         }
         norm_quantize(m, s->att, NULL, s->att, M, QD, L->attn_sub_norm.weight ? &L->attn_sub_norm : &none, s);
         {
@@ -233,14 +251,8 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
         }
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < M; r++) {
-            const float *gate = s->mlp + r * 2 * I, *up = gate + I;
             float *mid = s->xn + r * I;
-            for (int64_t j = 0; j < I; j++) {
-                float g = gate[j], a;
-                if (m->act == 0) a = bd_round(g / (1.0f + expf(-g)), bf16);
-                else { float z = g > 0.0f ? g : 0.0f; a = bd_round(z * z, bf16); }
-                mid[j] = bd_round(a * up[j], bf16);
-            }
+            gated_act(s->mlp + r * 2 * I, I, m->act, mid, bf16);
             if (L->ffn_sub_norm.weight) norm_in_place(mid, I, &L->ffn_sub_norm, row, bf16);
             s->xs[r] = bd_quantize_row(mid, I, s->xq + r * I, &s->sx[r]);
         }

@@ -6,7 +6,10 @@
  *   AVX2          vpmaddubsw (c unsigned times x signed: pair sums |.| <= 512, no int16 saturation);
  *   AVX-512 VNNI  vpdpbusd (four products summed straight into int32 lanes).
  * Unpacking the 2-bit codes costs a shift and a mask per code vector; it is cheaper here than a lookup table
- * (TL1/TL2, T-MAC), which pays off where multiply-accumulate is slow, not where VNNI is present.
+ * (TL1/TL2, T-MAC), which pays off where multiply-accumulate is slow, not where VNNI is present. Work is done in
+ * tiles (tile_fn): four packed rows against one token (decode: the token's codes loaded once for 16 weight rows) or
+ * one packed row against four tokens (batches and prompts: the codes unpacked once for four tokens); the VNNI tile
+ * sums its 16 accumulators with one transposed reduction and scales the 16 results in one vectorized epilogue.
  *
  * Int8 head: logits = scale[v] * sum_b s_b * dot_b, the activation quantized per 64-feature block (scale s_b).
  * AVX2 multiplies |q| by sign-applied weights as unsigned x signed bytes (no saturation: 128 * 127 * 2 fits
@@ -26,10 +29,12 @@
 #include <omp.h>
 #endif
 
-typedef void (*row4_fn)(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]);
-/* The same for nt <= BD_TOKENS tokens x[t * ldx ..] at once (the codes unpacked once for all): acc[t * 4 + j]. */
-typedef void (*rows4_fn)(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int64_t K, int32_t *acc);
-#define BD_TOKENS 4
+/* One tile of the exact product: nr packed rows p + u K (u < nr) against one token x, or one packed row p against nt
+ * tokens x + u ldx (u < nt): either nr == 1 or nt == 1, both <= BD_TILE. acc[j * BD_TILE + u] = sum_k x*c for weight
+ * row j P + r0 + u (a row tile) or for row j P + r0 and token u (a token tile): the codes of each packed row are
+ * unpacked once for every token of the tile, the token's codes loaded once for every row. */
+typedef void (*tile_fn)(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int nr, int64_t K, int32_t *acc);
+#define BD_TILE 4
 typedef float (*head_row_fn)(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t Kp);
 /* One head row against nt <= BD_HEAD_TOKENS tokens (codes qs/qa with row stride Kp, block scales bs with stride
  * Kp / BD_HEAD_BLOCK, corr: see bd_head_logits): out[t]. */
@@ -50,8 +55,15 @@ static void row4_scalar(const int8_t *x, const uint8_t *p, int64_t K, int32_t ac
     acc[0] = a0; acc[1] = a1; acc[2] = a2; acc[3] = a3;
 }
 
-static void rows4_scalar(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int64_t K, int32_t *acc) {
-    for (int t = 0; t < nt; t++) row4_scalar(x + t * ldx, p, K, acc + 4 * t);
+/* Scatter four sums of unit u into a tile's layout. */
+static inline void tile_put(const int32_t a[4], int u, int32_t *acc) {
+    for (int j = 0; j < 4; j++) acc[j * BD_TILE + u] = a[j];
+}
+
+static void tile_scalar(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int nr, int64_t K, int32_t *acc) {
+    int32_t a[4];
+    for (int u = 0; u < nr; u++) { row4_scalar(x, p + u * K, K, a); tile_put(a, u, acc); }
+    for (int u = 1; u < nt; u++) { row4_scalar(x + u * ldx, p, K, a); tile_put(a, u, acc); }
 }
 
 static float head_row_scalar(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t Kp) {
@@ -129,11 +141,25 @@ __attribute__((target("avx2,fma"))) static void rows4_avx2(const int8_t *x, int6
         int32_t ta[4], tb[4];
         row4_scalar(xa + k, p + k, K - k, ta);
         row4_scalar(xb + k, p + k, K - k, tb);
-        int32_t *o = acc + 4 * t;
-        o[0] = hsum256(a0) + ta[0]; o[1] = hsum256(a1) + ta[1]; o[2] = hsum256(a2) + ta[2]; o[3] = hsum256(a3) + ta[3];
-        o[4] = hsum256(b0) + tb[0]; o[5] = hsum256(b1) + tb[1]; o[6] = hsum256(b2) + tb[2]; o[7] = hsum256(b3) + tb[3];
+        const int32_t oa[4] = {hsum256(a0) + ta[0], hsum256(a1) + ta[1], hsum256(a2) + ta[2], hsum256(a3) + ta[3]};
+        const int32_t ob[4] = {hsum256(b0) + tb[0], hsum256(b1) + tb[1], hsum256(b2) + tb[2], hsum256(b3) + tb[3]};
+        tile_put(oa, t, acc);
+        tile_put(ob, t + 1, acc);
     }
-    for (; t < nt; t++) row4_avx2(x + t * ldx, p, K, acc + 4 * t);
+    for (; t < nt; t++) {
+        int32_t a[4];
+        row4_avx2(x + t * ldx, p, K, a);
+        tile_put(a, t, acc);
+    }
+}
+
+static void tile_avx2(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int nr, int64_t K, int32_t *acc) {
+    if (nt > 1) { rows4_avx2(x, ldx, nt, p, K, acc); return; }
+    for (int u = 0; u < nr; u++) {
+        int32_t a[4];
+        row4_avx2(x, p + u * K, K, a);
+        tile_put(a, u, acc);
+    }
 }
 
 __attribute__((target("avx2,fma"))) static float head_row_avx2(const int8_t *w, const uint8_t *qa, const int8_t *qs,
@@ -164,66 +190,99 @@ static void head_rows_avx2(const int8_t *w, const uint8_t *qa, const int8_t *qs,
 
 #define BD_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
 
-__attribute__((target(BD_VNNI))) static void row4_vnni(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
-    const __m512i mask = _mm512_set1_epi8(3);
-    /* Two sets of accumulators: eight independent vpdpbusd chains hide its latency. */
-    __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0, t2 = s0, t3 = s0;
-    int64_t k = 0;
-    for (; k + 128 <= K; k += 128) {
-        __m512i pv = _mm512_loadu_si512((const void *)(p + k)), qv = _mm512_loadu_si512((const void *)(p + k + 64));
-        __m512i xv = _mm512_loadu_si512((const void *)(x + k)), yv = _mm512_loadu_si512((const void *)(x + k + 64));
-        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(pv, mask), xv);
-        t0 = _mm512_dpbusd_epi32(t0, _mm512_and_si512(qv, mask), yv);
-        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask), xv);
-        t1 = _mm512_dpbusd_epi32(t1, _mm512_and_si512(_mm512_srli_epi16(qv, 2), mask), yv);
-        s2 = _mm512_dpbusd_epi32(s2, _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), xv);
-        t2 = _mm512_dpbusd_epi32(t2, _mm512_and_si512(_mm512_srli_epi16(qv, 4), mask), yv);
-        s3 = _mm512_dpbusd_epi32(s3, _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);
-        t3 = _mm512_dpbusd_epi32(t3, _mm512_and_si512(_mm512_srli_epi16(qv, 6), mask), yv);
+/* Lane i of the result: the sum of the lanes of a[i] (a transposed reduction: 45 instructions for 16 sums, where
+ * one sum at a time takes 9 each). */
+__attribute__((target(BD_VNNI))) static inline __m512i hsum16_epi32(const __m512i a[16]) {
+    __m512i b[4];
+#pragma GCC unroll 4
+    for (int g = 0; g < 4; g++) {
+        const __m512i *v = a + 4 * g;
+        const __m512i s01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+        const __m512i s23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+        b[g] = _mm512_add_epi32(_mm512_unpacklo_epi64(s01, s23), _mm512_unpackhi_epi64(s01, s23));
     }
-    for (; k + 64 <= K; k += 64) {
-        __m512i pv = _mm512_loadu_si512((const void *)(p + k));
-        __m512i xv = _mm512_loadu_si512((const void *)(x + k));
-        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(pv, mask), xv);
-        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask), xv);
-        s2 = _mm512_dpbusd_epi32(s2, _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), xv);
-        s3 = _mm512_dpbusd_epi32(s3, _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);
-    }
-    int32_t tail[4];
-    row4_scalar(x + k, p + k, K - k, tail);
-    acc[0] = _mm512_reduce_add_epi32(_mm512_add_epi32(s0, t0)) + tail[0];
-    acc[1] = _mm512_reduce_add_epi32(_mm512_add_epi32(s1, t1)) + tail[1];
-    acc[2] = _mm512_reduce_add_epi32(_mm512_add_epi32(s2, t2)) + tail[2];
-    acc[3] = _mm512_reduce_add_epi32(_mm512_add_epi32(s3, t3)) + tail[3];
+    const __m512i d01 = _mm512_add_epi32(_mm512_shuffle_i32x4(b[0], b[1], 0x44), _mm512_shuffle_i32x4(b[0], b[1], 0xEE));
+    const __m512i d23 = _mm512_add_epi32(_mm512_shuffle_i32x4(b[2], b[3], 0x44), _mm512_shuffle_i32x4(b[2], b[3], 0xEE));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(d01, d23, 0x88), _mm512_shuffle_i32x4(d01, d23, 0xDD));
 }
 
-/* Up to four tokens per pass (16 accumulators, 4 code vectors of 32 zmm registers). */
-__attribute__((target(BD_VNNI))) static void rows4_vnni(const int8_t *x, int64_t ldx, int nt, const uint8_t *p,
-                                                         int64_t K, int32_t *acc) {
+/* 64 features of one unit: the four code planes of pv times xv into s[j * BD_TILE + u]. */
+#define BD_VNNI_STEP(s, u, pv, xv)                                                                            \
+    do {                                                                                                      \
+        s[u] = _mm512_dpbusd_epi32(s[u], _mm512_and_si512(pv, mask), xv);                                     \
+        s[BD_TILE + u] = _mm512_dpbusd_epi32(s[BD_TILE + u], _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask), xv); \
+        s[2 * BD_TILE + u] =                                                                                  \
+            _mm512_dpbusd_epi32(s[2 * BD_TILE + u], _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), xv);     \
+        s[3 * BD_TILE + u] =                                                                                  \
+            _mm512_dpbusd_epi32(s[3 * BD_TILE + u], _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);     \
+    } while (0)
+
+#define BD_LOAD(ptr) _mm512_loadu_si512((const void *)(ptr))
+#define BD_LOAD_TAIL(ptr) _mm512_maskz_loadu_epi8(tail, (const void *)(ptr))
+/* Full tiles, 64 features at k (LOAD: plain, or masked for the last partial block). */
+#define BD_TOKENS4(k, LOAD)                                                                        \
+    do {                                                                                           \
+        const __m512i pv = LOAD(p + (k));                                                          \
+        const __m512i x0 = LOAD(x + (k)), x1 = LOAD(x + ldx + (k));                                \
+        const __m512i x2 = LOAD(x + 2 * ldx + (k)), x3 = LOAD(x + 3 * ldx + (k));                  \
+        BD_VNNI_STEP(s, 0, pv, x0); BD_VNNI_STEP(s, 1, pv, x1);                                    \
+        BD_VNNI_STEP(s, 2, pv, x2); BD_VNNI_STEP(s, 3, pv, x3);                                    \
+    } while (0)
+#define BD_ROWS4(k, LOAD)                                                                          \
+    do {                                                                                           \
+        const __m512i xv = LOAD(x + (k));                                                          \
+        const __m512i p0 = LOAD(p + (k)), p1 = LOAD(p + K + (k));                                  \
+        const __m512i p2 = LOAD(p + 2 * K + (k)), p3 = LOAD(p + 3 * K + (k));                      \
+        BD_VNNI_STEP(s, 0, p0, xv); BD_VNNI_STEP(s, 1, p1, xv);                                    \
+        BD_VNNI_STEP(s, 2, p2, xv); BD_VNNI_STEP(s, 3, p3, xv);                                    \
+    } while (0)
+
+/* 16 accumulators (4 planes x 4 units), one reduction for all. Plain loads up to the last multiple of 64, one masked
+ * step for the rest (zeros contribute nothing), so any K runs in vector code; full tiles (four rows or four tokens)
+ * have their own loops (no branch per unit), partial ones run unit by unit. */
+__attribute__((target(BD_VNNI))) static void tile_vnni(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int nr,
+                                                        int64_t K, int32_t *acc) {
     const __m512i mask = _mm512_set1_epi8(3);
-    __m512i s[BD_TOKENS][4];
-    for (int t = 0; t < BD_TOKENS; t++)
-        for (int j = 0; j < 4; j++) s[t][j] = _mm512_setzero_si512();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) {
-        __m512i pv = _mm512_loadu_si512((const void *)(p + k));
-        __m512i c0 = _mm512_and_si512(pv, mask), c1 = _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask);
-        __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), c3 = _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask);
-        for (int t = 0; t < BD_TOKENS; t++) {  /* unrolled by the compiler; tokens past nt are skipped */
-            if (t >= nt) break;
-            __m512i xv = _mm512_loadu_si512((const void *)(x + t * ldx + k));
-            s[t][0] = _mm512_dpbusd_epi32(s[t][0], c0, xv);
-            s[t][1] = _mm512_dpbusd_epi32(s[t][1], c1, xv);
-            s[t][2] = _mm512_dpbusd_epi32(s[t][2], c2, xv);
-            s[t][3] = _mm512_dpbusd_epi32(s[t][3], c3, xv);
+    const int64_t K64 = K / 64 * 64;
+    const __mmask64 tail = ((__mmask64)1 << (K - K64)) - 1;
+    __m512i s[4 * BD_TILE];
+#pragma GCC unroll 16
+    for (int i = 0; i < 4 * BD_TILE; i++) s[i] = _mm512_setzero_si512();
+    if (nt == BD_TILE) {
+        for (int64_t k = 0; k < K64; k += 64) {
+            _mm_prefetch((const char *)(p + 2 * K + k), _MM_HINT_T0);  /* two packed rows ahead */
+            BD_TOKENS4(k, BD_LOAD);
         }
+        if (K64 < K) BD_TOKENS4(K64, BD_LOAD_TAIL);
+    } else if (nr == BD_TILE) {
+        for (int64_t k = 0; k < K64; k += 64) {
+            /* the next tile's rows: four short streams at once defeat the hardware prefetcher */
+            for (int u = 0; u < BD_TILE; u++) _mm_prefetch((const char *)(p + (BD_TILE + u) * K + k), _MM_HINT_T0);
+            BD_ROWS4(k, BD_LOAD);
+        }
+        if (K64 < K) BD_ROWS4(K64, BD_LOAD_TAIL);
+    } else {
+        int32_t part[4 * BD_TILE] = {0};
+        for (int u = 0; u < (nr > nt ? nr : nt); u++) {
+            const uint8_t *pu = nr > 1 ? p + u * K : p;
+            const int8_t *xu = nt > 1 ? x + u * ldx : x;
+            __m512i a[4 * BD_TILE];
+#pragma GCC unroll 16
+            for (int i = 0; i < 4 * BD_TILE; i++) a[i] = _mm512_setzero_si512();
+            for (int64_t k = 0; k < K64; k += 64) BD_VNNI_STEP(a, 0, BD_LOAD(pu + k), BD_LOAD(xu + k));
+            if (K64 < K) BD_VNNI_STEP(a, 0, BD_LOAD_TAIL(pu + K64), BD_LOAD_TAIL(xu + K64));
+            for (int j = 0; j < 4; j++) part[j * BD_TILE + u] = _mm512_reduce_add_epi32(a[j * BD_TILE]);
+        }
+        memcpy(acc, part, sizeof part);
+        return;
     }
-    for (int t = 0; t < nt; t++) {
-        int32_t tail[4];
-        row4_scalar(x + t * ldx + k, p + k, K - k, tail);
-        for (int j = 0; j < 4; j++) acc[4 * t + j] = _mm512_reduce_add_epi32(s[t][j]) + tail[j];
-    }
+    _mm512_storeu_si512((void *)acc, hsum16_epi32(s));
 }
+#undef BD_TOKENS4
+#undef BD_ROWS4
+#undef BD_LOAD
+#undef BD_LOAD_TAIL
+#undef BD_VNNI_STEP
 
 /* Weights read once per block for up to four tokens, as unsigned w + 128 (vpdpbusd multiplies unsigned by signed
  * bytes): sum (w + 128) q = sum w q + 128 sum q, the second term taken back per token once (corr). */
@@ -260,8 +319,7 @@ static int detected_isa(void) {
 }
 
 static int isa = -1;
-static row4_fn row4 = row4_scalar;
-static rows4_fn rows4 = rows4_scalar;
+static tile_fn tile = tile_scalar;
 static head_rows_fn head_rows = head_rows_scalar;
 
 /* Use the kernels of `level`, capped at what this CPU has (a negative level: the best it has). Returns the
@@ -269,12 +327,11 @@ static head_rows_fn head_rows = head_rows_scalar;
 int bitdistill_set_isa(int level) {
     const int best = detected_isa();
     isa = level < 0 || level > best ? best : level;
-    row4 = row4_scalar;
-    rows4 = rows4_scalar;
+    tile = tile_scalar;
     head_rows = head_rows_scalar;
 #ifdef BD_X86
-    if (isa == BD_ISA_AVX2) { row4 = row4_avx2; rows4 = rows4_avx2; head_rows = head_rows_avx2; }
-    if (isa == BD_ISA_AVX512_VNNI) { row4 = row4_vnni; rows4 = rows4_vnni; head_rows = head_rows_vnni; }
+    if (isa == BD_ISA_AVX2) { tile = tile_avx2; head_rows = head_rows_avx2; }
+    if (isa == BD_ISA_AVX512_VNNI) { tile = tile_vnni; head_rows = head_rows_vnni; }
 #endif
     return isa;
 }
@@ -286,50 +343,75 @@ int bitdistill_isa(void) {
 
 __attribute__((constructor)) static void init_isa(void) { bitdistill_set_isa(-1); }
 
-float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t *sum) {
+BD_CLONES float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t *sum) {
     float amax = 0.0f;
-    for (int64_t k = 0; k < K; k++) { float a = fabsf(row[k]); if (a > amax) amax = a; }
+    for (int64_t k = 0; k < K; k++) { float a = fabsf(row[k]); amax = a > amax ? a : amax; }
     float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
     int32_t total = 0;
     for (int64_t k = 0; k < K; k++) {
         float v = nearbyintf(row[k] * s);
-        q[k] = (int8_t)(v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v));
-        total += q[k];
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[k] = (int8_t)(int32_t)v;
+        total += (int32_t)v;
     }
     *sum = total;
     return s;
 }
 
-void bd_linears(const int8_t *xq, const float *xs, const int32_t *sx, int64_t M, int64_t K, const bd_linear *ls,
-                int n, void *const *outs, const int64_t *ldo, int bf16, int store_bf16) {
-    int64_t total = 0;
-    for (int i = 0; i < n; i++) total += ls[i].P;
-    /* Each packed row (4 weight rows, K bytes) is read from memory once and reused from L1 for every token. */
+/* The epilogue of one tile (see tile_fn), the one place the weight scale is applied: out[m, col] =
+ * dtype((acc - sx[m]) / (xs[m] * scale) + bias[col]) for weight row col = j P + r, stored as float32 or bfloat16.
+ * Lane by lane over the 16 sums (the loops vectorize in bd_linears' clones; IEEE division as the reference). */
+static inline void store_tile(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
+                              const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16) {
+    enum { N = 4 * BD_TILE };
+    const int nu = nr > nt ? nr : nt;
+    float den[N], y[N];
+    int32_t sub[N];
+    for (int u = 0; u < BD_TILE; u++) {
+        const int64_t m = nt > 1 && u < nt ? m0 + u : m0;
+        for (int j = 0; j < 4; j++) {
+            const int64_t col = j * l->P + r0 + (nr > 1 && u < nr ? u : 0);
+            den[j * BD_TILE + u] = l->row_scale ? xs[m] * l->row_scale[col] : xs[m] * l->scale;
+            sub[j * BD_TILE + u] = sx[m];
+        }
+    }
+    for (int i = 0; i < N; i++) y[i] = (float)(acc[i] - sub[i]) / den[i];
+    if (l->bias)
+        for (int j = 0; j < 4; j++)
+            for (int u = 0; u < nu; u++) y[j * BD_TILE + u] += l->bias[j * l->P + r0 + (nr > 1 ? u : 0)];
+    for (int i = 0; i < N; i++) y[i] = bd_round(y[i], bf16);
+    for (int u = 0; u < nu; u++) {
+        const int64_t at = (nr > 1 ? m0 : m0 + u) * ldo + r0 + (nr > 1 ? u : 0);
+        for (int j = 0; j < 4; j++) {
+            if (store_bf16) ((uint16_t *)out)[at + j * l->P] = bd_f32_to_bf16(y[j * BD_TILE + u]);
+            else ((float *)out)[at + j * l->P] = y[j * BD_TILE + u];
+        }
+    }
+}
+
+/* Packed rows per work unit: a row tile for one token (its codes loaded once for BD_TILE rows), else single rows
+ * (each unpacked once per BD_TILE tokens). Each packed row is read from memory once and reused from L1 for every
+ * token. */
+static inline int64_t unit_rows(int64_t M) { return M == 1 ? BD_TILE : 1; }
+
+BD_CLONES void bd_linears(const int8_t *xq, const float *xs, const int32_t *sx, int64_t M, int64_t K,
+                          const bd_linear *ls, int n, void *const *outs, const int64_t *ldo, int bf16, int store_bf16) {
+    const int64_t rows = unit_rows(M);
+    int64_t total = 0, units[8];
+    for (int i = 0; i < n; i++) total += units[i] = (ls[i].P + rows - 1) / rows;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < total; g++) {
         int i = 0;
-        int64_t r = g;
-        while (r >= ls[i].P) r -= ls[i++].P;
+        int64_t u = g;
+        while (u >= units[i]) u -= units[i++];
         const bd_linear *l = &ls[i];
-        const uint8_t *pr = l->packed + r * K;
-        for (int64_t m0 = 0; m0 < M; m0 += BD_TOKENS) {
-            const int nt = M - m0 < BD_TOKENS ? (int)(M - m0) : BD_TOKENS;
-            int32_t acc[4 * BD_TOKENS];
-            if (nt == 1) row4(xq + m0 * K, pr, K, acc);
-            else rows4(xq + m0 * K, K, nt, pr, K, acc);
-            for (int t = 0; t < nt; t++) {
-                const int64_t m = m0 + t;
-                const float denom_tensor = xs[m] * l->scale;
-                for (int j = 0; j < 4; j++) {
-                    const int64_t col = j * l->P + r;
-                    const float denom = l->row_scale ? xs[m] * l->row_scale[col] : denom_tensor;
-                    float y = (float)(acc[4 * t + j] - sx[m]) / denom;
-                    if (l->bias) y = y + l->bias[col];
-                    y = bd_round(y, bf16);
-                    if (store_bf16) ((uint16_t *)outs[i])[m * ldo[i] + col] = bd_f32_to_bf16(y);
-                    else ((float *)outs[i])[m * ldo[i] + col] = y;
-                }
-            }
+        const int64_t r0 = u * rows;
+        const int nr = l->P - r0 < rows ? (int)(l->P - r0) : (int)rows;
+        for (int64_t m0 = 0; m0 < M; m0 += BD_TILE) {
+            const int nt = M - m0 < BD_TILE ? (int)(M - m0) : BD_TILE;
+            int32_t acc[4 * BD_TILE];
+            tile(xq + m0 * K, K, nt, l->packed + r0 * K, nr, K, acc);
+            store_tile(l, r0, nr, m0, nt, acc, xs, sx, outs[i], ldo[i], bf16, store_bf16);
         }
     }
 }
@@ -397,15 +479,20 @@ int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_
         sums[m] = total;
     }
     if (P * K * M < PARALLEL_MIN_WORK) nthreads = 1;
+    const int64_t rows = unit_rows(M);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t r = 0; r < P; r++) {
-        for (int64_t m0 = 0; m0 < M; m0 += BD_TOKENS) {
-            const int nt = M - m0 < BD_TOKENS ? (int)(M - m0) : BD_TOKENS;
-            int32_t acc[4 * BD_TOKENS];
-            if (nt == 1) row4(x + m0 * K, packed + r * K, K, acc);
-            else rows4(x + m0 * K, K, nt, packed + r * K, K, acc);
-            for (int t = 0; t < nt; t++)
-                for (int j = 0; j < 4; j++) out[(m0 + t) * N + j * P + r] = acc[4 * t + j] - sums[m0 + t];
+    for (int64_t g = 0; g < (P + rows - 1) / rows; g++) {
+        const int64_t r0 = g * rows;
+        const int nr = P - r0 < rows ? (int)(P - r0) : (int)rows;
+        for (int64_t m0 = 0; m0 < M; m0 += BD_TILE) {
+            const int nt = M - m0 < BD_TILE ? (int)(M - m0) : BD_TILE;
+            int32_t acc[4 * BD_TILE];
+            tile(x + m0 * K, K, nt, packed + r0 * K, nr, K, acc);
+            for (int u = 0; u < (nr > nt ? nr : nt); u++)
+                for (int j = 0; j < 4; j++) {
+                    const int64_t r = nr > 1 ? r0 + u : r0, m = nr > 1 ? m0 : m0 + u;
+                    out[m * N + j * P + r] = acc[j * BD_TILE + u] - sums[m];
+                }
         }
     }
     return 0;
