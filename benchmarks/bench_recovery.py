@@ -98,7 +98,7 @@ def train_argv(recipe: str, budget_min: float, out: Path, seed: int = 0, extra: 
                "--tokenizer_name_or_path", str(TOKENIZER), "--train_files", *TRAIN]
     if recipe == "default":
         return ["recover", *teacher, "--time_budget", f"{budget_min}m", "--seed", str(seed), "--output_dir", str(out),
-                *extra]
+                "--held_out_curve", "true", *extra]
     base = [*teacher, *COMMON, "--seed", str(seed), "--output_dir", str(out)]
     if recipe == "e2e":
         return ["distill", *base, *E2E, "--time_budget", f"{budget_min}m", *extra]

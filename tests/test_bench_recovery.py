@@ -183,7 +183,8 @@ def test_loss_curves_name_a_missing_run_and_exit_2(tmp_path, shared_data, capsys
 
 def test_default_recipe_passes_no_recipe_flag(bench, monkeypatch, tmp_path):
     """The ``default`` rows run what `bitdistill recover` runs given only the teacher (and its tokenizer), the
-    text, the budget, the seed and the output: every other option parses to the command's own default."""
+    text, the budget, the seed and the output: every other option parses to the command's own default, but for
+    ``--held_out_curve``, which only adds evaluations outside the budget."""
     from bitdistill.cli import recover
     from bitdistill.cli.hfargs import parse_dataclasses
     from bitdistill.cli.main import build_parser
@@ -194,14 +195,15 @@ def test_default_recipe_passes_no_recipe_flag(bench, monkeypatch, tmp_path):
     flags = {a for a in argv if a.startswith("--")}
     assert argv[0] == "recover" and flags == {
         "--teacher_model_name_or_path", "--teacher_gguf_file", "--tokenizer_name_or_path", "--train_files",
-        "--time_budget", "--seed", "--output_dir"}
+        "--time_budget", "--seed", "--output_dir", "--held_out_curve"}
     minimal = ["recover", *argv[argv.index("--teacher_model_name_or_path"):argv.index("--time_budget")]]
     plain = parse_dataclasses(build_parser(["recover"]).parse_args([*minimal, "--output_dir", str(tmp_path / "run")]),
                               recover._types(), defaults=DISTILL_DEFAULTS)
     ours = parse_dataclasses(build_parser(["recover"]).parse_args(argv), recover._types(), defaults=DISTILL_DEFAULTS)
+    measured = {"time_budget", "held_out_curve"}
     for a, b in zip(plain[:3] + plain[4:], ours[:3] + ours[4:], strict=True):
-        assert {k: v for k, v in vars(a).items() if k != "time_budget"} == {
-            k: v for k, v in vars(b).items() if k != "time_budget"}
+        assert {k: v for k, v in vars(a).items() if k not in measured} == {
+            k: v for k, v in vars(b).items() if k not in measured}
     assert ours[4].time_budget == "90m" and ours[3].seed == 1
 
 

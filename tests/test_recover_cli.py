@@ -31,7 +31,8 @@ def setup(tmp_path_factory, shared_data):
 
 def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     out = setup["root"] / "run"
-    rc = main(["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "4", "--block_init", "gptq",
+    rc = main(["recover", *setup["common"], "--time_budget", "20s", "--held_out_curve", "true", "--block_steps", "4",
+               "--block_init", "gptq",
                "--block_seq_length", "16", "--context_fraction", "0.25", "--output_dir", str(out)])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
@@ -173,6 +174,7 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     assert "block stage already finished" in printed and "e2e stage already finished" in printed
     summary = json.loads((out / "recovery.json").read_text())
     assert [s["stage"] for s in summary["stages"]] == ["blocks", "e2e", "context"]
+    assert len(summary["held_out_curve"]) == 3  # no --held_out_curve: the stages' ends only
     for kept, logged in zip(summary["stages"][:2], first, strict=True):
         assert kept == {k: v for k, v in logged.items() if k not in ("event", "time")}
     cpu = [s["cpu_s"] for s in summary["stages"]]

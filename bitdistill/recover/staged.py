@@ -25,9 +25,9 @@ loaded (:class:`~bitdistill.budget.CpuClock`); the held-out evaluations that rep
 points and what runs around each KD stage's training loop are not counted. After each stage its held-out loss and perplexity (on
 the tuning split: the last ``held_out_tokens`` of the training text, which no stage trains on) and its CPU time are
 printed, appended to ``<output_dir>/audit_log.jsonl`` (``"event": "stage"``) and, at the end, written to
-``<output_dir>/recovery.json`` and the student's model card. Inside the KD stages the split is also evaluated at
-every tenth of the budget (:mod:`bitdistill.recover.curve`); ``recovery.json``'s ``held_out_curve`` holds those
-points and the stages' ends as ``[cpu_min, held_out_ppl]`` pairs.
+``<output_dir>/recovery.json`` and the student's model card. With ``--held_out_curve true`` the split is also
+evaluated at every tenth of the budget inside the KD stages (:mod:`bitdistill.recover.curve`); ``recovery.json``'s
+``held_out_curve`` holds those points and the stages' ends as ``[cpu_min, held_out_ppl]`` pairs.
 """
 
 from __future__ import annotations
@@ -120,6 +120,10 @@ class RecoverArguments:
         "help": "The tuning split: tokens at the end of the training text (whole blocks of calibration_seq_length, "
                 "rounded up), never trained on, that report each stage's held-out loss and perplexity and the "
                 f"held-out curve (default {HELD_OUT_TOKENS}: 64 blocks of 256)."})
+    held_out_curve: bool = field(default=False, metadata={
+        "help": "Also evaluate the tuning split each time the KD stages pass another tenth of the budget, for "
+                "recovery.json's held_out_curve (outside the budget: wall time only, about one stage-end "
+                "evaluation each)."})
     held_out_blocks: int | None = field(default=None, metadata={
         "help": "Deprecated: --held_out_tokens N x calibration_seq_length."})
     block_init: str = field(default="keep", metadata={
@@ -514,7 +518,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         log("no context stage: " + (f"--context_length {context_length} is not above --max_seq_length "
                                      f"{data_args.max_seq_length}" if context_fraction else "its share is 0"))
     ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command, eval_ids,
-                 tenth_marks(budget), log)
+                 tenth_marks(budget) if recover_args.held_out_curve else [], log)
     last: tuple[DataArguments, object, Distilled] | None = None  # the last KD stage's data, training args and run
     e2e_file = out / "e2e" / "e2e.json"
     if e2e_file.is_file():
