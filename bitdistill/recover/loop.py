@@ -12,6 +12,7 @@ import functools
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -20,12 +21,14 @@ from bitdistill.budget import CpuClock, StepPlan
 __all__ = ["LoopResult", "adam_loop"]
 
 
+@dataclass(frozen=True)
 class LoopResult:
     """``steps`` taken, ``planned`` (the fixed count, or the budget's last plan; ``steps`` when it never planned),
     ``cpu_s`` (process CPU seconds of the steps, evaluations excluded)."""
 
-    def __init__(self, steps: int, planned: int, cpu_s: float) -> None:
-        self.steps, self.planned, self.cpu_s = steps, planned, cpu_s
+    steps: int
+    planned: int
+    cpu_s: float
 
 
 def adam_loop(params: list[torch.Tensor], lr: float, step_loss: Callable[[int], torch.Tensor],
