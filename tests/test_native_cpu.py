@@ -109,3 +109,46 @@ def test_int8_head_kernels_agree_and_approximate_the_float_head(k):
     exact = x @ weight.t()
     assert scalar.shape == exact.shape == (3, 96)
     assert (scalar - exact).abs().max() <= 0.02 * exact.abs().max()
+
+
+def _random_stack(dtype: torch.dtype, bias: bool, per_row: bool) -> cpu_ext.NativeDecoderStack:
+    """Two layers of odd widths (7 and 19 packed rows: partial row tiles), biases and per-row scales as asked."""
+    gen = torch.Generator().manual_seed(int(bias) * 2 + int(per_row))
+    hidden, heads, kv, d, inter = 28, 4, 2, 8, 76
+
+    def lin(n: int, k: int) -> cpu_ext.NativeLinear:
+        scale = torch.rand(n if per_row else 1, generator=gen) + 0.5
+        return cpu_ext.NativeLinear(pack_ternary(torch.randint(-1, 2, (n, k), dtype=torch.int8, generator=gen)),
+                                    scale, torch.randn(n, generator=gen) if bias else None)
+
+    def norm(n: int) -> cpu_ext.NativeNorm:
+        return cpu_ext.NativeNorm((1 + 0.1 * torch.randn(n, generator=gen)).to(dtype), 1e-5)
+
+    layers = [cpu_ext.NativeLayer(input_norm=norm(hidden), post_norm=norm(hidden),
+                                  qkv=(lin(heads * d, hidden), lin(kv * d, hidden), lin(kv * d, hidden)),
+                                  o=lin(hidden, heads * d), mlp_in=(lin(inter, hidden), lin(inter, hidden)),
+                                  down=lin(hidden, inter)) for _ in range(2)]
+    angles = torch.arange(32)[:, None].float() / (10000 ** (torch.arange(0, d, 2).float() / d))[None]
+    angles = torch.cat([angles, angles], -1)
+    return cpu_ext.NativeDecoderStack(layers, final_norm=norm(hidden), n_heads=heads, n_kv=kv, head_dim=d,
+                                      scaling=d ** -0.5, act="silu", cos=angles.cos().to(dtype),
+                                      sin=angles.sin().to(dtype), dtype=dtype, max_batch=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("bias", "per_row"), [(False, False), (True, True)])
+def test_decoder_stack_gives_the_same_bits_under_every_kernel(dtype, bias, per_row):
+    """The stack's hidden states (no head: the int8 head sums its blocks in another order per kernel) are the same
+    bits whichever kernels run its projections and their epilogues: one token (row tiles), a partial and a full
+    token tile (3 and 4 sequences), 5 sequences (a full tile and one more), and a 6-token prompt."""
+    stack = _random_stack(dtype, bias, per_row)
+    gen = torch.Generator().manual_seed(7)
+    cases = [(torch.randn(b, t, 28, generator=gen).to(dtype), t) for b, t in ((1, 1), (3, 1), (4, 1), (5, 1), (2, 6))]
+    results = {}
+    for isa in _isas():
+        with cpu_ext.forced_isa(isa):
+            results[isa] = [stack.forward(h, 0, all_positions=True)[0].clone() for h, _ in cases]
+    for isa, got in results.items():
+        for (h, _), a, b in zip(cases, got, results["scalar"], strict=True):
+            assert torch.isfinite(a.float()).all()
+            assert torch.equal(a, b), (isa, tuple(h.shape))

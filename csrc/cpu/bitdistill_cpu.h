@@ -76,9 +76,9 @@ static inline float bd_bf16_to_f32(uint16_t b) {
 
 static inline uint16_t bd_f32_to_bf16(float f) {
     uint32_t u;
-    if (isnan(f)) return 0x7FC0;
     memcpy(&u, &f, sizeof u);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    const uint16_t r = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    return f != f ? (uint16_t)0x7FC0 : r; /* a select, not a branch: the loops around it vectorize */
 }
 
 /* Element i of a float32 (bf16 == 0) or bfloat16 array, as float32; store; round a float32 to the dtype. */

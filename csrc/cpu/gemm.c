@@ -41,6 +41,11 @@ typedef float (*head_row_fn)(const int8_t *w, const uint8_t *qa, const int8_t *q
 typedef void (*head_rows_fn)(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, const float *corr,
                              int nt, int64_t Kp, float *out);
 #define BD_HEAD_TOKENS 4
+/* The epilogue of one tile: scales the 16 exact sums acc of tile_fn and stores them (store_tile). */
+typedef void (*store_fn)(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
+                         const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16);
+static void store_tile(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
+                       const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16);
 
 static void row4_scalar(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
@@ -318,8 +323,14 @@ static int detected_isa(void) {
     return BD_ISA_SCALAR;
 }
 
+#ifdef BD_X86
+static void store_tile_vnni(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
+                            const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16);
+#endif
+
 static int isa = -1;
 static tile_fn tile = tile_scalar;
+static store_fn store = store_tile;
 static head_rows_fn head_rows = head_rows_scalar;
 
 /* Use the kernels of `level`, capped at what this CPU has (a negative level: the best it has). Returns the
@@ -328,10 +339,11 @@ int bitdistill_set_isa(int level) {
     const int best = detected_isa();
     isa = level < 0 || level > best ? best : level;
     tile = tile_scalar;
+    store = store_tile;
     head_rows = head_rows_scalar;
 #ifdef BD_X86
     if (isa == BD_ISA_AVX2) { tile = tile_avx2; head_rows = head_rows_avx2; }
-    if (isa == BD_ISA_AVX512_VNNI) { tile = tile_vnni; head_rows = head_rows_vnni; }
+    if (isa == BD_ISA_AVX512_VNNI) { tile = tile_vnni; store = store_tile_vnni; head_rows = head_rows_vnni; }
 #endif
     return isa;
 }
@@ -360,34 +372,82 @@ BD_CLONES float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t 
 
 /* The epilogue of one tile (see tile_fn), the one place the weight scale is applied: out[m, col] =
  * dtype((acc - sx[m]) / (xs[m] * scale) + bias[col]) for weight row col = j P + r, stored as float32 or bfloat16.
- * Lane by lane over the 16 sums (the loops vectorize in bd_linears' clones; IEEE division as the reference). */
-static inline void store_tile(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
-                              const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16) {
+ * Lane by lane over the 16 sums in loops without branches (they vectorize in bd_linears' clones; IEEE division as
+ * the reference), then one scatter of the 16 values: four columns of a token apart by P. */
+static void store_tile(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
+                       const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16) {
     enum { N = 4 * BD_TILE };
-    const int nu = nr > nt ? nr : nt;
-    float den[N], y[N];
+    const int rows = nr > 1, nu = rows ? nr : nt;
+    float den[N], y[N], bias[N];
     int32_t sub[N];
-    for (int u = 0; u < BD_TILE; u++) {
-        const int64_t m = nt > 1 && u < nt ? m0 + u : m0;
-        for (int j = 0; j < 4; j++) {
-            const int64_t col = j * l->P + r0 + (nr > 1 && u < nr ? u : 0);
-            den[j * BD_TILE + u] = l->row_scale ? xs[m] * l->row_scale[col] : xs[m] * l->scale;
+    uint16_t yb[N];
+    for (int j = 0; j < 4; j++)
+        for (int u = 0; u < BD_TILE; u++) {
+            const int uu = u < nu ? u : nu - 1; /* lanes past a partial tile repeat its last unit (not stored) */
+            const int64_t m = rows ? m0 : m0 + uu, col = j * l->P + r0 + (rows ? uu : 0);
+            den[j * BD_TILE + u] = xs[m] * (l->row_scale ? l->row_scale[col] : l->scale);
             sub[j * BD_TILE + u] = sx[m];
+            bias[j * BD_TILE + u] = l->bias ? l->bias[col] : 0.0f;
         }
-    }
     for (int i = 0; i < N; i++) y[i] = (float)(acc[i] - sub[i]) / den[i];
     if (l->bias)
-        for (int j = 0; j < 4; j++)
-            for (int u = 0; u < nu; u++) y[j * BD_TILE + u] += l->bias[j * l->P + r0 + (nr > 1 ? u : 0)];
-    for (int i = 0; i < N; i++) y[i] = bd_round(y[i], bf16);
+        for (int i = 0; i < N; i++) y[i] += bias[i];
+    if (store_bf16) {
+        for (int i = 0; i < N; i++) yb[i] = bd_f32_to_bf16(y[i]);
+    } else if (bf16) {
+        for (int i = 0; i < N; i++) y[i] = bd_round(y[i], 1);
+    }
     for (int u = 0; u < nu; u++) {
-        const int64_t at = (nr > 1 ? m0 : m0 + u) * ldo + r0 + (nr > 1 ? u : 0);
-        for (int j = 0; j < 4; j++) {
-            if (store_bf16) ((uint16_t *)out)[at + j * l->P] = bd_f32_to_bf16(y[j * BD_TILE + u]);
-            else ((float *)out)[at + j * l->P] = y[j * BD_TILE + u];
-        }
+        const int64_t at = (rows ? m0 : m0 + u) * ldo + r0 + (rows ? u : 0);
+        if (store_bf16)
+            for (int j = 0; j < 4; j++) ((uint16_t *)out)[at + j * l->P] = yb[j * BD_TILE + u];
+        else
+            for (int j = 0; j < 4; j++) ((float *)out)[at + j * l->P] = y[j * BD_TILE + u];
     }
 }
+
+#ifdef BD_X86
+/* store_tile for a full tile stored as float32 (the decoder's case), in AVX-512: the same float32 operations lane by
+ * lane, so the same bits. Lane i = 4 j + u: row tile: token m0, column j P + r0 + u (four contiguous columns per j);
+ * token tile: token m0 + u, column j P + r0. Anything else goes to store_tile. */
+__attribute__((target(BD_VNNI))) static void store_tile_vnni(const bd_linear *l, int64_t r0, int nr, int64_t m0,
+                                                              int nt, const int32_t *acc, const float *xs,
+                                                              const int32_t *sx, void *out, int64_t ldo, int bf16,
+                                                              int store_bf16) {
+    const int rows = nr == BD_TILE && nt == 1;
+    if (store_bf16 || !(rows || (nt == BD_TILE && nr == 1)) || l->P > INT32_MAX / 4 || ldo > INT32_MAX / 8) {
+        store_tile(l, r0, nr, m0, nt, acc, xs, sx, out, ldo, bf16, store_bf16);
+        return;
+    }
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i j = _mm512_srli_epi32(lane, 2), u = _mm512_and_si512(lane, _mm512_set1_epi32(3));
+    const __m512i jp = _mm512_mullo_epi32(j, _mm512_set1_epi32((int32_t)l->P));
+    const __m512i col = rows ? _mm512_add_epi32(jp, u) : jp; /* column - r0 */
+    const __m512 xsv = rows ? _mm512_set1_ps(xs[m0]) : _mm512_broadcast_f32x4(_mm_loadu_ps(xs + m0));
+    const __m512i sxv = rows ? _mm512_set1_epi32(sx[m0]) : _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(sx + m0)));
+    const __m512 scale = l->row_scale ? _mm512_i32gather_ps(col, l->row_scale + r0, 4) : _mm512_set1_ps(l->scale);
+    __m512 y = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512((const void *)acc), sxv)),
+                             _mm512_mul_ps(xsv, scale));
+    if (l->bias) y = _mm512_add_ps(y, _mm512_i32gather_ps(col, l->bias + r0, 4));
+    if (bf16) { /* round to bfloat16 as bd_round: nearest even, NaN to 0x7FC0 */
+        const __m512i b = _mm512_castps_si512(y), one = _mm512_set1_epi32(1);
+        __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
+                                     _mm512_and_si512(_mm512_srli_epi32(b, 16), one));
+        r = _mm512_slli_epi32(_mm512_srli_epi32(r, 16), 16);
+        y = _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q),
+                                                      _mm512_set1_epi32(0x7FC00000)));
+    }
+    float *o = (float *)out + m0 * ldo + r0;
+    if (rows) {
+        _mm_storeu_ps(o, _mm512_extractf32x4_ps(y, 0));
+        _mm_storeu_ps(o + l->P, _mm512_extractf32x4_ps(y, 1));
+        _mm_storeu_ps(o + 2 * l->P, _mm512_extractf32x4_ps(y, 2));
+        _mm_storeu_ps(o + 3 * l->P, _mm512_extractf32x4_ps(y, 3));
+    } else {
+        _mm512_i32scatter_ps(o, _mm512_add_epi32(jp, _mm512_mullo_epi32(u, _mm512_set1_epi32((int32_t)ldo))), y, 4);
+    }
+}
+#endif
 
 /* Packed rows per work unit: a row tile for one token (its codes loaded once for BD_TILE rows), else single rows
  * (each unpacked once per BD_TILE tokens). Each packed row is read from memory once and reused from L1 for every
@@ -411,7 +471,7 @@ BD_CLONES void bd_linears(const int8_t *xq, const float *xs, const int32_t *sx, 
             const int nt = M - m0 < BD_TILE ? (int)(M - m0) : BD_TILE;
             int32_t acc[4 * BD_TILE];
             tile(xq + m0 * K, K, nt, l->packed + r0 * K, nr, K, acc);
-            store_tile(l, r0, nr, m0, nt, acc, xs, sx, outs[i], ldo[i], bf16, store_bf16);
+            store(l, r0, nr, m0, nt, acc, xs, sx, outs[i], ldo[i], bf16, store_bf16);
         }
     }
 }
