@@ -92,7 +92,7 @@ static void norm_in_place(float *x, int64_t n, const bd_norm *norm, float *scrat
 }
 
 /* Rotate-half RoPE on the first `rot` features of one head vector x [D] at one position. */
-static void rope(float *x, const void *cos, const void *sin, int64_t rot, int bf16) {
+BD_CLONES static void rope(float *x, const void *cos, const void *sin, int64_t rot, int bf16) {
     const int64_t half = rot / 2;
     for (int64_t i = 0; i < half; i++) {
         float x1 = x[i], x2 = x[i + half];
@@ -192,12 +192,46 @@ static void residual(float *h, const float *d, int64_t M, int64_t H, int bf16) {
         for (int64_t i = r * H; i < (r + 1) * H; i++) h[i] = bd_round(h[i] + d[i], bf16);
 }
 
+/* Head hd of row r (token p = pos0 + r % Tc of sequence r / Tc): a query head (hd < n_heads) gets its norm and
+ * rotary; a kv head (n_heads + kv) its norm and rotary, and its key and value go to the cache at position p. */
+static void position_head(const bd_model *m, const bd_layer *L, const bd_scratch *s, int64_t r, int64_t hd,
+                          int64_t Tc, int64_t pos0, float *row) {
+    const int bf16 = m->bf16;
+    const int64_t D = m->head_dim, QD = m->n_heads * D, KD = m->n_kv * D, b = r / Tc, p = pos0 + r % Tc;
+    const size_t esz = bf16 ? 2 : 4;
+    const char *cs = (const char *)m->cos + p * m->rot * esz, *sn = (const char *)m->sin + p * m->rot * esz;
+    float *q = s->qkv + r * (QD + 2 * KD);
+    if (hd < m->n_heads) {
+        if (L->q_norm.weight) norm_in_place(q + hd * D, D, &L->q_norm, row, bf16);
+        rope(q + hd * D, cs, sn, m->rot, bf16);
+        return;
+    }
+    const int64_t kv = hd - m->n_heads;
+    float *k = q + QD + kv * D, *v = q + QD + KD + kv * D;
+    if (L->k_norm.weight) norm_in_place(k, D, &L->k_norm, row, bf16);
+    rope(k, cs, sn, m->rot, bf16);
+    const int64_t base = ((b * m->n_kv + kv) * m->max_len + p) * D;
+    for (int64_t d = 0; d < D; d++) {
+        bd_store(L->k_cache, base + d, k[d], bf16);
+        bd_store(L->v_cache, base + d, v[d], bf16);
+    }
+}
+
+/* The query heads of kv group kv in row r attend over the cached positions 0..p of their sequence. */
+static void attend_group(const bd_model *m, const bd_layer *L, const bd_scratch *s, int64_t r, int64_t kv, int64_t Tc,
+                         int64_t pos0, float *scores, float *row) {
+    const int64_t D = m->head_dim, QD = m->n_heads * D, QKV = QD + 2 * m->n_kv * D, group = m->n_heads / m->n_kv;
+    const int64_t b = r / Tc, p = pos0 + r % Tc, q0 = kv * group * D;
+    const int64_t off = (b * m->n_kv + kv) * m->max_len * D * (int64_t)(m->bf16 ? 2 : 4);
+    attend(s->qkv + r * QKV + q0, group, (const char *)L->k_cache + off, (const char *)L->v_cache + off, p + 1, D,
+           m->scaling, scores, row, s->att + r * QD + q0, m->bf16);
+}
+
 /* One chunk: tokens t0..t0+Tc-1 of every sequence (rows b * Tc + t), run by every thread of a parallel region. */
 static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t Tc, int64_t pos0, const int bf16) {
     const int64_t H = m->hidden, D = m->head_dim, QD = m->n_heads * D, KD = m->n_kv * D, I = m->intermediate;
     const int64_t QKV = QD + 2 * KD, group = m->n_heads / m->n_kv, M = B * Tc, NH = m->n_heads + m->n_kv;
     const bd_norm none = {NULL, 0.0f};
-    const size_t esz = bf16 ? 2 : 4;
     float *row = s->row + thread_id() * widest_in(m), *scores = s->scores + thread_id() * m->max_len * group;
     for (int64_t li = 0; li < m->n_layers; li++) {
         const bd_layer *L = &m->layers[li];
@@ -209,32 +243,19 @@ static void run_chunk(const bd_model *m, const bd_scratch *s, int64_t B, int64_t
             for (int i = 0; i < L->n_qkv; i++) { outs[i] = s->qkv + off; ldo[i] = QKV; off += 4 * L->qkv[i].P; }
             bd_linears(s->xq, s->xs, s->sx, M, H, L->qkv, L->n_qkv, outs, ldo, bf16, 0);
         }
+        if (Tc == 1) { /* decode: each (sequence, kv group) unit ropes its heads, caches its key and attends */
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < M * NH; u++) {
-            const int64_t r = u / NH, hd = u % NH, b = r / Tc, p = pos0 + r % Tc;
-            const char *cs = (const char *)m->cos + p * m->rot * esz, *sn = (const char *)m->sin + p * m->rot * esz;
-            float *q = s->qkv + r * QKV;
-            if (hd < m->n_heads) {
-                if (L->q_norm.weight) norm_in_place(q + hd * D, D, &L->q_norm, row, bf16);
-                rope(q + hd * D, cs, sn, m->rot, bf16);
-            } else {
-                const int64_t kv = hd - m->n_heads;
-                float *k = q + QD + kv * D, *v = q + QD + KD + kv * D;
-                if (L->k_norm.weight) norm_in_place(k, D, &L->k_norm, row, bf16);
-                rope(k, cs, sn, m->rot, bf16);
-                const int64_t base = ((b * m->n_kv + kv) * m->max_len + p) * D;
-                for (int64_t d = 0; d < D; d++) {
-                    bd_store(L->k_cache, base + d, k[d], bf16);
-                    bd_store(L->v_cache, base + d, v[d], bf16);
-                }
+            for (int64_t u = 0; u < M * m->n_kv; u++) {
+                const int64_t r = u / m->n_kv, kv = u % m->n_kv;
+                for (int64_t g = 0; g < group; g++) position_head(m, L, s, r, kv * group + g, Tc, pos0, row);
+                position_head(m, L, s, r, m->n_heads + kv, Tc, pos0, row);
+                attend_group(m, L, s, r, kv, Tc, pos0, scores, row);
             }
-        }
+        } else { /* a chunk of a prompt: every key of the chunk is cached before any token attends */
 #pragma omp for schedule(static)
-        for (int64_t u = 0; u < M * m->n_kv; u++) {
-            const int64_t r = u / m->n_kv, kv = u % m->n_kv, b = r / Tc, p = pos0 + r % Tc;
-            const int64_t off = (b * m->n_kv + kv) * m->max_len * D * (int64_t)esz, q0 = kv * group * D;
-            attend(s->qkv + r * QKV + q0, group, (const char *)L->k_cache + off, (const char *)L->v_cache + off, p + 1, D,
-                   m->scaling, scores, row, s->att + r * QD + q0, bf16);
+            for (int64_t u = 0; u < M * NH; u++) position_head(m, L, s, u / NH, u % NH, Tc, pos0, row);
+#pragma omp for schedule(static)
+            for (int64_t u = 0; u < M * m->n_kv; u++) attend_group(m, L, s, u / m->n_kv, u % m->n_kv, Tc, pos0, scores, row);
         }
         norm_quantize(m, s->att, NULL, s->att, M, QD, L->attn_sub_norm.weight ? &L->attn_sub_norm : &none, s);
         {
