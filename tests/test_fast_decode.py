@@ -34,7 +34,7 @@ def test_same_tokens_as_generate(arch):
     ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(1))
     expected = _greedy(packed, ids, 16)
     assert FastDecoder(packed, 24).backend == "native"
-    assert torch.equal(generate_fast(packed, ids, 16), expected)
+    assert torch.equal(generate_fast(packed, ids, 16, int8_head=False), expected)
     assert torch.equal(generate_fast(packed, ids, 16, backend="torch"), expected)
     assert FastDecoder(student, 24).backend == "torch"  # latent weights: the model's own modules
     assert torch.equal(generate_fast(student, ids, 16), _greedy(student, ids, 16))
@@ -46,7 +46,7 @@ def test_native_stack_matches_the_eager_model(arch, dtype):
     """Native logits equal the torch backend's up to summation order: float32 to ~1e-6, bfloat16 to 2 ulps."""
     packed = pack_in_memory(_student(arch)).to(dtype)
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(5))
-    native, eager = FastDecoder(packed, 16, backend="native"), FastDecoder(packed, 16, backend="torch")
+    native, eager = FastDecoder(packed, 16, backend="native", int8_head=False), FastDecoder(packed, 16, backend="torch")
     prefill = native.step(ids[:, :8], 0)  # 8 tokens in one call (causal attention inside the stack) ...
     ref = eager.step(ids[:, :8], 0)
     step = native.step(ids[:, 8:], 8)  # ... then one more against the cached keys and values
@@ -64,8 +64,8 @@ def test_native_stack_matches_the_eager_model(arch, dtype):
 def test_native_prefill_equals_token_by_token():
     packed = pack_in_memory(_student("qwen3"))
     ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(6))
-    at_once = FastDecoder(packed, 8).step(ids, 0)
-    one_by_one = FastDecoder(packed, 8)
+    at_once = FastDecoder(packed, 8, int8_head=False).step(ids, 0)
+    one_by_one = FastDecoder(packed, 8, int8_head=False)
     for i in range(ids.shape[1]):
         last = one_by_one.step(ids[:, i:i + 1], i)
     assert torch.allclose(at_once, last, atol=1e-5, rtol=0)
@@ -86,16 +86,16 @@ def test_packed_subln_student_as_bitnet():
     assert bitnet.config.model_type == "bitnet"
     ids = torch.randint(3, 256, (1, 8), generator=torch.Generator().manual_seed(4))
     assert FastDecoder(bitnet, 24).backend == "native"
-    assert torch.equal(generate_fast(bitnet, ids, 16), _greedy(bitnet, ids, 16))
+    assert torch.equal(generate_fast(bitnet, ids, 16, int8_head=False), _greedy(bitnet, ids, 16))
     assert torch.equal(generate_fast(bitnet, ids, 16, backend="torch"), _greedy(bitnet, ids, 16))
     for layer in bitnet.model.layers:  # BitNet's own default activation
         layer.mlp.act_fn = ACT2FN["relu2"]
-    assert torch.equal(generate_fast(bitnet, ids, 16, backend="native"), _greedy(bitnet, ids, 16))
+    assert torch.equal(generate_fast(bitnet, ids, 16, backend="native", int8_head=False), _greedy(bitnet, ids, 16))
 
 
 def test_decoder_is_reusable_and_int8_head_is_close():
     packed = pack_in_memory(_student("llama"))
-    decoder = FastDecoder(packed, 32)
+    decoder = FastDecoder(packed, 32, int8_head=False)
     a = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(2))
     b = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
     assert torch.equal(decoder.generate(a, 12), _greedy(packed, a, 12))
@@ -148,7 +148,7 @@ def test_batch_decodes_each_sequence_as_alone(arch, backend):
     projection for all four), also with eos ending some sequences early."""
     packed = pack_in_memory(_student(arch))
     ids = torch.randint(3, 256, (4, 7), generator=torch.Generator().manual_seed(8))
-    batch = FastDecoder(packed, 20, backend=backend, max_batch=4)
+    batch = FastDecoder(packed, 20, backend=backend, max_batch=4, int8_head=False)
     together = batch.generate(ids, 10)
     for i in range(4):
         assert torch.equal(together[i:i + 1], _greedy(packed, ids[i:i + 1], 10)), i
@@ -156,7 +156,7 @@ def test_batch_decodes_each_sequence_as_alone(arch, backend):
     stopped = batch.generate(ids, 10, eos_token_id=eos)
     first = int((stopped[0, 7:] == eos).nonzero()[0])
     assert (stopped[0, 7 + first:] == eos).all()
-    assert torch.equal(generate_fast(packed, ids[:2], 10, backend=backend), together[:2])
+    assert torch.equal(generate_fast(packed, ids[:2], 10, backend=backend, int8_head=False), together[:2])
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -171,12 +171,12 @@ def test_native_logits_of_every_position_match_the_eager_model(arch):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        decoder = FastDecoder(packed, 96, max_batch=2)
+        decoder = FastDecoder(packed, 96, max_batch=2, int8_head=False)
         assert decoder.backend == "native"
         got = decoder.logits(ids)
         nxt = decoder.step(ids[:, :1], 80)  # a cached step after the prefill
         torch.set_num_threads(1)
-        assert torch.equal(FastDecoder(packed, 96, max_batch=2).logits(ids), got)
+        assert torch.equal(FastDecoder(packed, 96, max_batch=2, int8_head=False).logits(ids), got)
     finally:
         torch.set_num_threads(before)
     with torch.no_grad():
@@ -185,6 +185,15 @@ def test_native_logits_of_every_position_match_the_eager_model(arch):
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
     assert (nxt - want_next).abs().max() <= 1e-4 * want_next.abs().max()
+
+
+def test_the_int8_head_is_the_native_backends_default_only():
+    packed = pack_in_memory(_student("llama"))
+    assert FastDecoder(packed, 16).int8_head is not None
+    assert FastDecoder(packed, 16).native.head is not None
+    assert FastDecoder(packed, 16, int8_head=False).native.head is None
+    assert FastDecoder(packed, 16, backend="torch").int8_head is None
+    assert FastDecoder(_student("llama"), 16).int8_head is None  # a student runs the torch backend
 
 
 def test_native_int8_head_runs_inside_the_stack():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bitdistill.cli.main import main
+from bitdistill.errors import UserError
 from bitdistill.eval.generate import generate_text, sample_next_token, stream_text
 from bitdistill.eval.harness import load_for_eval
 from bitdistill.export.folder import pack_pretrained
@@ -51,14 +52,33 @@ def _reference(model, tokenizer, prompt: str, n: int) -> list[int]:
                                                  ("gpt2-student", "auto", "torch")])
 def test_greedy_equals_model_generate(folders, name, decoder, used):
     model, tokenizer, _ = load_for_eval(folders[name])
-    results = generate_text(model, tokenizer, PROMPTS, max_new_tokens=20, decoder=decoder)
+    results = generate_text(model, tokenizer, PROMPTS, max_new_tokens=20, decoder=decoder, head="model")
     for prompt, result in zip(PROMPTS, results, strict=True):
-        assert result.decoder == used
+        assert result.decoder == used and result.head == "model"
         assert (result.reason is None) == used.startswith("fast")
         assert result.token_ids == _reference(model, tokenizer, prompt, 20)
         assert result.text == tokenizer.decode(result.token_ids, skip_special_tokens=True)
     if name == "gpt2-student":
         assert "gpt2" in results[0].reason
+
+
+def test_the_int8_head_is_the_native_stacks_default(folders, capsys):
+    """auto: the int8 head on the native stack (approximate, close logits here: the same greedy tokens), the
+    model's own head on the torch path; --head model keeps the model's head everywhere."""
+    packed, tokenizer, _ = load_for_eval(folders["llama-packed"])
+    student, _, _ = load_for_eval(folders["llama-student"])
+    assert [r.head for r in generate_text(packed, tokenizer, PROMPTS, max_new_tokens=8)] == ["int8", "int8"]
+    assert generate_text(packed, tokenizer, "ab", max_new_tokens=8, head="model")[0].head == "model"
+    assert generate_text(student, tokenizer, "ab", max_new_tokens=8)[0].head == "model"
+    assert generate_text(student, tokenizer, "ab", max_new_tokens=8, head="int8")[0].head == "int8"
+    got = generate_text(packed, tokenizer, PROMPTS, max_new_tokens=12)
+    assert [r.token_ids for r in got] == [_reference(packed, tokenizer, p, 12) for p in PROMPTS]
+    with pytest.raises(UserError, match="--head must be one of auto, int8, model"):
+        generate_text(packed, tokenizer, "ab", max_new_tokens=8, head="bf16")
+    assert main(["generate", str(folders["llama-packed"]), "--prompt", "ab", "--max_new_tokens", "8",
+                 "--head", "model"]) == 0
+    assert capsys.readouterr().out.strip() == "ab" + generate_text(packed, tokenizer, "ab", max_new_tokens=8,
+                                                                   head="model")[0].text
 
 
 def test_stops_at_end_of_sequence(folders):

@@ -230,7 +230,7 @@ def test_fast_decoder_runs_a_per_row_student(dtype):
         pytest.skip(cpu_ext.native_unavailable_reason())
     packed = pack_in_memory(_student("llama")).to(dtype)
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(5))
-    native, eager = FastDecoder(packed, 16, backend="native"), FastDecoder(packed, 16, backend="torch")
+    native, eager = FastDecoder(packed, 16, backend="native", int8_head=False), FastDecoder(packed, 16, backend="torch")
     assert native.backend == "native"
     got, want = native.step(ids, 0), eager.step(ids, 0)
     tol = 1e-5 if dtype == torch.float32 else 2 * 2.0 ** -7  # as test_fast_decode: summation order only
@@ -241,7 +241,7 @@ def test_fast_decoder_runs_a_per_row_student(dtype):
     if dtype == torch.float32:
         with torch.no_grad():
             expected = packed.generate(ids, do_sample=False, max_new_tokens=8, min_new_tokens=8)
-        assert torch.equal(generate_fast(packed, ids, 8), expected)
+        assert torch.equal(generate_fast(packed, ids, 8, int8_head=False), expected)
 
 
 def test_export_targets_and_plain_transformers_refusal():

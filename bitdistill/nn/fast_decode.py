@@ -20,10 +20,12 @@ processors, thousands of small ops. :class:`FastDecoder` has two backends.
   (:class:`bitdistill.cpu_ext.SharedInputPackedLinears`; same bits as the layers' own forward). Used for
   student models (latent weights), other devices and dtypes, or when asked (``backend="torch"``).
 
-Either backend can use an int8 output head (``int8_head=True``, approximate): per-row absmax int8 weights, the
-input quantized per 64-feature block, multiplied by the native library's integer kernels
-(:class:`bitdistill.cpu_ext.NativeInt8Head`; half the bytes of a bf16 head; on the native backend it runs inside
-the same C call). A batch of prompts of one length decodes together (``max_batch``), and a prompt runs through the
+Either backend can use an int8 output head (approximate): per-row absmax int8 weights, the input quantized per
+64-feature block, multiplied by the native library's integer kernels (:class:`bitdistill.cpu_ext.NativeInt8Head`;
+half the bytes of a bf16 head; on the native backend it runs inside the same C call). It is the native backend's
+default (``int8_head=None``): on the SmolLM2-135M student its perplexity is within 0.31% of the model's own head
+and it is what puts decoding ahead of llama.cpp (``benchmarks/results/decode_cpu.md``); ``int8_head=False`` keeps
+the model's head. The torch backend keeps the model's head unless ``int8_head=True``. A batch of prompts of one length decodes together (``max_batch``), and a prompt runs through the
 native stack as GEMMs (chunks of 64 tokens), not token by token.
 
 Where the native stack cannot run a model, ``backend="auto"`` prints one line naming why and uses ``torch``.
@@ -173,7 +175,8 @@ class FastDecoder:
         model: a ``transformers`` causal LM of a :data:`FAST_DECODE_ARCHS` architecture, e.g. from
             :func:`bitdistill.load_packed` or :func:`bitdistill.load_student`.
         max_length: the longest prompt + generation this decoder holds (its KV cache size).
-        int8_head: use an int8-weight output head (approximate; see :class:`bitdistill.cpu_ext.NativeInt8Head`).
+        int8_head: use an int8-weight output head (approximate; see :class:`bitdistill.cpu_ext.NativeInt8Head`);
+            ``None`` (default): on the native backend only, the model's own head on the torch backend.
         backend: ``"native"`` (the whole stack in C; a packed model on CPU), ``"torch"`` (the model's modules),
             or ``"auto"``: native where it applies, else torch with one printed line saying why. The chosen one is
             ``self.backend``.
@@ -183,7 +186,7 @@ class FastDecoder:
     changing them.
     """
 
-    def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool = False, backend: str = "auto",
+    def __init__(self, model: nn.Module, max_length: int, *, int8_head: bool | None = None, backend: str = "auto",
                  max_batch: int = 1) -> None:
         if backend not in FAST_DECODE_BACKENDS:
             raise UserError(f"backend must be one of {', '.join(FAST_DECODE_BACKENDS)}, got {backend!r}")
@@ -213,13 +216,15 @@ class FastDecoder:
         with torch.no_grad():
             cos, sin = self.inner.rotary_emb(param[:1][None], positions)
         self.cos, self.sin = cos[:, None], sin[:, None]  # [1, 1, max_length, rot]
-        self.int8_head = NativeInt8Head(model.lm_head.weight) if int8_head else None
         reason = "backend='torch' was asked for" if backend == "torch" else _native_unsupported(model)
         if backend == "native" and reason is not None:
             raise UserError(f"backend='native' is not possible: {reason}; use backend='auto' or 'torch'")
         if backend == "auto" and reason is not None:
             print(f"bitdistill: fast decoding runs the torch path, not the native stack: {reason}", file=sys.stderr)
         self.backend = "torch" if reason is not None else "native"
+        if int8_head is None:
+            int8_head = self.backend == "native"
+        self.int8_head = NativeInt8Head(model.lm_head.weight) if int8_head else None
         self.native = (_native_stack(model, cos[0], sin[0], self.int8_head, max_batch) if reason is None else None)
         self.k_cache, self.v_cache, self.qkv, self.o, self.mlp_in, self.down = [], [], [], [], [], []
         if self.native is None:
@@ -342,7 +347,7 @@ class FastDecoder:
         return torch.cat(out, dim=1)
 
 
-def generate_fast(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, int8_head: bool = False,
+def generate_fast(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, *, int8_head: bool | None = None,
                   eos_token_id: int | None = None, backend: str = "auto") -> torch.Tensor:
     """Greedy decoding with a static KV cache (see :class:`FastDecoder`); ``input_ids [B, T]`` -> ``[B, T + n]``.
 
