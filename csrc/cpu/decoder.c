@@ -132,7 +132,12 @@ static inline void cache_row(const void *cache, int64_t j, int64_t D, int bf16, 
  * Each key and value row is read (and widened) once for the G heads. scores: G n floats; row: D floats. */
 BD_CLONES static void attend(const float *q, int64_t G, const void *k_cache, const void *v_cache, int64_t n, int64_t D,
                              float scaling, float *scores, float *row, float *out, int bf16) {
+    const int64_t row_bytes = D * (bf16 ? 2 : 4);
     for (int64_t j = 0; j < n; j++) {
+        for (int64_t b = 0; b < row_bytes; b += 64) { /* the keys 8 rows ahead; the values for the second pass */
+            __builtin_prefetch((const char *)k_cache + (j + 8) * row_bytes + b);
+            __builtin_prefetch((const char *)v_cache + j * row_bytes + b);
+        }
         cache_row(k_cache, j, D, bf16, row);
         for (int64_t g = 0; g < G; g++) scores[g * n + j] = dot(q + g * D, row, D) * scaling;
     }
