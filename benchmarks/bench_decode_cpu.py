@@ -22,7 +22,8 @@ spread ``(p80 - p20) / median``, ratios against the faster llama.cpp row of the 
 against the fastest llama.cpp row of the model (``vs_fastest_llama_cpp``), ``ternary_share`` (the fraction of
 linear weights held ternary: the GGUF's for llama.cpp rows), ``bytes_per_token`` (weights, scales, norms and head
 read for one new token; one embedding row; KV cache excluded), ``bandwidth_share`` (bytes_per_token x tokens/s over
-a 2-thread copy benchmark of the same run, read + written bytes), ``ppl`` (the same ``--ppl-windows`` x
+a 2-thread copy benchmark measured beside the model's rounds, read + written bytes), ``bandwidth_share_run`` (the
+same over the best copy of the whole run: the conservative figure), ``ppl`` (the same ``--ppl-windows`` x
 ``--ppl-length`` wiki.test.raw windows; llama-bench shares its GGUF's llama-cpp-python value), the load average.
 
 Run from the repository root, on a quiet machine::
@@ -284,6 +285,7 @@ def main() -> None:
         info = llama_bench_run(args.llama_bench, first, 1, args.threads) if first.is_file() else {}
         llama_version += (f"; llama-bench build {info.get('build_number', '?')} commit "
                           f"{info.get('build_commit', '?')}, {info.get('cpu_info', '')}")
+    run_copies = []
     for model_name in args.models:
         paths = student_paths(args.work, args.student) if model_name == STUDENT else build_random_llama(args.work,
                                                                                                        model_name)
@@ -329,8 +331,14 @@ def main() -> None:
                       isa=cpu_isa(), llama_cpp=llama_version, run=run_id, command=command)
             print(f"{model_name} {name}: {rate[name]:.1f} tok/s ({rate[name] / ours_llama:.2f}x llama.cpp, "
                   f"{rate[name] / fastest_llama:.2f}x fastest llama.cpp), ppl {impl['ppl']}", flush=True)
+        run_copies.extend(copies)
         del impls
         gc.collect()
+    run_bandwidth = max(run_copies)  # the machine's best copy of the whole run: the conservative share
+    for row in bench.rows:
+        row["copy_gbps_run"] = run_bandwidth / 1e9
+        row["bandwidth_share_run"] = (row["bandwidth_share"] * row["copy_gbps"] * 1e9 / run_bandwidth
+                                      if row["bandwidth_share"] != "" else "")
     note = (f"Run `{run_id}`: greedy decoding, {args.prompt_tokens}-token wiki.test.raw prompt, {args.new_tokens} new "
             f"tokens, {args.threads} threads, {args.repeats} interleaved rounds (one call of every implementation per "
             "round); tokens_per_s is the median over rounds (batch rows: all sequences' tokens; prefill rows: prompt "
@@ -339,7 +347,9 @@ def main() -> None:
             "against the fastest llama.cpp row of the model (for the student: llama.cpp's TQ2_0 of the teacher, other "
             "bytes). bytes_per_token: weights, scales, norms and head read for one new token, one embedding row, no "
             "KV cache; bandwidth_share = bytes_per_token x steps per second / copy_gbps (best 2-thread copy of 256 MiB "
-            "in this run, read + written bytes). ppl: the same 8 x 256-token windows (llama-bench: its GGUF's "
+            "measured before and after this model's rounds, read + written bytes; the machine's bandwidth varies "
+            "with its neighbours' load, by up to 1.6x within one run here); bandwidth_share_run: the same over the best "
+            "copy of the whole run (copy_gbps_run), the conservative figure. ppl: the same 8 x 256-token windows (llama-bench: its GGUF's "
             "llama-cpp-python value). same_tokens_as_load_packed: 1 if the generated tokens equal load_packed's "
             "(llama.cpp quantizes activations per 256-block, the int8 head is approximate, the native stack reduces "
             f"in another order: last-bit differences). llama.cpp: {llama_version}; llama-bench built from the "
@@ -347,7 +357,7 @@ def main() -> None:
             f"Command: `{command}`.")
     print(bench.write(["model", "impl", "tokens_per_s", "spread", "vs_llama_cpp", "vs_fastest_llama_cpp",
                        "tokens_per_s_best", "best_vs_llama_cpp",
-                       "ternary_share", "bytes_per_token", "bandwidth_share", "ppl", "same_tokens_as_load_packed",
+                       "ternary_share", "bytes_per_token", "bandwidth_share", "bandwidth_share_run", "ppl", "same_tokens_as_load_packed",
                        "load_avg_1min"],
                       title="Decode speed on CPU: bitdistill's native stack and llama.cpp", note=note))
 
