@@ -67,6 +67,7 @@ _WHERE = {
     "reconstruct_jointly_in_place": "bitdistill.recover",
     "RecoverArguments": "bitdistill.recover.staged",
     "run_staged_recovery": "bitdistill.recover.staged",
+    "recover_defaults": "bitdistill.recover.staged",
 }
 
 __getattr__ = lazy_getattr(__name__, _WHERE)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["available_host_bytes"]
+from pathlib import Path
+
+__all__ = ["available_host_bytes", "cpu_has_bf16"]
 
 
 def available_host_bytes() -> int:
@@ -11,3 +13,14 @@ def available_host_bytes() -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (``avx512_bf16`` or ``amx_bf16`` among the flags of
+    ``cpuinfo``); False where the file is absent (not Linux) or has no such flag."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags

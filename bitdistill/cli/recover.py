@@ -17,18 +17,17 @@ def _types() -> tuple:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from bitdistill.cli.hfargs import add_dataclass_arguments
-    from bitdistill.distill.args import DISTILL_DEFAULTS
+    from bitdistill.recover.staged import recover_defaults
 
-    add_dataclass_arguments(p, _types(), defaults=DISTILL_DEFAULTS)
+    add_dataclass_arguments(p, _types(), defaults=recover_defaults())
 
 
 def run(args: argparse.Namespace) -> int:
     from bitdistill.cli.hfargs import command_from_args, parse_dataclasses
-    from bitdistill.distill.args import DISTILL_DEFAULTS
-    from bitdistill.recover.staged import run_staged_recovery
+    from bitdistill.recover.staged import recover_defaults, run_staged_recovery
 
     model_args, data_args, loss_args, training_args, recover_args, task_args = parse_dataclasses(
-        args, _types(), defaults=DISTILL_DEFAULTS)
+        args, _types(), defaults=recover_defaults())
     out = run_staged_recovery(model_args, data_args, loss_args, training_args, recover_args, task_args,
                               command=command_from_args(args))
     print(f"wrote the recovered student to {out}")

@@ -75,7 +75,8 @@ from bitdistill.runs import build_blocks, config_changes, config_dict, eval_toke
 from bitdistill.validate import validate_run_args
 from bitdistill.weights import read_json
 
-__all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "run_staged_recovery"]
+__all__ = ["RecoverArguments", "StageResult", "estimate_init_cpu_s", "held_out_loss", "recover_defaults",
+           "run_staged_recovery"]
 
 BLOCK_MODES = ("joint", "sequential")
 STAGE_NAMES = {"init": "calibrated ternary initialization", "blocks": "block-wise reconstruction",
@@ -91,6 +92,20 @@ HELD_OUT_TOKENS = 64 * 256  # the tuning split: 4 x 256 ranked two recipes oppos
 BLOCK_VAL_BLOCKS = 4  # held-out blocks of the block stage's own before/after block losses, counted in its budget
 
 logger = logging.getLogger(__name__)
+
+
+def recover_defaults() -> dict[str, object]:
+    """The defaults of ``bitdistill recover`` (flags and ``--config`` keys override them): ``distill``'s
+    (:data:`~bitdistill.distill.args.DISTILL_DEFAULTS`, its e2e stage's recipe), plus bfloat16 autocast in both
+    training stages (``bf16`` and ``use_cpu``) on a host without CUDA whose CPU multiplies bfloat16 in hardware
+    (:func:`bitdistill.host.cpu_has_bf16`): there a CPU-minute buys more steps, and the tuning-split probe at 30
+    CPU-minutes in ``benchmarks/results/logs/recovery_default_bf16_at_30_04ed0d4_*.jsonl`` chose it. Elsewhere
+    (emulated bfloat16, or a GPU, whose precision is the user's choice) training stays float32."""
+    from bitdistill.distill.args import DISTILL_DEFAULTS
+    from bitdistill.host import cpu_has_bf16
+
+    cpu_bf16 = not torch.cuda.is_available() and cpu_has_bf16()
+    return {**DISTILL_DEFAULTS, **({"bf16": True, "use_cpu": True} if cpu_bf16 else {})}
 
 
 @dataclass
