@@ -15,6 +15,10 @@
 #include "bitdistill_cpu.h"
 
 #include <stddef.h>
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define BD_KEYS_AVX512 1
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -128,19 +132,85 @@ static inline void cache_row(const void *cache, int64_t j, int64_t D, int bf16, 
     }
 }
 
+#ifdef BD_KEYS_AVX512
+static int keys_avx512;
+__attribute__((constructor)) static void init_keys_avx512(void) {
+    __builtin_cpu_init();
+    keys_avx512 = __builtin_cpu_supports("avx512f");
+}
+
+/* Lane i of the result: the sum of the 16 lanes of a[i] (one transposed reduction for 16 dot products). */
+__attribute__((target("avx512f"))) static inline __m512 hsum16_ps(const __m512 a[16]) {
+    __m512 b[4];
+    for (int g = 0; g < 4; g++) {
+        const __m512 *v = a + 4 * g;
+        const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+        const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+        b[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+    }
+    const __m512 d01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xEE));
+    const __m512 d23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xDD));
+}
+
+/* The key pass of attend in AVX-512 for D a multiple of 16 up to 256: keys in blocks of 16, each widened once into
+ * kb (L1), then per query head 16 dot products as 16-lane partial sums and one transposed reduction (another
+ * summation order than dot's, as torch's kernels also differ). scores[g n + j] = (q_g . k_j) * scaling. */
+__attribute__((target("avx512f"))) static void key_scores_avx512(const float *q, int64_t G, const void *k_cache,
+                                                                  const void *v_cache, int64_t n, int64_t D,
+                                                                  float scaling, float *scores, int bf16) {
+    float kb[16 * 256];
+    const int64_t C = D / 16, row_bytes = D * (bf16 ? 2 : 4);
+    for (int64_t j0 = 0; j0 < n; j0 += 16) {
+        const int nb = n - j0 < 16 ? (int)(n - j0) : 16;
+        for (int jj = 0; jj < nb; jj++) {
+            const int64_t j = j0 + jj;
+            for (int64_t b = 0; b < row_bytes; b += 64) { /* the keys a block ahead; the values for the second pass */
+                _mm_prefetch((const char *)k_cache + (j + 16) * row_bytes + b, _MM_HINT_T0);
+                _mm_prefetch((const char *)v_cache + j * row_bytes + b, _MM_HINT_T0);
+            }
+            for (int64_t c = 0; c < C; c++) {
+                const __m512 k = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                            (const __m256i *)((const uint16_t *)k_cache + j * D + 16 * c))), 16))
+                                      : _mm512_loadu_ps((const float *)k_cache + j * D + 16 * c);
+                _mm512_storeu_ps(kb + jj * D + 16 * c, k);
+            }
+        }
+        for (int64_t g = 0; g < G; g++) {
+            __m512 part[16];
+            for (int jj = 0; jj < 16; jj++) {
+                __m512 acc = _mm512_setzero_ps();
+                if (jj < nb)
+                    for (int64_t c = 0; c < C; c++)
+                        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * c), _mm512_loadu_ps(kb + jj * D + 16 * c), acc);
+                part[jj] = acc;
+            }
+            const __m512 s = _mm512_mul_ps(hsum16_ps(part), _mm512_set1_ps(scaling));
+            _mm512_mask_storeu_ps(scores + g * n + j0, (__mmask16)((1u << nb) - 1), s);
+        }
+    }
+}
+#endif
+
 /* Causal attention of the G query heads q [G, D] that share one kv head, over its cached positions 0..n-1: out [G, D].
  * Each key and value row is read (and widened) once for the G heads. scores: G n floats; row: D floats. */
 BD_CLONES static void attend(const float *q, int64_t G, const void *k_cache, const void *v_cache, int64_t n, int64_t D,
                              float scaling, float *scores, float *row, float *out, int bf16) {
     const int64_t row_bytes = D * (bf16 ? 2 : 4);
-    for (int64_t j = 0; j < n; j++) {
-        for (int64_t b = 0; b < row_bytes; b += 64) { /* the keys 8 rows ahead; the values for the second pass */
-            __builtin_prefetch((const char *)k_cache + (j + 8) * row_bytes + b);
-            __builtin_prefetch((const char *)v_cache + j * row_bytes + b);
+#ifdef BD_KEYS_AVX512
+    if (keys_avx512 && D % 16 == 0 && D <= 256)
+        key_scores_avx512(q, G, k_cache, v_cache, n, D, scaling, scores, bf16);
+    else
+#endif
+        for (int64_t j = 0; j < n; j++) {
+            for (int64_t b = 0; b < row_bytes; b += 64) { /* the keys 8 rows ahead; the values for the second pass */
+                __builtin_prefetch((const char *)k_cache + (j + 8) * row_bytes + b);
+                __builtin_prefetch((const char *)v_cache + j * row_bytes + b);
+            }
+            cache_row(k_cache, j, D, bf16, row);
+            for (int64_t g = 0; g < G; g++) scores[g * n + j] = dot(q + g * D, row, D) * scaling;
         }
-        cache_row(k_cache, j, D, bf16, row);
-        for (int64_t g = 0; g < G; g++) scores[g * n + j] = dot(q + g * D, row, D) * scaling;
-    }
     for (int64_t g = 0; g < G; g++) {
         float *sc = scores + g * n, mx = -INFINITY, part[16] = {0}, total = 0.0f;
         for (int64_t j = 0; j < n; j++) mx = sc[j] > mx ? sc[j] : mx;
