@@ -232,8 +232,12 @@ def test_load_student_reports_only_tensors_it_does_not_load_itself(tmp_path):
     replace_linear_with_bitlinear(model)
     insert_subln(model, init="ones")
     model.save_pretrained(tmp_path)
+    from transformers.utils import logging as hf_logging
+
     seen, keep = [], Keep()
     logging.getLogger("transformers").addHandler(keep)  # transformers' root logger does not propagate
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()  # the CLIs a test ran in this process may have left it at errors only
     try:
         load_student(tmp_path)
         assert not any("rms_norm" in m for m in seen), seen
@@ -245,3 +249,4 @@ def test_load_student_reports_only_tensors_it_does_not_load_itself(tmp_path):
         assert any("model.foreign.weight" in m for m in seen), seen
     finally:
         logging.getLogger("transformers").removeHandler(keep)
+        hf_logging.set_verbosity(verbosity)
