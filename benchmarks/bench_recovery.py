@@ -444,8 +444,8 @@ def _plot(rows: list[dict], t_ppl: float) -> Path | None:
         pts = sorted((b, [r["ppl"] for r in rs]) for (name, b), rs in cells.items() if name == recipe)
         if pts:
             mid = [_gmean(p) for _, p in pts]
-            err = [[m - min(p) for m, (_, p) in zip(mid, pts, strict=True)],
-                   [max(p) - m for m, (_, p) in zip(mid, pts, strict=True)]]
+            err = [[max(m - min(p), 0.0) for m, (_, p) in zip(mid, pts, strict=True)],  # one seed: exp(log x) may
+                   [max(max(p) - m, 0.0) for m, (_, p) in zip(mid, pts, strict=True)]]  # miss x by an ulp
             ax.errorbar([b for b, _ in pts], mid, yerr=err, marker=marker, capsize=3,
                         label=f"{recipe} (seed min-max)" if any(len(p) > 1 for _, p in pts) else recipe)
     for budget, _cpu, base, new in default_vs_baseline(rows):
