@@ -132,7 +132,18 @@ static inline void cache_row(const void *cache, int64_t j, int64_t D, int bf16, 
     }
 }
 
+/* Prefetch key row kj and value row vj of a cache of rows of row_bytes (the keys run ahead of the key pass; the values
+ * are wanted by the value pass right after it). */
+static inline void prefetch_kv(const void *k_cache, const void *v_cache, int64_t kj, int64_t vj, int64_t row_bytes) {
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch((const char *)k_cache + kj * row_bytes + b);
+        __builtin_prefetch((const char *)v_cache + vj * row_bytes + b);
+    }
+}
+
 #ifdef BD_KEYS_AVX512
+/* Picked by the CPU, like the BD_CLONES code, not by bitdistill_set_isa: the attention (a float reduction) stays the
+ * same whichever integer kernels a test forces, so the stack's states can be compared bit for bit across them. */
 static int keys_avx512;
 __attribute__((constructor)) static void init_keys_avx512(void) {
     __builtin_cpu_init();
@@ -166,10 +177,7 @@ __attribute__((target("avx512f"))) static void key_scores_avx512(const float *q,
         const int nb = n - j0 < 16 ? (int)(n - j0) : 16;
         for (int jj = 0; jj < nb; jj++) {
             const int64_t j = j0 + jj;
-            for (int64_t b = 0; b < row_bytes; b += 64) { /* the keys a block ahead; the values for the second pass */
-                _mm_prefetch((const char *)k_cache + (j + 16) * row_bytes + b, _MM_HINT_T0);
-                _mm_prefetch((const char *)v_cache + j * row_bytes + b, _MM_HINT_T0);
-            }
+            prefetch_kv(k_cache, v_cache, j + 16, j, row_bytes);
             for (int64_t c = 0; c < C; c++) {
                 const __m512 k = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
                                             (const __m256i *)((const uint16_t *)k_cache + j * D + 16 * c))), 16))
@@ -204,10 +212,7 @@ BD_CLONES static void attend(const float *q, int64_t G, const void *k_cache, con
     else
 #endif
         for (int64_t j = 0; j < n; j++) {
-            for (int64_t b = 0; b < row_bytes; b += 64) { /* the keys 8 rows ahead; the values for the second pass */
-                __builtin_prefetch((const char *)k_cache + (j + 8) * row_bytes + b);
-                __builtin_prefetch((const char *)v_cache + j * row_bytes + b);
-            }
+            prefetch_kv(k_cache, v_cache, j + 8, j, row_bytes);
             cache_row(k_cache, j, D, bf16, row);
             for (int64_t g = 0; g < G; g++) scores[g * n + j] = dot(q + g * D, row, D) * scaling;
         }

@@ -44,8 +44,6 @@ typedef void (*head_rows_fn)(const int8_t *w, const uint8_t *qa, const int8_t *q
 /* The epilogue of one tile: scales the 16 exact sums acc of tile_fn and stores them (store_tile). */
 typedef void (*store_fn)(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
                          const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16);
-static void store_tile(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
-                       const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16);
 
 static void row4_scalar(const int8_t *x, const uint8_t *p, int64_t K, int32_t acc[4]) {
     int32_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
@@ -318,68 +316,11 @@ __attribute__((target(BD_VNNI))) static void head_rows_vnni(const int8_t *w, con
 }
 #endif
 
-static int detected_isa(void) {
-#ifdef BD_X86
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
-        return BD_ISA_AVX512_VNNI;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return BD_ISA_AVX2;
-#endif
-    return BD_ISA_SCALAR;
-}
-
-#ifdef BD_X86
-static void store_tile_vnni(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
-                            const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16);
-#endif
-
-static int isa = -1;
-static tile_fn tile = tile_scalar;
-static store_fn store = store_tile;
-static head_rows_fn head_rows = head_rows_scalar;
-
-/* Use the kernels of `level`, capped at what this CPU has (a negative level: the best it has). Returns the
- * level in use. Not thread safe: call it before decoding, not during. */
-int bitdistill_set_isa(int level) {
-    const int best = detected_isa();
-    isa = level < 0 || level > best ? best : level;
-    tile = tile_scalar;
-    store = store_tile;
-    head_rows = head_rows_scalar;
-#ifdef BD_X86
-    if (isa == BD_ISA_AVX2) { tile = tile_avx2; head_rows = head_rows_avx2; }
-    if (isa == BD_ISA_AVX512_VNNI) { tile = tile_vnni; store = store_tile_vnni; head_rows = head_rows_vnni; }
-#endif
-    return isa;
-}
-
-int bitdistill_isa(void) {
-    if (isa < 0) bitdistill_set_isa(-1);
-    return isa;
-}
-
-__attribute__((constructor)) static void init_isa(void) { bitdistill_set_isa(-1); }
-
-BD_CLONES float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t *sum) {
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; k++) { float a = fabsf(row[k]); amax = a > amax ? a : amax; }
-    float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
-    int32_t total = 0;
-    for (int64_t k = 0; k < K; k++) {
-        float v = nearbyintf(row[k] * s);
-        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
-        q[k] = (int8_t)(int32_t)v;
-        total += (int32_t)v;
-    }
-    *sum = total;
-    return s;
-}
-
 /* The epilogue of one tile (see tile_fn), the one place the weight scale is applied: out[m, col] =
  * dtype((acc - sx[m]) / (xs[m] * scale) + bias[col]) for weight row col = j P + r, stored as float32 or bfloat16.
- * Lane by lane over the 16 sums in loops without branches (they vectorize in bd_linears' clones; IEEE division as
- * the reference), then one scatter of the 16 values: four columns of a token apart by P. */
+ * Lane by lane over the 16 sums in loops without branches (IEEE division, as the reference), then one scatter of
+ * the 16 values: four columns of a token apart by P. The scalar and AVX2 kernels' epilogue, and the AVX-512 one's
+ * for partial tiles and bfloat16 outputs. */
 static void store_tile(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
                        const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16) {
     enum { N = 4 * BD_TILE };
@@ -454,6 +395,59 @@ __attribute__((target(BD_VNNI))) static void store_tile_vnni(const bd_linear *l,
     }
 }
 #endif
+
+static int detected_isa(void) {
+#ifdef BD_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"))
+        return BD_ISA_AVX512_VNNI;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return BD_ISA_AVX2;
+#endif
+    return BD_ISA_SCALAR;
+}
+
+static int isa = -1;
+static tile_fn tile = tile_scalar;
+static store_fn store = store_tile;
+static head_rows_fn head_rows = head_rows_scalar;
+
+/* Use the kernels of `level`, capped at what this CPU has (a negative level: the best it has). Returns the
+ * level in use. Not thread safe: call it before decoding, not during. */
+int bitdistill_set_isa(int level) {
+    const int best = detected_isa();
+    isa = level < 0 || level > best ? best : level;
+    tile = tile_scalar;
+    store = store_tile;
+    head_rows = head_rows_scalar;
+#ifdef BD_X86
+    if (isa == BD_ISA_AVX2) { tile = tile_avx2; head_rows = head_rows_avx2; }
+    if (isa == BD_ISA_AVX512_VNNI) { tile = tile_vnni; store = store_tile_vnni; head_rows = head_rows_vnni; }
+#endif
+    return isa;
+}
+
+int bitdistill_isa(void) {
+    if (isa < 0) bitdistill_set_isa(-1);
+    return isa;
+}
+
+__attribute__((constructor)) static void init_isa(void) { bitdistill_set_isa(-1); }
+
+BD_CLONES float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t *sum) {
+    float amax = 0.0f;
+    for (int64_t k = 0; k < K; k++) { float a = fabsf(row[k]); amax = a > amax ? a : amax; }
+    float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
+    int32_t total = 0;
+    for (int64_t k = 0; k < K; k++) {
+        float v = nearbyintf(row[k] * s);
+        v = v < -128.0f ? -128.0f : (v > 127.0f ? 127.0f : v);
+        q[k] = (int8_t)(int32_t)v;
+        total += (int32_t)v;
+    }
+    *sum = total;
+    return s;
+}
 
 /* Packed rows per work unit: a row tile for one token (its codes loaded once for BD_TILE rows), else single rows
  * (each unpacked once per BD_TILE tokens). Each packed row is read from memory once and reused from L1 for every
