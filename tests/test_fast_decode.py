@@ -9,6 +9,7 @@ from transformers.activations import ACT2FN
 from bitdistill import FastDecoder, generate_fast, replace_linear_with_bitlinear
 from bitdistill.export.memory import pack_in_memory
 from bitdistill.models import tiny_model
+from bitdistill.nn.fast_decode import greedy_token
 
 
 def _student(arch: str):
@@ -205,3 +206,15 @@ def test_native_int8_head_runs_inside_the_stack():
     got, want = native.step(ids, 0), torch_ops.step(ids, 0)
     assert got.dtype == want.dtype and got.shape == want.shape == (2, packed.config.vocab_size)
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_greedy_token_is_argmax_on_the_logits_own_dtype(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 3, 1000, generator=g) * 8).to(dtype)
+    logits[0, 0, 10] = logits[0, 0, 700] = logits[0, 0].max() + 1  # equal maxima: the first wins
+    logits[1, 2, 5] = float("nan")  # a NaN row: argmax's answer (the NaN)
+    token = greedy_token(logits)
+    assert token.shape == (4, 3, 1) and token.dtype == torch.int64
+    assert torch.equal(token, logits.argmax(dim=-1, keepdim=True))
+    assert token[0, 0, 0] == 10 and token[1, 2, 0] == 5

@@ -95,10 +95,13 @@ def test_threaded_linears_equal_the_reference(m):
 
 
 @pytest.mark.parametrize("k", [64, 100])
-def test_int8_head_kernels_agree_and_approximate_the_float_head(k):
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5])
+def test_int8_head_kernels_agree_and_approximate_the_float_head(k, tokens):
+    """100 rows: a partial group of rows for every group size (16 rows for one token, 8 for two, 4 for 3-4); 5 tokens:
+    a group of four and one of one."""
     gen = torch.Generator().manual_seed(0)
-    weight = torch.randn(96, k, generator=gen) * 0.05
-    x = torch.randn(3, k, generator=gen) * 3
+    weight = torch.randn(100, k, generator=gen) * 0.05
+    x = torch.randn(tokens, k, generator=gen) * 3
     head = cpu_ext.NativeInt8Head(weight)
     with cpu_ext.forced_isa("scalar"):
         scalar = head(x)
@@ -107,7 +110,7 @@ def test_int8_head_kernels_agree_and_approximate_the_float_head(k):
             got = head(x)
         assert torch.allclose(got, scalar, rtol=1e-5, atol=1e-5 * scalar.abs().max().item()), isa
     exact = x @ weight.t()
-    assert scalar.shape == exact.shape == (3, 96)
+    assert scalar.shape == exact.shape == (tokens, 100)
     assert (scalar - exact).abs().max() <= 0.02 * exact.abs().max()
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from bitdistill.errors import UserError
-from bitdistill.nn.fast_decode import FastDecoder
+from bitdistill.nn.fast_decode import FastDecoder, greedy_token
 
 __all__ = ["DECODERS", "HEADS", "Generation", "generate_text", "sample_next_token", "stream_text", "validate_generation"]
 
@@ -84,7 +84,7 @@ def sample_next_token(logits: torch.Tensor, *, temperature: float = 0.0, top_p: 
     """
     row = logits.reshape(-1)
     if temperature == 0:
-        return int(row.argmax())
+        return int(greedy_token(row))
     probs = torch.softmax(row.float() / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(descending=True)

@@ -169,6 +169,14 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+def greedy_token(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy choice over the last dimension of ``logits [..., vocab]``: ``[..., 1]`` int64, the first of equal
+    maxima (as ``torch.argmax``). Taken over the logits widened to float32, which is exact for bfloat16 and float16,
+    so the index is the one ``argmax`` gives on the logits themselves; ``argmax`` over bfloat16 is 5x slower on CPU
+    (341 against 62 us for ``[4, 49152]`` on 2 threads), a tenth of a small model's decode step."""
+    return logits.float().argmax(dim=-1, keepdim=True)
+
+
 class FastDecoder:
     """A static-cache greedy decoder around a loaded causal LM (the model is not modified).
 
@@ -337,7 +345,7 @@ class FastDecoder:
         logits = self.step(ids, 0)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
         for n in range(max_new_tokens):
-            token = logits.argmax(dim=-1, keepdim=True)
+            token = greedy_token(logits)
             if eos_token_id is not None:
                 token = token.masked_fill(done[:, None], eos_token_id)
                 done |= token[:, 0] == eos_token_id

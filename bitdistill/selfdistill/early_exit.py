@@ -16,6 +16,7 @@ import torch
 
 from bitdistill.errors import UserError
 from bitdistill.eval.perplexity import PerplexityResult, strided_perplexities
+from bitdistill.nn.fast_decode import greedy_token
 from bitdistill.selfdistill.exits import MultiExitLM
 
 __all__ = ["EarlyExitResult", "early_exit_generate", "early_exit_logits", "early_exit_perplexity"]
@@ -78,7 +79,7 @@ def early_exit_generate(multi_exit: MultiExitLM, input_ids: torch.Tensor, *, max
         finally:
             for h in handles:
                 h.remove()
-        token = logits.argmax(-1, keepdim=True)
+        token = greedy_token(logits)
         ids = torch.cat([ids, token.to(ids.dtype)], dim=1)
         exits.append(block)
         if eos_token_id is not None and token.item() == eos_token_id:

@@ -123,6 +123,25 @@ static inline float bd_exp(float x) {
     return x < lo ? 0.0f : (x > hi ? INFINITY : y);
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+/* Lane i of the result: the sum of the 16 lanes of a[i] (one transposed reduction for 16 sums: 45 instructions, where
+ * one sum at a time takes 9 each). */
+__attribute__((target("avx512f"))) static inline __m512 bd_hsum16_ps(const __m512 a[16]) {
+    __m512 b[4];
+    for (int g = 0; g < 4; g++) {
+        const __m512 *v = a + 4 * g;
+        const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
+        const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
+        b[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
+    }
+    const __m512 d01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xEE));
+    const __m512 d23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xDD));
+}
+#endif
+
 /* gemm.c: shared by the decoder. */
 
 /* Per-token int8 activation quantization of one float32 row, as torch evaluates it:

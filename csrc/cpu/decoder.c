@@ -150,21 +150,6 @@ __attribute__((constructor)) static void init_keys_avx512(void) {
     keys_avx512 = __builtin_cpu_supports("avx512f");
 }
 
-/* Lane i of the result: the sum of the 16 lanes of a[i] (one transposed reduction for 16 dot products). */
-__attribute__((target("avx512f"))) static inline __m512 hsum16_ps(const __m512 a[16]) {
-    __m512 b[4];
-    for (int g = 0; g < 4; g++) {
-        const __m512 *v = a + 4 * g;
-        const __m512 s01 = _mm512_add_ps(_mm512_unpacklo_ps(v[0], v[1]), _mm512_unpackhi_ps(v[0], v[1]));
-        const __m512 s23 = _mm512_add_ps(_mm512_unpacklo_ps(v[2], v[3]), _mm512_unpackhi_ps(v[2], v[3]));
-        b[g] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(s01), _mm512_castps_pd(s23))));
-    }
-    const __m512 d01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xEE));
-    const __m512 d23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xEE));
-    return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xDD));
-}
-
 /* The key pass of attend in AVX-512 for D a multiple of 16 up to 256: keys in blocks of 16, each widened once into
  * kb (L1), then per query head 16 dot products as 16-lane partial sums and one transposed reduction (another
  * summation order than dot's, as torch's kernels also differ). scores[g n + j] = (q_g . k_j) * scaling. */
@@ -194,7 +179,7 @@ __attribute__((target("avx512f"))) static void key_scores_avx512(const float *q,
                         acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + g * D + 16 * c), _mm512_loadu_ps(kb + jj * D + 16 * c), acc);
                 part[jj] = acc;
             }
-            const __m512 s = _mm512_mul_ps(hsum16_ps(part), _mm512_set1_ps(scaling));
+            const __m512 s = _mm512_mul_ps(bd_hsum16_ps(part), _mm512_set1_ps(scaling));
             _mm512_mask_storeu_ps(scores + g * n + j0, (__mmask16)((1u << nb) - 1), s);
         }
     }

@@ -8,13 +8,15 @@
  * Unpacking the 2-bit codes costs a shift and a mask per code vector; it is cheaper here than a lookup table
  * (TL1/TL2, T-MAC), which pays off where multiply-accumulate is slow, not where VNNI is present. Work is done in
  * tiles (tile_fn): four packed rows against one token (decode: the token's codes loaded once for 16 weight rows) or
- * one packed row against four tokens (batches and prompts: the codes unpacked once for four tokens); the VNNI tile
- * sums its 16 accumulators with one transposed reduction and scales the 16 results in one vectorized epilogue.
+ * one packed row against four tokens (batches and prompts: the codes unpacked once for four tokens, four such tiles
+ * of consecutive packed rows per work unit, stored together); the VNNI tile sums its 16 accumulators with one
+ * transposed reduction and scales the 16 results in one vectorized epilogue.
  *
  * Int8 head: logits = scale[v] * sum_b s_b * dot_b, the activation quantized per 64-feature block (scale s_b).
  * AVX2 multiplies |q| by sign-applied weights as unsigned x signed bytes (no saturation: 128 * 127 * 2 fits
  * int16 for its pair sums); VNNI multiplies w + 128 by q (four products summed into int32) and takes 128 sum q
- * back per token. Each block's integer dot is exact; the float sum over blocks runs in another order per kernel.
+ * back per token, for several tokens in groups of four rows by four tokens with one transposed reduction. Each block's
+ * integer dot is exact; the float sum over blocks runs in another order per kernel.
  *
  * Nothing here allocates memory: callers pass scratch.
  */
@@ -35,12 +37,13 @@
  * unpacked once for every token of the tile, the token's codes loaded once for every row. */
 typedef void (*tile_fn)(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int nr, int64_t K, int32_t *acc);
 #define BD_TILE 4
-typedef float (*head_row_fn)(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, int64_t Kp);
-/* One head row against nt <= BD_HEAD_TOKENS tokens (codes qs/qa with row stride Kp, block scales bs with stride
- * Kp / BD_HEAD_BLOCK, corr: see bd_head_logits): out[t]. */
-typedef void (*head_rows_fn)(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, const float *corr,
-                             int nt, int64_t Kp, float *out);
+/* nv <= BD_HEAD_ROWS consecutive head rows (w: the first, row stride Kp) against nt <= BD_HEAD_TOKENS tokens (codes
+ * qs/qa with row stride Kp, block scales bs with stride Kp / BD_HEAD_BLOCK, corr: see bd_head_logits): logits[t ldl + r]
+ * = scale[r] * (the row's block sum for token t). */
+typedef void (*head_rows_fn)(const int8_t *w, int nv, const uint8_t *qa, const int8_t *qs, const float *bs,
+                             const float *corr, int nt, int64_t Kp, const float *scale, float *logits, int64_t ldl);
 #define BD_HEAD_TOKENS 4
+#define BD_HEAD_ROWS 16
 /* The epilogue of one tile: scales the 16 exact sums acc of tile_fn and stores them (store_tile). */
 typedef void (*store_fn)(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
                          const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16);
@@ -80,11 +83,13 @@ static float head_row_scalar(const int8_t *w, const uint8_t *qa, const int8_t *q
     return acc;
 }
 
-static void head_rows_scalar(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, const float *corr,
-                             int nt, int64_t Kp, float *out) {
+static void head_rows_scalar(const int8_t *w, int nv, const uint8_t *qa, const int8_t *qs, const float *bs,
+                             const float *corr, int nt, int64_t Kp, const float *scale, float *logits, int64_t ldl) {
     (void)corr;
-    for (int t = 0; t < nt; t++)
-        out[t] = head_row_scalar(w, qa + t * Kp, qs + t * Kp, bs + t * (Kp / BD_HEAD_BLOCK), Kp);
+    for (int r = 0; r < nv; r++)
+        for (int t = 0; t < nt; t++)
+            logits[t * ldl + r] =
+                scale[r] * head_row_scalar(w + r * Kp, qa + t * Kp, qs + t * Kp, bs + t * (Kp / BD_HEAD_BLOCK), Kp);
 }
 
 #ifdef BD_X86
@@ -184,11 +189,13 @@ __attribute__((target("avx2,fma"))) static float head_row_avx2(const int8_t *w, 
     return _mm_cvtss_f32(s);
 }
 
-static void head_rows_avx2(const int8_t *w, const uint8_t *qa, const int8_t *qs, const float *bs, const float *corr,
-                           int nt, int64_t Kp, float *out) {
+static void head_rows_avx2(const int8_t *w, int nv, const uint8_t *qa, const int8_t *qs, const float *bs,
+                           const float *corr, int nt, int64_t Kp, const float *scale, float *logits, int64_t ldl) {
     (void)corr;
-    for (int t = 0; t < nt; t++)
-        out[t] = head_row_avx2(w, qa + t * Kp, qs + t * Kp, bs + t * (Kp / BD_HEAD_BLOCK), Kp);
+    for (int r = 0; r < nv; r++)
+        for (int t = 0; t < nt; t++)
+            logits[t * ldl + r] =
+                scale[r] * head_row_avx2(w + r * Kp, qa + t * Kp, qs + t * Kp, bs + t * (Kp / BD_HEAD_BLOCK), Kp);
 }
 
 #define BD_VNNI "avx512f,avx512bw,avx512vl,avx512vnni"
@@ -292,27 +299,76 @@ __attribute__((target(BD_VNNI))) static void tile_vnni(const int8_t *x, int64_t 
  * than none, and no slower than 16 or 64 KiB (interleaved A/B, issue 51). */
 #define BD_HEAD_PREFETCH 32768
 
-/* Weights read once per block for up to four tokens, as unsigned w + 128 (vpdpbusd multiplies unsigned by signed
- * bytes): sum (w + 128) q = sum w q + 128 sum q, the second term taken back per token once (corr). */
-__attribute__((target(BD_VNNI))) static void head_rows_vnni(const int8_t *w, const uint8_t *qa, const int8_t *qs,
-                                                             const float *bs, const float *corr, int nt, int64_t Kp,
-                                                             float *out) {
+/* Head rows for the VNNI kernels read the weights as unsigned w + 128 (vpdpbusd multiplies unsigned by signed bytes):
+ * sum (w + 128) q = sum w q + 128 sum q, the second term taken back per token once (corr). */
+
+/* One token: row after row, one reduction per row. (Rows in groups of 16 with one transposed reduction took 1.4x as
+ * long on a head streamed from memory.) */
+__attribute__((target(BD_VNNI))) static void head_rows1_vnni(const int8_t *w, int nv, const int8_t *qs, const float *bs,
+                                                              const float *corr, int64_t Kp, const float *scale,
+                                                              float *logits) {
     const __m512i zero = _mm512_setzero_si512(), flip = _mm512_set1_epi8((char)0x80);
-    const int64_t nb = Kp / BD_HEAD_BLOCK;
-    __m512 acc[BD_HEAD_TOKENS];
-    (void)qa;
-    for (int t = 0; t < BD_HEAD_TOKENS; t++) acc[t] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t k = b * BD_HEAD_BLOCK;
-        _mm_prefetch((const char *)(w + k + BD_HEAD_PREFETCH), _MM_HINT_T0);
-        const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)(w + k)), flip);
-        for (int t = 0; t < BD_HEAD_TOKENS; t++) {
-            if (t >= nt) break;
-            __m512i d = _mm512_dpbusd_epi32(zero, wu, _mm512_loadu_si512((const void *)(qs + t * Kp + k)));
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(bs[t * nb + b]), acc[t]);
+    for (int r = 0; r < nv; r++) {
+        const int8_t *wr = w + r * Kp;
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t b = 0; b < Kp / BD_HEAD_BLOCK; b++) {
+            const int64_t k = b * BD_HEAD_BLOCK;
+            _mm_prefetch((const char *)(wr + k + BD_HEAD_PREFETCH), _MM_HINT_T0);
+            const __m512i d = _mm512_dpbusd_epi32(zero, _mm512_xor_si512(_mm512_loadu_si512((const void *)(wr + k)), flip),
+                                                  _mm512_loadu_si512((const void *)(qs + k)));
+            acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(bs[b]), acc);
         }
+        logits[r] = scale[r] * (_mm512_reduce_add_ps(acc) - corr[0]);
     }
-    for (int t = 0; t < nt; t++) out[t] = _mm512_reduce_add_ps(acc[t]) - corr[t];
+}
+
+/* Up to four tokens: groups of four rows x four tokens, 16 accumulators and one transposed reduction (lane 4 t + r:
+ * row r, token t), each weight block loaded once for the four tokens; rows past nv repeat the last (not stored). */
+__attribute__((target(BD_VNNI))) static void head_rows_vnni(const int8_t *w, int nv, const uint8_t *qa, const int8_t *qs,
+                                                             const float *bs, const float *corr, int nt, int64_t Kp,
+                                                             const float *scale, float *logits, int64_t ldl) {
+    (void)qa;
+    if (nt == 1) {
+        head_rows1_vnni(w, nv, qs, bs, corr, Kp, scale, logits);
+        return;
+    }
+    const __m512i zero = _mm512_setzero_si512(), flip = _mm512_set1_epi8((char)0x80);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i row = _mm512_and_si512(lane, _mm512_set1_epi32(3)), tok = _mm512_srli_epi32(lane, 2);
+    const int64_t nb = Kp / BD_HEAD_BLOCK;
+    const __m512 co = _mm512_permutexvar_ps(tok, _mm512_maskz_loadu_ps((__mmask16)((1u << nt) - 1), corr));
+    for (int g = 0; g < nv; g += 4) {
+        const int ng = nv - g < 4 ? nv - g : 4;
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t k = b * BD_HEAD_BLOCK;
+            __m512i x[4];
+            __m512 sb[4];
+#pragma GCC unroll 4
+            for (int t = 0; t < 4; t++) {
+                x[t] = t < nt ? _mm512_loadu_si512((const void *)(qs + t * Kp + k)) : zero;
+                sb[t] = _mm512_set1_ps(t < nt ? bs[t * nb + b] : 0.0f);
+            }
+#pragma GCC unroll 4
+            for (int r = 0; r < 4; r++) {
+                const int8_t *wr = w + (g + (r < ng ? r : ng - 1)) * Kp + k;
+                _mm_prefetch((const char *)(wr + BD_HEAD_PREFETCH), _MM_HINT_T0);
+                const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512((const void *)wr), flip);
+#pragma GCC unroll 4
+                for (int t = 0; t < 4; t++)
+                    acc[4 * t + r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, wu, x[t])), sb[t],
+                                                     acc[4 * t + r]);
+            }
+        }
+        const __mmask16 rows = (__mmask16)((1u << ng) - 1);
+        const __m512 sc = _mm512_permutexvar_ps(row, _mm512_maskz_loadu_ps(rows, scale + g));
+        const __m512 y = _mm512_mul_ps(sc, _mm512_sub_ps(bd_hsum16_ps(acc), co));
+        for (int t = 0; t < nt; t++) /* token t's four lanes down to lane 0 */
+            _mm512_mask_storeu_ps(logits + t * ldl + g, rows,
+                                  _mm512_permutexvar_ps(_mm512_add_epi32(lane, _mm512_set1_epi32(4 * t)), y));
+    }
 }
 #endif
 
@@ -354,6 +410,16 @@ static void store_tile(const bd_linear *l, int64_t r0, int nr, int64_t m0, int n
 }
 
 #ifdef BD_X86
+/* Round 16 floats to bfloat16 values as bd_round: nearest even, NaN to 0x7FC0. */
+__attribute__((target(BD_VNNI))) static inline __m512 round_bf16_ps(__m512 y) {
+    const __m512i b = _mm512_castps_si512(y), one = _mm512_set1_epi32(1);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
+                                 _mm512_and_si512(_mm512_srli_epi32(b, 16), one));
+    r = _mm512_slli_epi32(_mm512_srli_epi32(r, 16), 16);
+    return _mm512_castsi512_ps(
+        _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC00000)));
+}
+
 /* store_tile for a full tile stored as float32 (the decoder's case), in AVX-512: the same float32 operations lane by
  * lane, so the same bits. Lane i = 4 j + u: row tile: token m0, column j P + r0 + u (four contiguous columns per j);
  * token tile: token m0 + u, column j P + r0. Anything else goes to store_tile. */
@@ -376,14 +442,7 @@ __attribute__((target(BD_VNNI))) static void store_tile_vnni(const bd_linear *l,
     __m512 y = _mm512_div_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512((const void *)acc), sxv)),
                              _mm512_mul_ps(xsv, scale));
     if (l->bias) y = _mm512_add_ps(y, _mm512_i32gather_ps(col, l->bias + r0, 4));
-    if (bf16) { /* round to bfloat16 as bd_round: nearest even, NaN to 0x7FC0 */
-        const __m512i b = _mm512_castps_si512(y), one = _mm512_set1_epi32(1);
-        __m512i r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)),
-                                     _mm512_and_si512(_mm512_srli_epi32(b, 16), one));
-        r = _mm512_slli_epi32(_mm512_srli_epi32(r, 16), 16);
-        y = _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q),
-                                                      _mm512_set1_epi32(0x7FC00000)));
-    }
+    if (bf16) y = round_bf16_ps(y);
     float *o = (float *)out + m0 * ldo + r0;
     if (rows) {
         _mm_storeu_ps(o, _mm512_extractf32x4_ps(y, 0));
@@ -392,6 +451,47 @@ __attribute__((target(BD_VNNI))) static void store_tile_vnni(const bd_linear *l,
         _mm_storeu_ps(o + 3 * l->P, _mm512_extractf32x4_ps(y, 3));
     } else {
         _mm512_i32scatter_ps(o, _mm512_add_epi32(jp, _mm512_mullo_epi32(u, _mm512_set1_epi32((int32_t)ldo))), y, 4);
+    }
+}
+
+/* store_token_tiles for four full token tiles stored as float32 (a batch's or a prompt's case): the same float32
+ * operations lane by lane as store_tile, so the same bits. Tile i's lane 4 j + u is token m0 + u, column j P + r0 + i,
+ * so after a 4 x 4 transpose inside each 128-bit lane the four columns r0..r0+3 of one j and one token are
+ * contiguous: sixteen 128-bit stores instead of four 16-lane scatters, and four independent divisions. */
+__attribute__((target(BD_VNNI))) static void store_token_tiles_vnni(const bd_linear *l, int64_t r0, int nr,
+                                                                     int64_t m0, int nt, const int32_t *acc,
+                                                                     const float *xs, const int32_t *sx, void *out,
+                                                                     int64_t ldo, int bf16, int store_bf16) {
+    if (store_bf16 || nr != BD_TILE || nt != BD_TILE || l->P > INT32_MAX / 4) {
+        for (int i = 0; i < nr; i++)
+            store_tile_vnni(l, r0 + i, 1, m0, nt, acc + 4 * BD_TILE * i, xs, sx, out, ldo, bf16, store_bf16);
+        return;
+    }
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i jp = _mm512_mullo_epi32(_mm512_srli_epi32(lane, 2), _mm512_set1_epi32((int32_t)l->P));
+    const __m512 xsv = _mm512_broadcast_f32x4(_mm_loadu_ps(xs + m0));
+    const __m512i sxv = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(sx + m0)));
+    __m512 y[BD_TILE];
+    for (int i = 0; i < BD_TILE; i++) {
+        const __m512 scale = l->row_scale ? _mm512_i32gather_ps(jp, l->row_scale + r0 + i, 4) : _mm512_set1_ps(l->scale);
+        y[i] = _mm512_div_ps(
+            _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512((const void *)(acc + 4 * BD_TILE * i)), sxv)),
+            _mm512_mul_ps(xsv, scale));
+        if (l->bias) y[i] = _mm512_add_ps(y[i], _mm512_i32gather_ps(jp, l->bias + r0 + i, 4));
+        if (bf16) y[i] = round_bf16_ps(y[i]);
+    }
+    const __m512 t0 = _mm512_unpacklo_ps(y[0], y[1]), t1 = _mm512_unpackhi_ps(y[0], y[1]);
+    const __m512 t2 = _mm512_unpacklo_ps(y[2], y[3]), t3 = _mm512_unpackhi_ps(y[2], y[3]);
+#define BD_PD(f, a, b) _mm512_castpd_ps(f(_mm512_castps_pd(a), _mm512_castps_pd(b)))
+    const __m512 by_token[BD_TILE] = {BD_PD(_mm512_unpacklo_pd, t0, t2), BD_PD(_mm512_unpackhi_pd, t0, t2),
+                                      BD_PD(_mm512_unpacklo_pd, t1, t3), BD_PD(_mm512_unpackhi_pd, t1, t3)};
+#undef BD_PD
+    for (int u = 0; u < BD_TILE; u++) {
+        float *o = (float *)out + (m0 + u) * ldo + r0;
+        _mm_storeu_ps(o, _mm512_extractf32x4_ps(by_token[u], 0));
+        _mm_storeu_ps(o + l->P, _mm512_extractf32x4_ps(by_token[u], 1));
+        _mm_storeu_ps(o + 2 * l->P, _mm512_extractf32x4_ps(by_token[u], 2));
+        _mm_storeu_ps(o + 3 * l->P, _mm512_extractf32x4_ps(by_token[u], 3));
     }
 }
 #endif
@@ -412,6 +512,14 @@ static tile_fn tile = tile_scalar;
 static store_fn store = store_tile;
 static head_rows_fn head_rows = head_rows_scalar;
 
+/* The epilogue of the token tiles (nt > 1 tokens) of nr <= BD_TILE consecutive packed rows, acc + 4 BD_TILE i the
+ * tile of packed row r0 + i: one store per tile (the scalar and AVX2 kernels'). */
+static void store_token_tiles(const bd_linear *l, int64_t r0, int nr, int64_t m0, int nt, const int32_t *acc,
+                              const float *xs, const int32_t *sx, void *out, int64_t ldo, int bf16, int store_bf16) {
+    for (int i = 0; i < nr; i++) store(l, r0 + i, 1, m0, nt, acc + 4 * BD_TILE * i, xs, sx, out, ldo, bf16, store_bf16);
+}
+static store_fn store_tokens = store_token_tiles;
+
 /* Use the kernels of `level`, capped at what this CPU has (a negative level: the best it has). Returns the
  * level in use. Not thread safe: call it before decoding, not during. */
 int bitdistill_set_isa(int level) {
@@ -419,10 +527,13 @@ int bitdistill_set_isa(int level) {
     isa = level < 0 || level > best ? best : level;
     tile = tile_scalar;
     store = store_tile;
+    store_tokens = store_token_tiles;
     head_rows = head_rows_scalar;
 #ifdef BD_X86
     if (isa == BD_ISA_AVX2) { tile = tile_avx2; head_rows = head_rows_avx2; }
-    if (isa == BD_ISA_AVX512_VNNI) { tile = tile_vnni; store = store_tile_vnni; head_rows = head_rows_vnni; }
+    if (isa == BD_ISA_AVX512_VNNI) {
+        tile = tile_vnni; store = store_tile_vnni; store_tokens = store_token_tiles_vnni; head_rows = head_rows_vnni;
+    }
 #endif
     return isa;
 }
@@ -449,29 +560,31 @@ BD_CLONES float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t 
     return s;
 }
 
-/* Packed rows per work unit: a row tile for one token (its codes loaded once for BD_TILE rows), else single rows
- * (each unpacked once per BD_TILE tokens). Each packed row is read from memory once and reused from L1 for every
- * token. */
-static inline int64_t unit_rows(int64_t M) { return M == 1 ? BD_TILE : 1; }
-
+/* Work units of BD_TILE packed rows: for one token a row tile (the token's codes loaded once for its 16 weight rows),
+ * for several a token tile per packed row (its codes unpacked once for BD_TILE tokens) and one epilogue for the
+ * unit's tiles. Each packed row is read from memory once and reused from L1 for every token. */
 BD_CLONES void bd_linears(const int8_t *xq, const float *xs, const int32_t *sx, int64_t M, int64_t K,
                           const bd_linear *ls, int n, void *const *outs, const int64_t *ldo, int bf16, int store_bf16) {
-    const int64_t rows = unit_rows(M);
     int64_t total = 0, units[8];
-    for (int i = 0; i < n; i++) total += units[i] = (ls[i].P + rows - 1) / rows;
+    for (int i = 0; i < n; i++) total += units[i] = (ls[i].P + BD_TILE - 1) / BD_TILE;
 #pragma omp for schedule(static)
     for (int64_t g = 0; g < total; g++) {
         int i = 0;
         int64_t u = g;
         while (u >= units[i]) u -= units[i++];
         const bd_linear *l = &ls[i];
-        const int64_t r0 = u * rows;
-        const int nr = l->P - r0 < rows ? (int)(l->P - r0) : (int)rows;
+        const int64_t r0 = u * BD_TILE;
+        const int nr = l->P - r0 < BD_TILE ? (int)(l->P - r0) : BD_TILE;
         for (int64_t m0 = 0; m0 < M; m0 += BD_TILE) {
             const int nt = M - m0 < BD_TILE ? (int)(M - m0) : BD_TILE;
-            int32_t acc[4 * BD_TILE];
-            tile(xq + m0 * K, K, nt, l->packed + r0 * K, nr, K, acc);
-            store(l, r0, nr, m0, nt, acc, xs, sx, outs[i], ldo[i], bf16, store_bf16);
+            int32_t acc[BD_TILE * 4 * BD_TILE];
+            if (nt == 1) {
+                tile(xq + m0 * K, K, 1, l->packed + r0 * K, nr, K, acc);
+                store(l, r0, nr, m0, 1, acc, xs, sx, outs[i], ldo[i], bf16, store_bf16);
+            } else {
+                for (int r = 0; r < nr; r++) tile(xq + m0 * K, K, nt, l->packed + (r0 + r) * K, 1, K, acc + 4 * BD_TILE * r);
+                store_tokens(l, r0, nr, m0, nt, acc, xs, sx, outs[i], ldo[i], bf16, store_bf16);
+            }
         }
     }
 }
@@ -510,13 +623,13 @@ void bd_head_logits(const bd_head *h, const uint8_t *qa, const int8_t *qs, const
         corr[m] = 128.0f * c;
     }
 #pragma omp for schedule(static)
-    for (int64_t v = 0; v < h->V; v++) {
-        const int8_t *w = h->w + v * Kp;
+    for (int64_t g = 0; g < (h->V + BD_HEAD_ROWS - 1) / BD_HEAD_ROWS; g++) {
+        const int64_t v0 = g * BD_HEAD_ROWS;
+        const int nv = h->V - v0 < BD_HEAD_ROWS ? (int)(h->V - v0) : BD_HEAD_ROWS;
         for (int64_t m0 = 0; m0 < M; m0 += BD_HEAD_TOKENS) {
             const int nt = M - m0 < BD_HEAD_TOKENS ? (int)(M - m0) : BD_HEAD_TOKENS;
-            float out[BD_HEAD_TOKENS];
-            head_rows(w, qa + m0 * Kp, qs + m0 * Kp, bs + m0 * nb, corr + m0, nt, Kp, out);
-            for (int t = 0; t < nt; t++) logits[(m0 + t) * ldl + v] = h->scale[v] * out[t];
+            head_rows(h->w + v0 * Kp, nv, qa + m0 * Kp, qs + m0 * Kp, bs + m0 * nb, corr + m0, nt, Kp, h->scale + v0,
+                      logits + m0 * ldl + v0, ldl);
         }
     }
 }
@@ -539,7 +652,7 @@ int bitdistill_packed_int_mm(const int8_t *x, int64_t M, int64_t K, const uint8_
         sums[m] = total;
     }
     if (P * K * M < PARALLEL_MIN_WORK) nthreads = 1;
-    const int64_t rows = unit_rows(M);
+    const int64_t rows = M == 1 ? BD_TILE : 1; /* a row tile for one token, else token tiles of one packed row */
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t g = 0; g < (P + rows - 1) / rows; g++) {
         const int64_t r0 = g * rows;
