@@ -17,7 +17,7 @@
 #include <stddef.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define BD_KEYS_AVX512 1
+#define BD_ATTN_AVX512 1
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -141,13 +141,13 @@ static inline void prefetch_kv(const void *k_cache, const void *v_cache, int64_t
     }
 }
 
-#ifdef BD_KEYS_AVX512
+#ifdef BD_ATTN_AVX512
 /* Picked by the CPU, like the BD_CLONES code, not by bitdistill_set_isa: the attention (a float reduction) stays the
  * same whichever integer kernels a test forces, so the stack's states can be compared bit for bit across them. */
-static int keys_avx512;
-__attribute__((constructor)) static void init_keys_avx512(void) {
+static int attn_avx512;
+__attribute__((constructor)) static void init_attn_avx512(void) {
     __builtin_cpu_init();
-    keys_avx512 = __builtin_cpu_supports("avx512f");
+    attn_avx512 = __builtin_cpu_supports("avx512f");
 }
 
 /* The key pass of attend in AVX-512 for D a multiple of 16 up to 256: keys in blocks of 16, each widened once into
@@ -184,6 +184,43 @@ __attribute__((target("avx512f"))) static void key_scores_avx512(const float *q,
         }
     }
 }
+
+/* The value pass of attend in AVX-512 for D = 16 C: out[g] = sum_j p[g, j] v_j with the C accumulators of a head in
+ * registers (C a constant once inlined), each value row widened from the cache as it is read. */
+__attribute__((target("avx512f"), always_inline)) static inline void values_avx512_c(const float *p, int64_t G,
+                                                                                     const void *v_cache, int64_t n,
+                                                                                     float *out, int bf16, const int C) {
+    const int64_t D = 16 * C;
+    for (int64_t g = 0; g < G; g++) {
+        __m512 acc[8];
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++) acc[c] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            const __m512 pj = _mm512_set1_ps(p[g * n + j]);
+#pragma GCC unroll 8
+            for (int c = 0; c < C; c++) {
+                const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                            (const __m256i *)((const uint16_t *)v_cache + j * D + 16 * c))), 16))
+                                      : _mm512_loadu_ps((const float *)v_cache + j * D + 16 * c);
+                acc[c] = _mm512_fmadd_ps(pj, v, acc[c]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(out + g * D + 16 * c, acc[c]);
+    }
+}
+
+/* values_avx512_c for head dims 16, 32, 64 and 128; 0 for others (the caller's C loop runs). */
+__attribute__((target("avx512f"))) static int values_avx512(const float *p, int64_t G, const void *v_cache, int64_t n,
+                                                              int64_t D, float *out, int bf16) {
+    switch (D) {
+    case 16: values_avx512_c(p, G, v_cache, n, out, bf16, 1); return 1;
+    case 32: values_avx512_c(p, G, v_cache, n, out, bf16, 2); return 1;
+    case 64: values_avx512_c(p, G, v_cache, n, out, bf16, 4); return 1;
+    case 128: values_avx512_c(p, G, v_cache, n, out, bf16, 8); return 1;
+    default: return 0;
+    }
+}
 #endif
 
 /* Causal attention of the G query heads q [G, D] that share one kv head, over its cached positions 0..n-1: out [G, D].
@@ -191,8 +228,8 @@ __attribute__((target("avx512f"))) static void key_scores_avx512(const float *q,
 BD_CLONES static void attend(const float *q, int64_t G, const void *k_cache, const void *v_cache, int64_t n, int64_t D,
                              float scaling, float *scores, float *row, float *out, int bf16) {
     const int64_t row_bytes = D * (bf16 ? 2 : 4);
-#ifdef BD_KEYS_AVX512
-    if (keys_avx512 && D % 16 == 0 && D <= 256)
+#ifdef BD_ATTN_AVX512
+    if (attn_avx512 && D % 16 == 0 && D <= 256)
         key_scores_avx512(q, G, k_cache, v_cache, n, D, scaling, scores, bf16);
     else
 #endif
@@ -212,12 +249,17 @@ BD_CLONES static void attend(const float *q, int64_t G, const void *k_cache, con
         for (int i = 0; i < 16; i++) total += part[i];
         for (int64_t j = 0; j < n; j++) sc[j] = sc[j] / total;
     }
-    for (int64_t i = 0; i < G * D; i++) out[i] = 0.0f;
-    for (int64_t j = 0; j < n; j++) {
-        cache_row(v_cache, j, D, bf16, row);
-        for (int64_t g = 0; g < G; g++) {
-            const float p = scores[g * n + j];
-            for (int64_t d = 0; d < D; d++) out[g * D + d] += p * row[d];
+#ifdef BD_ATTN_AVX512
+    if (!(attn_avx512 && values_avx512(scores, G, v_cache, n, D, out, bf16)))
+#endif
+    {
+        for (int64_t i = 0; i < G * D; i++) out[i] = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            cache_row(v_cache, j, D, bf16, row);
+            for (int64_t g = 0; g < G; g++) {
+                const float p = scores[g * n + j];
+                for (int64_t d = 0; d < D; d++) out[g * D + d] += p * row[d];
+            }
         }
     }
     for (int64_t i = 0; i < G * D; i++) out[i] = bd_round(out[i], bf16);

@@ -229,70 +229,111 @@ __attribute__((target(BD_VNNI))) static inline __m512i hsum16_epi32(const __m512
 
 #define BD_LOAD(ptr) _mm512_loadu_si512((const void *)(ptr))
 #define BD_LOAD_TAIL(ptr) _mm512_maskz_loadu_epi8(tail, (const void *)(ptr))
-/* Full tiles, 64 features at k (LOAD: plain, or masked for the last partial block). */
-#define BD_TOKENS4(k, LOAD)                                                                        \
-    do {                                                                                           \
-        const __m512i pv = LOAD(p + (k));                                                          \
-        const __m512i x0 = LOAD(x + (k)), x1 = LOAD(x + ldx + (k));                                \
-        const __m512i x2 = LOAD(x + 2 * ldx + (k)), x3 = LOAD(x + 3 * ldx + (k));                  \
-        BD_VNNI_STEP(s, 0, pv, x0); BD_VNNI_STEP(s, 1, pv, x1);                                    \
-        BD_VNNI_STEP(s, 2, pv, x2); BD_VNNI_STEP(s, 3, pv, x3);                                    \
-    } while (0)
-#define BD_ROWS4(k, LOAD)                                                                          \
-    do {                                                                                           \
-        const __m512i xv = LOAD(x + (k));                                                          \
-        const __m512i p0 = LOAD(p + (k)), p1 = LOAD(p + K + (k));                                  \
-        const __m512i p2 = LOAD(p + 2 * K + (k)), p3 = LOAD(p + 3 * K + (k));                      \
-        BD_VNNI_STEP(s, 0, p0, xv); BD_VNNI_STEP(s, 1, p1, xv);                                    \
-        BD_VNNI_STEP(s, 2, p2, xv); BD_VNNI_STEP(s, 3, p3, xv);                                    \
-    } while (0)
+/* acc += the vpdpbusd of u (unsigned) and x (signed) in place: the intrinsic's copy semantics made GCC move the
+ * accumulators between registers on every step. */
+#define BD_DP(acc, u, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(x))
 
-/* 16 accumulators (4 planes x 4 units), one reduction for all. Plain loads up to the last multiple of 64, one masked
- * step for the rest (zeros contribute nothing), so any K runs in vector code; full tiles (four rows or four tokens)
- * have their own loops (no branch per unit), partial ones run unit by unit. */
-__attribute__((target(BD_VNNI))) static void tile_vnni(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int nr,
-                                                        int64_t K, int32_t *acc) {
+/* The full token tile of tile_vnni (one packed row, four tokens) with its 16 accumulators in named variables: held in
+ * an array, GCC copied them between registers on every step (28 moves and two spills per 16 vpdpbusd). */
+__attribute__((target(BD_VNNI))) static void tokens4_vnni(const int8_t *x, int64_t ldx, const uint8_t *p, int64_t K,
+                                                           int32_t *acc) {
     const __m512i mask = _mm512_set1_epi8(3);
     const int64_t K64 = K / 64 * 64;
     const __mmask64 tail = ((__mmask64)1 << (K - K64)) - 1;
-    __m512i s[4 * BD_TILE];
-#pragma GCC unroll 16
-    for (int i = 0; i < 4 * BD_TILE; i++) s[i] = _mm512_setzero_si512();
-    if (nt == BD_TILE) {
-        for (int64_t k = 0; k < K64; k += 64) {
-            _mm_prefetch((const char *)(p + 2 * K + k), _MM_HINT_T0);  /* two packed rows ahead */
-            BD_TOKENS4(k, BD_LOAD);
-        }
-        if (K64 < K) BD_TOKENS4(K64, BD_LOAD_TAIL);
-    } else if (nr == BD_TILE) {
-        for (int64_t k = 0; k < K64; k += 64) {
-            /* the next tile's rows: four short streams at once defeat the hardware prefetcher */
-            for (int u = 0; u < BD_TILE; u++) _mm_prefetch((const char *)(p + (BD_TILE + u) * K + k), _MM_HINT_T0);
-            BD_ROWS4(k, BD_LOAD);
-        }
-        if (K64 < K) BD_ROWS4(K64, BD_LOAD_TAIL);
-    } else {
-        int32_t part[4 * BD_TILE] = {0};
-        for (int u = 0; u < (nr > nt ? nr : nt); u++) {
-            const uint8_t *pu = nr > 1 ? p + u * K : p;
-            const int8_t *xu = nt > 1 ? x + u * ldx : x;
-            __m512i a[4 * BD_TILE];
-#pragma GCC unroll 16
-            for (int i = 0; i < 4 * BD_TILE; i++) a[i] = _mm512_setzero_si512();
-            for (int64_t k = 0; k < K64; k += 64) BD_VNNI_STEP(a, 0, BD_LOAD(pu + k), BD_LOAD(xu + k));
-            if (K64 < K) BD_VNNI_STEP(a, 0, BD_LOAD_TAIL(pu + K64), BD_LOAD_TAIL(xu + K64));
-            for (int j = 0; j < 4; j++) part[j * BD_TILE + u] = _mm512_reduce_add_epi32(a[j * BD_TILE]);
-        }
-        memcpy(acc, part, sizeof part);
-        return;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+            a9 = a0, a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
+#define BD_STEP4(k, LOAD)                                                                                       \
+    do {                                                                                                        \
+        const __m512i pv = LOAD(p + (k));                                                                       \
+        const __m512i c0 = _mm512_and_si512(pv, mask), c1 = _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask);   \
+        const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask);                                    \
+        const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask);                                    \
+        const __m512i x0 = LOAD(x + (k)), x1 = LOAD(x + ldx + (k)), x2 = LOAD(x + 2 * ldx + (k));               \
+        const __m512i x3 = LOAD(x + 3 * ldx + (k));                                                             \
+        BD_DP(a0, c0, x0); BD_DP(a4, c1, x0);                             \
+        BD_DP(a8, c2, x0); BD_DP(a12, c3, x0);                           \
+        BD_DP(a1, c0, x1); BD_DP(a5, c1, x1);                             \
+        BD_DP(a9, c2, x1); BD_DP(a13, c3, x1);                           \
+        BD_DP(a2, c0, x2); BD_DP(a6, c1, x2);                             \
+        BD_DP(a10, c2, x2); BD_DP(a14, c3, x2);                         \
+        BD_DP(a3, c0, x3); BD_DP(a7, c1, x3);                             \
+        BD_DP(a11, c2, x3); BD_DP(a15, c3, x3);                         \
+    } while (0)
+    for (int64_t k = 0; k < K64; k += 64) {
+        _mm_prefetch((const char *)(p + 2 * K + k), _MM_HINT_T0); /* two packed rows ahead */
+        BD_STEP4(k, BD_LOAD);
     }
+    if (K64 < K) BD_STEP4(K64, BD_LOAD_TAIL);
+#undef BD_STEP4
+    const __m512i s[16] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15};
     _mm512_storeu_si512((void *)acc, hsum16_epi32(s));
 }
-#undef BD_TOKENS4
+
+/* The full row tile of tile_vnni (four packed rows, one token), its accumulators in named variables as tokens4_vnni's. */
+__attribute__((target(BD_VNNI))) static void rows4_vnni(const int8_t *x, const uint8_t *p, int64_t K, int32_t *acc) {
+    const __m512i mask = _mm512_set1_epi8(3);
+    const int64_t K64 = K / 64 * 64;
+    const __mmask64 tail = ((__mmask64)1 << (K - K64)) - 1;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
+            a9 = a0, a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
+#define BD_ROW(A, B, C, D, pv, xv)                                                                              \
+    do {                                                                                                        \
+        BD_DP(A, _mm512_and_si512(pv, mask), xv); BD_DP(B, _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask), xv); \
+        BD_DP(C, _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), xv);                                         \
+        BD_DP(D, _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);                                         \
+    } while (0)
+#define BD_ROWS4(k, LOAD)                                                                                       \
+    do {                                                                                                        \
+        const __m512i xv = LOAD(x + (k)), p0 = LOAD(p + (k)), p1 = LOAD(p + K + (k));                           \
+        const __m512i p2 = LOAD(p + 2 * K + (k)), p3 = LOAD(p + 3 * K + (k));                                   \
+        BD_ROW(a0, a4, a8, a12, p0, xv); BD_ROW(a1, a5, a9, a13, p1, xv);                                       \
+        BD_ROW(a2, a6, a10, a14, p2, xv); BD_ROW(a3, a7, a11, a15, p3, xv);                                     \
+    } while (0)
+    for (int64_t k = 0; k < K64; k += 64) {
+        /* the next tile's rows: four short streams at once defeat the hardware prefetcher */
+        for (int u = 0; u < BD_TILE; u++) _mm_prefetch((const char *)(p + (BD_TILE + u) * K + k), _MM_HINT_T0);
+        BD_ROWS4(k, BD_LOAD);
+    }
+    if (K64 < K) BD_ROWS4(K64, BD_LOAD_TAIL);
 #undef BD_ROWS4
+#undef BD_ROW
+    const __m512i s[16] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15};
+    _mm512_storeu_si512((void *)acc, hsum16_epi32(s));
+}
+
+/* Full tiles (four tokens or four rows) run tokens4_vnni / rows4_vnni: 16 accumulators (4 planes x 4 units), plain loads
+ * up to the last multiple of 64 and one masked step for the rest (zeros contribute nothing), so any K runs in vector
+ * code, and one reduction for all. Partial tiles run unit by unit. */
+__attribute__((target(BD_VNNI))) static void tile_vnni(const int8_t *x, int64_t ldx, int nt, const uint8_t *p, int nr,
+                                                        int64_t K, int32_t *acc) {
+    if (nt == BD_TILE) {
+        tokens4_vnni(x, ldx, p, K, acc);
+        return;
+    }
+    if (nr == BD_TILE) {
+        rows4_vnni(x, p, K, acc);
+        return;
+    }
+    const __m512i mask = _mm512_set1_epi8(3);
+    const int64_t K64 = K / 64 * 64;
+    const __mmask64 tail = ((__mmask64)1 << (K - K64)) - 1;
+    int32_t part[4 * BD_TILE] = {0};
+    for (int u = 0; u < (nr > nt ? nr : nt); u++) {
+        const uint8_t *pu = nr > 1 ? p + u * K : p;
+        const int8_t *xu = nt > 1 ? x + u * ldx : x;
+        __m512i a[4 * BD_TILE];
+#pragma GCC unroll 16
+        for (int i = 0; i < 4 * BD_TILE; i++) a[i] = _mm512_setzero_si512();
+        for (int64_t k = 0; k < K64; k += 64) BD_VNNI_STEP(a, 0, BD_LOAD(pu + k), BD_LOAD(xu + k));
+        if (K64 < K) BD_VNNI_STEP(a, 0, BD_LOAD_TAIL(pu + K64), BD_LOAD_TAIL(xu + K64));
+        for (int j = 0; j < 4; j++) part[j * BD_TILE + u] = _mm512_reduce_add_epi32(a[j * BD_TILE]);
+    }
+    memcpy(acc, part, sizeof part);
+}
 #undef BD_LOAD
 #undef BD_LOAD_TAIL
 #undef BD_VNNI_STEP
+#undef BD_DP
 
 /* The head streams V x Kp bytes once per step, row after row: a software prefetch this far ahead (past the next 4 KiB
  * pages, where the hardware prefetcher stops) measured 5-25% more tokens per second at batch 1 on a 2048-wide head
@@ -546,8 +587,12 @@ int bitdistill_isa(void) {
 __attribute__((constructor)) static void init_isa(void) { bitdistill_set_isa(-1); }
 
 BD_CLONES float bd_quantize_row(const float *row, int64_t K, int8_t *q, int32_t *sum) {
-    float amax = 0.0f;
-    for (int64_t k = 0; k < K; k++) { float a = fabsf(row[k]); amax = a > amax ? a : amax; }
+    float part[16] = {0}, amax = 0.0f; /* 16 partial maxima: the loop vectorizes (one chain of maxss did not) */
+    int64_t k0 = 0;
+    for (; k0 + 16 <= K; k0 += 16)
+        for (int i = 0; i < 16; i++) { const float a = fabsf(row[k0 + i]); part[i] = a > part[i] ? a : part[i]; }
+    for (; k0 < K; k0++) { const float a = fabsf(row[k0]); amax = a > amax ? a : amax; }
+    for (int i = 0; i < 16; i++) amax = part[i] > amax ? part[i] : amax;
     float s = (1.0f / (amax > 1e-5f ? amax : 1e-5f)) * 127.0f;
     int32_t total = 0;
     for (int64_t k = 0; k < K; k++) {
