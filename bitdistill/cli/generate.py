@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "applies, else the model's own forward (default); fast or torch: only that one")
     p.add_argument("--head", choices=("auto", "int8", "model"), default="auto",
                    help="the fast decoder's output head: auto: int8 on the native stack (faster; perplexity within "
-                        "0.32%% on SmolLM2), the model's own elsewhere (default); int8; or model (exact)")
+                        "0.53%% on SmolLM2), the model's own elsewhere (default); int8; or model (exact)")
     p.add_argument("--gguf_file", "--gguf-file", default=None, help="GGUF file inside MODEL to load the model from")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or hub id (default: MODEL)")
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")

@@ -23,7 +23,7 @@ processors, thousands of small ops. :class:`FastDecoder` has two backends.
 Either backend can use an int8 output head (approximate): per-row absmax int8 weights, the input quantized per
 64-feature block, multiplied by the native library's integer kernels (:class:`bitdistill.cpu_ext.NativeInt8Head`;
 half the bytes of a bf16 head; on the native backend it runs inside the same C call). It is the native backend's
-default (``int8_head=None``): on a trained SmolLM2-135M student its perplexity was within 0.32% of
+default (``int8_head=None``): on a trained SmolLM2-135M student its perplexity was within 0.53% of
 ``load_packed``'s in every run, and it is what puts decoding ahead of llama.cpp (``benchmarks/results/decode_cpu.md``);
 ``int8_head=False`` keeps the model's head. The torch backend keeps the model's head unless ``int8_head=True``.
 A batch of prompts of one length decodes together (``max_batch``), and a prompt runs through the native stack as
