@@ -250,14 +250,14 @@ __attribute__((target(BD_VNNI))) static void tokens4_vnni(const int8_t *x, int64
         const __m512i c3 = _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask);                                    \
         const __m512i x0 = LOAD(x + (k)), x1 = LOAD(x + ldx + (k)), x2 = LOAD(x + 2 * ldx + (k));               \
         const __m512i x3 = LOAD(x + 3 * ldx + (k));                                                             \
-        BD_DP(a0, c0, x0); BD_DP(a4, c1, x0);                             \
-        BD_DP(a8, c2, x0); BD_DP(a12, c3, x0);                           \
-        BD_DP(a1, c0, x1); BD_DP(a5, c1, x1);                             \
-        BD_DP(a9, c2, x1); BD_DP(a13, c3, x1);                           \
-        BD_DP(a2, c0, x2); BD_DP(a6, c1, x2);                             \
-        BD_DP(a10, c2, x2); BD_DP(a14, c3, x2);                         \
-        BD_DP(a3, c0, x3); BD_DP(a7, c1, x3);                             \
-        BD_DP(a11, c2, x3); BD_DP(a15, c3, x3);                         \
+        BD_DP(a0, c0, x0); BD_DP(a4, c1, x0);                                                                       \
+        BD_DP(a8, c2, x0); BD_DP(a12, c3, x0);                                                                      \
+        BD_DP(a1, c0, x1); BD_DP(a5, c1, x1);                                                                       \
+        BD_DP(a9, c2, x1); BD_DP(a13, c3, x1);                                                                      \
+        BD_DP(a2, c0, x2); BD_DP(a6, c1, x2);                                                                       \
+        BD_DP(a10, c2, x2); BD_DP(a14, c3, x2);                                                                     \
+        BD_DP(a3, c0, x3); BD_DP(a7, c1, x3);                                                                       \
+        BD_DP(a11, c2, x3); BD_DP(a15, c3, x3);                                                                     \
     } while (0)
     for (int64_t k = 0; k < K64; k += 64) {
         _mm_prefetch((const char *)(p + 2 * K + k), _MM_HINT_T0); /* two packed rows ahead */
