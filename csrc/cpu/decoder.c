@@ -150,6 +150,13 @@ __attribute__((constructor)) static void init_attn_avx512(void) {
     attn_avx512 = __builtin_cpu_supports("avx512f");
 }
 
+/* Cache elements i..i+15 of a key or value cache (bfloat16 or float32) as float32. */
+__attribute__((target("avx512f"))) static inline __m512 load16_ps(const void *cache, int64_t i, int bf16) {
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                      _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)cache + i))), 16))
+                : _mm512_loadu_ps((const float *)cache + i);
+}
+
 /* The key pass of attend in AVX-512 for D a multiple of 16 up to 256: keys in blocks of 16, each widened once into
  * kb (L1), then per query head 16 dot products as 16-lane partial sums and one transposed reduction (another
  * summation order than dot's, as torch's kernels also differ). scores[g n + j] = (q_g . k_j) * scaling. */
@@ -164,10 +171,7 @@ __attribute__((target("avx512f"))) static void key_scores_avx512(const float *q,
             const int64_t j = j0 + jj;
             prefetch_kv(k_cache, v_cache, j + 16, j, row_bytes);
             for (int64_t c = 0; c < C; c++) {
-                const __m512 k = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                            (const __m256i *)((const uint16_t *)k_cache + j * D + 16 * c))), 16))
-                                      : _mm512_loadu_ps((const float *)k_cache + j * D + 16 * c);
-                _mm512_storeu_ps(kb + jj * D + 16 * c, k);
+                _mm512_storeu_ps(kb + jj * D + 16 * c, load16_ps(k_cache, j * D + 16 * c, bf16));
             }
         }
         for (int64_t g = 0; g < G; g++) {
@@ -199,10 +203,7 @@ __attribute__((target("avx512f"), always_inline)) static inline void values_avx5
             const __m512 pj = _mm512_set1_ps(p[g * n + j]);
 #pragma GCC unroll 8
             for (int c = 0; c < C; c++) {
-                const __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                                            (const __m256i *)((const uint16_t *)v_cache + j * D + 16 * c))), 16))
-                                      : _mm512_loadu_ps((const float *)v_cache + j * D + 16 * c);
-                acc[c] = _mm512_fmadd_ps(pj, v, acc[c]);
+                acc[c] = _mm512_fmadd_ps(pj, load16_ps(v_cache, j * D + 16 * c, bf16), acc[c]);
             }
         }
 #pragma GCC unroll 8

@@ -216,22 +216,18 @@ __attribute__((target(BD_VNNI))) static inline __m512i hsum16_epi32(const __m512
     return _mm512_add_epi32(_mm512_shuffle_i32x4(d01, d23, 0x88), _mm512_shuffle_i32x4(d01, d23, 0xDD));
 }
 
-/* 64 features of one unit: the four code planes of pv times xv into s[j * BD_TILE + u]. */
-#define BD_VNNI_STEP(s, u, pv, xv)                                                                            \
-    do {                                                                                                      \
-        s[u] = _mm512_dpbusd_epi32(s[u], _mm512_and_si512(pv, mask), xv);                                     \
-        s[BD_TILE + u] = _mm512_dpbusd_epi32(s[BD_TILE + u], _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask), xv); \
-        s[2 * BD_TILE + u] =                                                                                  \
-            _mm512_dpbusd_epi32(s[2 * BD_TILE + u], _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), xv);     \
-        s[3 * BD_TILE + u] =                                                                                  \
-            _mm512_dpbusd_epi32(s[3 * BD_TILE + u], _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);     \
-    } while (0)
-
 #define BD_LOAD(ptr) _mm512_loadu_si512((const void *)(ptr))
 #define BD_LOAD_TAIL(ptr) _mm512_maskz_loadu_epi8(tail, (const void *)(ptr))
 /* acc += the vpdpbusd of u (unsigned) and x (signed) in place: the intrinsic's copy semantics made GCC move the
  * accumulators between registers on every step. */
 #define BD_DP(acc, u, x) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(x))
+/* 64 features of one packed row: its four code planes (mask: 3 in every byte) times xv into A, B, C, D. */
+#define BD_ROW(A, B, C, D, pv, xv)                                                                              \
+    do {                                                                                                        \
+        BD_DP(A, _mm512_and_si512(pv, mask), xv); BD_DP(B, _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask), xv); \
+        BD_DP(C, _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), xv);                                         \
+        BD_DP(D, _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);                                         \
+    } while (0)
 
 /* The full token tile of tile_vnni (one packed row, four tokens) with its 16 accumulators in named variables: held in
  * an array, GCC copied them between registers on every step (28 moves and two spills per 16 vpdpbusd). */
@@ -276,12 +272,6 @@ __attribute__((target(BD_VNNI))) static void rows4_vnni(const int8_t *x, const u
     const __mmask64 tail = ((__mmask64)1 << (K - K64)) - 1;
     __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0, a8 = a0,
             a9 = a0, a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
-#define BD_ROW(A, B, C, D, pv, xv)                                                                              \
-    do {                                                                                                        \
-        BD_DP(A, _mm512_and_si512(pv, mask), xv); BD_DP(B, _mm512_and_si512(_mm512_srli_epi16(pv, 2), mask), xv); \
-        BD_DP(C, _mm512_and_si512(_mm512_srli_epi16(pv, 4), mask), xv);                                         \
-        BD_DP(D, _mm512_and_si512(_mm512_srli_epi16(pv, 6), mask), xv);                                         \
-    } while (0)
 #define BD_ROWS4(k, LOAD)                                                                                       \
     do {                                                                                                        \
         const __m512i xv = LOAD(x + (k)), p0 = LOAD(p + (k)), p1 = LOAD(p + K + (k));                           \
@@ -296,7 +286,6 @@ __attribute__((target(BD_VNNI))) static void rows4_vnni(const int8_t *x, const u
     }
     if (K64 < K) BD_ROWS4(K64, BD_LOAD_TAIL);
 #undef BD_ROWS4
-#undef BD_ROW
     const __m512i s[16] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15};
     _mm512_storeu_si512((void *)acc, hsum16_epi32(s));
 }
@@ -321,18 +310,22 @@ __attribute__((target(BD_VNNI))) static void tile_vnni(const int8_t *x, int64_t 
     for (int u = 0; u < (nr > nt ? nr : nt); u++) {
         const uint8_t *pu = nr > 1 ? p + u * K : p;
         const int8_t *xu = nt > 1 ? x + u * ldx : x;
-        __m512i a[4 * BD_TILE];
-#pragma GCC unroll 16
-        for (int i = 0; i < 4 * BD_TILE; i++) a[i] = _mm512_setzero_si512();
-        for (int64_t k = 0; k < K64; k += 64) BD_VNNI_STEP(a, 0, BD_LOAD(pu + k), BD_LOAD(xu + k));
-        if (K64 < K) BD_VNNI_STEP(a, 0, BD_LOAD_TAIL(pu + K64), BD_LOAD_TAIL(xu + K64));
-        for (int j = 0; j < 4; j++) part[j * BD_TILE + u] = _mm512_reduce_add_epi32(a[j * BD_TILE]);
+        __m512i a[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+        for (int64_t k = 0; k < K64; k += 64) {
+            const __m512i pv = BD_LOAD(pu + k), xv = BD_LOAD(xu + k);
+            BD_ROW(a[0], a[1], a[2], a[3], pv, xv);
+        }
+        if (K64 < K) {
+            const __m512i pv = BD_LOAD_TAIL(pu + K64), xv = BD_LOAD_TAIL(xu + K64);
+            BD_ROW(a[0], a[1], a[2], a[3], pv, xv);
+        }
+        for (int j = 0; j < 4; j++) part[j * BD_TILE + u] = _mm512_reduce_add_epi32(a[j]);
     }
     memcpy(acc, part, sizeof part);
 }
 #undef BD_LOAD
 #undef BD_LOAD_TAIL
-#undef BD_VNNI_STEP
+#undef BD_ROW
 #undef BD_DP
 
 /* The head streams V x Kp bytes once per step, row after row: a software prefetch this far ahead (past the next 4 KiB
