@@ -26,7 +26,9 @@ Each trained student is then scored (not counted in the budget): perplexity on t
 accuracy (lm-eval, first ``--lastword-limit`` examples) and greedy continuations of three fixed prompts
 (:func:`bitdistill.generate_text`, 24 tokens). Rows go to
 ``benchmarks/results/recovery_smollm2.jsonl`` (a finished (recipe, budget) row is kept and skipped by a
-re-run, so the benchmark can be run in parts); ``recovery_smollm2.md`` and ``recovery_smollm2.png`` are
+re-run, so the benchmark can be run in parts; a ``recover`` run it finds unfinished in ``--work-dir`` resumes
+from its finished stages and the last resume point of its KD stage, and its row says ``"resumed": true``; an
+unfinished ``e2e`` run starts over); ``recovery_smollm2.md`` and ``recovery_smollm2.png`` are
 regenerated from all rows (``--report-only``: only that). Rows from before a field existed lack it (no curve, a
 held-out split of 4 x 256 tokens). Usage (from the repo root)::
 
@@ -66,7 +68,8 @@ WIKI = DATA / "wikitext-2-raw-v1"
 TOKENIZER = DATA / "tokenizers" / "smollm2"
 RESULTS = REPO / "benchmarks" / "results"
 NAME = "recovery_smollm2"
-PROMPTS = ("The capital of France is", "The game was released in", "In mathematics, a prime number is")
+PROMPTS = ("The capital of France is", "The game was released in", "In mathematics, a prime number is")  # the card's
+NEW_TOKENS = 24  # greedy tokens a prompt, as in a recovered student's model card (bitdistill.recover.staged)
 PPL_WINDOWS = 40
 TRAIN = [str(WIKI / "wiki.train.prefix.raw"), str(WIKI / "wiki.valid.raw")]
 COMMON = ["--max_seq_length", "128", "--per_device_train_batch_size", "2", "--lr_scheduler_type", "linear",
@@ -134,7 +137,8 @@ def child_train(recipe: str, budget_min: float, out: Path, seed: int, extra: tup
     else:
         from bitdistill.cli import recover
 
-        recover.run(args)  # the recorded command, as written (options not given take the command's defaults)
+        if not (out / "recovery.json").is_file():  # else a killed benchmark had finished this run: only evaluate it
+            recover.run(args)  # the recorded command, as written (options not given take the command's defaults)
         summary = json.loads((out / "recovery.json").read_text())
         info = {"cpu_s": summary["stages"][-1]["cpu_s"], "stages": summary["stages"],
                 "train_tokens": summary["train_tokens"], **curve_fields(summary.get("held_out_curve"))}
@@ -187,7 +191,7 @@ def evaluate(folder: Path | None, limit: int) -> dict:
     held_ids = held_out_blocks(tok)
     held = math.exp(held_out_loss(model, held_ids))
     task = evaluate_tasks(model, tok, ["wikitext_lastword"], limit=limit, batch_size=8, data_dir=WIKI)
-    conts = {g.prompt: g.text for g in generate_text(model, tok, PROMPTS, max_new_tokens=24)}
+    conts = {g.prompt: g.text for g in generate_text(model, tok, PROMPTS, max_new_tokens=NEW_TOKENS)}
     return {"ppl": ppl.perplexity, "ppl_tokens": ppl.num_tokens, "held_out_ppl": held,
             "held_out_tokens": held_ids.numel(), "lastword_acc": task["wikitext_lastword"]["acc"],
             "lastword_examples": limit, "continuations": conts}
@@ -536,13 +540,16 @@ def main() -> None:
                     if (recipe, b, seed) in done:
                         continue
                     out = run_folder(work, recipe, b, seed)
-                    shutil.rmtree(out, ignore_errors=True)  # an interrupted run restarts from scratch
-                    print(f"training {recipe} at {b} CPU-min, seed {seed} ...", flush=True)
+                    resumed = recipe != "e2e" and out.is_dir()
+                    if not resumed:  # an interrupted e2e run restarts; a recover run resumes (docs/recover.md)
+                        shutil.rmtree(out, ignore_errors=True)
+                    print(f"{'resuming' if resumed else 'training'} {recipe} at {b} CPU-min, seed {seed} ...",
+                          flush=True)
                     info = _child(["--child-train", recipe, str(b), str(out), str(seed), f"--flags={a.flags}"], log)
                     ev = _child(["--child-eval", str(out / "student"), "--lastword-limit", str(a.lastword_limit)], log)
                     _append({"recipe": recipe, "budget_cpu_min": b, "seed": seed, **({"flags": list(flags)} if flags
                              else {}), **({"default": True} if recipe == "default" and not flags else {}), **info,
-                             **ev}, a.rows)
+                             **({"resumed": True} if resumed else {}), **ev}, a.rows)
                     print(f"{recipe} {b} seed {seed}: ppl {ev['ppl']:.1f}, lastword {ev['lastword_acc']:.3f}", flush=True)
                     if curve:
                         write_report(a.lastword_limit)

@@ -15,18 +15,22 @@ import logging
 import re
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from bitdistill.errors import UserError
+from bitdistill.weights import read_json
 
-__all__ = ["BudgetProgressCallback", "CpuBudgetCallback", "CpuClock", "StepPlan", "parse_cpu_budget", "run_budget"]
+__all__ = ["BUDGET_STATE_FILE", "BudgetProgressCallback", "CpuBudgetCallback", "CpuClock", "StepPlan", "parse_cpu_budget",
+           "resumed_budget_state", "run_budget"]
 
 logger = logging.getLogger(__name__)
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+BUDGET_STATE_FILE = "cpu_budget.json"  # in every checkpoint of a budgeted run: CpuBudgetCallback.state()
 
 
 def parse_cpu_budget(text: str | float | int) -> float:
@@ -49,17 +53,35 @@ def parse_cpu_budget(text: str | float | int) -> float:
 
 def run_budget(time_budget: str | float | None, training_args) -> float | None:
     """The CPU seconds of a trainer run's ``--time_budget`` (``None``: no budget), checked against its
-    ``transformers.TrainingArguments``: a budget plans the steps itself (no ``--max_steps``) and counts the CPU time
-    of one process, so it cannot resume a checkpoint. One-line :class:`UserError` otherwise."""
+    ``transformers.TrainingArguments``: a budget plans the steps itself (no ``--max_steps``). A budgeted run
+    resumes with the CPU time and plan its checkpoint recorded (:data:`BUDGET_STATE_FILE`). One-line
+    :class:`UserError` otherwise."""
     if time_budget is None:
         return None
     budget_s = parse_cpu_budget(time_budget)
     if training_args.max_steps > 0:
         raise UserError("--time_budget plans the steps itself; drop --max_steps (or the budget)")
-    if training_args.resume_from_checkpoint not in (None, "", "false", "False"):
-        raise UserError("--time_budget counts the CPU time of one process and cannot resume a checkpoint; "
-                        "resume with --max_steps, or start a new --output_dir")
     return budget_s
+
+
+def resumed_budget_state(checkpoint: Path | None, budget_s: float | None) -> dict | None:
+    """The CPU budget state (:meth:`CpuBudgetCallback.state`) that ``checkpoint`` recorded, for a run with a budget of
+    ``budget_s`` CPU seconds resuming it (``None``: a new run, or no budget on either side).
+
+    Raises:
+        UserError: the checkpoint's run had another budget, or a budget while this one has none (or the reverse).
+    """
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint) / BUDGET_STATE_FILE
+    state = read_json(path, "resume from another checkpoint or start a new --output_dir") if path.is_file() else None
+    saved = state["budget_s"] if state else None
+    if saved != budget_s:
+        was = f"--time_budget {saved:g}s" if saved else "no --time_budget"
+        now = f"--time_budget {budget_s:g}s" if budget_s else "none"
+        raise UserError(f"{checkpoint} was written by a run with {was}, this one has {now}; resume with the same "
+                        "budget or start a new --output_dir")
+    return state
 
 
 class StepPlan:
@@ -85,6 +107,16 @@ class StepPlan:
         self._mark = 0.0
         self._first_plan = 0
         self._next_refit = -1
+
+    def state(self) -> dict:
+        """What :meth:`load_state` needs to continue the plan in a resumed run (JSON-serializable)."""
+        return {"planned_steps": self.planned_steps, "mark": self._mark, "first_plan": self._first_plan,
+                "next_refit": self._next_refit}
+
+    def load_state(self, state: dict) -> None:
+        """Continue the plan :meth:`state` recorded."""
+        self.planned_steps = state["planned_steps"]
+        self._mark, self._first_plan, self._next_refit = state["mark"], state["first_plan"], state["next_refit"]
 
     def update(self, step: int, used_s: float) -> int | None:
         """Call after optimizer step ``step`` (1-based) with the CPU seconds used so far; returns the new
@@ -136,9 +168,14 @@ class CpuBudgetCallback(TrainerCallback):
     With ``clock``, the budget is that clock's CPU time since training began, so what a caller runs inside the
     loop through ``clock.excluding`` (held-out evaluations) is not counted; without, a clock of its own.
 
+    A resumed run continues where a checkpoint left off: :meth:`state` (the CPU seconds used and the plan at the
+    end of the last step) goes into every checkpoint, and :meth:`load_state` before training makes the resumed run
+    count on from there and refit its schedule to the same plan (the CPU spent after that checkpoint by the
+    interrupted run is not counted).
+
     Attributes:
-        used_s: CPU seconds used when training ended; ``steps`` the optimizer steps done; ``planned_steps`` the
-            refit step count (or ``None``).
+        used_s: CPU seconds used when training ended (those before a resume included); ``steps`` the optimizer
+            steps done; ``planned_steps`` the refit step count (or ``None``).
     """
 
     def __init__(self, budget_s: float, *, fit_schedule: bool = True, measure_from: int = 1, measure_to: int = 3,
@@ -150,6 +187,8 @@ class CpuBudgetCallback(TrainerCallback):
         self.start = 0.0
         self.used_s = 0.0
         self.steps = 0
+        self._resumed_s = 0.0
+        self._state = {"budget_s": budget_s, "used_s": 0.0, "plan": self.plan.state()}
 
     def _used(self) -> float:
         return self.clock.used() - self.start
@@ -158,21 +197,35 @@ class CpuBudgetCallback(TrainerCallback):
     def planned_steps(self) -> int | None:
         return self.plan.planned_steps
 
+    def state(self) -> dict:
+        """The budget at the end of the last step: ``{"budget_s", "used_s", "plan"}`` (JSON-serializable)."""
+        return self._state
+
+    def load_state(self, state: dict) -> None:
+        """Continue a run whose checkpoint recorded ``state`` (:meth:`state`, checked by
+        :func:`resumed_budget_state`); call before training."""
+        self.plan.load_state(state["plan"])
+        self._resumed_s = state["used_s"]
+        self._state = dict(state)
+
     def on_train_begin(self, args, state, control, **kwargs):
         self.clock = self.clock or CpuClock()
-        self.start = self.clock.used()
+        self.start = self.clock.used() - self._resumed_s
+        if self.fit_schedule and self.planned_steps is not None:  # a resumed plan
+            _refit_schedule(kwargs.get("lr_scheduler"), self.planned_steps)
+            state.max_steps = self.planned_steps
 
     def on_step_end(self, args, state, control, **kwargs):
         used = self._used()
         if used >= self.budget_s:
             control.should_training_stop = True
             state.max_steps = state.global_step
-            return
-        if self.fit_schedule and (planned := self.plan.update(state.global_step, used)) is not None:
+        elif self.fit_schedule and (planned := self.plan.update(state.global_step, used)) is not None:
             _refit_schedule(kwargs.get("lr_scheduler"), planned)
             state.max_steps = planned
             logger.info("CPU budget: %d steps planned (step %d, %.0f of %.0f CPU-s used)", planned,
                         state.global_step, used, self.budget_s)
+        self._state = {"budget_s": self.budget_s, "used_s": used, "plan": self.plan.state()}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and "loss" in logs:

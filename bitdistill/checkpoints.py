@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from bitdistill.errors import UserError
@@ -80,11 +81,11 @@ class AtomicCheckpointMixin:
     """Mix into a ``transformers.Trainer`` subclass (before ``Trainer``) so checkpoints appear only complete.
 
     Attributes:
-        checkpoint_files: ``{file name: text}`` written into every checkpoint before it becomes visible
-            (e.g. the run configuration a resume is checked against).
+        checkpoint_files: ``{file name: text, or a function returning it}`` written into every checkpoint before it
+            becomes visible (e.g. the run configuration a resume is checked against, a CPU budget's state).
     """
 
-    checkpoint_files: dict[str, str] | None = None
+    checkpoint_files: dict[str, str | Callable[[], str]] | None = None
 
     def _save_checkpoint(self, model, trial) -> None:
         run_dir = self.args.output_dir
@@ -112,7 +113,7 @@ class AtomicCheckpointMixin:
         written = staging / final.name
         try:
             for file_name, text in (self.checkpoint_files or {}).items():
-                (written / file_name).write_text(text)
+                (written / file_name).write_text(text() if callable(text) else text)
             if final.exists():  # the same step saved again (e.g. the last step): replace it
                 shutil.rmtree(final)
             rename_noreplace(written, final)

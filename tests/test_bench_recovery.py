@@ -296,3 +296,10 @@ def test_default_rows_train_with_the_commands_defaults(bench, monkeypatch, tmp_p
     assert seen["training"].per_device_train_batch_size == DISTILL_DEFAULTS["per_device_train_batch_size"]
     assert seen["loss"].hidden_weight == DISTILL_DEFAULTS["hidden_weight"]
     assert info["curve"] == [[1.0, 120.0]] and info["cpu_min_to_ppl_150"] == 1.0 and info["cpu_min_to_ppl_100"] is None
+
+
+def test_bench_prompts_are_the_model_cards(bench):
+    """The benchmark's report and a recovered student's model card continue the same prompts."""
+    from bitdistill.recover.staged import CARD_NEW_TOKENS, CARD_PROMPTS
+
+    assert bench.PROMPTS == CARD_PROMPTS and bench.NEW_TOKENS == CARD_NEW_TOKENS

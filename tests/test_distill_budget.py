@@ -1,5 +1,6 @@
 """``bitdistill distill --time_budget``: trains for a process-CPU budget with its schedule fit to the planned steps,
-shows the plan in the progress bar and the logs, and refuses what a budget cannot do in one line."""
+shows the plan in the progress bar and the logs, resumes a killed run with the CPU time and plan its checkpoint
+recorded, and refuses what a budget cannot do in one line."""
 
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ def test_budgeted_distill_spends_the_budget_on_the_planned_steps(common, capsys)
 @pytest.mark.parametrize(("flags", "match"), [
     (["--time_budget", "10x"], "--time_budget '10x' is not a CPU time"),
     (["--time_budget", "5s", "--max_steps", "3"], "--time_budget plans the steps itself; drop --max_steps"),
-    (["--time_budget", "5s", "--resume_from_checkpoint", "latest"], "cannot resume a checkpoint"),
 ])
 def test_budget_refusals_are_one_line_before_any_work(common, capsys, flags, match):
     root, argv = common
@@ -49,3 +49,64 @@ def test_budget_refusals_are_one_line_before_any_work(common, capsys, flags, mat
     err = capsys.readouterr().err
     assert match in err and len([line for line in err.splitlines() if "error:" in line]) == 1, err
     assert not out.exists()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a loaded machine OpenMP's spinning can cost more CPU time than a tiny model's steps."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_budgeted_distill_resumes_with_the_cpu_time_and_plan_of_its_checkpoint(common, capsys, monkeypatch, one_thread):
+    """Killed after a checkpoint, a budgeted run resumed with ``latest`` continues that checkpoint's CPU time and plan:
+    it ends within one budget, not a second one. Resuming with another budget, or none, is refused in one line."""
+    import time
+
+    from transformers import TrainerCallback
+
+    from bitdistill.budget import BUDGET_STATE_FILE
+    from bitdistill.distill import run as distill_run
+
+    root, argv = common
+    out = root / "resumed"
+    args = [*argv, "--time_budget", "6s", "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(out)]
+    real = distill_run.distill_student
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saved = json.loads((out / f"checkpoint-{state.global_step}" / BUDGET_STATE_FILE).read_text())
+            if saved["used_s"] >= 3.0:
+                raise RuntimeError(f"killed after checkpoint-{state.global_step}")
+
+    def killed(*a, callbacks=None, **kw):
+        return real(*a, callbacks=[*(callbacks or []), Kill()], **kw)
+
+    monkeypatch.setattr(distill_run, "distill_student", killed)
+    first = time.process_time()
+    with pytest.raises(RuntimeError, match="killed after checkpoint-") as info:
+        main(args)
+    first = time.process_time() - first  # setup and half the budget
+    monkeypatch.setattr(distill_run, "distill_student", real)
+    step = int(str(info.value).rsplit("-", 1)[1])
+    saved = json.loads((out / f"checkpoint-{step}" / BUDGET_STATE_FILE).read_text())
+    assert saved["budget_s"] == 6.0 and 3.0 <= saved["used_s"] < 6.0 and saved["plan"]["planned_steps"] > step
+    other = [a if a != "6s" else "5s" for a in args]
+    unbudgeted = [a for a in args if a not in ("--time_budget", "6s")] + ["--max_steps", "1000"]
+    for bad, match in ((other, "with --time_budget 6s, this one has --time_budget 5s; resume with the same budget"),
+                       (unbudgeted, "with --time_budget 6s, this one has none")):
+        assert main([*bad, "--resume_from_checkpoint", "latest"]) == 2
+        err = capsys.readouterr().err
+        assert match in err and len([line for line in err.splitlines() if "error:" in line]) == 1, err
+        assert not (out / "student").exists()
+    cpu = time.process_time()
+    assert main([*args, "--resume_from_checkpoint", "latest"]) == 0
+    cpu = time.process_time() - cpu  # setup and the budget's other half; a second budget: about first + 3 s
+    train = json.loads((out / "student" / "distill_metrics.json").read_text())["train"]
+    assert train["train_steps"] > step and saved["used_s"] < train["train_cpu_s"] < 8.0, train
+    assert cpu < first + 1.5, (cpu, first)
+    assert train["planned_steps"] is not None and 0.7 * train["planned_steps"] <= train["train_steps"], train

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from bitdistill import load_student, replace_linear_with_bitlinear, weight_quant
 from bitdistill.budget import CpuBudgetCallback, parse_cpu_budget
+from bitdistill.errors import UserError
 from bitdistill.models import TINY_ARCHITECTURES, tiny_model
 from bitdistill.nn.bitlinear import BitLinear
 from bitdistill.recover import (
@@ -284,9 +286,13 @@ def test_block_losses_and_budget_checks():
     assert CpuBudgetCallback(10).budget_s == 10
 
 
-def _run_budgeted(monkeypatch, cost, refits: int) -> tuple[CpuBudgetCallback, float, int]:
+def _run_budgeted(monkeypatch, cost, refits: int, interrupt_at: int | None = None,
+                  lrs: list[float] | None = None) -> tuple[CpuBudgetCallback, float, int]:
     """Drive a CpuBudgetCallback with a fake CPU clock whose step ``k`` costs ``cost(k)`` seconds and a real
-    linear schedule; returns the callback, the last learning-rate factor used and the step training stopped at."""
+    linear schedule; returns the callback, the last learning-rate factor used and the step training stopped at.
+    With ``interrupt_at``, the run is killed after that step (and ``cost(k)`` more CPU seconds) and resumed as a
+    new process would from a checkpoint of that step: a new callback loading the saved state, a new schedule loading
+    the saved one, a clock that reads something else. ``lrs`` receives the factor of every step."""
     from types import SimpleNamespace
 
     from transformers import TrainerControl, get_scheduler
@@ -303,13 +309,53 @@ def _run_budgeted(monkeypatch, cost, refits: int) -> tuple[CpuBudgetCallback, fl
     lr = 1.0
     while not control.should_training_stop and state.global_step < state.max_steps:
         lr = sched.get_last_lr()[0]
+        (lrs if lrs is not None else []).append(lr)
         opt.step()
         sched.step()
         state.global_step += 1
         clock[0] += cost(state.global_step)
         cb.on_step_end(None, state, control, lr_scheduler=sched)
+        if state.global_step == interrupt_at:
+            saved, saved_sched = json.loads(json.dumps(cb.state())), sched.state_dict()
+            clock[0] = 12345.0 + cost(state.global_step)  # lost work, then another process's clock
+            sched = get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=10**6)
+            sched.load_state_dict(saved_sched)
+            cb = CpuBudgetCallback(1000.0, refits=refits)
+            cb.load_state(saved)
+            state = SimpleNamespace(global_step=state.global_step, max_steps=10**6)
+            cb.on_train_begin(None, state, control, lr_scheduler=sched)
     cb.on_train_end(None, state, control)
     return cb, lr, state.global_step
+
+
+@pytest.mark.parametrize("at", [2, 3, 150, 999])
+def test_cpu_budget_resumes_with_the_cpu_time_and_plan_its_checkpoint_recorded(monkeypatch, at):
+    """A budgeted run killed after any step (before its first plan, at it, between refits, near its end) and
+    resumed from that step's state takes the same steps at the same learning rates as one never killed."""
+    def cost(k):
+        return 1.0 + 0.5 * min(k, 1000) / 1000
+
+    lrs, resumed = [], []
+    cb, _, steps = _run_budgeted(monkeypatch, cost, refits=9, lrs=lrs)
+    cb2, _, steps2 = _run_budgeted(monkeypatch, cost, refits=9, interrupt_at=at, lrs=resumed)
+    assert steps2 == steps and cb2.planned_steps == cb.planned_steps and cb2.used_s == pytest.approx(cb.used_s)
+    assert resumed == pytest.approx(lrs)
+    assert cb2.state()["used_s"] == pytest.approx(cb.used_s) and cb2.state()["budget_s"] == 1000.0
+
+
+def test_resumed_budget_state_refuses_another_budget(tmp_path):
+    from bitdistill.budget import BUDGET_STATE_FILE, resumed_budget_state
+
+    assert resumed_budget_state(None, 5.0) is None and resumed_budget_state(tmp_path, None) is None
+    with pytest.raises(UserError, match="with no --time_budget, this one has --time_budget 5s; resume with the same"):
+        resumed_budget_state(tmp_path, 5.0)
+    state = {"budget_s": 5.0, "used_s": 2.0, "plan": CpuBudgetCallback(5.0).plan.state()}
+    (tmp_path / BUDGET_STATE_FILE).write_text(json.dumps(state))
+    assert resumed_budget_state(tmp_path, 5.0) == state
+    with pytest.raises(UserError, match="with --time_budget 5s, this one has --time_budget 6s"):
+        resumed_budget_state(tmp_path, 6.0)
+    with pytest.raises(UserError, match="with --time_budget 5s, this one has none"):
+        resumed_budget_state(tmp_path, None)
 
 
 @pytest.mark.parametrize("drift", [0.5, -0.3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,8 @@ def setup(tmp_path_factory, shared_data):
 
 
 def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
+    from bitdistill.recover import staged
+
     out = setup["root"] / "run"
     rc = main(["recover", *setup["common"], "--time_budget", "20s", "--held_out_curve", "true", "--block_steps", "4",
                "--block_init", "gptq",
@@ -55,7 +58,16 @@ def test_recover_runs_every_stage_and_packs(setup, capsys, tmp_path):
     assert context["cpu_s"] < 20 * 1.2  # the held-out evaluations inside the stages are not counted
     audit = [json.loads(line) for line in (out / "audit_log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in audit if r.get("event") == "stage"] == ["init", "blocks", "e2e", "context"]
-    assert "## Staged recovery" in (out / "student" / "README.md").read_text()
+    card = (out / "student" / "README.md").read_text()
+    assert "## Staged recovery" in card and "in a budget of 0 CPU-minutes" in card  # 20 s
+    teacher_ppl = math.exp(summary["teacher_held_out_loss"])
+    assert f"| teacher | {summary['teacher_held_out_loss']:.4f} | {teacher_ppl:.2f} | |" in card
+    ratio = context["held_out_perplexity"] / teacher_ppl
+    assert f"The student's held-out perplexity is {ratio:.2f}x its teacher's." in card
+    table = card.split("### Greedy continuations")[1].split("| prompt | teacher | student |\n|---|---|---|\n")[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert [r.split(" | ")[0][2:] for r in rows] == list(staged.CARD_PROMPTS)
+    assert all(r.count(" | ") == 2 + r.count("\\|") for r in rows)  # one line each, pipes escaped
     pack_pretrained(out / "student", tmp_path / "packed", dtype="float32")  # float32: the student's exact function
     ids = torch.randint(0, 1000, (1, 12))
     with torch.no_grad():
@@ -185,6 +197,48 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     assert (out / "student" / "README.md").read_text().count("## Staged recovery") == 1
 
 
+def test_recover_resumes_a_killed_e2e_stage_from_its_last_resume_point(setup, capsys, monkeypatch):
+    """Killed after a resume point of the e2e stage, a rerun continues from it: the steps, the budget's CPU time and
+    the held-out curve carry on (the stage ends within the run's budget), and the finished run keeps no checkpoint."""
+    from transformers import TrainerCallback
+
+    from bitdistill.budget import BUDGET_STATE_FILE
+    from bitdistill.recover import staged
+
+    out = setup["root"] / "resume-e2e"
+    argv = ["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "3", "--held_out_curve", "true",
+            "--resume_points", "10", "--output_dir", str(out)]
+    real = staged.distill_student
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= 4:
+                raise RuntimeError(f"killed after checkpoint-{state.global_step}")
+
+    def killed(*a, callbacks=None, **kw):
+        return real(*a, callbacks=[*(callbacks or []), Kill()], **kw)
+
+    monkeypatch.setattr(staged, "distill_student", killed)
+    with pytest.raises(RuntimeError, match="killed after checkpoint-") as info:
+        main(argv)
+    monkeypatch.setattr(staged, "distill_student", real)
+    point = out / "e2e" / f"checkpoint-{str(info.value).rsplit('-', 1)[1]}"
+    stage = json.loads((point / staged.STAGE_STATE_FILE).read_text())
+    budget = json.loads((point / BUDGET_STATE_FILE).read_text())
+    assert stage["stage"] == "e2e" and 0 < stage["base_s"] < 20 and stage["budget_s"] == budget["budget_s"]
+    assert stage["base_s"] + budget["used_s"] >= 4 and stage["curve"]  # past two resume points: 2, 4 CPU-s
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert f"e2e stage resumes from {point}" in printed and "block stage already finished" in printed
+    e2e = json.loads((out / "recovery.json").read_text())["stages"][-1]
+    assert e2e["stage"] == "e2e" and e2e["detail"]["resumed_from"] == point.name
+    assert e2e["detail"]["steps"] > int(point.name.split("-")[1])
+    assert e2e["detail"]["train_cpu_s"] >= budget["used_s"] and e2e["cpu_s"] < 20 * 1.2
+    assert e2e["detail"]["curve"][: len(stage["curve"])] == stage["curve"]  # the points before the kill, kept
+    assert not list((out / "e2e").glob("checkpoint-*")) and (out / "student" / "config.json").is_file()
+
+
 def test_recover_defaults_on_an_architecture_without_subln_skip_it(setup, capsys, shared_data):
     """SubLN (on by default) does not apply to GPT-2: ``--subln true`` fails before any stage; the defaults run every
     stage with SubLN skipped (one line), recorded in the final student's marker and card."""
@@ -217,7 +271,9 @@ def test_recover_tokenizes_the_eval_text_once(setup, shared_data, monkeypatch, c
 
     monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", counting)
     out = root / "eval-once"
-    rc = main(["recover", *setup["common"], "--time_budget", "8s", "--block_steps", "2", "--context_fraction", "0.25",
+    # 12 s: an e2e step of this run costs about 1.5 CPU-s, and a stage may overrun its share by one step; at 8 s an
+    # overrun of the e2e stage's 3 s could leave nothing for the context stage on a loaded machine
+    rc = main(["recover", *setup["common"], "--time_budget", "12s", "--block_steps", "2", "--context_fraction", "0.25",
                "--eval_files", str(root / "eval.txt"), "--eval_max_windows", "2", "--output_dir", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert [s["stage"] for s in json.loads((out / "recovery.json").read_text())["stages"]] == ["blocks", "e2e", "context"]

@@ -15,8 +15,10 @@ apply to a teacher's architecture.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +26,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import tensorboard_into_output_dir
-from bitdistill.budget import CpuBudgetCallback, CpuClock
+from bitdistill.budget import BUDGET_STATE_FILE, CpuBudgetCallback, CpuClock, resumed_budget_state
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import LossArguments
 from bitdistill.distill.attention import QKVCapture, resolve_layer_indices
@@ -89,11 +91,26 @@ class TrainedRun:
 
 
 def run_trainer(trainer: RunTrainer, run: RunSetup, *, checkpoint: Path | None, all_args: dict, command: str | None,
-                evaluate: bool) -> TrainedRun:
+                evaluate: bool, checkpoint_files: dict[str, Callable[[], str]] | None = None) -> TrainedRun:
     """The one run skeleton of every trainer: checkpoint files and TensorBoard into the output folder, provenance,
     an evaluation before training (``evaluate`` and not resumed), training (resumed from ``checkpoint``), an
-    evaluation after (``evaluate``). Evaluations are audited apart from the training steps."""
-    trainer.checkpoint_files = run.checkpoint_files
+    evaluation after (``evaluate``). Evaluations are audited apart from the training steps.
+
+    Every checkpoint holds the run configuration, a budgeted run's CPU budget state
+    (:data:`~bitdistill.budget.BUDGET_STATE_FILE`, read back when it resumes) and ``checkpoint_files``
+    (``{file name: function returning its text}``, called as each checkpoint is written).
+
+    Raises:
+        UserError: a run resuming a checkpoint of another budget (:func:`~bitdistill.budget.resumed_budget_state`).
+    """
+    files: dict[str, str | Callable[[], str]] = {**run.checkpoint_files, **(checkpoint_files or {})}
+    budget = trainer.cpu_budget
+    state = resumed_budget_state(checkpoint, budget.budget_s if budget is not None else None)
+    if budget is not None:
+        files[BUDGET_STATE_FILE] = lambda: json.dumps(budget.state())
+        if state is not None:
+            budget.load_state(state)
+    trainer.checkpoint_files = files
     tensorboard_into_output_dir(trainer)
     prov = None
     if trainer.is_world_process_zero():
@@ -161,7 +178,8 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
                     checkpoint: Path | None = None, quant_warmup_steps: int = 0,
                     callbacks: list[TrainerCallback] | None = None, perplexity_ids: torch.Tensor | None = None,
                     all_args: dict | None = None, command: str | None = None,
-                    clock: CpuClock | None = None) -> Distilled:
+                    clock: CpuClock | None = None,
+                    checkpoint_files: dict[str, Callable[[], str]] | None = None) -> Distilled:
     """Distill ``student`` (trained in place) from ``teacher`` on ``blocks [N, S]``; returns it with its metrics.
 
     Args:
@@ -176,7 +194,8 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
         teacher_cache: cached top-k teacher logits in place of the teacher's.
         budget_s: process CPU seconds for the training loop: training stops when they are spent and the
             learning-rate schedule is fit to the steps they buy (:class:`~bitdistill.budget.CpuBudgetCallback`).
-        checkpoint: a checkpoint of this run to resume from.
+        checkpoint: a checkpoint of this run to resume from (with ``budget_s``, it continues the CPU time and plan
+            the checkpoint recorded).
         quant_warmup_steps: blend quantization in over this many steps.
         callbacks: extra ``TrainerCallback`` objects.
         perplexity_ids: ``data_args.eval_files`` already tokenized (``[T]``, :func:`bitdistill.runs.eval_token_ids`),
@@ -184,6 +203,8 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
         all_args: every argument, for ``provenance.json``; command: the command line, for it.
         clock: the clock ``budget_s`` is counted on (what runs through its ``excluding`` inside the loop, e.g. a
             caller's held-out evaluations, is not counted); default: a clock of the training loop's own.
+        checkpoint_files: ``{file name: function returning its text}`` written into every checkpoint (a caller's
+            own resume state).
     """
     if budget_s is not None and training_args.max_steps > 0:
         raise UserError("--time_budget plans the steps itself; drop --max_steps (or the budget)")
@@ -208,7 +229,7 @@ def distill_student(student: nn.Module, teacher: nn.Module | None, blocks: torch
                 f"{training_args.max_steps} steps" if training_args.max_steps > 0 else
                 f"{training_args.num_train_epochs} epochs")
     done = run_trainer(trainer, run, checkpoint=checkpoint, all_args=all_args or {}, command=command,
-                       evaluate=run.ppl_ids is not None)
+                       evaluate=run.ppl_ids is not None, checkpoint_files=checkpoint_files)
     if done.start is not None:
         metrics["student_start"] = done.start
         _log_perplexity("student perplexity before training", done.start.get("start_perplexity"))

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import release_memory
-from bitdistill.budget import run_budget
+from bitdistill.budget import resumed_budget_state, run_budget
 from bitdistill.convert import check_model_source, load_causal_lm, load_model
 from bitdistill.data.tokenizer_check import check_tokenizer
 from bitdistill.distill.args import (
@@ -238,6 +238,7 @@ def run_distillation(model_args: ModelArguments, data_args: DataArguments, loss_
     model_args = resumed_subln_eps(model_args, recorded_config(training_args))
     config = config_dict(model_args, data_args, loss_args, training_args=training_args)
     checkpoint = check_run_folder(training_args, config, final_dir)
+    resumed_budget_state(checkpoint, budget_s)  # a resume of another budget fails here, before any work
 
     logger.info("loading the tokenizer and tokenizing the training text")
     tokenizer = load_tokenizer(model_args)

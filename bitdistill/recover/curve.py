@@ -1,5 +1,6 @@
 """The held-out curve of a staged run: held-out perplexity against the budget's CPU minutes, measured every tenth of
-the budget inside the KD stages (and at each stage's end), and the CPU minutes at which it first reached a target.
+the budget inside the KD stages (and at each stage's end), and the CPU minutes at which it first reached a target;
+and the KD stages' resume points, checkpoints asked for at fractions of the budget.
 
 The held-out split is the tuning split of ``bitdistill recover`` (``--held_out_tokens`` at the end of the training
 text, which no stage trains on). Its evaluations run through :meth:`bitdistill.budget.CpuClock.excluding`, so they
@@ -9,6 +10,7 @@ are not counted in the budget.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -17,7 +19,8 @@ from transformers import TrainerCallback
 
 from bitdistill.budget import CpuClock
 
-__all__ = ["HeldOutCurveCallback", "cpu_min_to_ppl", "held_out_loss", "tenth_marks"]
+__all__ = ["BudgetMarksCallback", "HeldOutCurveCallback", "ResumePointCallback", "cpu_min_to_ppl", "held_out_loss",
+           "tenth_marks"]
 
 EVAL_BATCH = 8  # held-out blocks per forward: larger GEMMs than one block at a time, and 8 x 256 logits of a
 # 49k vocabulary (400 MB in float32) stay small next to the training step's
@@ -64,25 +67,25 @@ def cpu_min_to_ppl(points: Sequence[Sequence[float]], threshold: float) -> float
     return None
 
 
-class HeldOutCurveCallback(TrainerCallback):
-    """Evaluates the held-out blocks when a KD stage's training passes the next of ``marks`` (CPU seconds of the
-    whole run's budget), outside the budget (``clock``), and keeps ``points``: ``[cpu_min, held_out_ppl]`` pairs.
+class BudgetMarksCallback(TrainerCallback):
+    """Calls :meth:`passed` at the first step end at or after each of ``marks`` (CPU seconds of a staged run's
+    budget; several passed by one step give one call), unless that step ends the training.
 
-    ``base_s`` is the run's budgeted CPU seconds when the stage began; inside the stage the budget counts from
-    the training loop's start (:class:`~bitdistill.budget.CpuBudgetCallback` on the same ``clock``), so a point's
-    CPU time is ``base_s`` plus what the loop has used. Marks already passed when the stage begins are skipped;
-    several passed by one step give one point.
+    ``base_s`` is the run's budgeted CPU seconds when the stage's training loop begins (for a resumed stage: when it
+    began plus what its loop had used before the checkpoint); inside the loop the budget counts from the loop's start
+    (:class:`~bitdistill.budget.CpuBudgetCallback` on the same ``clock``), so the run's CPU time at a step is
+    ``base_s`` plus what the loop has used. Marks at or before ``base_s`` are skipped.
     """
 
-    def __init__(self, held: torch.Tensor, clock: CpuClock, base_s: float, marks: Sequence[float],
-                 log: Callable[[str], None] = print) -> None:
-        self.held = held
+    def __init__(self, clock: CpuClock, base_s: float, marks: Sequence[float]) -> None:
         self.clock = clock
         self.base_s = base_s
         self.marks = sorted(m for m in marks if m > base_s)
-        self.log = log
-        self.points: list[list[float]] = []
         self._begin = 0.0
+
+    def passed(self, used_s: float, state, control, model: nn.Module) -> None:
+        """At the step end where the run's CPU reached ``used_s``, past one or more marks."""
+        raise NotImplementedError
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._begin = self.clock.used()
@@ -90,8 +93,42 @@ class HeldOutCurveCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         used = self.base_s + self.clock.used() - self._begin
         if not self.marks or used < self.marks[0] or control.should_training_stop:
-            return  # the stage's end is evaluated by the stage
+            return  # the stage's end is handled by the stage
         self.marks = [m for m in self.marks if m > used]
+        self.passed(used, state, control, model)
+
+
+class HeldOutCurveCallback(BudgetMarksCallback):
+    """Evaluates the held-out blocks when a KD stage's training passes the next of ``marks`` (CPU seconds of the
+    whole run's budget; :class:`BudgetMarksCallback`), outside the budget (``clock``), and keeps ``points``:
+    ``[cpu_min, held_out_ppl]`` pairs (``points`` given: a resumed stage's earlier ones, continued)."""
+
+    def __init__(self, held: torch.Tensor, clock: CpuClock, base_s: float, marks: Sequence[float],
+                 log: Callable[[str], None] = print, points: Sequence[Sequence[float]] = ()) -> None:
+        super().__init__(clock, base_s, marks)
+        self.held = held
+        self.log = log
+        self.points: list[list[float]] = [list(p) for p in points]
+
+    def passed(self, used_s, state, control, model):
         ppl = math.exp(self.clock.excluding(lambda: held_out_loss(model, self.held)))
-        self.points.append([used / 60, ppl])
-        self.log(f"held-out perplexity {ppl:.2f} at {used / 60:.1f} CPU-min (step {state.global_step})")
+        self.points.append([used_s / 60, ppl])
+        self.log(f"held-out perplexity {ppl:.2f} at {used_s / 60:.1f} CPU-min (step {state.global_step})")
+
+
+class ResumePointCallback(BudgetMarksCallback):
+    """Asks the trainer for a checkpoint (a resume point of the stage) when the training passes the next of
+    ``marks``; the CPU time from that step's end to the checkpoint written is not counted (``clock``)."""
+
+    def __init__(self, clock: CpuClock, base_s: float, marks: Sequence[float]) -> None:
+        super().__init__(clock, base_s, marks)
+        self._asked: float | None = None
+
+    def passed(self, used_s, state, control, model):
+        control.should_save = True
+        self._asked = time.process_time()
+
+    def on_save(self, args, state, control, **kwargs):
+        if self._asked is not None:
+            self.clock.excluded += time.process_time() - self._asked
+            self._asked = None

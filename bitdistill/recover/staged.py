@@ -47,7 +47,8 @@ import torch
 from torch import nn
 
 from bitdistill.audit import PROVENANCE_FILE, release_memory
-from bitdistill.budget import CpuClock, parse_cpu_budget
+from bitdistill.budget import BUDGET_STATE_FILE, CpuClock, parse_cpu_budget
+from bitdistill.checkpoints import clean_partial_checkpoints, latest_checkpoint
 from bitdistill.convert import load_model
 from bitdistill.data.args import DataArguments
 from bitdistill.distill.args import EvalTaskArguments, LossArguments, ModelArguments
@@ -69,7 +70,7 @@ from bitdistill.errors import UserError
 from bitdistill.io import atomic_write
 from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
-from bitdistill.recover.curve import HeldOutCurveCallback, held_out_loss, tenth_marks
+from bitdistill.recover.curve import HeldOutCurveCallback, ResumePointCallback, held_out_loss, tenth_marks
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
 from bitdistill.runs import build_blocks, config_changes, config_dict, eval_token_ids, tokens_per_step
 from bitdistill.validate import validate_run_args
@@ -83,12 +84,15 @@ STAGE_NAMES = {"init": "calibrated ternary initialization", "blocks": "block-wis
                "e2e": "end-to-end KD", "context": "context extension"}
 RESULT_FILE = "recovery.json"
 RECOVER_CONFIG_FILE = "recover_config.json"  # the options a rerun must keep to reuse finished stages
+STAGE_STATE_FILE = "stage.json"  # in a KD stage's resume points: its budget, its beginning, its curve so far
 LONG_BUDGET_S = 60 * 60  # from here the default block share is 0.3
 JOINT_BLOCK_MICRO_BATCH = 1  # the joint block stage's default step: one sequence
 JOINT_BLOCK_SEQ_LENGTH = 128  # of this many tokens (at most calibration_seq_length)
 SHORT_BUDGET_S = 30 * 60  # below this the joint block stage's default learning rate is
 SHORT_BLOCK_LR = 1e-2  # this one, from it JointConfig().lr (3e-3)
 HELD_OUT_TOKENS = 64 * 256  # the tuning split: 4 x 256 ranked two recipes opposite to wiki.test.raw (issue 50)
+CARD_PROMPTS = ("The capital of France is", "The game was released in", "In mathematics, a prime number is")
+CARD_NEW_TOKENS = 24  # greedy continuations of CARD_PROMPTS by the teacher and the student in the model card
 BLOCK_VAL_BLOCKS = 4  # held-out blocks of the block stage's own before/after block losses, counted in its budget
 
 logger = logging.getLogger(__name__)
@@ -166,6 +170,10 @@ class RecoverArguments:
                 "measured worse than more e2e steps, see docs/distill.md)."})
     context_learning_rate: float = field(default=2e-4, metadata={
         "help": "Peak learning rate of the context stage (linear decay to its end)."})
+    resume_points: int = field(default=10, metadata={
+        "help": "The KD stages write a checkpoint (optimizer included) each time the run passes another "
+                "1/resume_points of the budget, outside the budget; a killed run resumes its KD stage from the "
+                "last one, with the CPU time and step plan it recorded (0 or 1: none, the stage restarts)."})
 
     def resolved(self, budget_s: float) -> RecoverArguments:
         """A copy with every option left at ``None`` set to its default for a budget of ``budget_s`` CPU seconds
@@ -295,6 +303,8 @@ def _check_args(recover_args: RecoverArguments, model_args: ModelArguments, loss
     if (recover_args.context_length or 0) < 0 or not 0 <= recover_args.context_fraction < 1:
         raise UserError(f"--context_length must be >= 0 and --context_fraction in [0, 1), got "
                          f"{recover_args.context_length} and {recover_args.context_fraction}")
+    if recover_args.resume_points < 0:
+        raise UserError(f"--resume_points must be >= 0, got {recover_args.resume_points}")
     if not recover_args.context_learning_rate > 0:
         raise UserError(f"--context_learning_rate must be > 0, got {recover_args.context_learning_rate}")
     if recover_args.calibration_tokens < 1 or _held_out_count(recover_args) < 1:
@@ -324,21 +334,46 @@ def _atomic_json(path: Path, obj: dict) -> None:
     atomic_write(path, json.dumps(obj, indent=1, default=str))
 
 
-def _card_section(results: list[StageResult], budget: float) -> str:
+def _card_section(results: list[StageResult], budget: float, teacher_loss: float,
+                  continuations: list[tuple[str, str, str]]) -> str:
+    """The model card's section: the budget, each stage's held-out loss and perplexity beside the teacher's, and
+    ``continuations`` (``(prompt, teacher's, student's)`` greedy continuations)."""
     rows = "\n".join(f"| {r.stage} | {r.held_out_loss:.4f} | {r.held_out_perplexity:.2f} | {r.cpu_s / 60:.1f} |"
                      for r in results)
     stages = ", ".join(STAGE_NAMES[r.stage] for r in results)
-    return (f"\n\n## Staged recovery\n\nTrained with `bitdistill recover` "
+    ratio = (f" The student's held-out perplexity is {math.exp(results[-1].held_out_loss - teacher_loss):.2f}x its "
+             "teacher's." if results else "")
+    text = (f"\n\n## Staged recovery\n\nTrained with `bitdistill recover` "
             f"({stages}) in a budget of {budget / 60:.0f} CPU-minutes. Held-out: the last blocks "
-            "of the training text, never trained on. CPU: cumulative process CPU time at the end of the stage.\n\n"
-            "| stage | held-out loss | held-out perplexity | CPU minutes |\n|---|---|---|---|\n" + rows + "\n")
+            "of the training text, never trained on. CPU: cumulative process CPU time at the end of the stage."
+            f"{ratio}\n\n| stage | held-out loss | held-out perplexity | CPU minutes |\n|---|---|---|---|\n"
+            f"| teacher | {teacher_loss:.4f} | {math.exp(teacher_loss):.2f} | |\n" + rows + "\n")
+    if continuations:
+        text += (f"\n### Greedy continuations\n\n{CARD_NEW_TOKENS} new tokens, greedy, from the teacher and the "
+                 "student.\n\n| prompt | teacher | student |\n|---|---|---|\n" +
+                 "".join(f"| {_cell(p)} | {_cell(t)} | {_cell(s)} |\n" for p, t, s in continuations))
+    return text
+
+
+def _cell(text: str) -> str:
+    """``text`` as one markdown table cell: one line, its pipes escaped."""
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def _continuations(teacher: nn.Module, student: nn.Module, tokenizer) -> list[tuple[str, str, str]]:
+    """Greedy continuations of :data:`CARD_PROMPTS` by the teacher and the student, for the model card."""
+    from bitdistill.eval.generate import generate_text
+
+    texts = [[g.text for g in generate_text(m, tokenizer, CARD_PROMPTS, max_new_tokens=CARD_NEW_TOKENS,
+                                            decoder="torch")] for m in (teacher, student)]
+    return list(zip(CARD_PROMPTS, *texts, strict=True))
 
 
 @dataclass
 class _Stage:
     """What a KD stage needs besides the models: the held-out blocks that report it, the budget's clock, the CPU
-    seconds at which the held-out curve is evaluated (``marks``) and the run's arguments (for provenance and
-    checkpoints)."""
+    seconds at which the held-out curve is evaluated (``marks``) and resume points are written (``resume_marks``)
+    and the run's arguments (for provenance and checkpoints)."""
 
     teacher: nn.Module
     tokenizer: object
@@ -351,6 +386,7 @@ class _Stage:
     command: str | None
     perplexity_ids: torch.Tensor | None  # --eval_files, tokenized once
     marks: list[float] = field(default_factory=list)
+    resume_marks: list[float] = field(default_factory=list)
     log: Callable[[str], None] = print
 
 
@@ -359,31 +395,58 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
     """One KD stage: the engine (:func:`~bitdistill.distill.engine.distill_student`) trains ``student`` in place
     from the teacher in memory on blocks of ``data_args.max_seq_length`` tokens, its schedule fit to ``budget_s``
     CPU seconds of training (what runs around the training loop is not counted); its audit log, provenance and
-    checkpoints go to ``folder`` (what a killed attempt left there is removed first). The held-out points of
-    ``ctx.marks`` it passes are in the result's ``detail["curve"]``."""
+    resume points go to ``folder``. The held-out points of ``ctx.marks`` it passes are in the result's
+    ``detail["curve"]``.
+
+    At each of ``ctx.resume_marks`` it writes a checkpoint holding, besides the trainer's state, the stage's
+    (:data:`STAGE_STATE_FILE`: its budget, the run's CPU seconds when it began, its curve so far). A stage that
+    finds one in ``folder`` resumes from it: the run's clock is set back to the stage's beginning and the engine
+    continues the CPU time and plan the checkpoint recorded, so the stage ends where an uninterrupted one would
+    have. Without one, what a killed attempt left in ``folder`` is removed and the stage starts over."""
     blocks, data = _kd_blocks(ctx.blocks, ctx.held, data_args)
     training = copy.copy(training_args)
     training.max_steps = -1  # the budget plans the steps
-    training.save_strategy = "no"  # a killed stage restarts from its beginning: checkpoints would only cost budget
+    training.save_strategy = "no"  # resume points are asked for at fractions of the budget (ResumePointCallback)
+    training.save_total_limit = 1
     training.output_dir = str(folder)
-    shutil.rmtree(folder, ignore_errors=True)
+    clean_partial_checkpoints(folder)
+    checkpoint = latest_checkpoint(folder, (STAGE_STATE_FILE, BUDGET_STATE_FILE))
+    base_s, done_s, points = ctx.clock.used(), 0.0, []
+    if checkpoint is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        fix = f"remove {folder} to train the {name} stage again"
+        saved = read_json(checkpoint / STAGE_STATE_FILE, fix)
+        budget_s, base_s, points = saved["budget_s"], saved["base_s"], saved["curve"]
+        done_s = read_json(checkpoint / BUDGET_STATE_FILE, fix)["used_s"]
+        ctx.clock.excluded += ctx.clock.used() - base_s  # the run's clock reads what it read when the stage began
+        ctx.log(f"{name} stage resumes from {checkpoint} ({done_s / 60:.1f} of its {budget_s / 60:.1f} CPU-min done)")
     config = config_dict(ctx.model_args, data, ctx.loss_args, training_args=training)
     all_args = {"model": dataclasses.asdict(ctx.model_args), "data": dataclasses.asdict(data),
                 "loss": dataclasses.asdict(ctx.loss_args), "training": training.to_dict(),
                 "recover": dataclasses.asdict(ctx.recover_args), "stage": name}
-    curve = HeldOutCurveCallback(ctx.held, ctx.clock, ctx.clock.used(), ctx.marks, ctx.log)
+    curve = HeldOutCurveCallback(ctx.held, ctx.clock, base_s + done_s, ctx.marks, ctx.log, points)
+    resume = ResumePointCallback(ctx.clock, base_s + done_s, ctx.resume_marks)
+    state = {STAGE_STATE_FILE: lambda: json.dumps({"stage": name, "budget_s": budget_s, "base_s": base_s,
+                                                   "curve": curve.points})}
     t, excluded = time.process_time(), ctx.clock.excluded
     result = distill_student(student, ctx.teacher, blocks, ctx.tokenizer, data_args=data, loss_args=ctx.loss_args,
-                             training_args=training, config=config, budget_s=budget_s,
+                             training_args=training, config=config, budget_s=budget_s, checkpoint=checkpoint,
                              perplexity_ids=ctx.perplexity_ids, all_args=all_args, command=ctx.command,
-                             callbacks=[curve], clock=ctx.clock)
+                             callbacks=[curve, resume], clock=ctx.clock, checkpoint_files=state)
     ctx.clock.excluded = excluded + time.process_time() - t - result.train_cpu_s  # all but the budgeted loop
     release_memory()
     loss = ctx.clock.excluding(lambda: held_out_loss(result.student, ctx.held))
     return StageResult(name, loss, math.exp(loss), ctx.clock.used(), {
         "steps": result.steps, "planned_steps": result.planned_steps, "train_cpu_s": result.train_cpu_s,
         "train_tokens": result.steps * tokens_per_step(training, data), "seq_length": data.max_seq_length,
-        "curve": curve.points}), result
+        "curve": curve.points, **({"resumed_from": checkpoint.name} if checkpoint else {})}), result
+
+
+def _drop_resume_points(folder: Path) -> None:
+    """Remove a finished KD stage's checkpoints (a later resume point, or the final student, replaces them)."""
+    for path in folder.glob("checkpoint-*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _reused(folder: Path, model_args: ModelArguments, result: StageResult,
@@ -532,8 +595,9 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
     if not context:
         log("no context stage: " + (f"--context_length {context_length} is not above --max_seq_length "
                                      f"{data_args.max_seq_length}" if context_fraction else "its share is 0"))
+    n = recover_args.resume_points
     ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command, eval_ids,
-                 tenth_marks(budget) if recover_args.held_out_curve else [], log)
+                 tenth_marks(budget) if recover_args.held_out_curve else [], [budget * k / n for k in range(1, n)], log)
     last: tuple[DataArguments, object, Distilled] | None = None  # the last KD stage's data, training args and run
     e2e_file = out / "e2e" / "e2e.json"
     if e2e_file.is_file():
@@ -550,6 +614,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
             clock.excluding(lambda: save_student(distilled.student, tokenizer, out / "e2e" / "student",
                                                  {METRICS_FILE: json.dumps(distilled.metrics, indent=2, default=str)}))
             _atomic_json(e2e_file, {"cpu_s": distilled.train_cpu_s, "result": dataclasses.asdict(r)})
+            _drop_resume_points(out / "e2e")
         record(r)
     if context and budget - clock.used() > 0:
         long_training = copy.copy(training_args)
@@ -575,8 +640,11 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                    **dataclasses.asdict(recover_args),
                    "context_fraction": context_fraction if context else 0.0, "context_length": context_length}}
     _save_final(final, student, teacher, tokenizer, last, model_args, loss_args, task_args or EvalTaskArguments(),
-                _card_section(results, budget), plan.as_dict() if plan is not None else None)
+                _card_section(results, budget, teacher_loss, _continuations(teacher, student, tokenizer)),
+                plan.as_dict() if plan is not None else None)
     _atomic_json(out / RESULT_FILE, summary)
+    for stage in ("e2e", "context"):
+        _drop_resume_points(out / stage)
     return final
 
 

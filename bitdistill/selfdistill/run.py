@@ -21,7 +21,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from bitdistill.audit import redact_command
-from bitdistill.budget import CpuBudgetCallback, run_budget
+from bitdistill.budget import CpuBudgetCallback, resumed_budget_state, run_budget
 from bitdistill.convert import check_model_source, load_model, parse_dtype
 from bitdistill.data.args import DataArguments
 from bitdistill.data.tokenizer_check import check_tokenizer
@@ -139,6 +139,7 @@ def run_self_distillation(model_args: SelfDistillModelArguments, sd_args: SelfDi
     final_dir = output_dir / "model"
     config = config_dict(model_args, data_args, sd_args, training_args=training_args)
     checkpoint = check_run_folder(training_args, config, final_dir)
+    resumed_budget_state(checkpoint, budget_s)  # a resume of another budget fails here, before any work
     tokenizer = _load_tokenizer(model_args)
     blocks = build_blocks(data_args, tokenizer)
     torch.manual_seed(training_args.seed)
