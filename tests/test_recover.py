@@ -268,6 +268,44 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path):
                                     progress=False)
 
 
+def test_joint_stage_killed_after_a_resume_point_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    """Killed after its resume point (the first step past 1 CPU-ms, of 5), the joint stage continues in a new call
+    from a fresh student: the same steps, batch order and Adam moments give the uninterrupted stage's parameters,
+    bit for bit. A resume point of other options is refused, and one holding a non-finite parameter."""
+    import bitdistill.recover.joint as joint
+
+    teacher, fresh = _pair("llama")
+    ids, val = _ids(8), _ids(4, seed=2)
+    cfg = JointConfig(lr=2e-3, micro_batch=3, inputs="student", warmup=2)  # 3 of 8 blocks a step: order carries over
+    whole = copy.deepcopy(fresh)
+    full = reconstruct_jointly_in_place(whole, teacher, ids, cfg, steps=5, val_ids=val)
+    real = joint._save_atomic
+
+    def killed(obj, path):
+        real(obj, path)
+        raise RuntimeError(f"killed after step {obj['loop']['step']}")
+
+    monkeypatch.setattr(joint, "_save_atomic", killed)
+    with pytest.raises(RuntimeError, match=r"killed after step [1-4]$"):
+        reconstruct_jointly_in_place(copy.deepcopy(fresh), teacher, ids, cfg, steps=5, val_ids=val, work_dir=tmp_path,
+                                     save_marks=[1e-3])
+    monkeypatch.setattr(joint, "_save_atomic", real)
+    resumed = copy.deepcopy(fresh)  # a new process: the student starts from the naive copy again
+    rep = reconstruct_jointly_in_place(resumed, teacher, ids, cfg, steps=5, val_ids=val, work_dir=tmp_path)
+    assert rep.steps == 5 and rep.losses == full.losses and rep.val_before == full.val_before and rep.resumed_cpu_s > 0
+    for (k, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(UserError, match="other options or text; remove it"):
+        reconstruct_jointly_in_place(copy.deepcopy(fresh), teacher, ids, JointConfig(lr=1e-3, micro_batch=3), steps=5,
+                                     work_dir=tmp_path)
+    saved = torch.load(tmp_path / joint.RESUME_FILE, weights_only=True)
+    name = next(iter(saved["params"]))
+    saved["params"][name][0] = float("nan")
+    torch.save(saved, tmp_path / joint.RESUME_FILE)
+    with pytest.raises(UserError, match=f"non-finite parameters \\({name}\\)"):
+        reconstruct_jointly_in_place(copy.deepcopy(fresh), teacher, ids, cfg, steps=5, work_dir=tmp_path)
+
+
 def test_block_losses_and_budget_checks():
     t = torch.randn(2, 5, 8)
     t[:, 0] *= 100  # a massive-activation position

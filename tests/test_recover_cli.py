@@ -197,17 +197,29 @@ def test_recover_resumes_after_each_training_stage_with_subln(setup, capsys, mon
     assert (out / "student" / "README.md").read_text().count("## Staged recovery") == 1
 
 
-def test_recover_resumes_a_killed_e2e_stage_from_its_last_resume_point(setup, capsys, monkeypatch):
-    """Killed after a resume point of the e2e stage, a rerun continues from it: the steps, the budget's CPU time and
-    the held-out curve carry on (the stage ends within the run's budget), and the finished run keeps no checkpoint."""
+def test_recover_resumes_killed_block_and_e2e_stages_from_their_last_resume_points(setup, capsys, monkeypatch):
+    """Killed after a resume point of the joint block stage, then after one of the e2e stage, a rerun continues each
+    from it: the steps, the budget's CPU time and the held-out curve carry on (each stage ends within the run's
+    budget), and the finished run keeps no resume point."""
     from transformers import TrainerCallback
 
     from bitdistill.budget import BUDGET_STATE_FILE
-    from bitdistill.recover import staged
+    from bitdistill.recover import joint, staged
 
     out = setup["root"] / "resume-e2e"
-    argv = ["recover", *setup["common"], "--time_budget", "20s", "--block_steps", "3", "--held_out_curve", "true",
-            "--resume_points", "10", "--output_dir", str(out)]
+    argv = ["recover", *setup["common"], "--time_budget", "20s", "--held_out_curve", "true", "--resume_points", "10",
+            "--output_dir", str(out)]
+    save = joint._save_atomic
+
+    def killed_blocks(obj, path):
+        save(obj, path)
+        raise RuntimeError(f"killed after block step {obj['loop']['step']}")
+
+    monkeypatch.setattr(joint, "_save_atomic", killed_blocks)
+    with pytest.raises(RuntimeError, match="killed after block step") as info:
+        main(argv)
+    block_step = int(str(info.value).rsplit(" ", 1)[1])
+    monkeypatch.setattr(joint, "_save_atomic", save)
     real = staged.distill_student
 
     class Kill(TrainerCallback):
@@ -219,19 +231,24 @@ def test_recover_resumes_a_killed_e2e_stage_from_its_last_resume_point(setup, ca
         return real(*a, callbacks=[*(callbacks or []), Kill()], **kw)
 
     monkeypatch.setattr(staged, "distill_student", killed)
+    capsys.readouterr()
     with pytest.raises(RuntimeError, match="killed after checkpoint-") as info:
         main(argv)
+    assert f"joint reconstruction resumes from {out / 'blocks' / joint.RESUME_FILE} at step {block_step}" in \
+        capsys.readouterr().out
+    assert not (out / "blocks" / joint.RESUME_FILE).exists()  # replaced by stage2_student
     monkeypatch.setattr(staged, "distill_student", real)
     point = out / "e2e" / f"checkpoint-{str(info.value).rsplit('-', 1)[1]}"
     stage = json.loads((point / staged.STAGE_STATE_FILE).read_text())
     budget = json.loads((point / BUDGET_STATE_FILE).read_text())
     assert stage["stage"] == "e2e" and 0 < stage["base_s"] < 20 and stage["budget_s"] == budget["budget_s"]
-    assert stage["base_s"] + budget["used_s"] >= 4 and stage["curve"]  # past two resume points: 2, 4 CPU-s
-    capsys.readouterr()
+    assert stage["curve"]  # past a tenth of the budget inside the stage
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"e2e stage resumes from {point}" in printed and "block stage already finished" in printed
-    e2e = json.loads((out / "recovery.json").read_text())["stages"][-1]
+    summary = json.loads((out / "recovery.json").read_text())
+    blocks, e2e = summary["stages"]
+    assert blocks["detail"]["steps"] > block_step and 20 * 0.5 * 0.8 < blocks["cpu_s"] < 20 * 0.5 * 1.3
     assert e2e["stage"] == "e2e" and e2e["detail"]["resumed_from"] == point.name
     assert e2e["detail"]["steps"] > int(point.name.split("-")[1])
     assert e2e["detail"]["train_cpu_s"] >= budget["used_s"] and e2e["cpu_s"] < 20 * 1.2

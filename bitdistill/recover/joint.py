@@ -20,14 +20,20 @@ to end (planned from the measured CPU time of the steps so far and refit as it d
 :class:`~bitdistill.budget.StepPlan`, in the shared loop :func:`~bitdistill.recover.loop.adam_loop`). With ``bf16`` the teacher's and the student's block forwards
 of a training step run under ``torch.autocast(bfloat16)`` on the student's device (the loss and the held-out
 reports stay float32).
+
+With a ``work_dir`` the stage writes a resume point (:data:`RESUME_FILE`: the blocks' parameters, Adam's moments,
+the step, the plan, the CPU time, the batch order) at given CPU marks, and a later call with the same options and
+text continues from it, ending where an uninterrupted stage would have.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,13 +41,14 @@ from torch import nn
 from bitdistill.budget import CpuClock
 from bitdistill.errors import UserError
 from bitdistill.nn.arch import decoder_layers
-from bitdistill.recover.blockwise import BLOCK_LOSSES, block_loss
+from bitdistill.recover.blockwise import BLOCK_LOSSES, _save_atomic, block_loss
 from bitdistill.recover.layers import capture_layer_call, layer_output
 from bitdistill.recover.loop import LoopResult, adam_loop
 
-__all__ = ["JOINT_INPUTS", "JointConfig", "JointReport", "reconstruct_jointly_in_place"]
+__all__ = ["JOINT_INPUTS", "RESUME_FILE", "JointConfig", "JointReport", "reconstruct_jointly_in_place"]
 
 JOINT_INPUTS = ("teacher", "student")
+RESUME_FILE = "joint_resume.pt"  # the joint stage's last resume point in its work_dir
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,8 @@ class JointConfig:
 class JointReport:
     """``steps`` taken (``planned_steps`` from the CPU budget), ``losses`` (mean block loss per step),
     ``val_before`` / ``val_after`` (mean block loss on the held-out blocks, teacher inputs), ``val_history``
-    (``(step, that loss)`` every ``eval_every`` steps), ``cpu_s`` (of the training steps)."""
+    (``(step, that loss)`` every ``eval_every`` steps), ``cpu_s`` (of the training steps, those before a resume
+    included), ``resumed_cpu_s`` (the training CPU seconds a resumed stage had done before, in an earlier process)."""
 
     steps: int = 0
     planned_steps: int = 0
@@ -90,6 +98,7 @@ class JointReport:
     val_after: float = float("nan")
     val_history: list[tuple[int, float]] = field(default_factory=list)
     cpu_s: float = 0.0
+    resumed_cpu_s: float = 0.0
 
 
 def _teacher_states(teacher_layers: nn.ModuleList, teacher: nn.Module, ids: torch.Tensor):
@@ -124,10 +133,16 @@ def _held_out(student_layers, teacher_layers, teacher, val_ids, cfg: JointConfig
 
 
 def _train(s_layers, t_layers, teacher, input_ids, cfg: JointConfig, params, budget_cpu_s, steps, clock: CpuClock,
-           report: JointReport, log, evaluate: Callable[[int], None] | None, eval_every: int) -> LoopResult:
-    """The Adam steps (:func:`~bitdistill.recover.loop.adam_loop`): warm-up, then linear decay to the planned end."""
+           report: JointReport, log, evaluate: Callable[[int], None] | None, eval_every: int,
+           resume: dict | None, save: Callable[[dict], None] | None, save_marks: Sequence[float]) -> LoopResult:
+    """The Adam steps (:func:`~bitdistill.recover.loop.adam_loop`): warm-up, then linear decay to the planned end.
+    ``save`` gets the loop's state with the batch order's (``generator``, ``order``) at ``save_marks``; ``resume``
+    is such a state to continue from."""
     gen = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
+    if resume is not None:
+        gen.set_state(resume["generator"])
+        order = list(resume["order"])
     device_type = params[0].device.type
 
     def step_loss(step: int) -> torch.Tensor:
@@ -147,8 +162,36 @@ def _train(s_layers, t_layers, teacher, input_ids, cfg: JointConfig, params, bud
         if log is not None and step % 10 == 0:
             log(f"joint reconstruction step {step}/{planned if planned < sys.maxsize else '?'}: loss {loss.item():.4f}")
 
+    def save_loop(state: dict) -> None:
+        save({**state, "generator": gen.get_state(), "order": list(order)})
+
     return adam_loop(params, cfg.lr, step_loss, schedule, steps=steps, budget_s=budget_cpu_s, clock=clock,
-                     on_step=on_step, evaluate=evaluate, eval_every=eval_every)
+                     on_step=on_step, evaluate=evaluate, eval_every=eval_every,
+                     save=save_loop if save is not None else None, save_marks=save_marks,
+                     resume=resume["loop"] if resume is not None else None)
+
+
+def _run_key(cfg: JointConfig, steps: int | None, input_ids: torch.Tensor, s_layers: nn.ModuleList) -> dict:
+    """What a resume point must have been written with: the options, the text and the blocks' parameter shapes."""
+    return {"config": dataclasses.asdict(cfg), "steps": steps, "ids": [list(input_ids.shape), int(input_ids.sum())],
+            "params": {k: list(v.shape) for k, v in s_layers.state_dict().items()}}
+
+
+def _load_resume(path: Path, key: dict, s_layers: nn.ModuleList) -> dict:
+    """The resume point at ``path`` (its parameters loaded into ``s_layers``), checked against ``key``.
+
+    Raises:
+        UserError: written with other options or text, or holding non-finite parameters.
+    """
+    saved = torch.load(path, weights_only=True)
+    if saved.get("key") != key:
+        raise UserError(f"{path} is a joint block stage of other options or text; remove it (or its folder) to train "
+                        "the stage again")
+    bad = [k for k, v in saved["params"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path} holds non-finite parameters ({bad[0]}); remove it to train the stage again")
+    s_layers.load_state_dict(saved["params"])
+    return saved
 
 
 def reconstruct_jointly_in_place(
@@ -162,6 +205,8 @@ def reconstruct_jointly_in_place(
     val_ids: torch.Tensor | None = None,
     log: Callable[[str], None] | None = None,
     eval_every: int = 0,
+    work_dir: Path | None = None,
+    save_marks: Sequence[float] = (),
 ) -> JointReport:
     """Train every decoder block of ``student`` against ``teacher``'s, all at once (see the module docstring).
 
@@ -178,6 +223,9 @@ def reconstruct_jointly_in_place(
         log: called with a line every 10 steps and at the end.
         eval_every: with ``val_ids``, the held-out block loss every this many steps too (0: only before and
             after), in ``JointReport.val_history``; its CPU time is not counted in the budget.
+        work_dir: where the stage's resume point (:data:`RESUME_FILE`) is written at ``save_marks`` (CPU seconds
+            of the stage's training steps), and read: a call that finds one continues from it (with the budget it
+            was written with) and reports the CPU seconds done before in ``JointReport.resumed_cpu_s``.
 
     Returns:
         A :class:`JointReport`.
@@ -197,7 +245,26 @@ def reconstruct_jointly_in_place(
     report = JointReport()
     was = student.training
     student.eval()  # no dropout: the targets are deterministic
-    report.val_before = _held_out(s_layers, t_layers, teacher, val_ids, cfg)
+    key = _run_key(cfg, steps, input_ids, s_layers)
+    path = Path(work_dir) / RESUME_FILE if work_dir is not None else None
+    resume = _load_resume(path, key, s_layers) if path is not None and path.is_file() else None
+    if resume is None:
+        report.val_before = _held_out(s_layers, t_layers, teacher, val_ids, cfg)
+    else:
+        budget_cpu_s = resume["budget_s"] if budget_cpu_s is not None else None
+        report.val_before, report.losses = resume["val_before"], list(resume["losses"])
+        report.val_history = [tuple(v) for v in resume["val_history"]]
+        report.resumed_cpu_s = resume["loop"]["used_s"]
+        if log is not None:
+            log(f"joint reconstruction resumes from {path} at step {resume['loop']['step']}")
+
+    def save(loop: dict) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic({"key": key, "budget_s": budget_cpu_s, "loop": {k: v for k, v in loop.items()
+                                                                     if k not in ("generator", "order")},
+                      "generator": loop["generator"], "order": loop["order"], "params": s_layers.state_dict(),
+                      "losses": report.losses, "val_before": report.val_before, "val_history": report.val_history},
+                     path)
 
     def evaluate(step: int) -> None:
         report.val_history.append((step, _held_out(s_layers, t_layers, teacher, val_ids, cfg)))
@@ -205,7 +272,8 @@ def reconstruct_jointly_in_place(
     clock = CpuClock()  # the held-out reports are not part of the budget
     params = [p for p in s_layers.parameters() if p.is_floating_point()]
     done = _train(s_layers, t_layers, teacher, input_ids, cfg, params, budget_cpu_s, steps, clock, report, log,
-                  evaluate if val_ids is not None else None, eval_every)
+                  evaluate if val_ids is not None else None, eval_every, resume, save if path is not None else None,
+                  save_marks)
     report.steps, report.planned_steps, report.cpu_s = done.steps, done.planned, done.cpu_s
     step = done.steps
     report.val_after = _held_out(s_layers, t_layers, teacher, val_ids, cfg)

@@ -2,8 +2,9 @@
 
 :func:`adam_loop` takes the optimizer steps of a stage: the learning rate of each step from the stage's schedule,
 the step's loss from the stage (which draws its own batch), a fixed number of steps or a process-CPU budget (the
-steps it buys planned and refit by :class:`~bitdistill.budget.StepPlan`), and an optional held-out evaluation every
-``eval_every`` steps whose CPU time the budget does not count (:class:`~bitdistill.budget.CpuClock`).
+steps it buys planned and refit by :class:`~bitdistill.budget.StepPlan`), an optional held-out evaluation every
+``eval_every`` steps whose CPU time the budget does not count (:class:`~bitdistill.budget.CpuClock`), and optional
+resume points: the loop's state at CPU marks, handed to the caller to save, and continued from in a later process.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,9 @@ class LoopResult:
 def adam_loop(params: list[torch.Tensor], lr: float, step_loss: Callable[[int], torch.Tensor],
               schedule: Callable[[int, int], float], *, steps: int | None = None, budget_s: float | None = None,
               clock: CpuClock | None = None, on_step: Callable[[int, int, torch.Tensor, float], None] | None = None,
-              evaluate: Callable[[int], None] | None = None, eval_every: int = 0) -> LoopResult:
+              evaluate: Callable[[int], None] | None = None, eval_every: int = 0,
+              save: Callable[[dict], None] | None = None, save_marks: Sequence[float] = (),
+              resume: dict | None = None) -> LoopResult:
     """Adam on ``params`` (trained with ``requires_grad`` set for the loop, restored after).
 
     Args:
@@ -47,6 +50,11 @@ def adam_loop(params: list[torch.Tensor], lr: float, step_loss: Callable[[int], 
             and the plan is made from the measured step cost (exactly one of the two).
         on_step: ``(k + 1, planned, loss, step CPU seconds)`` after each step.
         evaluate: ``k + 1 -> None`` after every ``eval_every`` steps (0: never), its CPU time not counted.
+        save: called, its CPU time not counted, with the loop's state (``step``, ``planned``, ``plan``, ``used_s``:
+            the clock's CPU seconds, ``optimizer``: Adam's state dict) after the first step at or past each of
+            ``save_marks`` (CPU seconds on ``clock``); the caller saves it with what it needs to continue.
+        resume: such a state: the loop continues from it (the step, the plan, Adam's moments, and ``clock`` set to
+            read ``used_s``), so it ends where an uninterrupted loop would have; the caller restores ``params``.
     """
     if (steps is None) == (budget_s is None):
         raise ValueError("adam_loop takes either a number of steps or a CPU budget")
@@ -58,6 +66,13 @@ def adam_loop(params: list[torch.Tensor], lr: float, step_loss: Callable[[int], 
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     step = 0
+    if resume is not None:
+        opt.load_state_dict(resume["optimizer"])
+        step, planned = resume["step"], resume["planned"]
+        if plan is not None:
+            plan.load_state(resume["plan"])
+        clock.excluded += clock.used() - resume["used_s"]
+    marks = sorted(m for m in save_marks if m > clock.used())
     try:
         while step < planned and (budget_s is None or clock.used() < budget_s):
             t0 = time.process_time()
@@ -74,6 +89,11 @@ def adam_loop(params: list[torch.Tensor], lr: float, step_loss: Callable[[int], 
                 on_step(step, planned, loss, time.process_time() - t0)
             if evaluate is not None and eval_every > 0 and step % eval_every == 0:
                 clock.excluding(functools.partial(evaluate, step))
+            if save is not None and marks and (used := clock.used()) >= marks[0]:
+                marks = [m for m in marks if m > used]
+                state = {"step": step, "planned": planned, "plan": plan.state() if plan is not None else None,
+                         "used_s": used, "optimizer": opt.state_dict()}
+                clock.excluding(functools.partial(save, state))
     finally:
         for p, w in zip(params, was, strict=True):
             p.requires_grad_(w)

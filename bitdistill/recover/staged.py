@@ -71,6 +71,7 @@ from bitdistill.io import atomic_write
 from bitdistill.nn.arch import decoder_layers, is_conv1d
 from bitdistill.recover.blockwise import BLOCK_LOSSES, BlockwiseConfig, reconstruct_blocks_in_place
 from bitdistill.recover.curve import HeldOutCurveCallback, ResumePointCallback, held_out_loss, tenth_marks
+from bitdistill.recover.joint import RESUME_FILE as JOINT_RESUME_FILE
 from bitdistill.recover.joint import JointConfig, reconstruct_jointly_in_place
 from bitdistill.runs import build_blocks, config_changes, config_dict, eval_token_ids, tokens_per_step
 from bitdistill.validate import validate_run_args
@@ -171,9 +172,10 @@ class RecoverArguments:
     context_learning_rate: float = field(default=2e-4, metadata={
         "help": "Peak learning rate of the context stage (linear decay to its end)."})
     resume_points: int = field(default=10, metadata={
-        "help": "The KD stages write a checkpoint (optimizer included) each time the run passes another "
-                "1/resume_points of the budget, outside the budget; a killed run resumes its KD stage from the "
-                "last one, with the CPU time and step plan it recorded (0 or 1: none, the stage restarts)."})
+        "help": "The joint block stage and the KD stages write a resume point (optimizer included) each time the "
+                "run passes another 1/resume_points of the budget, outside the budget; a killed run resumes the "
+                "stage from the last one, with the CPU time and step plan it recorded (0 or 1: none, the stage "
+                "restarts)."})
 
     def resolved(self, budget_s: float) -> RecoverArguments:
         """A copy with every option left at ``None`` set to its default for a budget of ``budget_s`` CPU seconds
@@ -567,6 +569,7 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
                                           val_ids=val, work_dir=out / "init", memory_budget=mem, progress=False)
         finish("init", student, {"blocks": rep.blocks})
     block_budget = share - clock.used()
+    resume_marks = [budget * k / recover_args.resume_points for k in range(1, recover_args.resume_points)]
     steps = recover_args.block_steps
     stage2 = out / "stage2_student"
     joint_file = out / "blocks" / "joint.json"
@@ -577,9 +580,12 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         cfg = JointConfig(lr=recover_args.block_lr, micro_batch=recover_args.block_micro_batch,
                           loss=recover_args.block_loss, seed=training_args.seed, bf16=training_args.bf16,
                           inputs="student" if recover_args.block_student_inputs else "teacher")
+        at = clock.used()  # the resume points' marks, counted on the stage's own clock
         rep = reconstruct_jointly_in_place(student, teacher, train, cfg, steps=steps,
                                            budget_cpu_s=None if steps is not None else block_budget,
-                                           val_ids=val, log=log)
+                                           val_ids=val, log=log, work_dir=out / "blocks",
+                                           save_marks=[m - at for m in resume_marks if m > at])
+        clock.excluded -= rep.resumed_cpu_s  # a resumed stage: the CPU an earlier process spent on it
         finish("blocks", student, {"steps": rep.steps, "planned_steps": rep.planned_steps, "val_before": rep.val_before,
                                    "val_after": rep.val_after, "train_tokens": rep.steps * recover_args.block_micro_batch
                                    * train.shape[1]})
@@ -592,12 +598,12 @@ def run_staged_recovery(model_args: ModelArguments, data_args: DataArguments, lo
         finish("blocks", student, {"blocks": rep.blocks})
     if not stage2.exists():  # the resume point of the KD stages
         clock.excluding(lambda: save_student(student, tokenizer, stage2))
+    (out / "blocks" / JOINT_RESUME_FILE).unlink(missing_ok=True)  # replaced by stage2_student
     if not context:
         log("no context stage: " + (f"--context_length {context_length} is not above --max_seq_length "
                                      f"{data_args.max_seq_length}" if context_fraction else "its share is 0"))
-    n = recover_args.resume_points
     ctx = _Stage(teacher, tokenizer, text_blocks, held, clock, model_args, loss_args, recover_args, command, eval_ids,
-                 tenth_marks(budget) if recover_args.held_out_curve else [], [budget * k / n for k in range(1, n)], log)
+                 tenth_marks(budget) if recover_args.held_out_curve else [], resume_marks, log)
     last: tuple[DataArguments, object, Distilled] | None = None  # the last KD stage's data, training args and run
     e2e_file = out / "e2e" / "e2e.json"
     if e2e_file.is_file():
