@@ -19,7 +19,7 @@ from transformers import TrainerCallback
 
 from bitdistill.budget import CpuClock
 
-__all__ = ["BudgetMarksCallback", "HeldOutCurveCallback", "ResumePointCallback", "cpu_min_to_ppl", "held_out_loss",
+__all__ = ["BudgetMarks", "HeldOutCurveCallback", "ResumePointCallback", "cpu_min_to_ppl", "held_out_loss",
            "tenth_marks"]
 
 EVAL_BATCH = 8  # held-out blocks per forward: larger GEMMs than one block at a time, and 8 x 256 logits of a
@@ -67,9 +67,8 @@ def cpu_min_to_ppl(points: Sequence[Sequence[float]], threshold: float) -> float
     return None
 
 
-class BudgetMarksCallback(TrainerCallback):
-    """Calls :meth:`passed` at the first step end at or after each of ``marks`` (CPU seconds of a staged run's
-    budget; several passed by one step give one call), unless that step ends the training.
+class BudgetMarks:
+    """Which step ends of a staged run's KD stage pass ``marks`` (CPU seconds of the run's budget).
 
     ``base_s`` is the run's budgeted CPU seconds when the stage's training loop begins (for a resumed stage: when it
     began plus what its loop had used before the checkpoint); inside the loop the budget counts from the loop's start
@@ -83,52 +82,61 @@ class BudgetMarksCallback(TrainerCallback):
         self.marks = sorted(m for m in marks if m > base_s)
         self._begin = 0.0
 
-    def passed(self, used_s: float, state, control, model: nn.Module) -> None:
-        """At the step end where the run's CPU reached ``used_s``, past one or more marks."""
-        raise NotImplementedError
-
-    def on_train_begin(self, args, state, control, **kwargs):
+    def begin(self) -> None:
+        """Call when the training loop begins."""
         self._begin = self.clock.used()
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def passed(self, control) -> float | None:
+        """At a step end: the run's CPU seconds if the step passed one or more marks (one answer for several), else
+        ``None``; also ``None`` when the step ends the training (the stage's end is handled by the stage)."""
         used = self.base_s + self.clock.used() - self._begin
         if not self.marks or used < self.marks[0] or control.should_training_stop:
-            return  # the stage's end is handled by the stage
+            return None
         self.marks = [m for m in self.marks if m > used]
-        self.passed(used, state, control, model)
+        return used
 
 
-class HeldOutCurveCallback(BudgetMarksCallback):
-    """Evaluates the held-out blocks when a KD stage's training passes the next of ``marks`` (CPU seconds of the
-    whole run's budget; :class:`BudgetMarksCallback`), outside the budget (``clock``), and keeps ``points``:
-    ``[cpu_min, held_out_ppl]`` pairs (``points`` given: a resumed stage's earlier ones, continued)."""
+class HeldOutCurveCallback(TrainerCallback):
+    """Evaluates the held-out blocks when a KD stage's training passes the next of ``marks`` (:class:`BudgetMarks`),
+    outside the budget (``clock``), and keeps ``points``: ``[cpu_min, held_out_ppl]`` pairs (``points`` given: a
+    resumed stage's earlier ones, continued)."""
 
     def __init__(self, held: torch.Tensor, clock: CpuClock, base_s: float, marks: Sequence[float],
                  log: Callable[[str], None] = print, points: Sequence[Sequence[float]] = ()) -> None:
-        super().__init__(clock, base_s, marks)
+        self.at = BudgetMarks(clock, base_s, marks)
         self.held = held
         self.log = log
         self.points: list[list[float]] = [list(p) for p in points]
 
-    def passed(self, used_s, state, control, model):
-        ppl = math.exp(self.clock.excluding(lambda: held_out_loss(model, self.held)))
-        self.points.append([used_s / 60, ppl])
-        self.log(f"held-out perplexity {ppl:.2f} at {used_s / 60:.1f} CPU-min (step {state.global_step})")
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.at.begin()
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if (used := self.at.passed(control)) is None:
+            return
+        ppl = math.exp(self.at.clock.excluding(lambda: held_out_loss(model, self.held)))
+        self.points.append([used / 60, ppl])
+        self.log(f"held-out perplexity {ppl:.2f} at {used / 60:.1f} CPU-min (step {state.global_step})")
 
 
-class ResumePointCallback(BudgetMarksCallback):
+class ResumePointCallback(TrainerCallback):
     """Asks the trainer for a checkpoint (a resume point of the stage) when the training passes the next of
-    ``marks``; the CPU time from that step's end to the checkpoint written is not counted (``clock``)."""
+    ``marks`` (:class:`BudgetMarks`); the CPU time from that step's end to the checkpoint written is not counted
+    (``clock``)."""
 
     def __init__(self, clock: CpuClock, base_s: float, marks: Sequence[float]) -> None:
-        super().__init__(clock, base_s, marks)
+        self.at = BudgetMarks(clock, base_s, marks)
         self._asked: float | None = None
 
-    def passed(self, used_s, state, control, model):
-        control.should_save = True
-        self._asked = time.process_time()
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.at.begin()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.at.passed(control) is not None:
+            control.should_save = True
+            self._asked = time.process_time()
 
     def on_save(self, args, state, control, **kwargs):
         if self._asked is not None:
-            self.clock.excluded += time.process_time() - self._asked
+            self.at.clock.excluded += time.process_time() - self._asked
             self._asked = None

@@ -167,8 +167,7 @@ def _train(s_layers, t_layers, teacher, input_ids, cfg: JointConfig, params, bud
 
     return adam_loop(params, cfg.lr, step_loss, schedule, steps=steps, budget_s=budget_cpu_s, clock=clock,
                      on_step=on_step, evaluate=evaluate, eval_every=eval_every,
-                     save=save_loop if save is not None else None, save_marks=save_marks,
-                     resume=resume["loop"] if resume is not None else None)
+                     save=save_loop if save is not None else None, save_marks=save_marks, resume=resume)
 
 
 def _run_key(cfg: JointConfig, steps: int | None, input_ids: torch.Tensor, s_layers: nn.ModuleList) -> dict:
@@ -260,9 +259,7 @@ def reconstruct_jointly_in_place(
 
     def save(loop: dict) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _save_atomic({"key": key, "budget_s": budget_cpu_s, "loop": {k: v for k, v in loop.items()
-                                                                     if k not in ("generator", "order")},
-                      "generator": loop["generator"], "order": loop["order"], "params": s_layers.state_dict(),
+        _save_atomic({"key": key, "budget_s": budget_cpu_s, "loop": loop, "params": s_layers.state_dict(),
                       "losses": report.losses, "val_before": report.val_before, "val_history": report.val_history},
                      path)
 
@@ -272,8 +269,8 @@ def reconstruct_jointly_in_place(
     clock = CpuClock()  # the held-out reports are not part of the budget
     params = [p for p in s_layers.parameters() if p.is_floating_point()]
     done = _train(s_layers, t_layers, teacher, input_ids, cfg, params, budget_cpu_s, steps, clock, report, log,
-                  evaluate if val_ids is not None else None, eval_every, resume, save if path is not None else None,
-                  save_marks)
+                  evaluate if val_ids is not None else None, eval_every, resume["loop"] if resume else None,
+                  save if path is not None else None, save_marks)
     report.steps, report.planned_steps, report.cpu_s = done.steps, done.planned, done.cpu_s
     step = done.steps
     report.val_after = _held_out(s_layers, t_layers, teacher, val_ids, cfg)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from bitdistill.audit import PROVENANCE_FILE, release_memory
-from bitdistill.budget import BUDGET_STATE_FILE, CpuClock, parse_cpu_budget
+from bitdistill.budget import BUDGET_STATE_FILE, CpuClock, parse_cpu_budget, resumed_budget_state
 from bitdistill.checkpoints import clean_partial_checkpoints, latest_checkpoint
 from bitdistill.convert import load_model
 from bitdistill.data.args import DataArguments
@@ -420,7 +420,7 @@ def _kd_stage(name: str, student: nn.Module, budget_s: float, data_args: DataArg
         fix = f"remove {folder} to train the {name} stage again"
         saved = read_json(checkpoint / STAGE_STATE_FILE, fix)
         budget_s, base_s, points = saved["budget_s"], saved["base_s"], saved["curve"]
-        done_s = read_json(checkpoint / BUDGET_STATE_FILE, fix)["used_s"]
+        done_s = resumed_budget_state(checkpoint, budget_s)["used_s"]
         ctx.clock.excluded += ctx.clock.used() - base_s  # the run's clock reads what it read when the stage began
         ctx.log(f"{name} stage resumes from {checkpoint} ({done_s / 60:.1f} of its {budget_s / 60:.1f} CPU-min done)")
     config = config_dict(ctx.model_args, data, ctx.loss_args, training_args=training)
