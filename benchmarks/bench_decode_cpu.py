@@ -22,8 +22,10 @@ spread ``(p80 - p20) / median``, ratios against the faster llama.cpp row of the 
 against the fastest llama.cpp row of the model (``vs_fastest_llama_cpp``), ``ternary_share`` (the fraction of
 linear weights held ternary: the GGUF's for llama.cpp rows), ``bytes_per_token`` (weights, scales, norms and head
 read for one new token; one embedding row; KV cache excluded), ``bandwidth_share`` (bytes_per_token x tokens/s over
-a 2-thread copy benchmark measured beside the model's rounds, read + written bytes), ``bandwidth_share_run`` (the
-same over the best copy of the whole run: the conservative figure), ``ppl`` (the same ``--ppl-windows`` x
+a 2-thread copy benchmark measured beside the model's rounds, read + written bytes), ``bandwidth_share_paired`` (the median over rounds of
+each call's tokens/s times bytes_per_token over a copy probed right before that call: the share with the
+neighbours' load of that moment on both sides), ``bandwidth_share_run`` (the same as bandwidth_share over the best
+copy of the whole run, paired probes included: the conservative figure), ``ppl`` (the same ``--ppl-windows`` x
 ``--ppl-length`` wiki.test.raw windows; llama-bench shares its GGUF's llama-cpp-python value), the load average.
 
 Run from the repository root, on a quiet machine::
@@ -58,6 +60,7 @@ from smollm2 import DEFAULT_WORK, TOKENIZER, gguf_file, wiki_windows
 SHAPES = {"llama-2048x8": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=16, num_key_value_heads=4),
           "llama-1536x8": dict(hidden_size=1536, intermediate_size=4096, num_attention_heads=12, num_key_value_heads=4)}
 STUDENT = "SmolLM2-135M student"
+PAIRED_COPIES = 3  # copies of the probe right before each timed call (bandwidth_share_paired)
 LINEAR_NAMES = ("attn_q.", "attn_k.", "attn_v.", "attn_qkv.", "attn_output.", "ffn_gate.", "ffn_up.", "ffn_down.")
 
 
@@ -135,16 +138,31 @@ def packed_bytes(model, int8_head: bool) -> int:
     return layers + head_bytes + inner.embed_tokens.weight[0].numel() * inner.embed_tokens.weight.element_size()
 
 
-def copy_bandwidth(threads: int, mib: int = 256, repeats: int = 5) -> float:
-    """Best read + written bytes per second of a ``mib`` MiB tensor copy on ``threads`` threads."""
-    src = torch.ones(mib * 2**20 // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / best
+class CopyProbe:
+    """The machine's memory bandwidth as a 2-thread copy: read + written bytes per second of a ``mib`` MiB tensor
+    copy, the best of ``repeats``. The buffers are allocated (and touched) once, so a probe between two timed
+    calls costs only its copies."""
+
+    def __init__(self, mib: int = 256) -> None:
+        self.src = torch.ones(mib * 2**20 // 4)
+        self.dst = torch.empty_like(self.src)
+        self.dst.copy_(self.src)
+
+    def __call__(self, repeats: int = 5) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.dst.copy_(self.src)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * self.src.numel() * 4 / best
+
+
+def paired_share(bytes_per_step: int, rates: list[float], copies: list[float], tokens_per_step: int = 1) -> float:
+    """The median over rounds of ``bytes_per_step x steps/s`` over the copy bandwidth (bytes/s) probed right before
+    each round's call: ``rates[i]`` tokens/s (every sequence's) paired with ``copies[i]``."""
+    if len(rates) != len(copies) or not rates:
+        raise ValueError(f"paired_share needs one copy per round, got {len(rates)} rates and {len(copies)} copies")
+    return statistics.median(bytes_per_step * r / tokens_per_step / c for r, c in zip(rates, copies, strict=True))
 
 
 def nll_ppl(logits_of, windows: torch.Tensor) -> float:
@@ -285,16 +303,18 @@ def main() -> None:
         info = llama_bench_run(args.llama_bench, first, 1, args.threads) if first.is_file() else {}
         llama_version += (f"; llama-bench build {info.get('build_number', '?')} commit "
                           f"{info.get('build_commit', '?')}, {info.get('cpu_info', '')}")
-    run_copies = []
+    run_copies, probe = [], CopyProbe()
     for model_name in args.models:
         paths = student_paths(args.work, args.student) if model_name == STUDENT else build_random_llama(args.work,
                                                                                                        model_name)
         impls = implementations(model_name, paths, prompt, args)
         samples = {i["impl"]: [] for i in impls}
-        outputs, loads, copies = {}, [], [copy_bandwidth(args.threads)]
+        paired = {i["impl"]: [] for i in impls}  # the copy probed right before each of the impl's calls
+        outputs, loads, copies = {}, [], [probe()]
         for _ in range(args.repeats):
             loads.append(os.getloadavg()[0])
             for impl in impls:
+                paired[impl["impl"]].append(probe(PAIRED_COPIES))
                 t0 = time.perf_counter()
                 out = impl["run"]()
                 dt = time.perf_counter() - t0
@@ -303,7 +323,7 @@ def main() -> None:
                 else:
                     outputs[impl["impl"]] = out
                     samples[impl["impl"]].append(impl["tokens"] / dt)
-            copies.append(copy_bandwidth(args.threads))
+            copies.append(probe())
         loads.append(os.getloadavg()[0])
         bandwidth = max(copies)
         rate = {name: statistics.median(s) for name, s in samples.items()}
@@ -317,6 +337,7 @@ def main() -> None:
                 out = outputs[name]
                 same = int((out[: len(ref)] == ref[: len(out)]).all())
             s = samples[name]
+            steps = args.batch if "batch" in name else 1  # tokens per step: one step reads the weights once
             best_llama = max(max(samples[k]) for k in ("llama.cpp", "llama-bench") if k in samples)
             bench.add(model=model_name, impl=name, threads=args.threads, new_tokens=args.new_tokens,
                       prompt_tokens=args.prompt_tokens, tokens_per_s=rate[name], tokens_per_s_best=max(s),
@@ -324,14 +345,15 @@ def main() -> None:
                       vs_llama_cpp=rate[name] / ours_llama, vs_fastest_llama_cpp=rate[name] / fastest_llama,
                       best_vs_llama_cpp=max(s) / best_llama,
                       ternary_share=impl["share"], bytes_per_token=impl["bytes"],
-                      bandwidth_share=(impl["bytes"] * rate[name] / (args.batch if "batch" in name else 1) / bandwidth
-                                       if "prefill" not in name else ""),
-                      copy_gbps=bandwidth / 1e9, ppl=impl["ppl"], same_tokens_as_load_packed=same,
+                      bandwidth_share=(impl["bytes"] * rate[name] / steps / bandwidth if "prefill" not in name else ""),
+                      bandwidth_share_paired=(paired_share(impl["bytes"], s, paired[name], steps)
+                                              if "prefill" not in name else ""),
+                      copy_gbps=bandwidth / 1e9, copy_gbps_paired=[round(c / 1e9, 2) for c in paired[name]], ppl=impl["ppl"], same_tokens_as_load_packed=same,
                       load_avg_1min=statistics.median(loads), load_avg_max=max(loads), repeats=args.repeats,
                       isa=cpu_isa(), llama_cpp=llama_version, run=run_id, command=command)
             print(f"{model_name} {name}: {rate[name]:.1f} tok/s ({rate[name] / ours_llama:.2f}x llama.cpp, "
                   f"{rate[name] / fastest_llama:.2f}x fastest llama.cpp), ppl {impl['ppl']}", flush=True)
-        run_copies.extend(copies)
+        run_copies.extend(copies + [c for cs in paired.values() for c in cs])
         del impls
         gc.collect()
     run_bandwidth = max(run_copies)  # the machine's best copy of the whole run: the conservative share
@@ -348,8 +370,11 @@ def main() -> None:
             "bytes). bytes_per_token: weights, scales, norms and head read for one new token, one embedding row, no "
             "KV cache; bandwidth_share = bytes_per_token x steps per second / copy_gbps (best 2-thread copy of 256 MiB "
             "measured before and after this model's rounds, read + written bytes; the machine's bandwidth varies "
-            "with its neighbours' load, by up to 1.6x within one run here); bandwidth_share_run: the same over the best "
-            "copy of the whole run (copy_gbps_run), the conservative figure. ppl: the same 8 x 256-token windows (llama-bench: its GGUF's "
+            "with its neighbours' load, by up to 1.6x within one run here); bandwidth_share_paired: the median over "
+            f"rounds of each call's share over a copy probed (best of {PAIRED_COPIES}) right before that call "
+            "(copy_gbps_paired lists them), so both sides see the load of the same moment; bandwidth_share_run: "
+            "bandwidth_share over the best copy of the whole run, probes included (copy_gbps_run), the conservative "
+            "figure. ppl: the same 8 x 256-token windows (llama-bench: its GGUF's "
             "llama-cpp-python value). same_tokens_as_load_packed: 1 if the generated tokens equal load_packed's "
             "(llama.cpp quantizes activations per 256-block, the int8 head is approximate, the native stack reduces "
             f"in another order: last-bit differences). llama.cpp: {llama_version}; llama-bench built from the "
@@ -357,7 +382,7 @@ def main() -> None:
             f"Command: `{command}`.")
     print(bench.write(["model", "impl", "tokens_per_s", "spread", "vs_llama_cpp", "vs_fastest_llama_cpp",
                        "tokens_per_s_best", "best_vs_llama_cpp",
-                       "ternary_share", "bytes_per_token", "bandwidth_share", "bandwidth_share_run", "ppl", "same_tokens_as_load_packed",
+                       "ternary_share", "bytes_per_token", "bandwidth_share", "bandwidth_share_paired", "bandwidth_share_run", "ppl", "same_tokens_as_load_packed",
                        "load_avg_1min"],
                       title="Decode speed on CPU: bitdistill's native stack and llama.cpp", note=note))
 

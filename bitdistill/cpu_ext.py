@@ -41,7 +41,7 @@ from bitdistill.quant.reference import MAX_EXACT_K, activation_quant
 
 __all__ = ["BUILD_HINT", "ISA_NAMES", "NATIVE_MAX_TOKENS", "TILE_BYTES", "NativeDecoderStack", "NativeInt8Head",
            "NativeLayer", "NativeLinear", "NativeNorm", "SharedInputPackedLinears", "cpu_isa", "ctypes_layout",
-           "forced_isa", "native_available", "native_layout", "native_unavailable_reason", "packed_int_mm", "packed_linear_cpu"]
+           "forced_isa", "greedy_tokens", "native_available", "native_layout", "native_unavailable_reason", "packed_int_mm", "packed_linear_cpu"]
 
 NATIVE_MAX_TOKENS = 4096
 TILE_BYTES = 1 << 21
@@ -64,6 +64,8 @@ _SIGNATURES = {
     "bitdistill_head": ([_P, _P, _I64, _P, _P, _I32], _I32),
     "bitdistill_decode_scratch_bytes": ([_P, _I32], _I64),
     "bitdistill_decode": ([_P, _P, _I32, _P, _I64, _I64, _I64, _I32, _P, _P, _I32], _I32),
+    "bitdistill_greedy": ([_P, _I64, _I64, _I32, _P], None),
+    "bitdistill_generate": ([_P, _P, _I32, _P, _I64, _P, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _I32], _I64),
     "bitdistill_layout": ([_P, _I64], _I64),
     "bitdistill_set_isa": ([_I32], _I32),
     "bitdistill_isa": ([], _I32),
@@ -379,6 +381,20 @@ class NativeLayer:
 ACTIVATIONS = ("silu", "relu2")
 
 
+def greedy_tokens(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The native greedy choice over float32 ``logits [B, V]``: ``[B]`` int64, ``argmax(logits.to(dtype))`` as torch
+    takes it (the first of equal maxima; the first NaN where a row has one), for ``dtype`` float32 or bfloat16."""
+    if not native_available():
+        raise UserError(f"the native CPU stack is not available: {_why_unavailable}")
+    if logits.dim() != 2 or logits.dtype != torch.float32 or dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"greedy_tokens: logits must be [B, V] float32 and dtype float32 or bfloat16, got "
+                         f"{tuple(logits.shape)} {logits.dtype} and {dtype}")
+    x = logits.contiguous()
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _lib.bitdistill_greedy(x.data_ptr(), x.shape[0], x.shape[1], int(dtype == torch.bfloat16), out.data_ptr())
+    return out
+
+
 class NativeDecoderStack:
     """A Llama-family decoder stack (every layer, the final norm, optionally an int8 head) in one native call per
     step, for up to ``max_batch`` sequences decoded together.
@@ -481,6 +497,38 @@ class NativeDecoderStack:
         if status:
             raise RuntimeError(f"bitdistill_decode refused batch {b}, {t} tokens at {pos} (status {status})")
         return out, logits
+
+    def generate(self, embed: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int,
+                 eos_token_id: int | None = None) -> torch.Tensor:
+        """Greedy continuation in one native call (no return to Python between tokens; needs the int8 head):
+        ``input_ids [B, T]`` (int64, B prompts of one length from position 0) are embedded from ``embed
+        [n_embed, hidden]`` (the model's input embedding in its dtype) and decoded; each step's token is the greedy
+        choice over the logits rounded to the model dtype (:func:`greedy_tokens`). With ``eos_token_id``, a sequence
+        that has produced it is continued with it and generation stops once every sequence has. Returns the new
+        tokens ``[B, n]``, ``n <= max_new_tokens``."""
+        if self.head is None:
+            raise ValueError("NativeDecoderStack.generate needs the native int8 head")
+        if embed.dtype != self.dtype or embed.dim() != 2 or embed.shape[1] != self.hidden:
+            raise ValueError(f"NativeDecoderStack.generate: embed must be [n, {self.hidden}] {self.dtype}, got "
+                             f"{tuple(embed.shape)} {embed.dtype}")
+        b, t = input_ids.shape
+        if not 1 <= b <= self.max_batch or t < 1 or max_new_tokens < 0 or t + max_new_tokens > self.max_length:
+            raise UserError(f"{b} prompts of {t} tokens + {max_new_tokens} new exceed this decoder's max_batch "
+                            f"{self.max_batch} or max_length {self.max_length}")
+        embed, ids = embed.detach().contiguous(), input_ids.to(torch.int64).contiguous()
+        tokens = torch.empty((b, max_new_tokens), dtype=torch.int64)
+        h = torch.empty((b, t, self.hidden), dtype=self.dtype)
+        out = torch.empty((b, self.hidden), dtype=self.dtype)
+        logits = torch.empty((b, self.head.vocab), dtype=torch.float32)
+        n = _lib.bitdistill_generate(ctypes.byref(self._model), self._scratch.data_ptr(), self.threads,
+                                     embed.data_ptr(), embed.shape[0], ids.data_ptr(), b, t, max_new_tokens,
+                                     -1 if eos_token_id is None else eos_token_id, tokens.data_ptr(), h.data_ptr(),
+                                     out.data_ptr(), logits.data_ptr(), torch.get_num_threads())
+        if n == -2:
+            raise UserError(f"a token id is outside the embedding's 0..{embed.shape[0] - 1}")
+        if n < 0:
+            raise RuntimeError(f"bitdistill_generate refused {b} prompts of {t} tokens + {max_new_tokens} (status {n})")
+        return tokens[:, :n]
 
     def __call__(self, h: torch.Tensor, pos: int) -> torch.Tensor:
         """``h [T, hidden]`` (one sequence's embedded new tokens) at positions ``pos..pos+T-1`` -> the final norm

@@ -218,3 +218,53 @@ def test_greedy_token_is_argmax_on_the_logits_own_dtype(dtype):
     assert token.shape == (4, 3, 1) and token.dtype == torch.int64
     assert torch.equal(token, logits.argmax(dim=-1, keepdim=True))
     assert token[0, 0, 0] == 10 and token[1, 2, 0] == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "phi3"])
+def test_native_generate_loop_gives_the_step_loops_tokens(arch, dtype):
+    """The native greedy loop (every step in one C call, the int8 head) against one Python step a token on the same
+    decoder: the same tokens for three prompts together on 2 threads, with and without eos, and for 0 and 1 new
+    tokens."""
+    packed = pack_in_memory(_student(arch)).to(dtype)
+    ids = torch.randint(3, 256, (3, 7), generator=torch.Generator().manual_seed(11))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        decoder = FastDecoder(packed, 24, max_batch=3)
+        assert decoder.native is not None and decoder.native.head is not None
+        steps = decoder._generate_steps(ids, 12, None)
+        assert torch.equal(decoder.generate(ids, 12), steps)
+        eos = int(steps[1, 9])  # sequence 1 stops at its third new token at the latest
+        with_eos = decoder.generate(ids, 12, eos_token_id=eos)
+        assert torch.equal(with_eos, decoder._generate_steps(ids, 12, eos))
+        assert (with_eos[1, 9:] == eos).all()
+        assert torch.equal(decoder.generate(ids, 1), steps[:, :8])
+        assert torch.equal(decoder.generate(ids, 0), ids)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_native_generate_refuses_ids_outside_the_embedding_and_negative_lengths():
+    decoder = FastDecoder(pack_in_memory(_student("llama")), 16)
+    n = decoder.inner.embed_tokens.num_embeddings
+    with pytest.raises(ValueError, match=f"input_ids hold token ids outside the embedding's 0..{n - 1}"):
+        decoder.generate(torch.tensor([[1, n]]), 4)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0, got -1"):
+        decoder.generate(torch.tensor([[1, 2]]), -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_greedy_tokens_are_argmax_of_the_logits_rounded_to_the_model_dtype(dtype):
+    from bitdistill.cpu_ext import greedy_tokens
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 3000, generator=g) * 8
+    logits[0, 7], logits[0, 2000] = 100.0, 100.0001  # equal after rounding to bfloat16: the first wins there
+    logits[1, 9] = logits[1, 1999] = float("nan")  # the first NaN, as torch's argmax
+    logits[2] = -float("inf")
+    logits[3, 2999] = 1e4  # the last index
+    got = greedy_tokens(logits, dtype)
+    assert got.dtype == torch.int64 and got.shape == (5,)
+    assert torch.equal(got, logits.to(dtype).float().argmax(dim=-1))
+    assert int(got[0]) == (7 if dtype == torch.bfloat16 else 2000) and int(got[1]) == 9 and int(got[3]) == 2999

@@ -333,14 +333,30 @@ class FastDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy continuation of ``input_ids [B, T]`` (B <= ``max_batch`` prompts of one length); returns
         ``[B, T + n]`` (``n <= max_new_tokens``). Generation stops once every sequence has produced
-        ``eos_token_id``; a sequence that has is continued with it."""
+        ``eos_token_id``; a sequence that has is continued with it. On the native backend with the int8 head, every
+        step runs inside one native call (:meth:`bitdistill.cpu_ext.NativeDecoderStack.generate`: the same tokens,
+        without Python's per-token work); otherwise one :meth:`step` a token."""
         if input_ids.dim() != 2:
             raise UserError(f"input_ids must be [batch, tokens], got {tuple(input_ids.shape)}")
         t = input_ids.shape[1]
         if t + max_new_tokens > self.max_length:
             raise UserError(f"prompt {t} + max_new_tokens {max_new_tokens} exceeds this decoder's max_length "
                              f"{self.max_length}")
+        if max_new_tokens < 0:
+            raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         ids = input_ids.to(self.device)
+        if self.native is not None and self.native.head is not None and type(self.inner.embed_tokens) is nn.Embedding:
+            self._check(ids, 0)
+            n_embed = self.inner.embed_tokens.num_embeddings
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_embed):
+                raise UserError(f"input_ids hold token ids outside the embedding's 0..{n_embed - 1}")
+            new = self.native.generate(self.inner.embed_tokens.weight, ids, max_new_tokens, eos_token_id)
+            return torch.cat([ids, new], dim=1)
+        return self._generate_steps(ids, max_new_tokens, eos_token_id)
+
+    def _generate_steps(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None) -> torch.Tensor:
+        """:meth:`generate` one :meth:`step` a token (what the native loop does in one call)."""
+        t = ids.shape[1]
         out = [ids]
         logits = self.step(ids, 0)
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)

@@ -450,6 +450,75 @@ int bitdistill_decode(const bd_model *m, void *scratch, int scratch_threads, con
     return 0;
 }
 
+/* The greedy token of each row of logits [B, V] (float32) as torch picks it from the logits rounded to the model's
+ * dtype (bf16): the index of the maximum, the first of equal maxima, or the first NaN where a row has one (torch's
+ * argmax treats NaN as the largest value). Two passes, each a loop that vectorizes. */
+BD_CLONES void bitdistill_greedy(const float *logits, int64_t B, int64_t V, int bf16, int64_t *out) {
+    for (int64_t b = 0; b < B; b++) {
+        const float *x = logits + b * V;
+        float mx = -INFINITY;
+        int nan = 0;
+        for (int64_t v = 0; v < V; v++) {
+            const float y = bd_round(x[v], bf16);
+            nan |= y != y;
+            mx = y > mx ? y : mx;
+        }
+        int64_t i = 0;
+        if (nan)
+            while (x[i] == x[i]) i++;
+        else
+            while (i < V - 1 && bd_round(x[i], bf16) != mx) i++;
+        out[b] = i;
+    }
+}
+
+/* Row id of the embedding table embed [n_embed, H] (model dtype) into h (model dtype); 0, or 1 for an id outside it. */
+static int embed_row(const void *embed, int64_t n_embed, int64_t H, int64_t id, int bf16, void *h) {
+    if (id < 0 || id >= n_embed) return 1;
+    const size_t row = (size_t)H * (bf16 ? 2 : 4);
+    memcpy(h, (const char *)embed + (size_t)id * row, row);
+    return 0;
+}
+
+/* Greedy generation in one call, the steps of FastDecoder.generate without a return to Python between tokens: the
+ * prompts [B, T] (token ids) are embedded from embed [n_embed, hidden] (model dtype) and run through the stack at
+ * positions 0..T-1, then each step's greedy token (bitdistill_greedy over the head's logits) is written to
+ * tokens [B, max_new] and run at the next position. With eos >= 0, a sequence that has produced eos is continued
+ * with it, and generation stops once every sequence has. h_buf holds B T hidden values of the model dtype, out_h
+ * B hidden, logits B V floats. Returns the number of tokens generated (0..max_new; 0 only for max_new 0), -1 when
+ * the sizes exceed the model's or it has no native head, -2 for a token id outside the embedding. */
+int64_t bitdistill_generate(const bd_model *m, void *scratch, int scratch_threads, const void *embed, int64_t n_embed,
+                            const int64_t *prompt, int64_t B, int64_t T, int64_t max_new, int64_t eos, int64_t *tokens,
+                            void *h_buf, void *out_h, float *logits, int nthreads) {
+    const int bf16 = m->bf16;
+    const int64_t H = m->hidden, V = m->head.V;
+    const size_t row = (size_t)H * (bf16 ? 2 : 4);
+    if (!m->head.w || max_new < 0 || T < 1 || B < 1 || B > m->max_batch || T + max_new > m->max_len) return -1;
+    for (int64_t i = 0; i < B * T; i++)
+        if (embed_row(embed, n_embed, H, prompt[i], bf16, (char *)h_buf + i * row)) return -2;
+    if (bitdistill_decode(m, scratch, scratch_threads, h_buf, B, T, 0, 0, out_h, logits, nthreads)) return -1;
+    char done[B];
+    memset(done, 0, (size_t)B);
+    for (int64_t n = 0; n < max_new; n++) {
+        int64_t tok[B];
+        int all_done = 1;
+        bitdistill_greedy(logits, B, V, bf16, tok);
+        for (int64_t b = 0; b < B; b++) {
+            if (eos >= 0) {
+                if (done[b]) tok[b] = eos;
+                done[b] |= tok[b] == eos;
+                all_done &= done[b];
+            }
+            tokens[b * max_new + n] = tok[b];
+        }
+        if (n + 1 == max_new || (eos >= 0 && all_done)) return n + 1;
+        for (int64_t b = 0; b < B; b++)
+            if (embed_row(embed, n_embed, H, tok[b], bf16, (char *)h_buf + b * row)) return -2;
+        if (bitdistill_decode(m, scratch, scratch_threads, h_buf, B, 1, T + n, 0, out_h, logits, nthreads)) return -1;
+    }
+    return 0;
+}
+
 /* Sizes and offsets of the structs cpu_ext.py mirrors with ctypes, in a fixed order: for each struct its size,
  * then the offset of each field in declaration order. Writes at most n values; returns how many there are. */
 int64_t bitdistill_layout(int64_t *out, int64_t n) {
