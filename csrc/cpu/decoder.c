@@ -211,6 +211,22 @@ __attribute__((target("avx512f"), always_inline)) static inline void values_avx5
     }
 }
 
+/* max_and_nan over the first V / 16 * 16 floats of x (max_ps keeps the running maximum where x is NaN); returns how
+ * many it covered. */
+__attribute__((target("avx512f"))) static int64_t max_and_nan_avx512(const float *x, int64_t V, float *mx, int *nan) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    __mmask16 n = 0;
+    int64_t v = 0;
+    for (; v + 16 <= V; v += 16) {
+        const __m512 y = _mm512_loadu_ps(x + v);
+        n |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+        m = _mm512_max_ps(y, m);
+    }
+    *mx = _mm512_reduce_max_ps(m);
+    *nan = n != 0;
+    return v;
+}
+
 /* values_avx512_c for head dims 16, 32, 64 and 128; 0 for others (the caller's C loop runs). */
 __attribute__((target("avx512f"))) static int values_avx512(const float *p, int64_t G, const void *v_cache, int64_t n,
                                                               int64_t D, float *out, int bf16) {
@@ -450,24 +466,41 @@ int bitdistill_decode(const bd_model *m, void *scratch, int scratch_threads, con
     return 0;
 }
 
+/* The maximum of x [V] ignoring NaNs (-inf for none), and whether x holds a NaN. */
+static float max_and_nan(const float *x, int64_t V, int *any_nan) {
+    float mx = -INFINITY;
+    int nan = 0;
+    int64_t v = 0;
+#ifdef BD_ATTN_AVX512
+    if (attn_avx512) v = max_and_nan_avx512(x, V, &mx, &nan);
+#endif
+    for (; v < V; v++) {
+        nan |= x[v] != x[v];
+        mx = x[v] > mx ? x[v] : mx;
+    }
+    *any_nan = nan;
+    return mx;
+}
+
 /* The greedy token of each row of logits [B, V] (float32) as torch picks it from the logits rounded to the model's
  * dtype (bf16): the index of the maximum, the first of equal maxima, or the first NaN where a row has one (torch's
- * argmax treats NaN as the largest value). Two passes, each a loop that vectorizes. */
+ * argmax treats NaN as the largest value). Rounding to bfloat16 keeps order, so the rounded maximum is the rounded
+ * maximum of the floats; then a scan for the first index that rounds to it, 16 lanes at a time (vectorized). */
 BD_CLONES void bitdistill_greedy(const float *logits, int64_t B, int64_t V, int bf16, int64_t *out) {
     for (int64_t b = 0; b < B; b++) {
         const float *x = logits + b * V;
-        float mx = -INFINITY;
-        int nan = 0;
-        for (int64_t v = 0; v < V; v++) {
-            const float y = bd_round(x[v], bf16);
-            nan |= y != y;
-            mx = y > mx ? y : mx;
-        }
+        int any_nan;
+        const float mx = bd_round(max_and_nan(x, V, &any_nan), bf16);
         int64_t i = 0;
-        if (nan)
-            while (x[i] == x[i]) i++;
-        else
-            while (i < V - 1 && bd_round(x[i], bf16) != mx) i++;
+        for (; i + 16 <= V; i += 16) { /* the first block holding the index (NaN: a NaN; else the rounded maximum) */
+            int hit = 0;
+            for (int j = 0; j < 16; j++) {
+                const float y = x[i + j];
+                hit |= any_nan ? y != y : bd_round(y, bf16) == mx;
+            }
+            if (hit) break;
+        }
+        while (i < V - 1 && !(any_nan ? x[i] != x[i] : bd_round(x[i], bf16) == mx)) i++;
         out[b] = i;
     }
 }
