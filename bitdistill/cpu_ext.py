@@ -2,7 +2,7 @@
 
 Two integer paths, both exact (the accumulator ``X_q @ T^T`` is an exact integer):
 
-* **native** (up to ``NATIVE_MAX_TOKENS`` tokens): the library ``bitdistill._cpu`` (C sources in ``csrc/cpu/``)
+* **native** (up to ``NATIVE_MAX_TOKENS`` tokens of at most ``NATIVE_MAX_K`` features): the library ``bitdistill._cpu`` (C sources in ``csrc/cpu/``)
   reads the packed ``uint8 [N/4, K]`` bytes directly, unpacks them in registers and multiplies them with the int8
   activation codes, int32 accumulation; each packed row is read once and reused for every token; OpenMP over rows
   for large layers, one thread below 64K packed-bytes×tokens. Its kernels are picked at run time for the CPU's
@@ -11,7 +11,7 @@ Two integer paths, both exact (the accumulator ``X_q @ T^T`` is an exact integer
   bit-identical). The library is built by ``pip install`` (wheel or editable) or, in a checkout,
   ``python setup.py build_ext --inplace`` (see ``setup.py``); it is loaded with ``ctypes``. Set
   ``BITDISTILL_NATIVE_CPU=0`` to disable it. Without it the tiled path is used.
-* **tiled** (no library, or more tokens): unpacks at most ``TILE_BYTES`` of float32 weight codes at a
+* **tiled** (no library, more tokens or wider inputs): unpacks at most ``TILE_BYTES`` of float32 weight codes at a
   time and multiplies them with the float32 activation codes (MKL/oneDNN GEMM). Integer-valued
   float32 products are exact for ``K < 2**17`` (:data:`bitdistill.quant.reference.MAX_EXACT_K`).
 
@@ -39,11 +39,14 @@ from bitdistill._native_hash import cpu_source_hash
 from bitdistill.errors import UserError
 from bitdistill.quant.reference import MAX_EXACT_K, activation_quant
 
-__all__ = ["BUILD_HINT", "ISA_NAMES", "NATIVE_MAX_TOKENS", "TILE_BYTES", "NativeDecoderStack", "NativeInt8Head",
+__all__ = ["BUILD_HINT", "ISA_NAMES", "NATIVE_MAX_K", "NATIVE_MAX_TOKENS", "TILE_BYTES", "NativeDecoderStack", "NativeInt8Head",
            "NativeLayer", "NativeLinear", "NativeNorm", "SharedInputPackedLinears", "cpu_isa", "ctypes_layout",
            "forced_isa", "greedy_tokens", "native_available", "native_layout", "native_unavailable_reason", "packed_int_mm", "packed_linear_cpu"]
 
 NATIVE_MAX_TOKENS = 4096
+# The VNNI kernels multiply each 2-bit code plane in place (plane j is 4^j c) and shift the sums back: int32 holds
+# them exactly while K * 192 * 128 < 2**31 (K < 87,382, even for the code 3 that validation refuses).
+NATIVE_MAX_K = 65536
 TILE_BYTES = 1 << 21
 ISA_NAMES = ("scalar", "avx2", "avx512_vnni")
 HEAD_BLOCK = 64  # BD_HEAD_BLOCK in csrc/cpu/bitdistill_cpu.h
@@ -201,7 +204,7 @@ def packed_int_mm(x_codes: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """
     x_codes = x_codes.contiguous()
     packed = packed.contiguous()
-    if x_codes.shape[0] <= NATIVE_MAX_TOKENS and native_available():
+    if x_codes.shape[0] <= NATIVE_MAX_TOKENS and x_codes.shape[1] <= NATIVE_MAX_K and native_available():
         return _native_int_mm(x_codes, packed)
     return _tiled_int_mm(x_codes, packed)
 
@@ -214,7 +217,7 @@ def packed_linear_cpu(
     Same math, operation order and result as :func:`bitdistill.quant.packing.packed_linear_reference`
     (activation quantization and the epilogue in float32, the product exact).
     """
-    if x.shape[0] <= NATIVE_MAX_TOKENS and native_available():
+    if x.shape[0] <= NATIVE_MAX_TOKENS and x.shape[1] <= NATIVE_MAX_K and native_available():
         return SharedInputPackedLinears([(packed, weight_scale, bias)])(x)[0]
     x_codes, x_scale = activation_quant(x)
     acc = packed_int_mm(x_codes, packed).float()
@@ -258,7 +261,8 @@ class SharedInputPackedLinears:
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         """``x [M, K]`` (CPU float32 or bfloat16) -> ``[y_1 [M, N_1], ...]`` in ``x``'s dtype."""
         m = x.shape[0]
-        if x.dtype not in (torch.float32, torch.bfloat16) or m > NATIVE_MAX_TOKENS or not native_available():
+        if (x.dtype not in (torch.float32, torch.bfloat16) or m > NATIVE_MAX_TOKENS or self.in_features > NATIVE_MAX_K
+                or not native_available()):
             return [packed_linear_cpu(x, p, s, b) for p, s, b in self.weights]
         x = x.detach().contiguous()
         outs = [torch.empty((m, n), dtype=x.dtype) for n in self.out_features]

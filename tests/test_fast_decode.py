@@ -268,3 +268,12 @@ def test_native_greedy_tokens_are_argmax_of_the_logits_rounded_to_the_model_dtyp
     assert got.dtype == torch.int64 and got.shape == (5,)
     assert torch.equal(got, logits.to(dtype).float().argmax(dim=-1))
     assert int(got[0]) == (7 if dtype == torch.bfloat16 else 2000) and int(got[1]) == 9 and int(got[3]) == 2999
+
+
+def test_native_backend_refuses_projections_wider_than_its_kernels_take(monkeypatch):
+    import bitdistill.nn.fast_decode as fast_decode
+
+    packed = pack_in_memory(_student("llama"))
+    monkeypatch.setattr(fast_decode, "NATIVE_MAX_K", 32)
+    with pytest.raises(ValueError, match="layer 0 has a projection wider than the native kernels' 32 input features"):
+        FastDecoder(packed, 16, backend="native")

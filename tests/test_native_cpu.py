@@ -53,6 +53,24 @@ def test_every_kernel_equals_the_scalar_one_bit_for_bit(k, rows, m):
             assert torch.equal(cpu_ext.packed_int_mm(x, packed), scalar), isa
 
 
+@pytest.mark.parametrize("m", [1, 4])  # a row tile, a token tile
+def test_kernels_are_exact_at_the_widest_input_they_take(m):
+    """K = NATIVE_MAX_K with the largest sums there are: all +1 and all -1 rows (code 2: the in-place plane 3 holds
+    128) against -128 activations, in every kernel; beyond it the exact tiled path runs."""
+    k = cpu_ext.NATIVE_MAX_K
+    codes = torch.ones(16, k, dtype=torch.int8)
+    codes[1::2] = -1
+    packed = pack_ternary(codes)
+    x = torch.full((m, k), -128, dtype=torch.int8)
+    expected = x.long() @ codes.long().t()
+    for isa in _isas():
+        with cpu_ext.forced_isa(isa):
+            assert torch.equal(cpu_ext.packed_int_mm(x, packed).long(), expected), isa
+    wider = pack_ternary(torch.ones(4, k + 64, dtype=torch.int8))
+    got = cpu_ext.packed_int_mm(torch.full((1, k + 64), -128, dtype=torch.int8), wider)
+    assert got.dtype == torch.float32 and torch.equal(got.long(), torch.full((1, 4), -128 * (k + 64)))  # tiled
+
+
 @pytest.mark.parametrize("m", [1, 5])
 def test_threaded_kernels_equal_the_scalar_one(m):
     """Above the one-thread threshold (packed bytes x tokens >= 64K) the product runs on 2 OpenMP threads; with 131

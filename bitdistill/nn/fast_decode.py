@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitdistill.cpu_ext import (
+    NATIVE_MAX_K,
     NativeDecoderStack,
     NativeInt8Head,
     NativeLayer,
@@ -105,6 +106,8 @@ def _native_unsupported(model: nn.Module) -> str | None:
                    for n in names if hasattr(m, n)]
         if not all(isinstance(m, PackedBitLinear) and m.rms_norm is None for m in linears):
             return f"layer {i} has projections that are not plain packed layers (a student: load it packed)"
+        if any(m.in_features > NATIVE_MAX_K for m in linears):
+            return f"layer {i} has a projection wider than the native kernels' {NATIVE_MAX_K} input features"
         norms = [layer.input_layernorm, layer.post_attention_layernorm,
                  *[getattr(m, n) for m, n in ((attn, "q_norm"), (attn, "k_norm"), (attn, "attn_sub_norm"),
                                               (mlp, "ffn_sub_norm")) if hasattr(m, n)]]
