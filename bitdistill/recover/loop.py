@@ -64,7 +64,10 @@ def adam_loop(params: list[torch.Tensor], lr: float, step_loss: Callable[[int], 
     was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
+    # torch's fused Adam: one pass over each tensor where the foreach one makes a dozen (on SmolLM2's 106M block
+    # parameters on 2 CPU threads: 0.10 against 0.28-0.48 CPU seconds a step, a fifth to a third of a block step)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params) or None
+    opt = torch.optim.Adam(params, lr=lr, fused=fused)
     step = 0
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
