@@ -52,6 +52,27 @@ def test_gradients_equal_straight_through_formula_exactly_in_fp32():
     torch.testing.assert_close(layer.bias.grad, grad_y.sum(0))
 
 
+def test_under_autocast_the_backward_products_run_in_its_dtype():
+    """A float32 input under CPU bfloat16 autocast: both products of the backward in bfloat16 (as nn.Linear's),
+    grad_x float32 like the input, grad_W float32 like the weight; the bias gradient stays a float32 sum."""
+    layer = BitLinear(64, 32)
+    x = torch.randn(9, 64, requires_grad=True)
+    grad_y = torch.randn(9, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(grad_y)
+    assert y.dtype == torch.float32 and x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    xc, xs = activation_quant(x)
+    wc, g = weight_quant(layer.weight)
+    gy = grad_y.bfloat16()
+    assert torch.equal(x.grad, (gy @ (wc.float() * g).bfloat16()).float())
+    assert torch.equal(layer.weight.grad, (gy.t() @ (xc.float() / xs).bfloat16()).float())
+    assert torch.equal(layer.bias.grad, grad_y.sum(0))
+    x.grad = layer.weight.grad = None
+    layer(x).backward(grad_y)  # outside autocast: float32 products again
+    torch.testing.assert_close(x.grad, grad_y @ (wc.float() * g), rtol=0, atol=1e-6)
+
+
 def test_saves_int8_codes_not_the_float_input():
     layer = BitLinear(64, 32)
     x = torch.randn(10, 64, requires_grad=True)
