@@ -17,7 +17,7 @@
 #include <stddef.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define BD_ATTN_AVX512 1
+#define BD_FLOAT_AVX512 1
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -141,13 +141,14 @@ static inline void prefetch_kv(const void *k_cache, const void *v_cache, int64_t
     }
 }
 
-#ifdef BD_ATTN_AVX512
-/* Picked by the CPU, like the BD_CLONES code, not by bitdistill_set_isa: the attention (a float reduction) stays the
- * same whichever integer kernels a test forces, so the stack's states can be compared bit for bit across them. */
-static int attn_avx512;
-__attribute__((constructor)) static void init_attn_avx512(void) {
+#ifdef BD_FLOAT_AVX512
+/* The float code's AVX-512 (attention, the greedy choice's maximum), picked by the CPU like the BD_CLONES code, not by
+ * bitdistill_set_isa: the attention (a float reduction) stays the same whichever integer kernels a test forces, so
+ * the stack's states can be compared bit for bit across them. */
+static int float_avx512;
+__attribute__((constructor)) static void init_float_avx512(void) {
     __builtin_cpu_init();
-    attn_avx512 = __builtin_cpu_supports("avx512f");
+    float_avx512 = __builtin_cpu_supports("avx512f");
 }
 
 /* Cache elements i..i+15 of a key or value cache (bfloat16 or float32) as float32. */
@@ -245,8 +246,8 @@ __attribute__((target("avx512f"))) static int values_avx512(const float *p, int6
 BD_CLONES static void attend(const float *q, int64_t G, const void *k_cache, const void *v_cache, int64_t n, int64_t D,
                              float scaling, float *scores, float *row, float *out, int bf16) {
     const int64_t row_bytes = D * (bf16 ? 2 : 4);
-#ifdef BD_ATTN_AVX512
-    if (attn_avx512 && D % 16 == 0 && D <= 256)
+#ifdef BD_FLOAT_AVX512
+    if (float_avx512 && D % 16 == 0 && D <= 256)
         key_scores_avx512(q, G, k_cache, v_cache, n, D, scaling, scores, bf16);
     else
 #endif
@@ -266,8 +267,8 @@ BD_CLONES static void attend(const float *q, int64_t G, const void *k_cache, con
         for (int i = 0; i < 16; i++) total += part[i];
         for (int64_t j = 0; j < n; j++) sc[j] = sc[j] / total;
     }
-#ifdef BD_ATTN_AVX512
-    if (!(attn_avx512 && values_avx512(scores, G, v_cache, n, D, out, bf16)))
+#ifdef BD_FLOAT_AVX512
+    if (!(float_avx512 && values_avx512(scores, G, v_cache, n, D, out, bf16)))
 #endif
     {
         for (int64_t i = 0; i < G * D; i++) out[i] = 0.0f;
@@ -471,8 +472,8 @@ static float max_and_nan(const float *x, int64_t V, int *any_nan) {
     float mx = -INFINITY;
     int nan = 0;
     int64_t v = 0;
-#ifdef BD_ATTN_AVX512
-    if (attn_avx512) v = max_and_nan_avx512(x, V, &mx, &nan);
+#ifdef BD_FLOAT_AVX512
+    if (float_avx512) v = max_and_nan_avx512(x, V, &mx, &nan);
 #endif
     for (; v < V; v++) {
         nan |= x[v] != x[v];
